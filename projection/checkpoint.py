@@ -1,0 +1,350 @@
+"""Lazy checkpoint sources: keys, shapes and dtypes from headers, single tensors on demand.
+
+One entry point, `open_checkpoint(source, expert=None)`, accepts a .safetensors file, a sharded set (its
+index json), a torch pickle, a folder holding any of these (original Wan, diffusers, a diffusers pipeline
+root, a Wan2.2 two-expert root) or a Hugging Face hub id. Nothing reads tensor data until `get(key)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ProjectionError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+KNOWN_PREFIXES = ("model.diffusion_model.", "module.")
+WRAPPER_KEYS = ("state_dict", "model", "module")
+# Two-expert layouts: expert name -> sub-folder, in order of preference.
+EXPERT_FOLDERS = {
+    "wan2.2": {"high": "high_noise_model", "low": "low_noise_model"},
+    "diffusers-pipeline": {"high": "transformer", "low": "transformer_2"},
+}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    raw_key: str  # the key as stored in the file (before prefix stripping)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class Checkpoint:
+    """A read-only, lazy view of one state dict."""
+
+    source: str  # what the user gave
+    format: str  # safetensors | sharded-safetensors | torch-pickle
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any] = field(default_factory=dict)
+    expert: str | None = None
+    bytes_read: int = 0
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def dtypes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            name = str(t.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped for safetensors)."""
+        if key not in self.tensors:
+            raise ProjectionError(f"{self.source}: no tensor named '{key}'")
+        info = self.tensors[key]
+        self.bytes_read += info.nbytes
+        if self._pickled is not None:
+            return self._pickled[info.raw_key]
+        from safetensors import safe_open
+
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(info.file), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise ProjectionError(f"{info.file}: cannot open: {exc}") from exc
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(info.raw_key)
+        except Exception as exc:
+            raise ProjectionError(f"{info.file}: cannot read tensor '{info.raw_key}': {exc}") from exc
+
+    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys if keys is not None else self.keys():
+            yield key, self.get(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+# ---------------------------------------------------------------- safetensors headers
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and validate a safetensors header without touching tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ProjectionError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ProjectionError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProjectionError(f"{path}: corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProjectionError(f"{path}: corrupt safetensors header: not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, meta in header.items():
+        try:
+            start, end = meta["data_offsets"]
+            dtype = meta["dtype"]
+            shape = meta["shape"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}'") from exc
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ProjectionError(f"{path}: tensor '{key}' has unsupported dtype {dtype}")
+        if end > data_size:
+            raise ProjectionError(
+                f"{path}: truncated: tensor '{key}' ends at byte {end} but the data section has {data_size}")
+    return header
+
+
+def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
+    header = read_safetensors_header(path)
+    return {k: TensorInfo(tuple(m["shape"]), SAFETENSORS_DTYPES[m["dtype"]], path, k) for k, m in header.items()}
+
+
+def _open_index(index: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {exc}") from exc
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ProjectionError(f"{index}: missing shard(s): {', '.join(missing)}")
+    infos: dict[str, TensorInfo] = {}
+    for f in files:
+        infos.update(_safetensors_infos(f))
+    absent = [k for k in weight_map if k not in infos]
+    if absent:
+        raise ProjectionError(f"{index}: {len(absent)} key(s) listed but not in their shard, e.g. '{absent[0]}'")
+    return files, infos
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise ProjectionError(f"{path}: cannot load torch file: {exc}") from exc
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # pickle.UnpicklingError for anything that would need code
+        raise ProjectionError(
+            f"{path}: refused: this pickle needs code to load (weights_only=True); it was not executed. "
+            f"Convert it to safetensors. ({str(exc).splitlines()[0]})") from exc
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise ProjectionError(f"{path}: holds no state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ProjectionError(f"{path}: holds no tensors")
+    return tensors
+
+
+def strip_prefix(keys: list[str]) -> str:
+    """The known prefix shared by every key, or ''."""
+    for prefix in KNOWN_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+# ---------------------------------------------------------------- folders and hub ids
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ProjectionError(f"{path}: invalid JSON: {exc}") from exc
+
+
+def _expert_layout(folder: Path) -> tuple[str, dict[str, str]] | None:
+    for layout, experts in EXPERT_FOLDERS.items():
+        present = {e: sub for e, sub in experts.items() if (folder / sub).is_dir()}
+        if present:
+            return layout, present
+    return None
+
+
+def resolve_folder(folder: Path, expert: str | None) -> tuple[Path, str | None]:
+    """Descend into the expert's sub-folder of a two-expert or pipeline root."""
+    layout = _expert_layout(folder)
+    if layout is None:
+        if expert is not None and not list(folder.glob("*.safetensors*")) and not _pickles(folder):
+            raise ProjectionError(f"{folder}: no expert sub-folders here, but expert '{expert}' was asked for")
+        return folder, None
+    name, present = layout
+    if expert is None:
+        if len(present) == 1:
+            (only,) = present.items()
+            return folder / only[1], None
+        raise ProjectionError(
+            f"{folder}: a two-expert checkpoint ({name}); choose an expert: "
+            + ", ".join(f"'{e}' ({s}/)" for e, s in present.items()))
+    if expert not in present:
+        raise ProjectionError(
+            f"{folder}: no expert '{expert}'; choices: " + ", ".join(f"'{e}' ({s}/)" for e, s in present.items()))
+    return folder / present[expert], expert
+
+
+def _pickles(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def _open_folder(folder: Path) -> tuple[str, list[Path], dict[str, TensorInfo] | Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ProjectionError(f"{folder}: several index files ({', '.join(i.name for i in indexes)}); pass one")
+    if indexes:
+        files, infos = _open_index(indexes[0])
+        return "sharded-safetensors", files, infos
+    singles = sorted(folder.glob("*.safetensors"))
+    if len(singles) == 1:
+        return "safetensors", singles, _safetensors_infos(singles[0])
+    if len(singles) > 1:
+        raise ProjectionError(
+            f"{folder}: {len(singles)} .safetensors files but no *.safetensors.index.json; pass one file")
+    pickles = _pickles(folder)
+    if len(pickles) == 1:
+        return "torch-pickle", pickles, pickles[0]
+    raise ProjectionError(
+        f"{folder}: unknown layout: no *.safetensors, *.safetensors.index.json, single torch file, "
+        f"or expert sub-folders ({', '.join(s for e in EXPERT_FOLDERS.values() for s in e.values())})")
+
+
+HUB_ID = re.compile(r"^(?:hf://)?(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<rev>[\w.\-]+))?(?::(?P<sub>[\w.\-/]+))?$")
+
+
+def parse_hub_id(source: str) -> tuple[str, str | None, str | None] | None:
+    """'org/name[@revision][:subfolder]' (optionally 'hf://'-prefixed) -> parts, or None."""
+    m = HUB_ID.match(source)
+    return (m["repo"], m["rev"], m["sub"]) if m else None
+
+
+def fetch_from_hub(repo: str, revision: str | None, subfolder: str | None, expert: str | None) -> Path:
+    """Download (or find in the local cache when HF_HUB_OFFLINE=1) only the files this source needs."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        # First the small JSON files, to learn the layout; then the weights of one folder only.
+        root = Path(snapshot_download(repo, revision=revision, allow_patterns=[f"{prefix}*.json", f"{prefix}*/*.json"]))
+        folder, _ = resolve_folder(root / prefix if prefix else root, expert)
+        rel = folder.relative_to(root).as_posix()
+        sub = f"{rel}/" if rel != "." else ""
+        root = Path(snapshot_download(
+            repo, revision=revision,
+            allow_patterns=[f"{sub}*.json", f"{sub}*.safetensors", *(f"{sub}*{s}" for s in PICKLE_SUFFIXES)]))
+    except ProjectionError:
+        raise
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        hint = " (offline: is it in the local Hugging Face cache?)" if offline else ""
+        raise ProjectionError(f"hub id '{repo}': cannot resolve{hint}: {type(exc).__name__}: {exc}") from exc
+    return root / sub if sub else root
+
+
+# ---------------------------------------------------------------- entry point
+
+def open_checkpoint(source: str | os.PathLike, expert: str | None = None) -> Checkpoint:
+    """Open any supported checkpoint source lazily. Raises ProjectionError naming the file at fault."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        hub = parse_hub_id(text) if not text.startswith((".", "/", "~")) else None
+        if hub is None:
+            raise ProjectionError(f"{text}: no such file or folder (and not a hub id 'org/name')")
+        path = fetch_from_hub(*hub, expert=expert)
+    chosen = None
+    if path.is_dir():
+        path, chosen = resolve_folder(path, expert)
+        fmt, files, infos = _open_folder(path)
+        config = _read_config(path)
+    else:
+        config = _read_config(path.parent)
+        if path.name.endswith(".safetensors.index.json"):
+            fmt, (files, infos) = "sharded-safetensors", _open_index(path)
+        elif path.suffix == ".safetensors":
+            fmt, files, infos = "safetensors", [path], _safetensors_infos(path)
+        elif path.suffix in PICKLE_SUFFIXES:
+            fmt, files, infos = "torch-pickle", [path], path
+        else:
+            raise ProjectionError(f"{path}: unknown file type (expected .safetensors, an index json, "
+                                  f"or a torch file {'/'.join(PICKLE_SUFFIXES)})")
+    pickled = None
+    if isinstance(infos, Path):
+        pickled = _load_pickle(infos)
+        infos = {k: TensorInfo(tuple(v.shape), v.dtype, files[0], k) for k, v in pickled.items()}
+    prefix = strip_prefix(list(infos))
+    tensors = {k[len(prefix):]: v for k, v in infos.items()}
+    return Checkpoint(text, fmt, files, tensors, config, chosen, _pickled=pickled)

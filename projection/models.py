@@ -1,0 +1,108 @@
+"""Teacher and student as the mapper sees them: family, config, and canonical key -> shape."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .anatomy import FAMILIES, detect_family, infer_config, to_canonical
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import ProjectionError
+from .student import LAYOUTS, build_student, student_config
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class ModelView:
+    source: str
+    family: str | None  # wan | wan-diffusers | seed | None (unknown names)
+    layout: str  # wan | wanlite | seed | custom
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]  # canonical key -> shape
+    native: dict[str, str]  # canonical key -> key in the files
+    checkpoint: Checkpoint | None = None  # None for a student built from a config
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.shapes.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor by canonical name."""
+        if self.checkpoint is None:
+            raise ProjectionError(f"{self.source}: a student built from a config has no stored tensors")
+        return self.checkpoint.get(self.native.get(key, key))
+
+    def summary(self) -> dict[str, Any]:
+        ckpt = self.checkpoint
+        return {
+            "source": self.source, "family": self.family, "layout": self.layout,
+            "description": FAMILIES[self.family].description if self.family in FAMILIES else "unknown names",
+            "config": self.config, "keys": len(self.shapes), "params": self.num_params,
+            "format": ckpt.format if ckpt else "config", "expert": ckpt.expert if ckpt else None,
+            "dtypes": ckpt.dtypes() if ckpt else {"float32": len(self.shapes)},
+            "bytes": ckpt.nbytes if ckpt else self.num_params * 4,
+            "files": [str(f) for f in ckpt.files] if ckpt else [],
+        }
+
+
+def view_checkpoint(ckpt: Checkpoint) -> ModelView:
+    family = detect_family(ckpt.keys())
+    native = to_canonical(ckpt.keys(), family or "")
+    shapes = {c: ckpt.tensors[n].shape for c, n in native.items()}
+    config = infer_config(family, shapes, ckpt.config)
+    layout = {"wan": "wan", "wan-diffusers": "wan", "seed": "seed"}.get(family or "", "custom")
+    if ckpt.config.get("layout") in LAYOUTS:
+        layout = ckpt.config["layout"]  # one of our exported students
+    elif layout == "wan" and len(shapes.get("patch_embedding.weight", ())) == 4:
+        layout = "wanlite"
+    return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt)
+
+
+def open_teacher(source: str, expert: str | None = None) -> ModelView:
+    view = view_checkpoint(open_checkpoint(source, expert))
+    if view.family not in ("wan", "wan-diffusers"):
+        raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
+                              f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
+    return view
+
+
+def read_student_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ProjectionError(f"{path}: cannot read student config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProjectionError(f"{path}: a student config is a mapping (layout, dim, num_layers, ...)")
+    return data
+
+
+def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str = "config") -> ModelView:
+    config = student_config(fields.get("layout", "wanlite"), fields, teacher.config)
+    state = build_student(config, "meta").state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return ModelView(source, "seed" if config["layout"] == "seed" else "wan", config["layout"], config, shapes,
+                     {k: k for k in shapes})
+
+
+def open_student(source: str | dict[str, Any], teacher: ModelView) -> ModelView:
+    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill."""
+    if isinstance(source, dict):
+        return student_from_config(source, teacher)
+    path = Path(source)
+    if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
+        return student_from_config(read_student_config(path), teacher, str(path))
+    view = view_checkpoint(open_checkpoint(source))
+    if view.family == "wan-diffusers":
+        raise ProjectionError(f"{source}: a diffusers-named student is not supported; students use Wan's "
+                              f"original names (layout 'wanlite') or the seeds' layout")
+    for field, value in teacher.config.items():  # what the student's names and shapes cannot tell
+        view.config.setdefault(field, value)
+    if view.config.get("dim") and view.config.get("num_heads"):
+        view.config["head_dim"] = view.config["dim"] // view.config["num_heads"]
+    return view

@@ -1,0 +1,231 @@
+"""Runnable student modules.
+
+`WanLite` is the 2D restriction of Wan: on a single latent frame, Wan is exactly a 2D model with a 2x2 patch
+conv, t-band RoPE at angle 0, and everything else unchanged. Its parameter names are Wan's original names, so
+a same-config projection is a copy and the exported student reproduces the teacher's forward.
+`SeedStudent` is the seeds' layout (fused nn.MultiheadAttention), kept so its projections can be run too.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ProjectionError
+
+LAYOUTS = ("wanlite", "seed")
+DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
+EPS = 1e-6
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: float64, 10000^(-i/half), laid out [cos | sin]."""
+    half = dim // 2
+    angles = torch.outer(t.double(), torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half))
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def rope_bands(head_dim: int) -> list[int]:
+    """Pairs per t/h/w band of one head: [c - 2(c//3), c//3, c//3] with c = head_dim / 2."""
+    c = head_dim // 2
+    return [c - 2 * (c // 3), c // 3, c // 3]
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
+    """Per band, the angular frequency of each pair: theta^(-2j / band_dim)."""
+    return [1.0 / theta ** (torch.arange(n, dtype=torch.float64) * 2 / (2 * n)) for n in rope_bands(head_dim)]
+
+
+def rope_2d(head_dim: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """Complex rotations [h*w, head_dim/2] for frame 0 of an h x w grid (t band: angle 0)."""
+    ft, fh, fw = (f.to(device) for f in rope_frequencies(head_dim))
+    rows = torch.arange(h, dtype=torch.float64, device=device)
+    cols = torch.arange(w, dtype=torch.float64, device=device)
+    angles = torch.cat([
+        torch.zeros(h, w, len(ft), dtype=torch.float64, device=device),
+        torch.outer(rows, fh)[:, None, :].expand(h, w, -1),
+        torch.outer(cols, fw)[None, :, :].expand(h, w, -1),
+    ], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles).reshape(h * w, -1)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x [B, N, H, d]: rotate adjacent channel pairs (2i, 2i+1)."""
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = nn.RMSNorm(dim, eps=EPS)  # over the full width, as in Wan
+        self.norm_k = nn.RMSNorm(dim, eps=EPS)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        split = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(ctx))), split(self.v(ctx))
+        if freqs is not None:
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
+        self.self_attn = Attention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim, eps=EPS)
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).float().chunk(6, dim=1)
+        h = self.norm1(x).float() * (1 + scale_msa) + shift_msa
+        y = self.self_attn(h, h, freqs)
+        x = x + y * gate_msa
+        x = x + self.cross_attn(self.norm3(x), ctx)
+        y = self.ffn(self.norm2(x).float() * (1 + scale_ffn) + shift_ffn)
+        return x + y * gate_ffn
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
+        self.head = nn.Linear(dim, 4 * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation + e[:, None, :]).chunk(2, dim=1)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class WanLite(nn.Module):
+    """The 2D Wan student: forward(x [B, Cin, H, W], t [B], context [B, L, text_dim]) -> [B, Cout, H, W]."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_layers: int, in_dim: int = 16,
+                 out_dim: int = 16, text_dim: int = 4096, freq_dim: int = 256):
+        super().__init__()
+        self.dim, self.num_heads, self.out_dim, self.freq_dim = dim, num_heads, out_dim, freq_dim
+        self.patch_embedding = nn.Conv2d(in_dim, dim, kernel_size=2, stride=2)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(dim, ffn_dim, num_heads) for _ in range(num_layers))
+        self.head = Head(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x = self.patch_embedding(x)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        e = self.time_embedding(sinusoid(t, self.freq_dim).to(x.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.dim))
+        ctx = self.text_embedding(context)
+        freqs = rope_2d(self.dim // self.num_heads, gh, gw, x.device)
+        for block in self.blocks:
+            x = block(x, e0, ctx, freqs)
+        x = self.head(x, e)  # [B, N, 4 * Cout], laid out (ph, pw, c)
+        x = x.reshape(b, gh, gw, 2, 2, self.out_dim).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, self.out_dim, gh * 2, gw * 2)
+
+
+class SeedBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class SeedStudent(nn.Module):
+    """The seeds' WanLiteStudent layout (202 keys at width 1024, depth 16)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_layers: int, in_dim: int = 4,
+                 out_dim: int = 4, text_dim: int = 4096, freq_dim: int | None = None):
+        super().__init__()
+        self.dim = dim
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.time_embed = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+        self.conv_in = nn.Conv2d(in_dim, dim, 3, padding=1)
+        self.blocks = nn.ModuleList(SeedBlock(dim, ffn_dim, num_heads) for _ in range(num_layers))
+        self.conv_out = nn.Conv2d(dim, out_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x = self.conv_in(x).flatten(2).transpose(1, 2)
+        temb = self.time_embed(sinusoid(t, self.dim).to(x.dtype))
+        x = x + temb[:, None, :] + self.text_proj(context).mean(dim=1, keepdim=True)
+        for block in self.blocks:
+            x = block(x)
+        return self.conv_out(x.transpose(1, 2).reshape(b, self.dim, h, w))
+
+
+def student_config(layout: str, fields: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
+    """A full student config: given fields, else the teacher's (the seed layout keeps its 4 latent channels)."""
+    if layout not in LAYOUTS:
+        raise ProjectionError(f"student layout '{layout}' is unknown; choose one of {', '.join(LAYOUTS)}")
+    cfg: dict[str, Any] = {"layout": layout}
+    seed_defaults = {"in_dim": 4, "out_dim": 4} if layout == "seed" else {}
+    for field in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
+        value = fields.get(field, seed_defaults.get(field, teacher.get(field, DEFAULTS.get(field))))
+        if value is None:
+            raise ProjectionError(f"student config: '{field}' is missing and the teacher does not define it")
+        if not isinstance(value, int) or value <= 0:
+            raise ProjectionError(f"student config: '{field}' must be a positive integer, got {value!r}")
+        cfg[field] = value
+    if "num_heads" not in fields and "dim" in fields and teacher.get("head_dim"):
+        cfg["num_heads"] = max(1, cfg["dim"] // teacher["head_dim"])  # keep the teacher's head dim
+    if cfg["dim"] % cfg["num_heads"]:
+        raise ProjectionError(f"student config: dim {cfg['dim']} is not divisible by num_heads {cfg['num_heads']}")
+    cfg["head_dim"] = cfg["dim"] // cfg["num_heads"]
+    return cfg
+
+
+def build_student(config: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """The student module for a config; on device 'meta' it costs no memory (for mapping)."""
+    kwargs = {k: config[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
+                                     "freq_dim")}
+    cls = {"wanlite": WanLite, "seed": SeedStudent}[config.get("layout", "wanlite")]
+    with torch.device(device):
+        return cls(**kwargs)
+
+
+def load_student(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load an exported student folder back into its module."""
+    from .checkpoint import open_checkpoint
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ProjectionError(f"{folder}: no config.json: not an exported student")
+    config = json.loads(cfg_path.read_text())
+    model = build_student(config, "meta")
+    ckpt = open_checkpoint(folder)
+    state = {k: ckpt.get(k) for k in ckpt.keys()}
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ProjectionError(f"{folder}: weights lack {len(missing)} key(s), e.g. '{sorted(missing)[0]}'")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.to(device)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.state_dict().values())
