@@ -145,22 +145,46 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def num_blocks(keys: list[str]) -> int:
+    idx = [int(m[1]) for k in keys if (m := BLOCK_KEY.match(k))]
+    return max(idx) + 1 if idx else 0
+
+
+def template_of(key: str) -> tuple[str, int | None]:
+    """'blocks.7.ffn.0.weight' -> ('blocks.{i}.ffn.0.weight', 7)."""
+    m = BLOCK_KEY.match(key)
+    if not m:
+        return key, None
+    return "blocks.{i}." + key[m.end():], int(m[1])
+
+
 def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+
+def native_name(canonical: str, family: str) -> str:
+    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
+    renames = FAMILIES[family].renames
+    template, block = template_of(canonical)
+    module, _, param = template.rpartition(".")
+    if template in renames:  # a bare parameter such as `modulation`
+        native = renames[template]
+    elif module in renames:
+        native = f"{renames[module]}.{param}"
+    else:
+        native = template
+    return native.replace("{i}", str(block)) if block is not None else native
 
 
 def _rename_table(family: Family) -> list[tuple[re.Pattern[str], str]]:
     """(pattern for this family's key, canonical template) for every canonical tensor."""
     table = []
     for canonical in WAN_TENSORS:
-        module, _, param = canonical.rpartition(".")
-        if canonical in family.renames:  # a bare parameter such as `modulation`
-            native = family.renames[canonical]
-        elif module in family.renames:
-            native = f"{family.renames[module]}.{param}"
-        else:
-            native = canonical
-        table.append((_template_regex(native), canonical))
+        native = native_name(canonical.replace("{i}", "0"), family.name)
+        table.append((_template_regex(native.replace("blocks.0.", "blocks.{i}.", 1)), canonical))
     return table
 
 
@@ -188,22 +212,6 @@ def detect_family(keys: list[str]) -> str | None:
         if any(pattern.match(k) for k in keys):
             return name
     return None
-
-
-BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
-
-
-def num_blocks(keys: list[str]) -> int:
-    idx = [int(m[1]) for k in keys if (m := BLOCK_KEY.match(k))]
-    return max(idx) + 1 if idx else 0
-
-
-def template_of(key: str) -> tuple[str, int | None]:
-    """'blocks.7.ffn.0.weight' -> ('blocks.{i}.ffn.0.weight', 7)."""
-    m = BLOCK_KEY.match(key)
-    if not m:
-        return key, None
-    return "blocks.{i}." + key[m.end():], int(m[1])
 
 
 def axes_of(canonical_key: str) -> tuple[Axis, ...] | None:

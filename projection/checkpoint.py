@@ -7,6 +7,7 @@ root, a Wan2.2 two-expert root) or a Hugging Face hub id. Nothing reads tensor d
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -40,6 +41,7 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
     raw_key: str  # the key as stored in the file (before prefix stripping)
+    offset: int = 0  # safetensors: absolute byte offset of the data in `file`
 
     @property
     def numel(self) -> int:
@@ -96,39 +98,50 @@ class Checkpoint:
         return counts
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped for safetensors)."""
+        """Read one tensor (safetensors: a positioned read; torch pickles: memory-mapped)."""
         if key not in self.tensors:
             raise ProjectionError(f"{self.source}: no tensor named '{key}'")
         info = self.tensors[key]
         self.bytes_read += info.nbytes
         if self._pickled is not None:
             return self._pickled[info.raw_key]
-        from safetensors import safe_open
-
         handle = self._handles.get(info.file)
         if handle is None:
             try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
+                handle = open(info.file, "rb")  # noqa: SIM115 (kept open for the next tensors)
+            except OSError as exc:
                 raise ProjectionError(f"{info.file}: cannot open: {exc}") from exc
             self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(info.raw_key)
-        except Exception as exc:
-            raise ProjectionError(f"{info.file}: cannot read tensor '{info.raw_key}': {exc}") from exc
+        return read_tensor(handle, info)
 
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys if keys is not None else self.keys():
             yield key, self.get(key)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
+
+
+def read_tensor(handle: Any, info: TensorInfo) -> torch.Tensor:
+    """One safetensors tensor by a positioned read into fresh memory.
+
+    Not memory-mapped on purpose: mapped pages of a tens-of-GB file count toward the process's resident
+    memory while in use; a plain read keeps the footprint at the tensor itself (the OS page cache still helps)."""
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    buf = bytearray(info.nbytes)
+    handle.seek(info.offset)
+    if handle.readinto(buf) != info.nbytes:
+        raise ProjectionError(f"{info.file}: truncated while reading tensor '{info.raw_key}'")
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
 
 # ---------------------------------------------------------------- safetensors headers
 
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Parse and validate a safetensors header without touching tensor data."""
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """Parse and validate a safetensors header without touching tensor data; also where the data starts."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -155,15 +168,20 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}'") from exc
         if dtype not in SAFETENSORS_DTYPES:
             raise ProjectionError(f"{path}: tensor '{key}' has unsupported dtype {dtype}")
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if end - start != expected or start > end:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{key}' spans {end - start} bytes, "
+                                  f"its shape {shape} and dtype {dtype} need {expected}")
         if end > data_size:
             raise ProjectionError(
                 f"{path}: truncated: tensor '{key}' ends at byte {end} but the data section has {data_size}")
-    return header
+    return header, 8 + n
 
 
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
-    header = read_safetensors_header(path)
-    return {k: TensorInfo(tuple(m["shape"]), SAFETENSORS_DTYPES[m["dtype"]], path, k) for k, m in header.items()}
+    header, start = read_safetensors_header(path)
+    return {k: TensorInfo(tuple(m["shape"]), SAFETENSORS_DTYPES[m["dtype"]], path, k, start + m["data_offsets"][0])
+            for k, m in header.items()}
 
 
 def _open_index(index: Path) -> tuple[list[Path], dict[str, TensorInfo]]:

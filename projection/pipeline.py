@@ -51,7 +51,7 @@ class TensorCache:
 
 class Projector:
     def __init__(self, teacher: ModelView, student: ModelView, strategy: Strategy | None = None,
-                 rules: dict[str, Rule] | None = None, cache_bytes: int = 1 << 30):
+                 rules: dict[str, Rule] | None = None, cache_bytes: int = 0):
         self.teacher, self.student = teacher, student
         self.strategy = strategy or Strategy()
         self.rules: dict[str, Rule] = dict(rules or {})
@@ -64,10 +64,12 @@ class Projector:
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
-             strategy: Strategy | None = None, rules: dict[str, Rule] | None = None) -> "Projector":
+             strategy: Strategy | None = None, rules: dict[str, Rule] | None = None,
+             cache_bytes: int = 0) -> "Projector":
+        """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export)."""
         strategy = strategy or Strategy()
         t = open_teacher(teacher, expert or strategy.expert)
-        return cls(t, open_student(student, t), strategy, rules)
+        return cls(t, open_student(student, t), strategy, rules, cache_bytes)
 
     @property
     def device(self) -> torch.device:

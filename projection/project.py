@@ -28,7 +28,8 @@ def collapse_time(t: torch.Tensor, axis: int, how: str) -> torch.Tensor:
 
 def svd_project(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The seeds' per-matrix SVD: each side shrinks onto its own top singular vectors (basis-inconsistent)."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    full = max(rows, cols) > min(w.shape)  # a side wider than the rank needs the complete basis
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=full)
     out = w.double()
     if rows < w.shape[0]:
         out = u[:, :rows].T @ out
