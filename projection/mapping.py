@@ -8,6 +8,7 @@ the student block index on the student side and the teacher block chosen for it 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Union
@@ -55,14 +56,24 @@ def rules_to_yaml(rules: dict[str, Rule]) -> str:
     return yaml.safe_dump(rules, sort_keys=False, width=200) if rules else "{}\n"
 
 
-def find_rule(rules: dict[str, Rule], template: str) -> tuple[Rule, str] | None:
-    """The rule for a student key template: a whole-key rule, else the longest module-prefix rule.
+def _rule_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"(?P<rest>\..+)?$")
 
-    Returns the rule and the suffix a prefix rule appends to its teacher keys ('' for whole-key rules)."""
-    if template in rules:
-        return rules[template], ""
-    best = max((p for p in rules if template.startswith(p + ".")), key=len, default=None)
-    return (rules[best], template[len(best):]) if best is not None else None
+
+def find_rule(rules: dict[str, Rule], key: str) -> tuple[Rule, str, int | None] | None:
+    """The rule for a student key: a whole-key rule, else the longest module-prefix rule.
+
+    Returns the rule, the suffix a prefix rule appends to its teacher keys ('' for whole-key rules) and the
+    student block index that `{i}` matched (None when the rule has no `{i}`)."""
+    best = None
+    for pattern in rules:
+        m = _rule_regex(pattern).match(key)
+        if m and (best is None or (not m["rest"], len(pattern)) > (not best[1]["rest"], len(best[0]))):
+            best = (pattern, m)
+    if best is None:
+        return None
+    pattern, m = best
+    return rules[pattern], m["rest"] or "", int(m["i"]) if "{i}" in pattern else None
 
 
 # ---------------------------------------------------------------- layers
@@ -251,7 +262,11 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
     strategy = strategy or Strategy()
     rules = {**preset_rules(student.layout), **(rules or {})}
     t_sizes = _sizes(teacher.config)
-    layers = select_layers(strategy.layers, teacher.config.get("num_layers", 0), student.config.get("num_layers", 0))
+    n_student = student.config.get("num_layers", 0)
+    if student.layout == "custom":  # its blocks are whatever the rules' `{i}` match
+        n_student = 1 + max((f[2] for k in student.shapes if (f := find_rule(rules, k)) and f[2] is not None),
+                            default=n_student - 1)
+    layers = select_layers(strategy.layers, teacher.config.get("num_layers", 0), n_student)
     if student.layout == "custom":  # unknown names: learn the student's widths from what the rules map
         s_sizes = _infer_sizes(student, teacher, layers, rules, t_sizes)
     else:
@@ -295,10 +310,13 @@ def _infer_sizes(student: ModelView, teacher: ModelView, layers: list[int], rule
 
 def _map_key(key: str, shape: tuple[int, ...], teacher: ModelView, layers: list[int], rules: dict[str, Rule],
              t_sizes: dict[str, int], s_sizes: dict[str, int], strategy: Strategy) -> Entry:
-    template, s_block = template_of(key)
+    found = find_rule(rules, key)
+    if found:
+        rule, suffix, s_block = found
+    else:  # no rule: the teacher key of the same name
+        rule, s_block = template_of(key)
+        suffix = ""
     entry = Entry(key, "skipped", shape, student_block=s_block)
-    found = find_rule(rules, template)
-    rule, suffix = found if found else (template, "")
     if isinstance(rule, dict):
         entry.reason = rule["skip"]
         return entry
@@ -311,7 +329,7 @@ def _map_key(key: str, shape: tuple[int, ...], teacher: ModelView, layers: list[
         t_block = layers[s_block]
     names = [t.replace("{i}", str(t_block)) for t in targets]
     if any("{i}" in t for t in targets) and t_block is None:
-        entry.reason = f"rule '{template}' names a block '{{i}}' but this key is not inside a block"
+        entry.reason = f"a rule for '{key}' names a teacher block '{{i}}' but the student key has no block index"
         return entry
     missing = [n for n in names if n not in teacher.shapes]
     if missing:

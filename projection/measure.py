@@ -4,17 +4,17 @@ from __future__ import annotations
 from typing import Iterable
 
 from .anatomy import template_of
+from .mapping import Entry
 from .project import Projected
 
 
-def layer_of(student_key: str) -> str:
-    _, block = template_of(student_key)
-    return f"block {block}" if block is not None else "top"
+def layer_of(entry: Entry) -> str:
+    return f"block {entry.student_block}" if entry.student_block is not None else "top"
 
 
-def kind_of(student_key: str) -> str:
+def kind_of(entry: Entry) -> str:
     """'blocks.3.self_attn.q.weight' -> 'self_attn.q.weight'."""
-    template, block = template_of(student_key)
+    template, block = template_of(entry.student_key)
     return template.removeprefix("blocks.{i}.") if block is not None else template
 
 
@@ -25,7 +25,7 @@ def energy_by(results: Iterable[Projected], group=layer_of) -> dict[str, float]:
     for r in results:
         if r.tensor is None:
             continue
-        g = group(r.entry.student_key)
+        g = group(r.entry)
         kept[g] = kept.get(g, 0.0) + r.kept
         total[g] = total.get(g, 0.0) + r.total
     return {g: kept[g] / total[g] if total[g] > 0 else 1.0 for g in kept}

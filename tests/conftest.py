@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny Wan teacher built with diffusers' WanTransformer3DModel (the third-party reference),
+saved in the diffusers format (sharded) and in the original Wan format (same weights, original names)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(dim=64, num_heads=2, ffn_dim=48, num_layers=3, in_dim=4, out_dim=4, text_dim=24, freq_dim=16)
+
+
+@dataclass
+class TinyWan:
+    model: torch.nn.Module  # diffusers WanTransformer3DModel
+    diffusers_dir: Path
+    original_dir: Path
+    config: dict
+
+
+def diffusers_kwargs(cfg: dict) -> dict:
+    return dict(patch_size=(1, 2, 2), num_attention_heads=cfg["num_heads"],
+                attention_head_dim=cfg["dim"] // cfg["num_heads"], in_channels=cfg["in_dim"],
+                out_channels=cfg["out_dim"], text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"],
+                ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+
+
+def build_tiny_wan(root: Path, cfg: dict = TINY, seed: int = 0) -> TinyWan:
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from projection.anatomy import to_canonical
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval()
+    with torch.no_grad():  # diffusers zero-inits some tensors; give every weight a distinct value
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    diff = root / "diffusers"
+    model.save_pretrained(diff, max_shard_size="60KB")
+    state = model.state_dict()
+    original = {c: state[n].contiguous() for c, n in to_canonical(list(state), "wan-diffusers").items()}
+    orig = root / "original"
+    orig.mkdir()
+    save_file(original, str(orig / "diffusion_pytorch_model.safetensors"))
+    (orig / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "eps": 1e-6,
+                                                  "text_len": 512, **cfg}))
+    return TinyWan(model, diff, orig, cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> TinyWan:
+    return build_tiny_wan(tmp_path_factory.mktemp("tiny_wan"))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from projection.demo import write_demo
+
+    return write_demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+def write_sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A real safetensors file whose data section is a hole: headers of a 14B model cost no disk."""
+    import math
+    import struct
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        n = math.prod(shape) * 4
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def wan_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Canonical Wan key -> shape for a config (T2V: no image keys)."""
+    import math
+
+    from projection.anatomy import SPACES, WAN_TENSORS, space_size
+
+    cfg = {**cfg, "head_dim": cfg["dim"] // cfg["num_heads"]}
+    sizes = {s: n for s in SPACES if (n := space_size(s, cfg)) is not None}
+    out = {}
+    for template, axes in WAN_TENSORS.items():
+        if "_img" in template:
+            continue
+        for block in range(cfg["num_layers"]) if "{i}" in template else [None]:
+            key = template.replace("{i}", str(block))
+            out[key] = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
+    return out
+
+
+WAN14B = dict(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096,
+              freq_dim=256)
+
+
+@pytest.fixture(scope="session")
+def wan14b_headers(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wan14b")
+    write_sparse_safetensors(folder / "diffusion_pytorch_model.safetensors", wan_shapes(WAN14B))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **WAN14B}))
+    return folder
