@@ -1,0 +1,187 @@
+"""Every strategy option changes the projection the way it says, and the strategy round-trips through YAML."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from projection import ProjectionError, Projector, Strategy
+from projection.plan import keep_rope_pairs, keep_top, keep_uniform
+from projection.project import collapse_time, svd_project
+from projection.student import rope_bands, rope_frequencies
+
+SMALL = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
+
+
+def projector(tiny_wan, **fields) -> Projector:
+    return Projector.open(str(tiny_wan.original_dir), SMALL, strategy=Strategy(**fields))
+
+
+def test_yaml_round_trip_and_defaults(tmp_path):
+    s = Strategy(layers=[3, 1], width="uniform", heads="first", head_dim="first", ffn="uniform", conv="center",
+                 rescale="variance", expert="low", dtype="bfloat16", device="cpu", seed=7)
+    assert Strategy.from_yaml(s.to_yaml()) == s
+    path = tmp_path / "s.yaml"
+    path.write_text(s.to_yaml())
+    assert Strategy.load(path) == s
+    assert Strategy.from_yaml("") == Strategy()
+    assert Strategy().basis_consistent and not Strategy(width="svd-per-matrix").basis_consistent
+
+
+def test_bad_strategy_yaml_names_field_and_file():
+    with pytest.raises(ProjectionError, match=r"s.yaml: width: Input should be"):
+        Strategy.from_yaml("width: widest", "s.yaml")
+    with pytest.raises(ProjectionError, match="colour: Extra inputs"):
+        Strategy.from_yaml("colour: red")
+    with pytest.raises(ProjectionError, match="invalid YAML"):
+        Strategy.from_yaml("width: [")
+
+
+def test_rope_pairs_stay_whole_inside_their_bands():
+    for t_dim, s_dim in ((128, 64), (128, 128), (64, 32), (128, 96)):
+        idx = keep_rope_pairs(t_dim, s_dim, "frequency")
+        assert len(idx) == s_dim
+        assert torch.equal(idx[0::2] + 1, idx[1::2])  # (2i, 2i+1) together
+        assert (idx[0::2] % 2 == 0).all()
+        t_bands, s_bands = rope_bands(t_dim), rope_bands(s_dim)
+        pairs = (idx[0::2] // 2).tolist()
+        edges = [0] + list(torch.tensor(t_bands).cumsum(0).tolist())
+        start = 0
+        for b, n in enumerate(s_bands):  # student band b is filled from teacher band b only
+            assert all(edges[b] <= p < edges[b + 1] for p in pairs[start:start + n])
+            start += n
+    assert torch.equal(keep_rope_pairs(128, 128, "frequency"), torch.arange(128))
+
+
+def test_rope_frequency_match_is_nearest():
+    idx = keep_rope_pairs(128, 64, "frequency")
+    t = torch.cat(rope_frequencies(128))
+    s = torch.cat(rope_frequencies(64))
+    chosen = t[idx[0::2] // 2]
+    # every chosen teacher frequency is within a factor 1.25 of the student's own (bands of 21-22 vs 10-12 pairs)
+    assert ((chosen / s).log().abs() < math.log(1.25)).all()
+    first = keep_rope_pairs(128, 64, "first")
+    assert (t[first[0::2] // 2] / s).log().abs().max() > math.log(1.25)  # "first" does not match frequencies
+    # at a 2:1 ratio nearest-frequency equals every other pair; at 4:3 it differs from a uniform stride
+    assert not torch.equal(keep_rope_pairs(128, 96, "frequency"), keep_rope_pairs(128, 96, "uniform"))
+
+
+def test_selection_helpers():
+    assert keep_uniform(10, 4).tolist() == [0, 2, 5, 7]
+    assert keep_top(torch.tensor([1.0, 9.0, 3.0, 7.0]), 2).tolist() == [1, 3]  # ascending order kept
+
+
+@pytest.mark.parametrize("field,values", [
+    ("width", ["magnitude", "uniform", "first", "svd-per-matrix"]),
+    ("heads", ["magnitude", "uniform", "first"]),
+    ("head_dim", ["frequency", "first", "uniform"]),
+    ("ffn", ["magnitude", "uniform", "first"]),
+])
+def test_each_option_changes_the_projection(demo_dir, field, values):
+    key = {"width": "blocks.0.ffn.0.weight", "heads": "blocks.0.self_attn.v.weight",
+           "head_dim": "blocks.0.self_attn.v.weight", "ffn": "blocks.0.ffn.2.weight"}[field]
+    student = {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 384, "num_layers": 2}  # 4x64 -> 2x32
+    tensors = [Projector.open(str(demo_dir / "teacher-wan"), student, strategy=Strategy(**{field: v}))
+               .student_tensor(key) for v in values]
+    for i in range(len(tensors)):
+        for j in range(i + 1, len(tensors)):
+            assert not torch.equal(tensors[i], tensors[j]), (values[i], values[j])
+
+
+def test_width_first_keeps_the_first_channels(tiny_wan):
+    p = projector(tiny_wan, width="first", heads="first", head_dim="first", ffn="first")
+    assert p.mapping.layers == [0, 1]
+    t = p.teacher.read("blocks.1.ffn.0.weight")
+    assert torch.equal(p.student_tensor("blocks.1.ffn.0.weight"), t[:24, :32])
+
+
+def test_magnitude_keeps_more_energy_than_first(demo_dir):
+    energy = {}
+    for width in ("magnitude", "first"):
+        p = Projector.open(str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml"),
+                           strategy=Strategy(width=width, heads=width, ffn=width))
+        energy[width] = p.summary(p.project())["mean_energy"]
+    assert energy["magnitude"] > energy["first"] + 0.1
+
+
+def test_residual_index_set_is_shared_by_every_reader_and_writer(tiny_wan):
+    p = projector(tiny_wan)
+    resid = p.plan().indices("resid", None)
+    t = p.teacher
+    block = p.mapping.layers[1]
+    assert torch.equal(p.student_tensor("patch_embedding.bias"), t.read("patch_embedding.bias")[resid])
+    assert torch.equal(p.student_tensor("blocks.1.norm3.weight"), t.read(f"blocks.{block}.norm3.weight")[resid])
+    assert torch.equal(p.student_tensor("blocks.1.modulation"), t.read(f"blocks.{block}.modulation")[:, :, resid])
+    tp = t.read("time_projection.1.weight").reshape(6, 64, 64)[:, resid][:, :, resid].reshape(6 * 32, 32)
+    assert torch.equal(p.student_tensor("time_projection.1.weight"), tp)  # every chunk of [6D, D]
+    hm = t.read("head.modulation")[:, :, resid]
+    assert torch.equal(p.student_tensor("head.modulation"), hm)
+    assert torch.equal(p.student_tensor("head.head.weight"), t.read("head.head.weight")[:, resid])
+
+
+def test_conv_collapse_modes():
+    w = torch.randn(4, 3, 3, 2, 2)
+    assert torch.equal(collapse_time(w, 2, "center"), w[:, :, 1])
+    assert torch.allclose(collapse_time(w, 2, "sum"), w.sum(2))
+    assert torch.allclose(collapse_time(w, 2, "mean"), w.mean(2))
+    # 'sum' is exact for a static clip: a Conv3d over identical frames equals the Conv2d with the summed kernel
+    x = torch.randn(1, 3, 1, 6, 6).expand(1, 3, 3, 6, 6)
+    y3 = torch.nn.functional.conv3d(x, w, stride=(1, 2, 2))[:, :, 0]
+    y2 = torch.nn.functional.conv2d(x[:, :, 0], collapse_time(w, 2, "sum"), stride=2)
+    assert torch.allclose(y3, y2, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", ["center", "mean", "sum"])
+def test_conv_option_reaches_the_patch_embedding(tiny_wan, conv):
+    p = projector(tiny_wan, conv=conv)
+    resid = p.plan().indices("resid", None)
+    w = p.teacher.read("patch_embedding.weight")[resid]  # kt = 1: all three agree with the single slice
+    assert torch.allclose(p.student_tensor("patch_embedding.weight"), w[:, :, 0])
+    assert any(conv in t for t in p.mapping.entry("patch_embedding.weight").transforms)
+
+
+def test_variance_rescale_rule(tiny_wan):
+    plain = projector(tiny_wan)
+    scaled = projector(tiny_wan, rescale="variance")
+    ratio = scaled.student_tensor("blocks.0.ffn.2.weight") / plain.student_tensor("blocks.0.ffn.2.weight")
+    assert torch.allclose(ratio, torch.full_like(ratio, math.sqrt(48 / 24)))  # input axis: FFN 48 -> 24
+    assert torch.equal(scaled.student_tensor("blocks.0.ffn.2.bias"), plain.student_tensor("blocks.0.ffn.2.bias"))
+    r_in = scaled.student_tensor("blocks.0.self_attn.q.weight") / plain.student_tensor("blocks.0.self_attn.q.weight")
+    assert torch.allclose(r_in, torch.full_like(r_in, math.sqrt(64 / 32)))
+
+
+def test_svd_per_matrix_is_the_per_matrix_optimum_and_flagged(tiny_wan):
+    w = torch.randn(12, 10, dtype=torch.float64)
+    p = svd_project(w, 4, 3)
+    s = torch.linalg.svdvals(w)
+    assert torch.allclose(torch.linalg.svdvals(p), s[:3])  # each side onto its own top singular vectors
+    proj = projector(tiny_wan, width="svd-per-matrix")
+    assert not proj.summary()["basis_consistent"]
+    assert any("basis-inconsistent" in w for w in proj.summary()["warnings"])
+    energies = {r.entry.student_key: r.energy for r in proj.project()}
+    baseline = {r.entry.student_key: r.energy for r in projector(tiny_wan).project()}
+    key = "blocks.0.ffn.0.weight"
+    assert energies[key] >= baseline[key]  # max energy per matrix, yet inconsistent bases
+
+
+def test_dtype_and_device_options(tiny_wan, tmp_path):
+    from projection import export_student, load_student
+
+    p = projector(tiny_wan, dtype="bfloat16", device="cpu")
+    export_student(p, tmp_path / "bf16")
+    model = load_student(tmp_path / "bf16")
+    assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
+    assert p.device.type == "cpu"
+
+
+def test_expert_option_picks_the_expert(tiny_wan, tmp_path):
+    import shutil
+
+    root = tmp_path / "wan22"
+    shutil.copytree(tiny_wan.original_dir, root / "high_noise_model")
+    shutil.copytree(tiny_wan.original_dir, root / "low_noise_model")
+    p = Projector.open(str(root), SMALL, strategy=Strategy(expert="low"))
+    assert p.teacher.checkpoint.expert == "low"
+    with pytest.raises(ProjectionError, match="choose an expert"):
+        Projector.open(str(root), SMALL)
