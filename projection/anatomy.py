@@ -7,6 +7,7 @@ onto these canonical names, matched key by key as whole templates (never by chai
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -250,3 +251,23 @@ def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config:
 def space_size(space: str, config: dict[str, Any]) -> int | None:
     size = SPACES[space].size
     return size if isinstance(size, int) else config.get(size)
+
+
+def space_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """Size of every space a config defines (head_dim derived from dim / num_heads)."""
+    if "head_dim" not in config and config.get("dim") and config.get("num_heads"):
+        config = {**config, "head_dim": config["dim"] // config["num_heads"]}
+    return {s: n for s in SPACES if (n := space_size(s, config)) is not None}
+
+
+def wan_tensors(config: dict[str, Any], image: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Axis, ...]]]:
+    """Every canonical key of a Wan config with its shape and axes (T2V layout unless image=True)."""
+    sizes = space_sizes(config)
+    out = {}
+    for template, axes in WAN_TENSORS.items():
+        if "_img" in template and not image:
+            continue
+        shape = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
+        for block in range(config["num_layers"]) if "{i}" in template else [None]:
+            out[template.replace("{i}", str(block))] = (shape, axes)
+    return out

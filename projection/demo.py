@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from .anatomy import SPACES, WAN_TENSORS, native_name, space_size
+from .anatomy import native_name, space_sizes, template_of, wan_tensors
 from .errors import ProjectionError
 
 TEACHER = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
@@ -25,7 +26,6 @@ STUDENTS = {
     "student-wanlite.yaml": {"layout": "wanlite", "dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4},
     "student-seed.yaml": {"layout": "seed", "dim": 128, "num_heads": 4, "ffn_dim": 512, "num_layers": 4},
 }
-SKIP_PREFIXES = ("blocks.{i}.cross_attn.k_img", "blocks.{i}.cross_attn.v_img", "blocks.{i}.cross_attn.norm_k_img")
 
 
 def _orthonormal(n: int, r: int, g: torch.Generator) -> torch.Tensor:
@@ -50,34 +50,29 @@ def _gains(size: int, g: torch.Generator, spread: float) -> torch.Tensor:
 def demo_state_dict(config: dict[str, Any] = TEACHER, seed: int = 0) -> dict[str, torch.Tensor]:
     """Canonical (original Wan) names -> tensors."""
     g = torch.Generator().manual_seed(seed)
-    cfg = {**config, "head_dim": config["dim"] // config["num_heads"]}
-    sizes = {s: n for s in SPACES if (n := space_size(s, cfg)) is not None}
+    sizes = space_sizes(config)
     global_gains = {s: _gains(sizes[s], g, 0.6) for s in ("resid", "context", "text_hidden", "time_hidden")}
     block_gains = [{s: _gains(sizes[s], g, 0.5) for s in ("ffn", "sa_heads", "ca_heads")}
-                   for _ in range(cfg["num_layers"])]
+                   for _ in range(config["num_layers"])]
     state: dict[str, torch.Tensor] = {}
-    for template, axes in WAN_TENSORS.items():
-        if template.startswith(SKIP_PREFIXES):
+    for key, (shape, axes) in wan_tensors(config).items():
+        block = template_of(key)[1]
+        if key.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
             continue
-        for block in range(cfg["num_layers"]) if "{i}" in template else [None]:
-            key = template.replace("{i}", str(block))
-            shape = [math.prod(sizes[s] for s in axis) for axis in axes]
-            if key.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
-                state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
-                continue
-            if "modulation" in key:
-                t = 0.1 * torch.randn(shape, generator=g)
-            elif len(shape) == 1:
-                t = 0.02 * torch.randn(shape, generator=g)
-            else:
-                t = trained_like(shape[0], math.prod(shape[1:]), g, 1 / math.sqrt(math.prod(shape[1:]))).reshape(shape)
-            gains = {**global_gains, **(block_gains[block] if block is not None else {})}
-            for a, axis in enumerate(axes):  # shared per-index gains make importance consistent across tensors
-                gain = torch.ones(1)
-                for s in axis:
-                    gain = (gain[:, None] * gains.get(s, torch.ones(sizes[s]))[None, :]).reshape(-1)
-                t = t * gain.reshape([-1 if d == a else 1 for d in range(t.ndim)])
-            state[key] = t.contiguous()
+        if "modulation" in key:
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            t = 0.02 * torch.randn(shape, generator=g)
+        else:
+            t = trained_like(shape[0], math.prod(shape[1:]), g, 1 / math.sqrt(math.prod(shape[1:]))).reshape(shape)
+        gains = {**global_gains, **(block_gains[block] if block is not None else {})}
+        for a, axis in enumerate(axes):  # shared per-index gains make importance consistent across tensors
+            gain = torch.ones(1)
+            for s in axis:
+                gain = (gain[:, None] * gains.get(s, torch.ones(sizes[s]))[None, :]).reshape(-1)
+            t = t * gain.reshape([-1 if d == a else 1 for d in range(t.ndim)])
+        state[key] = t.contiguous()
     return state
 
 
@@ -125,3 +120,27 @@ def diffusers_config(cfg: dict[str, Any]) -> dict[str, Any]:
             "freq_dim": cfg["freq_dim"], "ffn_dim": cfg["ffn_dim"], "num_layers": cfg["num_layers"],
             "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
             "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+
+
+WAN14B = {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40, "in_dim": 16, "out_dim": 16,
+          "text_dim": 4096, "freq_dim": 256}
+
+
+def write_shape_only_teacher(folder: str | Path, config: dict[str, Any] = WAN14B) -> Path:
+    """A Wan teacher of any size whose data section is a sparse hole: real headers, no disk, zeros if read.
+
+    For trying mapping and the inspector at full scale (e.g. Wan 14B: 1095 keys, 57 GB) on any machine."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header, offset = {}, 0
+    for key, (shape, _) in wan_tensors(config).items():
+        n = math.prod(shape) * 4
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **config}))
+    return folder

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .anatomy import SPACES, Axis, axes_of, space_size, template_of
+from .anatomy import SPACES, Axis, axes_of, space_sizes, template_of
 from .errors import ProjectionError
 from .models import ModelView
 from .strategy import Strategy
@@ -183,10 +183,6 @@ class Mapping:
                 "layers": self.layers, "unused_teacher_keys": self.unused_teacher_keys()}
 
 
-def _sizes(config: dict[str, Any]) -> dict[str, int]:
-    return {s: n for s in SPACES if (n := space_size(s, config)) is not None}
-
-
 def _check_heads(teacher: dict[str, int], student: dict[str, int]) -> None:
     th, td, sh, sd = teacher.get("sa_heads"), teacher.get("sa_qk"), student.get("sa_heads"), student.get("sa_qk")
     if None in (th, td, sh, sd):
@@ -261,7 +257,7 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
     """One entry per student key. Reads no tensor data."""
     strategy = strategy or Strategy()
     rules = {**preset_rules(student.layout), **(rules or {})}
-    t_sizes = _sizes(teacher.config)
+    t_sizes = space_sizes(teacher.config)
     n_student = student.config.get("num_layers", 0)
     if student.layout == "custom":  # its blocks are whatever the rules' `{i}` match
         n_student = 1 + max((f[2] for k in student.shapes if (f := find_rule(rules, k)) and f[2] is not None),
@@ -270,7 +266,7 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
     if student.layout == "custom":  # unknown names: learn the student's widths from what the rules map
         s_sizes = _infer_sizes(student, teacher, layers, rules, t_sizes)
     else:
-        s_sizes = _sizes(student.config)
+        s_sizes = space_sizes(student.config)
     _check_heads(t_sizes, s_sizes)
     entries = [_map_key(key, shape, teacher, layers, rules, t_sizes, s_sizes, strategy)
                for key, shape in student.shapes.items()]

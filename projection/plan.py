@@ -15,7 +15,7 @@ import torch
 
 from .anatomy import SPACES
 from .mapping import Mapping, Part
-from .student import rope_bands, rope_frequencies
+from .student import rope_frequencies
 
 SpaceKey = tuple[str, "int | None"]  # (space, teacher block or None for global spaces)
 

@@ -67,48 +67,9 @@ def demo_dir(tmp_path_factory) -> Path:
     return write_demo(tmp_path_factory.mktemp("demo") / "demo")
 
 
-def write_sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A real safetensors file whose data section is a hole: headers of a 14B model cost no disk."""
-    import math
-    import struct
-
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        n = math.prod(shape) * 4
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-
-
-def wan_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Canonical Wan key -> shape for a config (T2V: no image keys)."""
-    import math
-
-    from projection.anatomy import SPACES, WAN_TENSORS, space_size
-
-    cfg = {**cfg, "head_dim": cfg["dim"] // cfg["num_heads"]}
-    sizes = {s: n for s in SPACES if (n := space_size(s, cfg)) is not None}
-    out = {}
-    for template, axes in WAN_TENSORS.items():
-        if "_img" in template:
-            continue
-        for block in range(cfg["num_layers"]) if "{i}" in template else [None]:
-            key = template.replace("{i}", str(block))
-            out[key] = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
-    return out
-
-
-WAN14B = dict(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40, in_dim=16, out_dim=16, text_dim=4096,
-              freq_dim=256)
-
-
 @pytest.fixture(scope="session")
 def wan14b_headers(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("wan14b")
-    write_sparse_safetensors(folder / "diffusion_pytorch_model.safetensors", wan_shapes(WAN14B))
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **WAN14B}))
-    return folder
+    """Wan 14B's 1095 real headers over a sparse (empty) data section."""
+    from projection.demo import write_shape_only_teacher
+
+    return write_shape_only_teacher(tmp_path_factory.mktemp("wan14b"))

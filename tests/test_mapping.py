@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import WAN14B
 from projection import ProjectionError, Projector, Strategy, open_teacher
+from projection.demo import WAN14B
 from projection.mapping import find_rule, parse_rules, select_layers
 
 
@@ -183,13 +183,10 @@ def test_bad_student_config_values(tiny_wan, tmp_path):
 
 def test_wan14b_student_at_teacher_heads_limit(wan14b_headers):
     """Wan2.1-1.3B-like limit case: the seeds' 16 heads of 64 cannot come from 12 heads of 128."""
-    from conftest import wan_shapes, write_sparse_safetensors
+    from projection.demo import write_shape_only_teacher
 
     cfg = {**WAN14B, "dim": 1536, "num_heads": 12, "ffn_dim": 8960, "num_layers": 2}
-    folder = wan14b_headers.parent / "wan13b"
-    folder.mkdir(exist_ok=True)
-    write_sparse_safetensors(folder / "model.safetensors", wan_shapes(cfg))
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = write_shape_only_teacher(wan14b_headers.parent / "wan13b", cfg)
     with pytest.raises(ProjectionError, match="16 heads of 64 but the teacher has 12 heads of 128"):
         Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 16, "num_layers": 2}).mapping
     ok = Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 8, "num_layers": 2})
