@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,6 +70,7 @@ class Checkpoint:
     bytes_read: int = 0
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one seek+read at a time
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -98,30 +101,33 @@ class Checkpoint:
         return counts
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (safetensors: a positioned read; torch pickles: memory-mapped)."""
+        """Read one tensor into memory the caller owns (safetensors: a positioned read; torch pickles: a copy
+        out of the memory-mapped file). Safe to call from several threads (the inspector's handlers)."""
         if key not in self.tensors:
             raise ProjectionError(f"{self.source}: no tensor named '{key}'")
         info = self.tensors[key]
-        self.bytes_read += info.nbytes
-        if self._pickled is not None:
-            return self._pickled[info.raw_key]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = open(info.file, "rb")  # noqa: SIM115 (kept open for the next tensors)
-            except OSError as exc:
-                raise ProjectionError(f"{info.file}: cannot open: {exc}") from exc
-            self._handles[info.file] = handle
-        return read_tensor(handle, info)
+        with self._lock:
+            self.bytes_read += info.nbytes
+            if self._pickled is not None:
+                return self._pickled[info.raw_key].clone()
+            handle = self._handles.get(info.file)
+            if handle is None:
+                try:
+                    handle = open(info.file, "rb")  # noqa: SIM115 (kept open for the next tensors)
+                except OSError as exc:
+                    raise ProjectionError(f"{info.file}: cannot open: {exc}") from exc
+                self._handles[info.file] = handle
+            return read_tensor(handle, info)
 
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys if keys is not None else self.keys():
             yield key, self.get(key)
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        with self._lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
 
 
 def read_tensor(handle: Any, info: TensorInfo) -> torch.Tensor:
@@ -166,6 +172,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]
             shape = meta["shape"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}'") from exc
+        if not (isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, [start, end, *shape]))):
+            raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}': dtype {dtype!r}, shape "
+                                  f"{shape!r}, data_offsets {[start, end]!r} (expected non-negative integers)")
         if dtype not in SAFETENSORS_DTYPES:
             raise ProjectionError(f"{path}: tensor '{key}' has unsupported dtype {dtype}")
         expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
@@ -176,6 +185,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]
             raise ProjectionError(
                 f"{path}: truncated: tensor '{key}' ends at byte {end} but the data section has {data_size}")
     return header, 8 + n
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float
 
 
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
@@ -189,6 +202,9 @@ def _open_index(index: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {exc}") from exc
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+        raise ProjectionError(f"{index}: not a valid safetensors index: 'weight_map' must map each tensor name to "
+                              f"its shard file, got {type(weight_map).__name__} {str(weight_map)[:80]}")
     files = sorted({index.parent / f for f in weight_map.values()})
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -204,15 +220,22 @@ def _open_index(index: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise ProjectionError(f"{path}: cannot load torch file: {exc}") from exc
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:  # pickle.UnpicklingError for anything that would need code
-        raise ProjectionError(
-            f"{path}: refused: this pickle needs code to load (weights_only=True); it was not executed. "
-            f"Convert it to safetensors. ({str(exc).splitlines()[0]})") from exc
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met something it does not allow
+        needs = re.search(r"GLOBAL (\S+)", str(exc))
+        if needs is None:  # an opcode it does not support: garbage, or a plain (non-torch) pickle
+            raise ProjectionError(f"{path}: cannot load torch file: not a plain torch.save of tensors (weights_only="
+                                  f"True refused it; nothing in it was executed)") from exc
+        raise ProjectionError(f"{path}: refused: this pickle needs code to load ({needs[1]}); it was loaded with "
+                              f"weights_only=True, so nothing in it was executed. Convert it to safetensors.") from exc
+    except Exception as exc:  # not a torch file, truncated, corrupt
+        first = (str(exc).splitlines() or [""])[0]
+        raise ProjectionError(f"{path}: cannot load torch file: {type(exc).__name__}: {first}") from exc
     while isinstance(obj, dict):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -241,9 +264,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except ValueError as exc:
         raise ProjectionError(f"{path}: invalid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ProjectionError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _expert_layout(folder: Path) -> tuple[str, dict[str, str]] | None:
@@ -286,7 +312,7 @@ def _open_folder(folder: Path) -> tuple[str, list[Path], dict[str, TensorInfo] |
     if indexes:
         files, infos = _open_index(indexes[0])
         return "sharded-safetensors", files, infos
-    singles = sorted(folder.glob("*.safetensors"))
+    singles = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if len(singles) == 1:
         return "safetensors", singles, _safetensors_infos(singles[0])
     if len(singles) > 1:
@@ -295,6 +321,8 @@ def _open_folder(folder: Path) -> tuple[str, list[Path], dict[str, TensorInfo] |
     pickles = _pickles(folder)
     if len(pickles) == 1:
         return "torch-pickle", pickles, pickles[0]
+    if len(pickles) > 1:
+        raise ProjectionError(f"{folder}: {len(pickles)} torch files ({', '.join(p.name for p in pickles)}); pass one")
     raise ProjectionError(
         f"{folder}: unknown layout: no *.safetensors, *.safetensors.index.json, single torch file, "
         f"or expert sub-folders ({', '.join(s for e in EXPERT_FOLDERS.values() for s in e.values())})")
@@ -310,14 +338,18 @@ def parse_hub_id(source: str) -> tuple[str, str | None, str | None] | None:
 
 
 def fetch_from_hub(repo: str, revision: str | None, subfolder: str | None, expert: str | None) -> Path:
-    """Download (or find in the local cache when HF_HUB_OFFLINE=1) only the files this source needs."""
+    """Download (or find in the local cache when HF_HUB_OFFLINE=1) only the files this source needs.
+
+    Returns the local folder of the source (the snapshot, or its subfolder); the caller descends into the expert."""
     from huggingface_hub import snapshot_download
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    name = repo + (f"@{revision}" if revision else "") + (f":{subfolder}" if subfolder else "")
     try:
         # First the small JSON files, to learn the layout; then the weights of one folder only.
         root = Path(snapshot_download(repo, revision=revision, allow_patterns=[f"{prefix}*.json", f"{prefix}*/*.json"]))
-        folder, _ = resolve_folder(root / prefix if prefix else root, expert)
+        base = root / prefix
+        folder = resolve_folder(base, expert)[0] if base.is_dir() else base
         rel = folder.relative_to(root).as_posix()
         sub = f"{rel}/" if rel != "." else ""
         root = Path(snapshot_download(
@@ -328,8 +360,11 @@ def fetch_from_hub(repo: str, revision: str | None, subfolder: str | None, exper
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         hint = " (offline: is it in the local Hugging Face cache?)" if offline else ""
-        raise ProjectionError(f"hub id '{repo}': cannot resolve{hint}: {type(exc).__name__}: {exc}") from exc
-    return root / sub if sub else root
+        raise ProjectionError(f"{name}: no such local file or folder, and cannot resolve it as a hub id{hint}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if not (root / prefix).is_dir():
+        raise ProjectionError(f"{name}: no folder '{subfolder}' in the repository ({root})")
+    return root / prefix
 
 
 # ---------------------------------------------------------------- entry point

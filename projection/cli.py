@@ -59,7 +59,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     info = view.summary()
     if args.json:
         return _print_json(info)
-    print(f"source   {info['source']}\nformat   {info['format']} ({len(info['files'])} file(s))")
+    expert = f", expert {info['expert']}" if info["expert"] else ""
+    print(f"source   {info['source']}\nformat   {info['format']} ({len(info['files'])} file(s)){expert}")
     print(f"family   {info['family'] or 'unknown'}: {info['description']}  (layout {info['layout']})")
     print("config   " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     print(f"keys     {info['keys']}\nparams   {info['params']:,}\ndtypes   {info['dtypes']}")
@@ -181,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ProjectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ProjectionError, OSError) as exc:  # OSError: e.g. an output folder that cannot be created
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,412 @@
+"""The `projection` command line: inspect, map, export, spectra and demo, through `main(argv)` and once through
+`python -m projection`. Success prints what the core computes; every error is one line on stderr and exit 2."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from projection import open_checkpoint
+from projection.cli import main
+from projection.demo import demo_state_dict
+from projection.mapping import STATUSES
+
+TEACHER = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
+           "text_dim": 512, "freq_dim": 256}  # the demo teacher
+TINY = {"dim": 64, "num_heads": 2, "ffn_dim": 48, "num_layers": 2, "in_dim": 4, "out_dim": 4, "text_dim": 24,
+        "freq_dim": 16}
+TINY_STUDENT = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(code: int, out: str, err: str, *parts: str) -> str:
+    """A failed command: exit 2, nothing on stdout, exactly one 'error: ...' line on stderr naming `parts`."""
+    assert code == 2
+    assert out == ""
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for part in parts:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def header_facts(files: list[Path]) -> tuple[int, int, int]:
+    """(keys, params, bytes) straight from the safetensors headers, independently of projection."""
+    keys = params = nbytes = 0
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
+                s = h.get_slice(k)
+                n = math.prod(s.get_shape())
+                keys, params, nbytes = keys + 1, params + n, nbytes + n * 4
+    return keys, params, nbytes
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """The demo, written by the `demo` command itself."""
+    out = tmp_path_factory.mktemp("cli") / "demo"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--out", str(out)]) == 0
+    assert buf.getvalue() == f"demo written to {out} (synthetic weights)\n"
+    return out
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory) -> Path:
+    """A Wan2.2-style root: high_noise_model/ (one file) and low_noise_model/ (sharded), tiny and distinct."""
+    root = tmp_path_factory.mktemp("experts") / "Wan2.2-tiny"
+    for i, sub in enumerate(("high_noise_model", "low_noise_model")):
+        folder = root / sub
+        folder.mkdir(parents=True)
+        state = demo_state_dict(TINY, seed=i + 1)
+        if sub == "high_noise_model":
+            save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+        else:
+            keys = list(state)
+            names = [f"diffusion_pytorch_model-0000{j + 1}-of-00002.safetensors" for j in range(2)]
+            for j, name in enumerate(names):
+                save_file({k: state[k] for k in keys[j::2]}, str(folder / name))
+            (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {}, "weight_map": {k: names[j % 2] for j, k in enumerate(keys)}}))
+        (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **TINY}))
+    return root
+
+
+@pytest.fixture
+def tiny_student(tmp_path) -> Path:
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(TINY_STUDENT))
+    return path
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_command_writes_a_teacher_in_two_formats_and_student_configs(demo, capsys):
+    assert sorted(p.name for p in demo.iterdir()) == ["README.txt", "student-seed.yaml", "student-wanlite.yaml",
+                                                      "teacher-diffusers", "teacher-wan"]
+    assert "SYNTHETIC" in (demo / "README.txt").read_text()
+    assert json.loads((demo / "teacher-wan" / "config.json").read_text())["_class_name"] == "WanModel"
+    assert len(list((demo / "teacher-diffusers").glob("diffusion_pytorch_model-0000?-of-00003.safetensors"))) == 3
+    assert yaml.safe_load((demo / "student-seed.yaml").read_text())["layout"] == "seed"
+    before = snapshot(demo)
+    code, out, err = run(capsys, "demo", "--out", demo)  # already there: left as it is
+    assert (code, err) == (0, "") and "demo written to" in out
+    assert snapshot(demo) == before
+
+
+def test_demo_command_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert_error(*run(capsys, "demo", "--out", tmp_path), str(tmp_path), "not a demo folder", "--force")
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def test_inspect_text(demo, capsys):
+    teacher = demo / "teacher-diffusers"
+    code, out, err = run(capsys, "inspect", teacher)
+    assert (code, err) == (0, "")
+    keys, params, nbytes = header_facts(sorted(teacher.glob("*.safetensors")))
+    lines = out.splitlines()
+    assert lines[0] == f"source   {teacher}"
+    assert lines[1] == "format   sharded-safetensors (3 file(s))"
+    assert lines[2].startswith("family   wan-diffusers: Wan (diffusers WanTransformer3DModel names)")
+    assert lines[3].startswith("config   ")
+    config = dict(kv.split("=") for kv in lines[3].removeprefix("config   ").split(", "))
+    assert {k: int(config[k]) for k in TEACHER} == TEACHER and config["head_dim"] == "64"
+    assert lines[4] == f"keys     {keys}" and keys == 15 + 27 * 8
+    assert lines[5] == f"params   {params:,}"
+    assert lines[6] == "dtypes   {'float32': 231}"
+    assert lines[7] == f"size     {nbytes / 1e9:.3f} GB"
+
+
+def test_inspect_json(demo, capsys):
+    teacher = demo / "teacher-wan"
+    code, out, err = run(capsys, "inspect", teacher, "--json")
+    assert (code, err) == (0, "")
+    info = json.loads(out)
+    keys, params, nbytes = header_facts([teacher / "diffusion_pytorch_model.safetensors"])
+    assert info["format"] == "safetensors" and info["family"] == "wan" and info["layout"] == "wan"
+    assert info["files"] == [str(teacher / "diffusion_pytorch_model.safetensors")]
+    assert (info["keys"], info["params"], info["bytes"]) == (keys, params, nbytes)
+    assert info["dtypes"] == {"float32": keys} and info["expert"] is None
+    assert {k: info["config"][k] for k in TEACHER} == TEACHER
+
+
+def test_inspect_two_expert_root(experts, capsys):
+    line = assert_error(*run(capsys, "inspect", experts), str(experts), "choose an expert",
+                        "'high' (high_noise_model/)", "'low' (low_noise_model/)")
+    assert line.count("error:") == 1
+    code, out, err = run(capsys, "inspect", experts, "--expert", "low", "--json")
+    assert (code, err) == (0, "")
+    info = json.loads(out)
+    assert info["expert"] == "low" and info["format"] == "sharded-safetensors"
+    assert [Path(f).parent.name for f in info["files"]] == ["low_noise_model"] * 2
+    assert info["keys"] == 15 + 27 * 2 and {k: info["config"][k] for k in TINY} == TINY
+    code, out, err = run(capsys, "inspect", experts, "--expert", "high")
+    assert code == 0 and "format   safetensors (1 file(s)), expert high" in out.splitlines()
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.safetensors"
+    assert_error(*run(capsys, "inspect", missing), str(missing), "no such file or folder")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not valid json!")
+    assert_error(*run(capsys, "inspect", bad), str(bad), "corrupt safetensors header")
+    (tmp_path / "empty").mkdir()
+    assert_error(*run(capsys, "inspect", tmp_path / "empty"), str(tmp_path / "empty"), "unknown layout")
+    with pytest.raises(SystemExit) as info:  # argparse: the choices are enforced before anything runs
+        main(["inspect", str(tmp_path), "--expert", "medium"])
+    assert info.value.code == 2
+    assert "invalid choice: 'medium'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- map
+
+
+def test_map_json_entries_and_coverage(demo, capsys):
+    code, out, err = run(capsys, "map", "--teacher", demo / "teacher-wan", "--student", demo / "student-seed.yaml",
+                         "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    entries = data["entries"]
+    teacher = open_checkpoint(demo / "teacher-wan")
+    assert len(entries) == 10 + 12 * 4  # the seeds' student: 10 top keys + 12 per block
+    for e in entries:
+        assert {"student_key", "status", "teacher_keys", "student_shape", "teacher_shapes", "params",
+                "reason"} <= set(e)
+        assert e["status"] in STATUSES
+        assert e["params"] == math.prod(e["student_shape"])
+        if e["status"] == "skipped":
+            assert e["reason"]
+        else:
+            assert e["teacher_keys"] and all(k in teacher for k in e["teacher_keys"])
+            assert e["teacher_shapes"] == [list(teacher.tensors[k].shape) for k in e["teacher_keys"]]
+    by_key = {e["student_key"]: e for e in entries}
+    qkv = by_key["blocks.1.attn.in_proj_weight"]  # uniform layers: student block 1 <- teacher block 2
+    assert qkv["status"] == "concatenated" and qkv["student_shape"] == [384, 128]
+    assert qkv["teacher_keys"] == [f"blocks.2.self_attn.{p}.weight" for p in "qkv"]
+    assert by_key["conv_out.bias"]["status"] == "skipped"
+    moved = [e for e in entries if e["status"] != "skipped"]
+    cov = data["coverage"]
+    assert cov["keys"] == {"transferred": len(moved), "total": len(entries), "rate": len(moved) / len(entries)}
+    assert cov["params"]["transferred"] == sum(e["params"] for e in moved)
+    assert cov["params"]["total"] == sum(e["params"] for e in entries)
+    assert data["layers"] == [0, 2, 4, 6]
+
+
+def test_map_csv_and_text_agree_with_json(demo, capsys):
+    args = ["map", "--teacher", demo / "teacher-diffusers", "--student", demo / "student-seed.yaml"]
+    _, out, _ = run(capsys, *args, "--json")
+    data = json.loads(out)
+    code, out, err = run(capsys, *args, "--csv")
+    assert (code, err) == (0, "")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["student_key", "status", "teacher_keys", "student_shape", "teacher_shapes", "params",
+                             "transforms", "reason"]
+    assert len(rows) == len(data["entries"])
+    for row, e in zip(rows, data["entries"]):
+        assert row["student_key"] == e["student_key"] and row["status"] == e["status"]
+        assert row["teacher_keys"].split() == e["teacher_keys"]
+        assert row["student_shape"] == "x".join(map(str, e["student_shape"]))
+        assert row["teacher_shapes"].split() == ["x".join(map(str, s)) for s in e["teacher_shapes"]]
+        assert int(row["params"]) == e["params"] and row["reason"] == e["reason"]
+    code, out, err = run(capsys, *args)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    for e in data["entries"]:
+        line = next(line for line in lines if line.split()[:1] == [e["student_key"]])
+        assert line.split()[1] == e["status"]
+    cov = data["coverage"]
+    assert (f"coverage: {cov['keys']['transferred']}/{cov['keys']['total']} keys ({cov['keys']['rate']:.1%}), "
+            f"{cov['params']['transferred']:,}/{cov['params']['total']:,} params") in out
+
+
+def test_map_rules_and_strategy_files(demo, tmp_path, capsys):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"blocks.{i}.mlp.2": {"skip": "kept random on purpose"}}))
+    strategy = tmp_path / "strategy.yaml"
+    strategy.write_text("layers: last\nwidth: uniform\n")
+    base = ["map", "--teacher", demo / "teacher-wan", "--student", demo / "student-seed.yaml", "--json"]
+    before = json.loads(run(capsys, *base)[1])
+    code, out, err = run(capsys, *base, "--rules", rules, "--strategy", strategy)
+    assert (code, err) == (0, "")
+    after = json.loads(out)
+    assert after["layers"] == [4, 5, 6, 7] and before["layers"] == [0, 2, 4, 6]
+    changed = {e["student_key"] for e in after["entries"] if e["reason"] == "kept random on purpose"}
+    assert changed == {f"blocks.{i}.mlp.2.{p}" for i in range(4) for p in ("weight", "bias")}
+    assert all(e["status"] == "skipped" for e in after["entries"] if e["student_key"] in changed)
+    assert after["coverage"]["keys"]["transferred"] == before["coverage"]["keys"]["transferred"] - 8
+    mlp0 = next(e for e in after["entries"] if e["student_key"] == "blocks.0.mlp.0.weight")
+    assert mlp0["teacher_keys"] == ["blocks.4.ffn.0.weight"] and "uniform" in " ".join(mlp0["transforms"])
+
+
+def test_map_bad_rules_or_strategy_is_one_line(demo, tmp_path, capsys):
+    base = ["map", "--teacher", demo / "teacher-wan", "--student", demo / "student-seed.yaml"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("a: [\n  b\n")  # yaml's own message spans several lines
+    assert_error(*run(capsys, *base, "--rules", rules), str(rules), "invalid YAML")
+    assert_error(*run(capsys, *base, "--rules", tmp_path / "none.yaml"), "none.yaml", "cannot read rules")
+    strategy = tmp_path / "strategy.yaml"
+    strategy.write_text("width: widest\nfoo: 1\n")
+    assert_error(*run(capsys, *base, "--strategy", strategy), str(strategy), "width", "foo")
+    assert_error(*run(capsys, "map", "--teacher", demo / "student-seed.yaml", "--student",
+                      demo / "student-seed.yaml"), "student-seed.yaml", "unknown file type")
+    with pytest.raises(SystemExit) as info:
+        main([*map(str, base), "--json", "--csv"])
+    assert info.value.code == 2
+    capsys.readouterr()
+
+
+def test_map_a_two_expert_teacher_needs_expert(experts, tiny_student, capsys):
+    base = ["map", "--teacher", experts, "--student", tiny_student, "--json"]
+    assert_error(*run(capsys, *base), "choose an expert", "'high'", "'low'")
+    code, out, err = run(capsys, *base, "--expert", "low")
+    assert (code, err) == (0, "")
+    entries = json.loads(out)["entries"]
+    q = next(e for e in entries if e["student_key"] == "blocks.1.self_attn.q.weight")
+    assert q["teacher_shapes"] == [[64, 64]] and q["student_shape"] == [32, 32]
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path, capsys):
+    teacher = demo / "teacher-diffusers"
+    before = snapshot(teacher)
+    out_dir = tmp_path / "student"
+    args = ["export", "--teacher", teacher, "--student", demo / "student-seed.yaml", "--out", out_dir]
+    code, out, err = run(capsys, *args, "--dtype", "bfloat16")
+    assert code == 0
+    assert out.startswith(f"wrote {out_dir}: 34/58 keys")
+    assert "[58/58]" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors",
+                                                        "projection_report.json", "strategy.yaml"]
+    student = open_checkpoint(out_dir)
+    report = json.loads((out_dir / "projection_report.json").read_text())
+    assert sorted(student.keys()) == sorted(e["student_key"] for e in report["entries"])
+    assert student.dtypes() == {"bfloat16": 58}
+    assert report["provenance"]["teacher"] == str(teacher)
+    assert json.loads((out_dir / "config.json").read_text())["layout"] == "seed"
+    assert snapshot(teacher) == before
+
+    # an existing folder is refused without --force, and left as it was
+    (out_dir / "stale.txt").write_text("old")
+    kept = snapshot(out_dir)
+    assert_error(*run(capsys, *args), str(out_dir), "already exists", "--force")
+    assert snapshot(out_dir) == kept
+    code, out, err = run(capsys, *args, "--force")
+    assert code == 0 and not (out_dir / "stale.txt").exists()
+    assert open_checkpoint(out_dir).dtypes() == {"float32": 58}
+    assert snapshot(teacher) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no partial or old folders left behind
+
+
+def test_export_refuses_the_teacher_folder(demo, capsys):
+    teacher = demo / "teacher-wan"
+    before = snapshot(teacher)
+    for out_dir in (teacher, teacher / "student"):
+        assert_error(*run(capsys, "export", "--teacher", teacher, "--student", demo / "student-seed.yaml",
+                          "--out", out_dir, "--force"), "refusing to write into or over the teacher's folder")
+    assert snapshot(teacher) == before
+
+
+def test_export_into_a_folder_that_cannot_be_created_is_one_line(demo, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out, err = run(capsys, "export", "--teacher", demo / "teacher-wan", "--student", demo / "student-seed.yaml",
+                         "--out", blocker / "student")
+    progress, _, last = err.strip("\n").rpartition("\n")  # the projection's progress line comes first
+    assert_error(code, out, last + "\n", str(blocker), "Not a directory")
+    assert "error" not in progress and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------- spectra
+
+
+def test_spectra_json_matches_an_independent_svd(demo, capsys):
+    teacher = demo / "teacher-wan"
+    code, out, err = run(capsys, "spectra", "--teacher", teacher, "--key", "blocks.3.self_attn.q.weight", "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    with safe_open(str(teacher / "diffusion_pytorch_model.safetensors"), "pt") as h:
+        w = h.get_tensor("blocks.3.self_attn.q.weight")
+    expected = torch.linalg.svdvals(w.double())
+    assert data["key"] == "blocks.3.self_attn.q.weight" and data["shape"] == [256, 256]
+    s = torch.tensor(data["singular_values"], dtype=torch.float64)
+    assert torch.allclose(s, expected, rtol=1e-9, atol=1e-12)
+    curve = torch.tensor(data["cumulative_energy"], dtype=torch.float64)
+    assert len(curve) == 256 and (curve.diff() >= 0).all() and abs(curve[-1].item() - 1) < 1e-12
+    assert torch.allclose(curve, expected.square().cumsum(0) / expected.square().sum(), atol=1e-12)
+
+
+def test_spectra_text_and_native_names(demo, capsys):
+    code, out, err = run(capsys, "spectra", "--teacher", demo / "teacher-diffusers", "--key",
+                         "blocks.3.attn1.to_q.weight")  # a diffusers name resolves to the canonical one
+    assert (code, err) == (0, "")
+    _, js, _ = run(capsys, "spectra", "--teacher", demo / "teacher-wan", "--key", "blocks.3.self_attn.q.weight",
+                   "--json")
+    curve = torch.tensor(json.loads(js)["cumulative_energy"])
+    lines = out.splitlines()
+    assert lines[0] == "blocks.3.self_attn.q.weight [256, 256]: 256 singular values"
+    for line, share in zip(lines[1:4], (0.5, 0.9, 0.99)):
+        assert line == f"  rank for {share:.0%} of energy: {int((curve < share).sum()) + 1}"
+    top = [float(v) for v in lines[4].removeprefix("  top 10: ").split(", ")]
+    assert len(top) == 10 and top == sorted(top, reverse=True)
+
+
+def test_spectra_errors(demo, tmp_path, capsys):
+    assert_error(*run(capsys, "spectra", "--teacher", demo / "teacher-wan", "--key", "blocks.99.ffn.0.weight"),
+                 str(demo / "teacher-wan"), "no tensor named 'blocks.99.ffn.0.weight'")
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.layer.0.weight": torch.ones(2, 2)}, str(other))
+    assert_error(*run(capsys, "spectra", "--teacher", other, "--key", "encoder.layer.0.weight"), str(other),
+                 "not a Wan checkpoint")
+
+
+# ---------------------------------------------------------------- the module entry point and argparse
+
+
+def test_python_dash_m_projection(demo):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, "-m", "projection", "inspect", str(demo / "teacher-wan"), "--json"],
+                        check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["keys"] == 231
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in ([], ["inspect"], ["map", "--teacher", "t"], ["nonsense"], ["export", "--teacher", "t",
+                                                                             "--student", "s"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        assert "usage: projection" in capsys.readouterr().err
