@@ -26,16 +26,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def check_destination(out: Path, teacher_files: list[Path], force: bool) -> None:
+def protected_folders(projector: Projector) -> set[Path]:
+    """The teacher's folders: the one the user named (a two-expert or pipeline root too) and those holding
+    its files, both as given (a hub snapshot) and with links resolved (the hub's blob store)."""
+    teacher = projector.teacher
+    folders = set()
+    given = Path(teacher.source).expanduser()
+    if given.exists():
+        folders.add((given if given.is_dir() else given.parent).resolve())
+    for f in teacher.checkpoint.files if teacher.checkpoint else []:
+        folders |= {f.absolute().parent, f.resolve().parent}
+    return folders
+
+
+def check_destination(out: Path, protected: set[Path], force: bool) -> None:
     out = out.resolve()
-    for f in teacher_files:
-        folder = f.resolve().parent
+    for folder in protected:
         if out == folder or folder in out.parents or out in folder.parents:
             raise ProjectionError(f"{out}: refusing to write into or over the teacher's folder {folder}")
-    if out.exists() and not force:
-        raise ProjectionError(f"{out}: already exists; choose another folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ProjectionError(f"{out}: exists and is not a folder")
+    if out.exists() and not force:
+        raise ProjectionError(f"{out}: already exists; choose another folder or pass --force to replace it")
 
 
 def initial_state(projector: Projector) -> dict[str, torch.Tensor]:
@@ -84,21 +96,23 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
     """Project every entry by streaming and write the student folder. Returns the report."""
     out = Path(out).expanduser()
     teacher = projector.teacher
-    check_destination(out, teacher.checkpoint.files if teacher.checkpoint else [], force)
+    check_destination(out, protected_folders(projector), force)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:  # fail before the long part if the destination cannot be written
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise ProjectionError(f"{out}: cannot create the output folder: {exc}") from exc
     started = time.time()
     strategy = projector.strategy
     dtype = DTYPES[strategy.dtype]
-    state = initial_state(projector)
-    bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
-    state = {k: v.to(dtype) for k, v in state.items()}
-    results = []
-    for r in projector.stream(progress=progress, keep_tensors=False):
-        if r.tensor is not None:
-            state[projector.student.native.get(r.entry.student_key, r.entry.student_key)] = r.tensor.to(dtype)
-        results.append(replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None else r)  # numbers only
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
+        state = {k: v.to(dtype) for k, v in initial_state(projector).items()}
+        bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
+        results = []
+        for r in projector.stream(progress=progress, keep_tensors=False):
+            if r.tensor is not None:
+                state[projector.student.native.get(r.entry.student_key, r.entry.student_key)] = r.tensor.to(dtype)
+            results.append(replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None else r)  # numbers only
         files = save_weights(state, tmp, max_shard_bytes)
         config = {**projector.student.config, "layout": projector.student.layout, "dtype": strategy.dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))

@@ -132,3 +132,23 @@ def test_strategy_yaml_is_written(tiny_wan, tmp_path):
     p = Projector.open(str(tiny_wan.original_dir), STUDENT, strategy=Strategy(layers="last", rescale="variance"))
     export_student(p, tmp_path / "s")
     assert yaml.safe_load((tmp_path / "s" / "strategy.yaml").read_text())["layers"] == "last"
+
+
+def test_never_writes_into_a_two_expert_root(tiny_wan, tmp_path):
+    import shutil
+
+    root = tmp_path / "wan22"
+    for expert in ("high_noise_model", "low_noise_model"):
+        shutil.copytree(tiny_wan.original_dir, root / expert)
+    p = Projector.open(str(root), STUDENT, expert="high")
+    with pytest.raises(ProjectionError, match="teacher's folder"):
+        export_student(p, root / "student")
+    assert sorted(f.name for f in root.iterdir()) == ["high_noise_model", "low_noise_model"]
+
+
+def test_unwritable_destination_fails_before_projecting(tiny_wan, tmp_path):
+    p = Projector.open(str(tiny_wan.original_dir), STUDENT)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ProjectionError, match="cannot create the output folder"):
+        export_student(p, tmp_path / "file" / "student")
+    assert p.teacher.checkpoint.bytes_read == 0
