@@ -32,6 +32,8 @@ SPACES: dict[str, Space] = {
     "text_hidden": Space("free", "dim", label="text-embedding hidden"),
     "time_hidden": Space("free", "dim", label="time-embedding hidden"),
     "img_context": Space("free", "dim", label="image context"),
+    "clip": Space("fixed", 1280, label="CLIP image-token width"),
+    "img_tokens": Space("fixed", 514, label="image tokens (flf2v)"),
     "ffn": Space("neurons", "ffn_dim", per_block=True, label="FFN hidden"),
     "sa_heads": Space("heads", "num_heads", per_block=True, label="self-attention heads"),
     "sa_qk": Space("rope", "head_dim", per_block=True, label="self-attention q/k head dim (RoPE pairs)"),
@@ -88,6 +90,11 @@ WAN_TENSORS: dict[str, tuple[Axis, ...]] = {
     **_linear("blocks.{i}.cross_attn.k_img", ("ca_heads", "ca_qk"), ("img_context",)),
     **_linear("blocks.{i}.cross_attn.v_img", ("ca_heads", "ca_vo"), ("img_context",)),
     "blocks.{i}.cross_attn.norm_k_img.weight": (("ca_heads", "ca_qk"),),
+    "img_emb.proj.0.weight": (("clip",),), "img_emb.proj.0.bias": (("clip",),),
+    **_linear("img_emb.proj.1", ("clip",), ("clip",)),
+    **_linear("img_emb.proj.3", ("img_context",), ("clip",)),
+    "img_emb.proj.4.weight": (("img_context",),), "img_emb.proj.4.bias": (("img_context",),),
+    "img_emb.emb_pos": (("one",), ("img_tokens",), ("clip",)),
     **_linear("blocks.{i}.ffn.0", ("ffn",), R),
     **_linear("blocks.{i}.ffn.2", R, ("ffn",)),
     "head.modulation": (("one",), ("mod2",), R),
@@ -114,6 +121,9 @@ DIFFUSERS_MODULES: dict[str, str] = {
     "blocks.{i}.cross_attn.k_img": "blocks.{i}.attn2.add_k_proj",
     "blocks.{i}.cross_attn.v_img": "blocks.{i}.attn2.add_v_proj",
     "blocks.{i}.cross_attn.norm_k_img": "blocks.{i}.attn2.norm_added_k",
+    **{f"img_emb.proj.{a}": f"condition_embedder.image_embedder.{b}"
+       for a, b in (("0", "norm1"), ("1", "ff.net.0.proj"), ("3", "ff.net.2"), ("4", "norm2"))},
+    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
 }
 
 
@@ -265,7 +275,7 @@ def wan_tensors(config: dict[str, Any], image: bool = False) -> dict[str, tuple[
     sizes = space_sizes(config)
     out = {}
     for template, axes in WAN_TENSORS.items():
-        if "_img" in template and not image:
+        if "img" in template and not image:
             continue
         shape = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
         for block in range(config["num_layers"]) if "{i}" in template else [None]:

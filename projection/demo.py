@@ -79,6 +79,8 @@ def demo_state_dict(config: dict[str, Any] = TEACHER, seed: int = 0) -> dict[str
 def write_demo(out: str | Path, force: bool = False) -> Path:
     """Write the demo teacher (original and sharded diffusers formats) and student configs."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ProjectionError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         if (out / "teacher-wan" / "config.json").is_file():
             return out  # already there

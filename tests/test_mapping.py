@@ -191,3 +191,15 @@ def test_wan14b_student_at_teacher_heads_limit(wan14b_headers):
         Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 16, "num_layers": 2}).mapping
     ok = Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 8, "num_layers": 2})
     assert ok.mapping.counts()["concatenated"] == 4
+
+
+def test_wan21_i2v_image_keys_normalize_from_diffusers_names():
+    from projection.anatomy import native_name, to_canonical, wan_tensors
+
+    cfg = {**WAN14B, "num_layers": 2}
+    canonical = list(wan_tensors(cfg, image=True))
+    assert "img_emb.emb_pos" in canonical and "blocks.1.cross_attn.k_img.weight" in canonical
+    native = [native_name(k, "wan-diffusers") for k in canonical]
+    assert "condition_embedder.image_embedder.ff.net.2.weight" in native
+    assert "blocks.1.attn2.add_k_proj.weight" in native
+    assert sorted(to_canonical(native, "wan-diffusers")) == sorted(canonical)
