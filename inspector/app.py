@@ -1,0 +1,726 @@
+"""The Gradio app: layout and event wiring.
+
+Handlers are thin: each takes the session (one per browser tab, in gr.State), asks it (and so the core) for
+numbers, and draws them. Every handler a client may call has an `api_name`. A refresh redraws the summary,
+table and charts (cheap: the core caches tensors and plans) and touches the 48 sliders only when layers changed.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+from gradio.components.plot import PlotData
+
+from projection import ProjectionError, Strategy
+from projection.mapping import rules_to_yaml
+
+from . import cards, charts, table
+from .paths import Roots, unique_export_name
+from .session import Session, histogram, use_interactive_threads
+from .units import human_bytes, percent
+
+MAX_BLOCKS = 48  # Gradio needs a fixed number of sliders: this many are created and shown as needed
+STYLE = Path(__file__).with_name("style.css")
+STRATEGY_FIELDS = ("width", "heads", "head_dim", "ffn", "conv", "rescale")
+NO_EXPERT = "single model"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    roots: Roots
+    teacher: str  # as shown in the Sources tab
+    student: str
+    expert: str | None = None
+    strategy: Strategy = field(default_factory=Strategy)
+    demo_dir: Path | None = None
+
+
+def _choices(field: str) -> list[str]:
+    """A strategy field's allowed values, read from the core's model."""
+    annotation = Strategy.model_fields[field].annotation
+    return list(getattr(annotation, "__args__", ()))
+
+
+def _info(field: str) -> str:
+    return Strategy.model_fields[field].description or ""
+
+
+def theme() -> gr.themes.Base:
+    system = ["system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
+    return gr.themes.Soft(primary_hue="blue", neutral_hue="slate", text_size="lg", radius_size="md",
+                          font=system, font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
+
+
+def _progress(progress: gr.Progress, label: str) -> Callable[[int, int, str], None]:
+    def report(i: int, n: int, what: str) -> None:
+        progress((i, n), desc=f"{label}: {what}")
+    return report
+
+
+class Inspector:
+    """The screen. It holds component definitions and the app config, never a session's data."""
+
+    def __init__(self, config: AppConfig):
+        self.config = config
+        with gr.Blocks(title="Projection Inspector", analytics_enabled=False) as self.blocks:
+            self._layout()
+            self._wire()
+
+    # ================================================================ layout
+
+    def _layout(self) -> None:
+        c = self.config
+        self.state = gr.State(None, delete_callback=lambda s: s.close() if s else None)
+        gr.HTML('<div class="app-header"><h1>Projection Inspector</h1><p>Initialise a small student from a large '
+                'Wan teacher, and see exactly what each student tensor takes from it.</p></div>')
+        self.cards = gr.HTML(elem_id="cards")
+        self.warning = gr.HTML(elem_id="warnings", visible=False)
+        with gr.Row(elem_id="refresh-row"):
+            self.refresh_info = gr.HTML(elem_id="refresh-info")
+            self.energy_btn = gr.Button("Compute retained energy", visible=False, size="sm", scale=0,
+                                        elem_id="energy-button")
+        with gr.Tabs(selected="mapping", elem_id="tabs"):
+            with gr.Tab("Sources", id="sources"):
+                self._sources_tab(c)
+            with gr.Tab("Mapping", id="mapping"):
+                self._mapping_tab()
+            with gr.Tab("Rules", id="rules"):
+                self._rules_tab()
+            with gr.Tab("Layers", id="layers"):
+                self._layers_tab()
+            with gr.Tab("Spectra", id="spectra") as self.spectra_tab:
+                self._spectra_tab()
+            with gr.Tab("Strategy", id="strategy"):
+                self._strategy_tab(c.strategy)
+            with gr.Tab("Export", id="export"):
+                self._export_tab(c.strategy)
+
+    def _sources_tab(self, c: AppConfig) -> None:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                gr.Markdown("### Teacher")
+                self.teacher = gr.Textbox(c.teacher, label="Checkpoint file, folder or hub id (org/name[:sub])",
+                                          elem_id="teacher-path")
+                self.expert = gr.Dropdown([NO_EXPERT, "high", "low"], value=c.expert or NO_EXPERT,
+                                          label="Expert (two-expert checkpoints such as Wan 2.2 A14B)")
+            with gr.Column(scale=1):
+                gr.Markdown("### Student")
+                self.student_kind = gr.Radio([("Config or checkpoint file", "file"), ("Form", "form")],
+                                             value="file", label="Student from")
+                self.student_path = gr.Textbox(c.student, label="Student config (.yaml/.json) or checkpoint to fill",
+                                               elem_id="student-path")
+                with gr.Row(visible=False) as self.form:
+                    self.layout = gr.Dropdown([("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")],
+                                              value="wanlite", label="Layout", min_width=200)
+                    self.dim = gr.Number(128, label="Width", precision=0, minimum=2, min_width=90)
+                    self.num_layers = gr.Number(4, label="Blocks", precision=0, minimum=1, min_width=90)
+                    self.num_heads = gr.Number(2, label="Heads", precision=0, minimum=1, min_width=90)
+                    self.ffn_dim = gr.Number(384, label="FFN", precision=0, minimum=1, min_width=90)
+        with gr.Row():
+            self.load_btn = gr.Button("Load", variant="primary", scale=0, min_width=160, elem_id="load-button")
+            if c.demo_dir is not None:
+                self.demo_ref = gr.Button("Demo: Wan → reference student", scale=0, min_width=320)
+                self.demo_seed = gr.Button("Demo: Wan (diffusers, 3 shards) → seeds' layout", scale=0, min_width=460)
+        self.source_msg = gr.HTML(elem_id="source-msg")
+        gr.Markdown(f"Opens sources only under `{c.roots.describe()}` (hub ids through the local Hugging Face "
+                    f"cache) and writes exports only under `{c.roots.base}`. Mapping reads headers only; tensor "
+                    "data is read when numbers need it.", elem_classes="note")
+
+    def _mapping_tab(self) -> None:
+        self.legend = gr.HTML(elem_id="legend")
+        with gr.Row(equal_height=True):
+            self.statuses = gr.CheckboxGroup(list(table.STATUSES), value=list(table.STATUSES), label="Show",
+                                             scale=2, elem_id="status-filter")
+            self.search = gr.Textbox(label="Search keys", placeholder="e.g. ffn, blocks.3, in_proj", scale=2,
+                                     elem_id="search")
+            self.sort = gr.Dropdown(list(table.SORTS), value="student order", label="Sort", scale=1)
+        self.table = gr.Dataframe(interactive=False, wrap=True, max_height=540, column_widths=table.WIDTHS,
+                                  elem_id="mapping-table", show_label=False, buttons=["fullscreen", "copy"])
+        gr.Markdown("Click a row (or pick a key) for its sources, index choices and value histograms.",
+                    elem_classes="note")
+        self.key = gr.Dropdown([], value=None, label="Entry details", filterable=True, elem_id="entry-key",
+                               allow_custom_value=True)  # API clients may name any student key
+        self.details = gr.Markdown(elem_id="details")
+        with gr.Row():
+            self.index_plot = gr.Plot(show_label=False, elem_id="index-plot")
+            self.hist_plot = gr.Plot(show_label=False, elem_id="hist-plot")
+        with gr.Accordion("Unused teacher keys", open=False, elem_id="unused") as self.unused_box:
+            self.unused = gr.Dataframe(interactive=False, max_height=360, show_label=False)
+
+    def _rules_tab(self) -> None:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                self.rules = gr.Code(language="yaml", lines=22, max_lines=40, label="Active mapping rules (YAML)",
+                                     interactive=True, elem_id="rules-editor")
+                with gr.Row():
+                    self.apply_rules_btn = gr.Button("Apply rules", variant="primary", scale=0, min_width=180,
+                                                     elem_id="apply-rules")
+                self.rules_msg = gr.HTML(elem_id="rules-msg")
+            with gr.Column(scale=2):
+                gr.Markdown(
+                    "**Rule syntax**: `student key: teacher key`, a list of teacher keys (stacked on axis 0), or "
+                    "`{skip: reason}`. A key naming a module applies to each of its parameters; `{i}` is the "
+                    "student block (the teacher block comes from the Layers tab). Teacher keys use Wan's original "
+                    "names in any format. The layout's preset rules always apply; give a key a new value to "
+                    "override one.\n\n```yaml\nlayers.{i}.attn: blocks.{i}.self_attn\nstem: patch_embedding\n"
+                    "blocks.{i}.norm1: {skip: \"no affine in the teacher\"}\n```", elem_classes="note")
+                self.unmapped = gr.Markdown(elem_id="unmapped", max_height=560)
+
+    def _layers_tab(self) -> None:
+        self.method = gr.Radio(["uniform", "first", "last", "custom"], value="uniform", elem_id="layer-method",
+                               label="Teacher block per student block", info=_info("layers"))
+        with gr.Row():
+            self.layer_map = gr.Plot(show_label=False, elem_id="layer-map", scale=3)
+            self.layer_energy = gr.Plot(show_label=False, elem_id="layer-energy", scale=2)
+        with gr.Row(elem_id="sliders"):
+            self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
+                                      min_width=200, buttons=[], elem_classes="block-slider")
+                            for i in range(MAX_BLOCKS)]
+
+    def _spectra_tab(self) -> None:
+        with gr.Row(equal_height=True):
+            self.spec_layer = gr.Dropdown([], label="Layer", scale=1, elem_id="spec-layer")
+            self.spec_matrix = gr.Dropdown([], label="Matrix", scale=2, elem_id="spec-matrix",
+                                           allow_custom_value=True)  # API clients may name any 'student key#part'
+            self.spec_btn = gr.Button("Compute spectrum", variant="primary", scale=0, min_width=200)
+        with gr.Row():
+            self.sv_plot = gr.Plot(show_label=False, elem_id="sv-plot")
+            self.cum_plot = gr.Plot(show_label=False, elem_id="cum-plot")
+        self.heatmap = gr.Plot(show_label=False, elem_id="heatmap")
+
+    def _strategy_tab(self, s: Strategy) -> None:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                self.controls = {f: gr.Radio(_choices(f), value=getattr(s, f), label=f, info=_info(f))
+                                 for f in STRATEGY_FIELDS}
+                self.seed = gr.Number(s.seed, label="seed", info=_info("seed"), precision=0)
+                gr.Markdown("Layers: **Layers** tab · expert: **Sources** tab · dtype and device: **Export** tab.",
+                            elem_classes="note")
+            with gr.Column(scale=2):
+                self.strategy_yaml = gr.Code(language="yaml", lines=14, label="Strategy (every field)", interactive=True,
+                                             elem_id="strategy-yaml")
+                with gr.Row():
+                    self.apply_yaml_btn = gr.Button("Apply YAML", variant="primary", size="md")
+                    self.save_btn = gr.Button("Save", size="md")
+                    self.upload_btn = gr.UploadButton("Load…", file_types=[".yaml", ".yml"], size="md")
+                self.strategy_msg = gr.HTML(elem_id="strategy-msg")
+                self.strategy_file = gr.File(label="strategy.yaml", visible=False)
+        gr.Markdown("### A/B comparison\nTwo strategies on the same teacher, student and rules: coverage and "
+                    "retained energy per layer.")
+        with gr.Row():
+            with gr.Column():
+                self.a_yaml = gr.Code(language="yaml", lines=12, label="Strategy A", interactive=True,
+                                      show_line_numbers=False)
+                self.a_btn = gr.Button("A ← current strategy", size="sm")
+            with gr.Column():
+                self.b_yaml = gr.Code(language="yaml", lines=12, label="Strategy B", interactive=True,
+                                      show_line_numbers=False)
+                self.b_btn = gr.Button("B ← current strategy", size="sm")
+        self.compare_btn = gr.Button("Compare A and B", variant="primary")
+        self.compare_msg = gr.HTML(elem_id="compare-msg")
+        with gr.Row(visible=False) as self.compare_row:
+            self.compare_table = gr.Dataframe(interactive=False, show_label=False, scale=2, elem_id="compare-table")
+            self.compare_plot = gr.Plot(show_label=False, scale=3, elem_id="compare-plot")
+
+    def _export_tab(self, s: Strategy) -> None:
+        with gr.Row(equal_height=True):
+            self.out_dir = gr.Textbox(unique_export_name("student"), scale=3, elem_id="out-dir",
+                                      label=f"Output folder (new, under {self.config.roots.base})")
+            self.dtype = gr.Radio(_choices("dtype"), value=s.dtype, label="dtype", scale=2)
+            self.device = gr.Radio(_choices("device"), value=s.device, label="device", scale=1)
+        self.export_btn = gr.Button("Export student", variant="primary", elem_id="export-button")
+        self.export_msg = gr.HTML(elem_id="export-msg")
+        self.export_files = gr.File(label="Downloads", file_count="multiple", interactive=False,
+                                    elem_id="export-files")
+        self.cli = gr.Code(language="shell", label="The same export from the command line", interactive=False,
+                           elem_id="cli")
+
+    # ================================================================ wiring
+
+    @property
+    def _view(self) -> list[gr.components.Component]:
+        """Everything a refresh may change."""
+        return [self.state, self.cards, self.warning, self.energy_btn, self.refresh_info, self.legend, self.table,
+                self.unused_box, self.unused, self.unmapped, self.layer_map, self.layer_energy, self.heatmap,
+                self.method, *self.sliders, self.strategy_yaml, self.cli, self.details, self.index_plot,
+                self.hist_plot]
+
+    def _wire(self) -> None:
+        t = [self.statuses, self.search, self.sort, self.key]
+        sources = [self.teacher, self.expert, self.student_kind, self.student_path, self.layout, self.dim,
+                   self.num_layers, self.num_heads, self.ffn_dim]
+        controls = list(self.controls.values())
+        loaded = [self.source_msg, self.rules, self.rules_msg, self.key, self.spec_layer, self.spec_matrix, *controls,
+                  self.seed, self.dtype, self.device, self.out_dir, self.a_yaml, self.b_yaml]
+
+        self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
+                                 self.student_kind, [self.student_path, self.form], api_visibility="private")
+        self.load_btn.click(self.load, [self.state, *sources, *t], self._view + loaded, api_name="load")
+        self.blocks.load(self.load, [self.state, *sources, *t], self._view + loaded, api_visibility="private")
+        if self.config.demo_dir is not None:
+            demo = self.config.roots.display(self.config.demo_dir)
+            for button, student, teacher in ((self.demo_ref, "student-wanlite.yaml", "teacher-wan"),
+                                             (self.demo_seed, "student-seed.yaml", "teacher-diffusers")):
+                button.click(lambda a=f"{demo}/{teacher}", b=f"{demo}/{student}": (a, NO_EXPERT, "file", b),
+                             None, [self.teacher, self.expert, self.student_kind, self.student_path],
+                             api_visibility="private").then(
+                    self.load, [self.state, *sources, *t], self._view + loaded, api_visibility="private")
+
+        strategy_inputs = [self.state, self.method, *controls, self.seed, *t]
+        for i, component in enumerate([self.method, *controls]):
+            component.input(self.set_strategy, strategy_inputs, self._view, show_progress="minimal",
+                            trigger_mode="always_last",  # the last choice wins, none is dropped
+                            api_name="set_strategy" if i == 0 else None, api_visibility="public" if i == 0 else "private")
+        self.seed.blur(self.set_strategy, strategy_inputs, self._view, show_progress="hidden",
+                       api_visibility="private")
+        for i, slider in enumerate(self.sliders):
+            slider.release(self.set_layers, [self.state, *t, *self.sliders], self._view, show_progress="minimal",
+                           trigger_mode="always_last",
+                           api_name="set_layers" if i == 0 else None, api_visibility="public" if i == 0 else "private")
+        self.energy_btn.click(self.measure, [self.state, *t], self._view, api_name="measure")
+        self.apply_rules_btn.click(self.apply_rules, [self.state, self.rules, *t],
+                                   self._view + [self.rules, self.rules_msg, self.spec_layer, self.spec_matrix],
+                                   api_name="apply_rules")
+
+        for i, event in enumerate((self.statuses.input, self.search.input, self.search.submit, self.sort.input)):
+            event(self.filter_table, [self.state, self.statuses, self.search, self.sort], self.table,
+                  show_progress="hidden", trigger_mode="always_last", api_name="filter_table" if i == 0 else None,
+                  api_visibility="public" if i == 0 else "private")
+        self.table.select(self.pick_row, None, self.key, api_visibility="private")
+        self.key.change(self.show_details, [self.state, self.key], [self.details, self.index_plot, self.hist_plot],
+                        api_name="details")
+
+        self.spec_layer.input(self.spectra_choices, [self.state, self.spec_layer], self.spec_matrix,
+                              api_visibility="private")
+        self.spec_btn.click(self.spectrum, [self.state, self.spec_matrix], [self.sv_plot, self.cum_plot],
+                            api_name="spectrum")
+        self.spec_matrix.input(self.spectrum, [self.state, self.spec_matrix], [self.sv_plot, self.cum_plot],
+                               api_visibility="private")
+        self.spectra_tab.select(self.spectrum, [self.state, self.spec_matrix], [self.sv_plot, self.cum_plot],
+                                api_visibility="private")
+
+        yaml_out = self._view + [*controls, self.seed, self.strategy_msg]
+        self.apply_yaml_btn.click(self.apply_strategy_yaml, [self.state, self.strategy_yaml, *t], yaml_out,
+                                  api_name="apply_strategy_yaml")
+        self.upload_btn.upload(self.load_strategy_file, [self.state, self.upload_btn, *t], yaml_out,
+                               api_visibility="private")
+        self.save_btn.click(self.save_strategy, self.state, self.strategy_file, api_name="save_strategy")
+        self.a_btn.click(self.current_strategy, self.state, self.a_yaml, api_visibility="private")
+        self.b_btn.click(self.current_strategy, self.state, self.b_yaml, api_visibility="private")
+        self.compare_btn.click(self.compare, [self.state, self.a_yaml, self.b_yaml],
+                               [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
+                               api_name="compare")
+
+        options = [self.state, self.out_dir, self.dtype, self.device]
+        for i, event in enumerate((self.dtype.input, self.device.input, self.out_dir.blur)):
+            event(self.set_export_options, options, [self.cli, self.strategy_yaml], show_progress="hidden",
+                  api_name="set_export_options" if i == 0 else None, api_visibility="public" if i == 0 else "private")
+        self.export_btn.click(self.export, options, [self.export_msg, self.export_files, self.out_dir, self.cli,
+                                                     self.strategy_yaml], api_name="export")
+
+    # ================================================================ handlers
+
+    @staticmethod
+    def _session(state: Session | None) -> Session:
+        if state is None:
+            raise gr.Error("Load a teacher and a student first (Sources tab).", title="Nothing loaded")
+        return state
+
+    def load(self, state: Session | None, teacher: str, expert: str, kind: str, student_path: str, layout: str,
+             dim: float, num_layers: float, num_heads: float, ffn_dim: float, statuses: list[str], search: str,
+             sort: str, key: str | None, progress: gr.Progress = gr.Progress()) -> dict:
+        started = time.perf_counter()
+        roots = self.config.roots
+        chosen_expert = None if expert in (None, "", NO_EXPERT) else expert
+        try:
+            teacher_src = roots.source(teacher, "teacher")
+            if kind == "form":
+                student: str | dict[str, Any] = {"layout": layout, **{
+                    name: _positive(value, name) for name, value in (("dim", dim), ("num_layers", num_layers),
+                                                                     ("num_heads", num_heads), ("ffn_dim", ffn_dim))}}
+            else:
+                student = roots.source(student_path, "student")
+            progress(0.1, desc="reading headers")
+            strategy = state.strategy if state is not None else self.config.strategy
+            session = Session.open(teacher_src, student, chosen_expert, strategy)
+        except ProjectionError as exc:
+            raise gr.Error(str(exc), title="Cannot load", duration=None) from exc
+        if session.auto_energy:
+            session.measure(progress=_progress(progress, "measuring retained energy"))
+        if state is not None:
+            with state.lock:  # let a request still using the old session finish first
+                state.close()
+        session.out_dir = unique_export_name(session.projector.student.layout)
+        # Open one entry's details at once, unless that means reading a large teacher's tensors before asked.
+        s, key = session.strategy, _default_key(session) if session.auto_energy else None
+        out = self._render(session, statuses, search, sort, key, started, 0)
+        out.update({
+            self.source_msg: cards.inline_ok(f"Loaded in {time.perf_counter() - started:.1f} s: "
+                                             f"{len(session.mapping.entries)} student keys mapped from headers."),
+            self.rules: _rules_text(session), self.rules_msg: "",
+            self.key: gr.update(choices=[e.student_key for e in session.mapping.entries], value=key),
+            **self._spectra_pickers(session),
+            **{self.controls[f]: getattr(s, f) for f in STRATEGY_FIELDS},
+            self.seed: s.seed, self.dtype: s.dtype, self.device: s.device, self.out_dir: session.out_dir,
+            self.a_yaml: s.to_yaml(), self.b_yaml: s.model_copy(update={"width": "svd-per-matrix"}).to_yaml(),
+        })
+        return out
+
+    def set_strategy(self, state: Session | None, method: str, width: str, heads: str, head_dim: str, ffn: str,
+                     conv: str, rescale: str, seed: float | None, statuses: list[str], search: str, sort: str,
+                     key: str | None) -> dict:
+        started = time.perf_counter()
+        s = self._session(state)
+        with s.lock:
+            read = s.bytes_read
+            fields: dict[str, Any] = {"width": width, "heads": heads, "head_dim": head_dim, "ffn": ffn,
+                                      "conv": conv, "rescale": rescale,
+                                      "seed": int(seed) if seed is not None else s.strategy.seed}
+            if method != "custom":
+                fields["layers"] = method
+            try:
+                s.update_strategy(**fields)
+            except ProjectionError as exc:
+                raise gr.Error(str(exc), title="Strategy rejected") from exc
+            s.measure()
+            return self._render(s, statuses, search, sort, key, started, read)
+
+    def set_layers(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
+                   *sliders: float) -> dict:
+        started = time.perf_counter()
+        s = self._session(state)
+        with s.lock:
+            read = s.bytes_read
+            layers = [int(v) for v in sliders[:len(s.mapping.layers)]]
+            try:
+                s.update_strategy(layers=layers)
+            except ProjectionError as exc:
+                raise gr.Error(str(exc), title="Layers rejected") from exc
+            s.shown_layers = layers  # the sliders already show them
+            s.measure()
+            return self._render(s, statuses, search, sort, key, started, read)
+
+    def measure(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
+                progress: gr.Progress = gr.Progress()) -> dict:
+        started = time.perf_counter()
+        s = self._session(state)
+        with s.lock:
+            read = s.bytes_read
+            s.measure(force=True, progress=_progress(progress, "projecting"))
+            return self._render(s, statuses, search, sort, key, started, read)
+
+    def apply_rules(self, state: Session | None, text: str, statuses: list[str], search: str, sort: str,
+                    key: str | None) -> dict:
+        started = time.perf_counter()
+        s = self._session(state)
+        with s.lock:
+            read = s.bytes_read
+            try:
+                s.set_rules(text)
+            except ProjectionError as exc:
+                return {self.rules_msg: cards.inline_error(str(exc))}
+            s.measure()
+            out = self._render(s, statuses, search, sort, key, started, read)
+            cov = s.mapping.coverage()["keys"]
+            out.update({self.rules: _rules_text(s),
+                        self.rules_msg: cards.inline_ok(f"Applied: {cov['transferred']} of {cov['total']} student "
+                                                        f"keys now transfer."),
+                        **self._spectra_pickers(s)})
+            return out
+
+    def filter_table(self, state: Session | None, statuses: list[str], search: str, sort: str) -> Any:
+        s = self._session(state)
+        with s.lock:
+            return table.styled(table.select(table.frame(s.rows()), statuses, search, sort))
+
+    @staticmethod
+    def pick_row(evt: gr.SelectData) -> Any:
+        row = evt.row_value or []
+        return row[0] if row else gr.skip()
+
+    def show_details(self, state: Session | None, key: str | None) -> tuple:
+        if state is None or not key:
+            return "", None, None
+        with state.lock:
+            return self._details(state, key)
+
+    def spectra_choices(self, state: Session | None, layer: str) -> Any:
+        s = self._session(state)
+        with s.lock:
+            return self._matrix_update(s, layer, None)
+
+    def spectrum(self, state: Session | None, choice: str | None, progress: gr.Progress = gr.Progress()) -> tuple:
+        s = self._session(state)
+        if not choice:
+            note = plot(charts.message("Singular values", "Pick a layer and a matrix."))
+            return note, note
+        progress(0.2, desc="singular values (cached after the first time)")
+        with s.lock:
+            try:
+                sp = s.spectrum(choice)
+            except ProjectionError as exc:
+                raise gr.Error(str(exc)) from exc
+        student = None if sp.student is None else sp.student.tolist()
+        return (plot(charts.spectrum(sp.teacher.tolist(), student, sp.title)),
+                plot(charts.cumulative(sp.curve.tolist(), sp.rank, sp.energy, sp.stacked)))
+
+    def apply_strategy_yaml(self, state: Session | None, text: str, statuses: list[str], search: str, sort: str,
+                            key: str | None) -> dict:
+        started = time.perf_counter()
+        s = self._session(state)
+        with s.lock:
+            read = s.bytes_read
+            try:
+                strategy = Strategy.from_yaml(text, "strategy")
+                if strategy.expert != s.strategy.expert:
+                    raise ProjectionError("strategy: the expert is chosen with the teacher (Sources tab); "
+                                          f"this session uses expert {s.strategy.expert}")
+                s.set_strategy(strategy)
+            except ProjectionError as exc:
+                return {self.strategy_msg: cards.inline_error(str(exc))}
+            s.measure()
+            out = self._render(s, statuses, search, sort, key, started, read)
+            out.update({**{self.controls[f]: getattr(strategy, f) for f in STRATEGY_FIELDS},
+                        self.seed: strategy.seed, self.strategy_msg: cards.inline_ok("Strategy applied.")})
+            return out
+
+    def load_strategy_file(self, state: Session | None, file: Any, *rest: Any) -> dict:
+        path = file if isinstance(file, str) else getattr(file, "name", None)
+        text = Path(path).read_text() if path else ""
+        out = self.apply_strategy_yaml(state, text, *rest)
+        out.setdefault(self.strategy_yaml, text)
+        return out
+
+    def save_strategy(self, state: Session | None) -> Any:
+        s = self._session(state)
+        path = s.temp_dir / "strategy.yaml"
+        path.write_text(s.strategy.to_yaml())
+        return gr.update(value=str(path), visible=True)
+
+    def current_strategy(self, state: Session | None) -> str:
+        return self._session(state).strategy.to_yaml()
+
+    def compare(self, state: Session | None, a_text: str, b_text: str,
+                progress: gr.Progress = gr.Progress()) -> tuple:
+        s = self._session(state)
+        try:
+            a, b = Strategy.from_yaml(a_text, "strategy A"), Strategy.from_yaml(b_text, "strategy B")
+        except ProjectionError as exc:
+            return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
+        with s.lock:
+            try:
+                result = s.compare(a, b, _progress(progress, "projecting"))
+            except ProjectionError as exc:
+                return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
+        ra, rb = result["A"], result["B"]
+        rows = [("keys transferred", ra["coverage"]["keys"]["rate"], rb["coverage"]["keys"]["rate"]),
+                ("params transferred", ra["coverage"]["params"]["rate"], rb["coverage"]["params"]["rate"]),
+                ("mean retained energy", ra["mean_energy"], rb["mean_energy"])]
+        layers = list(dict.fromkeys([*ra["energy_by_layer"], *rb["energy_by_layer"]]))
+        rows += [(f"energy {name}", ra["energy_by_layer"].get(name), rb["energy_by_layer"].get(name))
+                 for name in layers]
+        frame = pd.DataFrame([{"measure": m, "A": percent(x), "B": percent(y),
+                               "B − A": "—" if x is None or y is None else f"{100 * (y - x):+.1f} pt"}
+                              for m, x, y in rows])
+        notes = [f"{side}: {w}" for side, r in (("A", ra), ("B", rb)) for w in r["warnings"]]
+        return (frame, plot(charts.compare(ra["energy_by_layer"], rb["energy_by_layer"])),
+                cards.inline_error("\n".join(notes)) if notes else "", gr.update(visible=True))
+
+    def set_export_options(self, state: Session | None, out_dir: str, dtype: str, device: str) -> tuple:
+        s = self._session(state)
+        with s.lock:
+            s.out_dir = out_dir
+            s.update_strategy(dtype=dtype, device=device)
+            return self._cli(s), s.strategy.to_yaml()
+
+    def export(self, state: Session | None, out_dir: str, dtype: str, device: str,
+               progress: gr.Progress = gr.Progress()) -> tuple:
+        s = self._session(state)
+        with s.lock:
+            try:
+                out = self.config.roots.output(out_dir)
+                s.out_dir = out_dir
+                s.update_strategy(dtype=dtype, device=device)
+                started = time.perf_counter()
+                report, files = s.export(out, _progress(progress, "exporting"))
+            except ProjectionError as exc:
+                raise gr.Error(str(exc), title="Export refused", duration=None) from exc
+            cov = report["coverage"]
+            msg = cards.inline_ok(
+                f"Wrote {self.config.roots.display(out)} in {time.perf_counter() - started:.1f} s: "
+                f"{cov['keys']['transferred']}/{cov['keys']['total']} keys, {percent(cov['params']['rate'])} of "
+                f"parameters from the teacher, mean retained energy {percent(report['mean_energy'])}, "
+                f"{s.strategy.dtype}.")
+            command = self._cli(s)  # the command for the export just written
+            s.out_dir = unique_export_name(s.projector.student.layout)  # the next export gets a new folder
+            return msg, [str(f) for f in files], s.out_dir, command, s.strategy.to_yaml()
+
+    # ================================================================ drawing
+
+    def _render(self, s: Session, statuses: list[str], search: str, sort: str, key: str | None, started: float,
+                read_before: int) -> dict:
+        """The refreshed view: summary, table, layers, energy charts and (if an entry is open) its details."""
+        mapping, summary = s.mapping, s.summary()
+        summary = {**summary, "student": {**summary["student"], "config": s.student_config()}}
+        layers = mapping.layers
+        measured = s.energy_current
+        if measured:
+            note = "of the teacher's squared norm, parameter-weighted"
+        else:
+            note = f"not computed: the teacher is {human_bytes(s.teacher_bytes)}; press Compute"
+        unused = s.unused_teacher_keys()
+        out: dict = {
+            self.state: s,
+            self.cards: cards.summary_cards(summary, note),
+            self.warning: gr.update(value=cards.warnings_banner(summary["warnings"]), visible=bool(summary["warnings"])),
+            self.energy_btn: gr.update(visible=not measured),
+            self.legend: table.legend(summary["counts"]),
+            self.table: table.styled(table.select(table.frame(s.rows()), statuses, search, sort)),
+            self.unused_box: gr.update(label=f"Unused teacher keys ({len(unused)})"),
+            self.unused: table.unused_frame(unused),
+            self.unmapped: _unmapped(s),
+            self.layer_map: plot(charts.layer_map(layers, s.teacher_blocks)),
+            self.layer_energy: plot(charts.layer_energy(summary.get("energy_by_layer"), layers,
+                                                        summary.get("mean_energy"))),
+            self.heatmap: plot(charts.energy_heatmap(s.energy_grid(), layers)),
+            self.method: s.strategy.layers if isinstance(s.strategy.layers, str) else "custom",
+            self.strategy_yaml: s.strategy.to_yaml(),
+            self.cli: self._cli(s),
+        }
+        if s.shown_layers != layers:
+            s.shown_layers = list(layers)
+            top = max(s.teacher_blocks - 1, 1)
+            for i, slider in enumerate(self.sliders):
+                out[slider] = (gr.update(visible=True, value=layers[i], maximum=top)
+                               if i < len(layers) else gr.update(visible=False))
+        if key:
+            out[self.details], out[self.index_plot], out[self.hist_plot] = self._details(s, key)
+        read = s.bytes_read - read_before
+        out[self.refresh_info] = (f'<div class="refresh-info">updated in {1000 * (time.perf_counter() - started):.0f} ms'
+                                  f' · read {human_bytes(read)} from the teacher for this update'
+                                  f' · {human_bytes(s.bytes_read)} in total</div>')
+        return out
+
+    def _details(self, s: Session, key: str) -> tuple:
+        try:
+            d = s.details(key)
+        except ProjectionError as exc:
+            return cards.inline_error(str(exc)), None, None
+        e = d.entry
+        lines = [f"### `{e.student_key}`  ·  {e.status}  ·  {'×'.join(map(str, e.student_shape)) or 'scalar'}"]
+        if e.reason:
+            lines.append(f"**Reason:** {e.reason}")
+        for p in e.parts:
+            block = f" (teacher block {p.block})" if p.block is not None else ""
+            native = f" (stored as `{p.native_key}`)" if p.native_key != p.teacher_key else ""
+            lines.append(f"- from `{p.teacher_key}`{native}{block}: {'×'.join(map(str, p.teacher_shape))} → "
+                         f"{'×'.join(map(str, p.student_shape))}")
+        if e.transforms:
+            lines.append("**Transform:** " + "; ".join(e.transforms))
+        if d.energy is not None:
+            lines.append(f"**Retained energy:** {percent(d.energy)} of the teacher tensors' squared norm")
+        if d.index_choices is None:
+            lines.append("_Index choices and the student tensor need teacher statistics: press “Compute retained "
+                         "energy”._")
+        index_fig = None
+        if d.index_choices is not None and e.status != "skipped":
+            index_fig = plot(charts.index_choices([(c.label, c.kept, c.total) for c in d.index_choices]))
+        hist_fig = None
+        if d.teacher_values is not None:
+            centres, t, st = histogram(d.teacher_values, d.student_values)
+            hist_fig = plot(charts.histograms(centres, t, st, f"{e.student_key} (central 99.8%)"))
+        return "\n\n".join(lines), index_fig, hist_fig
+
+    def _spectra_pickers(self, s: Session) -> dict:
+        """Layer and matrix choices for the Spectra tab (block 0's first matrix to start with)."""
+        layer = "0" if s.mapping.layers else "top"
+        choices = [("embeddings & head", "top")] + [(f"student block {i}", str(i)) for i in range(len(s.mapping.layers))]
+        return {self.spec_layer: gr.update(choices=choices, value=layer),
+                self.spec_matrix: self._matrix_update(s, layer, None)}
+
+    def _matrix_update(self, s: Session, layer: str, value: str | None) -> Any:
+        choices = s.matrices(layer)
+        values = [v for _, v in choices]
+        return gr.update(choices=choices, value=value if value in values else (values[0] if values else None))
+
+    def _cli(self, s: Session) -> str:
+        """The `projection export` command (with its input files) that reproduces this session's export."""
+        roots = self.config.roots
+        lines = []
+        if isinstance(s.student_source, dict):
+            lines += ["cat > student.yaml <<'EOF'", yaml.safe_dump(s.student_source, sort_keys=False).rstrip(), "EOF"]
+            student = "student.yaml"
+        else:
+            student = roots.display(s.student_source)
+        lines += ["cat > strategy.yaml <<'EOF'", s.strategy.to_yaml().rstrip(), "EOF"]
+        command = (f"projection export --teacher {shlex.quote(roots.display(s.teacher_source))} "
+                   f"--student {shlex.quote(student)} --strategy strategy.yaml")
+        if s.projector.rules:
+            lines += ["cat > rules.yaml <<'EOF'", rules_to_yaml(s.projector.rules).rstrip(), "EOF"]
+            command += " --rules rules.yaml"
+        out = s.out_dir or unique_export_name(s.projector.student.layout)
+        command += f" --out {shlex.quote(out)}"
+        return "\n".join([f"cd {shlex.quote(str(roots.base))}", *lines, command])
+
+
+def plot(fig: charts.Figure) -> PlotData:
+    """A plotly.js spec as Gradio's plot payload (no plotly object model on the way)."""
+    return PlotData(type="plotly", plot=json.dumps(fig, allow_nan=False))
+
+
+def _positive(value: float | None, name: str) -> int:
+    if value is None or int(value) != value or value < 1:
+        raise ProjectionError(f"student {name}: a positive whole number is needed (got {value})")
+    return int(value)
+
+
+def _default_key(s: Session) -> str | None:
+    """The entry whose details open first: the first transferred matrix of block 0 (a good demo)."""
+    entries = s.mapping.entries
+    for wanted in (lambda e: e.student_block == 0 and e.status != "skipped" and len(e.student_shape) == 2,
+                   lambda e: e.status != "skipped", lambda e: True):
+        found = next((e.student_key for e in entries if wanted(e)), None)
+        if found:
+            return found
+    return None
+
+
+def _rules_text(s: Session) -> str:
+    if s.mapping.rules:
+        return s.rules_text()
+    return ("# No rules yet: every student key is looked up under its own name.\n"
+            "# Map a student key or module to a teacher key ({i} = block), e.g.\n"
+            "#   layers.{i}.attn: blocks.{i}.self_attn\n{}\n")
+
+
+def _unmapped(s: Session, limit: int = 40) -> str:
+    """For rule writing: student keys without a source, teacher keys nobody reads."""
+    skipped = [e for e in s.mapping.entries if e.status == "skipped"]
+    unused = s.mapping.unused_teacher_keys()
+    if not skipped:
+        return f"**Every student key transfers.** {len(unused)} teacher keys are unused (mostly dropped blocks)."
+    lines = [f"**{len(skipped)} student keys transfer nothing**" + (f" (first {limit})" if len(skipped) > limit else "")]
+    lines += [f"- `{e.student_key}` {list(e.student_shape)}: {e.reason}" for e in skipped[:limit]]
+    lines.append(f"\n**{len(unused)} teacher keys unused**" + (f" (first {limit})" if len(unused) > limit else ""))
+    lines += [f"- `{k}`" for k in unused[:limit]]
+    return "\n".join(lines)
+
+
+def build_app(config: AppConfig) -> gr.Blocks:
+    return Inspector(config).blocks
+
+
+def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any) -> Any:
+    """Launch with the app's theme and stylesheet (Gradio 6 takes them at launch)."""
+    use_interactive_threads()
+    blocks.queue(default_concurrency_limit=4)
+    return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
+                         footer_links=["api"], show_error=True, **kwargs)

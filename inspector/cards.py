@@ -1,0 +1,89 @@
+"""The summary cards and banners above the tabs: the core's summary, made readable from the back of a room."""
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from .palette import STATUS_COLORS
+from .units import human_bytes, human_count, percent
+
+LAYOUTS = {
+    "wan": "Wan (3D video DiT)",
+    "wanlite": "reference 2D Wan student",
+    "seed": "the seeds' layout (fused in_proj)",
+    "custom": "custom names: mapped by rules",
+}
+
+
+def _config_line(cfg: dict[str, Any]) -> str:
+    parts = []
+    if "dim" in cfg:
+        parts.append(f"width {cfg['dim']}")
+    if "num_layers" in cfg:
+        parts.append(f"{cfg['num_layers']} blocks")
+    if "num_heads" in cfg:
+        head = f" × {cfg['head_dim']}" if cfg.get("head_dim") else ""
+        parts.append(f"{cfg['num_heads']} heads{head}")
+    if "ffn_dim" in cfg:
+        parts.append(f"FFN {cfg['ffn_dim']}")
+    return " · ".join(parts) or "config unknown"
+
+
+def _dtypes(d: dict[str, int]) -> str:
+    return ", ".join(d) if len(d) <= 2 else f"{len(d)} dtypes"
+
+
+def model_card(side: str, s: dict[str, Any]) -> str:
+    family = s["description"] if side == "teacher" else LAYOUTS.get(s["layout"], s["layout"])
+    expert = f" · expert {s['expert']}" if s.get("expert") else ""
+    files = f"{s['format']}, {len(s['files'])} file{'s' if len(s['files']) != 1 else ''}" if s["files"] else s["format"]
+    return (f'<div class="card model-card" data-side="{side}">'
+            f'<div class="card-title">{side.capitalize()}</div>'
+            f'<div class="card-main">{escape(family)}{expert}</div>'
+            f'<div class="card-line">{_config_line(s["config"])}</div>'
+            f'<div class="card-line"><b>{human_count(s["params"])}</b> params · {_dtypes(s["dtypes"])} · '
+            f'{human_bytes(s["bytes"])} · {escape(files)}</div>'
+            f'<div class="card-source" title="{escape(s["source"])}">{escape(s["source"])}</div></div>')
+
+
+def _status_bar(counts: dict[str, int]) -> str:
+    total = sum(counts.values()) or 1
+    segments = "".join(f'<span style="width:{100 * n / total:.2f}%;background:{STATUS_COLORS[s]}" title="{s}: {n}">'
+                       f'</span>' for s, n in counts.items() if n)
+    return f'<div class="status-bar">{segments}</div>'
+
+
+def metric_card(title: str, value: str, detail: str, tone: str = "") -> str:
+    return (f'<div class="card metric-card {tone}"><div class="card-title">{title}</div>'
+            f'<div class="metric">{value}</div><div class="card-line">{detail}</div></div>')
+
+
+def summary_cards(summary: dict[str, Any], energy_note: str) -> str:
+    keys, params = summary["coverage"]["keys"], summary["coverage"]["params"]
+    tone = "bad" if keys["transferred"] == 0 else ("good" if keys["rate"] == 1 else "")
+    mean = summary.get("mean_energy")
+    cards = [
+        model_card("teacher", summary["teacher"]),
+        model_card("student", summary["student"]),
+        metric_card("Keys transferred", percent(keys["rate"], 0),
+                    f'{keys["transferred"]} of {keys["total"]} student keys' + _status_bar(summary["counts"]), tone),
+        metric_card("Parameters transferred", percent(params["rate"], 0),
+                    f'{human_count(params["transferred"])} of {human_count(params["total"])}', tone),
+        metric_card("Mean retained energy", percent(mean) if mean is not None else "—", energy_note),
+    ]
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def warnings_banner(warnings: list[str]) -> str:
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{escape(w)}</li>" for w in warnings)
+    return f'<div class="warning-banner" role="alert"><div class="warning-title">⚠ Warning</div><ul>{items}</ul></div>'
+
+
+def inline_error(message: str) -> str:
+    return f'<div class="inline-error" role="alert">{escape(message)}</div>' if message else ""
+
+
+def inline_ok(message: str) -> str:
+    return f'<div class="inline-ok">{escape(message)}</div>'

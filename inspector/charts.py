@@ -1,0 +1,207 @@
+"""Plotly figures, drawn from numbers the core computed, in the palette's colours.
+
+Figures are plain plotly.js specs ({"data": [...], "layout": {...}}): building them through plotly's validated
+object model costs 50-150 ms each, more than a whole refresh may take, and the browser draws the same JSON.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .palette import A_SIDE, B_SIDE, EDGE, ENERGY_SCALE, FONT, STUDENT, TEACHER, UNUSED
+from .units import percent
+
+Figure = dict[str, Any]
+AXIS = {"gridcolor": "#eef0f3", "linecolor": "#d1d5db", "zerolinecolor": "#e5e7eb", "automargin": True, "showline": True}
+
+
+def axis(**kw: Any) -> dict[str, Any]:
+    return {**AXIS, **kw}
+
+
+def figure(data: list[dict[str, Any]], title: str, height: int, title_size: int = 17, **layout: Any) -> Figure:
+    base = {
+        "height": height, "paper_bgcolor": "#ffffff", "plot_bgcolor": "#ffffff",
+        "font": {"family": FONT, "size": 14, "color": "#1f2937"},
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": title_size}},
+        "margin": {"l": 64, "r": 24, "t": 64, "b": 56}, "hoverlabel": {"font": {"size": 14}},
+        "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
+        "xaxis": axis(), "yaxis": axis()}
+    for key, value in layout.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return {"data": data, "layout": base}
+
+
+def message(title: str, text: str, height: int = 300) -> Figure:
+    """A chart-sized note where numbers are not available yet."""
+    note = {"text": text, "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper",
+                "font": {"size": 15, "color": "#4b5563"}}
+    return figure([], title, height, xaxis={"visible": False}, yaxis={"visible": False}, annotations=[note])
+
+
+def block_label(i: int, layers: list[int]) -> str:
+    return f"S{i} ← T{layers[i]}"
+
+
+def layer_map(layers: list[int], teacher_blocks: int) -> Figure:
+    """Teacher blocks on top, student blocks below, a line from each student block to its source."""
+    title = "Teacher → student blocks"
+    n = len(layers)
+    if not n or not teacher_blocks:
+        return message(title, "The student has no blocks mapped to teacher blocks.")
+    span = max(teacher_blocks - 1, 1)
+    sx = [i * span / (n - 1) if n > 1 else span / 2 for i in range(n)]
+    ex: list[float | None] = []
+    ey: list[float | None] = []
+    for i, t in enumerate(layers):
+        ex += [t, sx[i], None]
+        ey += [1, 0, None]
+    used = set(layers)
+
+    def labels(count: int) -> list[str]:  # every fifth label when there are too many to read
+        return [str(j) if count <= 20 or j % 5 == 0 or j == count - 1 else "" for j in range(count)]
+
+    data = [
+        {"type": "scatter", "x": ex, "y": ey, "mode": "lines", "line": {"color": EDGE, "width": 3}, "hoverinfo": "skip",
+             "showlegend": False, "name": "edges"},
+        {"type": "scatter", "x": list(range(teacher_blocks)), "y": [1] * teacher_blocks, "mode": "markers+text",
+             "name": "teacher block", "text": labels(teacher_blocks), "textposition": "top center",
+             "marker": {"symbol": "square", "size": 18 if teacher_blocks <= 20 else 11, "line": {"width": 1, "color": "#ffffff"},
+                         "color": [TEACHER if j in used else UNUSED for j in range(teacher_blocks)]},
+             "hovertemplate": "teacher block %{x}<extra></extra>"},
+        {"type": "scatter", "x": sx, "y": [0] * n, "mode": "markers+text", "name": "student block", "text": labels(n),
+             "textposition": "bottom center", "customdata": list(zip(range(n), layers)),
+             "marker": {"symbol": "square", "size": 22 if n <= 20 else 14, "color": STUDENT, "line": {"width": 1, "color": "#ffffff"}},
+             "hovertemplate": "student block %{customdata[0]} ← teacher block %{customdata[1]}<extra></extra>"},
+    ]
+    title += f": {len(used)} of {teacher_blocks} teacher blocks used"
+    return figure(data, title, 300,
+                  yaxis={"tickvals": [0, 1], "ticktext": ["student", "teacher"], "range": [-0.45, 1.45], "showgrid": False,
+                             "zeroline": False, "showline": False, "tickfont": {"size": 15}},
+                  xaxis={"visible": False, "range": [-0.8, span + 0.8]})
+
+
+def _hline(y: float, color: str, dash: str, text: str, where: str = "left") -> tuple[dict, dict]:
+    shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y, "line": {"color": color, "width": 2, "dash": dash}}
+    note = {"xref": "paper", "x": 0 if where == "left" else 1, "xanchor": where, "yref": "y", "y": y, "yanchor": "bottom",
+                "text": text, "showarrow": False, "font": {"color": color, "size": 13}}
+    return shape, note
+
+
+NOT_MEASURED = "Not computed yet for this large teacher.<br>Press “Compute retained energy” (reads it once)."
+
+
+def layer_energy(energy: dict[str, float] | None, layers: list[int], mean: float | None) -> Figure:
+    """Retained energy per student layer ('top' = embeddings, time projection and head)."""
+    title = "Retained energy per student layer"
+    if energy is None:
+        return message(title, NOT_MEASURED)
+    names = [n for n in ["top"] + [f"block {i}" for i in range(len(layers))] if n in energy]
+    labels = ["embeddings & head" if n == "top" else block_label(int(n.split()[1]), layers) for n in names]
+    values = [100 * energy[n] for n in names]
+    data = [{"type": "bar", "x": labels, "y": values, "marker": {"color": STUDENT}, "text": [f"{v:.0f}%" for v in values],
+                 "textposition": "outside", "hovertemplate": "%{x}: %{y:.1f}%<extra></extra>", "name": "retained"}]
+    shapes, notes = [], []
+    if mean is not None:
+        shape, note = _hline(100 * mean, TEACHER, "dash", f"mean {percent(mean)}")
+        shapes, notes = [shape], [note]
+    return figure(data, title, 340, shapes=shapes, annotations=notes,
+                  yaxis={"title": {"text": "% of teacher's squared norm kept"}, "range": [0, 112], "ticksuffix": "%"})
+
+
+def energy_heatmap(grid: tuple[list[str], list[str], dict[tuple[str, str], float]] | None,
+                   layers: list[int]) -> Figure:
+    title = "Retained energy: student block × matrix"
+    if grid is None:
+        return message(title, NOT_MEASURED)
+    rows, kinds, values = grid
+    if not rows or not kinds:
+        return message(title, "No block matrix transfers from the teacher.")
+    z = [[round(100 * values[(r, k)], 2) if (r, k) in values else None for k in kinds] for r in rows]
+    data = [{"type": "heatmap", "z": z, "x": kinds, "y": [block_label(int(r.split()[1]), layers) for r in rows],
+                 "zmin": 0, "zmax": 100, "colorscale": ENERGY_SCALE, "texttemplate": "%{z:.0f}", "textfont": {"size": 13},
+                 "colorbar": {"title": {"text": "% kept"}, "ticksuffix": "%"}, "xgap": 2, "ygap": 2,
+                 "hovertemplate": "%{y}, %{x}: %{z:.1f}% kept<extra></extra>"}]
+    return figure(data, title, max(320, 170 + 34 * len(rows)),
+                  yaxis={"autorange": "reversed", "showgrid": False}, xaxis={"tickangle": -30, "showgrid": False})
+
+
+def spectrum(teacher: list[float], student: list[float] | None, title: str) -> Figure:
+    """Singular values on a log scale: the teacher's, with the student's overlaid."""
+    data = [{"type": "scatter", "x": list(range(1, len(teacher) + 1)), "y": teacher, "mode": "lines",
+                 "name": f"teacher ({len(teacher)})", "line": {"color": TEACHER, "width": 3}}]
+    if student is not None:
+        data.append({"type": "scatter", "x": list(range(1, len(student) + 1)), "y": student, "mode": "lines",
+                         "name": f"student ({len(student)})", "line": {"color": STUDENT, "width": 3}})
+    return figure(data, f"Singular values: {title}", 400, yaxis={"type": "log", "dtick": 1, "title": {"text": "singular value"}},
+                  xaxis={"title": {"text": "index (largest first)"}}, title_size=15)
+
+
+def cumulative(curve: list[float], rank: int, energy: float | None, stacked: bool) -> Figure:
+    """The teacher's cumulative energy, the student's kept rank, and what the projection actually kept."""
+    k = min(rank, len(curve))
+    best = curve[k - 1] if k else 0.0
+    data = [{"type": "scatter", "x": list(range(1, len(curve) + 1)), "y": [100 * c for c in curve], "mode": "lines",
+                 "name": "teacher: top-k singular values", "line": {"color": TEACHER, "width": 3}},
+            {"type": "scatter", "x": [k], "y": [100 * best], "mode": "markers+text", "name": f"student rank {k}",
+                 "marker": {"color": STUDENT, "size": 13}, "text": [f"best possible at rank {k}: {percent(best)}  "],
+                 "textposition": "middle left"}]
+    shapes = [{"type": "line", "xref": "x", "x0": k, "x1": k, "yref": "paper", "y0": 0, "y1": 1,
+                   "line": {"color": STUDENT, "width": 2, "dash": "dash"}}]
+    notes = []
+    if energy is not None:
+        label = "this projection keeps" + (" (whole stacked entry)" if stacked else "")
+        shape, note = _hline(100 * energy, STUDENT, "dot", f"{label} {percent(energy)}", "right")
+        shapes.append(shape)
+        notes.append(note)
+    return figure(data, "Cumulative energy and the student's kept rank", 400, shapes=shapes, annotations=notes,
+                  yaxis={"title": {"text": "% of squared norm"}, "range": [0, 105], "ticksuffix": "%"},
+                  xaxis={"title": {"text": "k (top singular values kept)"}})
+
+
+def histograms(centres: list[float], teacher: list[float], student: list[float] | None, key: str) -> Figure:
+    data = [{"type": "bar", "x": centres, "y": teacher, "name": "teacher", "marker": {"color": TEACHER}, "opacity": 0.55}]
+    if student is not None:
+        data.append({"type": "bar", "x": centres, "y": student, "name": "student", "marker": {"color": STUDENT}, "opacity": 0.55})
+    return figure(data, f"Values: {key}", 340, barmode="overlay", bargap=0,
+                  xaxis={"title": {"text": "value"}}, yaxis={"title": {"text": "density"}})
+
+
+def index_choices(choices: list[tuple[str, list[int], int]]) -> Figure:
+    """One strip per space: which teacher indices the plan keeps (ticks) out of how many (grey)."""
+    if not choices:
+        return message("Index choices", "Nothing is reduced for this entry: every index is kept.", 200)
+    n, row = len(choices), 84  # pixels per space: label, strip, tick labels
+    plot_h = row * n
+    data, layout, notes = [], {}, []
+    for r, (label, kept, total) in enumerate(choices):
+        suffix = "" if r == 0 else str(r + 1)
+        top = 1 - r / n
+        ticks = {"dtick": 1} if total <= 16 else {}
+        layout[f"xaxis{suffix}"] = axis(domain=[0, 1], anchor=f"y{suffix}", range=[-0.5, total - 0.5],
+                                        showgrid=False, zeroline=False, **ticks)
+        layout[f"yaxis{suffix}"] = axis(domain=[top - 42 / plot_h, top - 24 / plot_h], anchor=f"x{suffix}",
+                                        visible=False, range=[-1, 1])
+        data.append({"type": "scatter", "x": [-0.5, total - 0.5], "y": [0, 0], "mode": "lines", "hoverinfo": "skip",
+                         "showlegend": False, "line": {"color": UNUSED, "width": 16}, "xaxis": f"x{suffix}", "yaxis": f"y{suffix}"})
+        data.append({"type": "scatter", "x": kept, "y": [0] * len(kept), "mode": "markers", "showlegend": False,
+                         "marker": {"symbol": "line-ns", "size": 16, "line": {"width": 2, "color": STUDENT}},
+                         "hovertemplate": "teacher index %{x}<extra></extra>", "xaxis": f"x{suffix}", "yaxis": f"y{suffix}"})
+        notes.append({"text": f"<b>{label}</b>: {len(kept)} of {total} kept", "xref": "paper", "yref": "paper", "x": 0,
+                          "y": top, "xanchor": "left", "yanchor": "top", "showarrow": False, "font": {"size": 13}})
+    fig = figure(data, "Index choices: the teacher indices kept", plot_h + 90, annotations=notes,
+                 margin={"l": 24, "r": 24, "t": 64, "b": 26})
+    fig["layout"].update(layout)
+    return fig
+
+
+def compare(a: dict[str, float], b: dict[str, float]) -> Figure:
+    """Retained energy per student layer under strategies A and B."""
+    names = list(dict.fromkeys([*a, *b]))
+    labels = ["embeddings & head" if n == "top" else n for n in names]
+    data = []
+    for side, values, color in (("A", a, A_SIDE), ("B", b, B_SIDE)):
+        y = [100 * values[n] if n in values else None for n in names]
+        data.append({"type": "bar", "x": labels, "y": y, "name": f"strategy {side}", "marker": {"color": color},
+                         "text": [f"{v:.0f}%" if v is not None else "" for v in y], "textposition": "outside"})
+    return figure(data, "Retained energy per student layer: A vs B", 380, barmode="group",
+                  yaxis={"title": {"text": "% kept"}, "range": [0, 112], "ticksuffix": "%"})

@@ -1,0 +1,69 @@
+"""`python app.py`: parse the command line, make sure the demo exists, launch. Heavy imports wait for parsing."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEMO_TEACHER, DEMO_STUDENT = "teacher-wan", "student-wanlite.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="app.py", description="Projection Inspector: explore a teacher -> student "
+                                "projection in the browser (opens on the built-in demo).")
+    p.add_argument("--teacher", help="teacher checkpoint file, folder or hub id (default: the demo teacher)")
+    p.add_argument("--student", help="student config (.yaml/.json) or checkpoint (default: the demo student)")
+    p.add_argument("--strategy", help="strategy YAML to start from")
+    p.add_argument("--expert", choices=["high", "low"], help="expert of a two-expert teacher")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--root", help="the only folder the UI may open or write under (default: the current "
+                                  "directory, plus the demo folder)")
+    return p
+
+
+def demo_folder(root: Path) -> Path:
+    """The demo under ROOT/demo, or in the user cache when ROOT is not writable (or holds another 'demo')."""
+    from projection import ProjectionError
+    from projection.demo import write_demo
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "projection-inspector" / "demo"
+    for folder in (root / "demo", cache):
+        try:
+            return write_demo(folder)
+        except (OSError, ProjectionError) as exc:
+            print(f"demo: cannot use {folder}: {exc}", file=sys.stderr)
+    raise SystemExit("cannot write the demo anywhere; pass --teacher and --student")
+
+
+def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
+    """Parse, prepare and launch; returns the running gr.Blocks (its `local_url` says where)."""
+    args = build_parser().parse_args(argv)
+    from projection import ProjectionError, Strategy
+
+    from .app import AppConfig, build_app, launch
+    from .paths import Roots
+
+    root = Path(args.root).expanduser().resolve() if args.root else Path.cwd().resolve()
+    if not root.is_dir():
+        raise SystemExit(f"--root {args.root}: not a folder")
+    demo = demo_folder(root) if not (args.teacher and args.student) else None
+    try:
+        strategy = Strategy.load(args.strategy) if args.strategy else Strategy()
+    except ProjectionError as exc:
+        raise SystemExit(f"--strategy: {exc}") from exc
+    roots = Roots.create(root, [demo] if demo else [], trusted=[args.teacher or "", args.student or ""])
+    teacher = args.teacher or roots.display(demo / DEMO_TEACHER)
+    student = args.student or roots.display(demo / DEMO_STUDENT)
+    config = AppConfig(roots, teacher, student, args.expert or strategy.expert, strategy, demo)
+    print(f"Projection Inspector: teacher {teacher}, student {student}; may open and write under {roots.describe()}")
+    blocks = build_app(config)
+    launch(blocks, args.host, args.port, **launch_kwargs)
+    return blocks
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    start(argv)

@@ -1,0 +1,87 @@
+"""Which paths the UI may open and write: everything the user types is confined to the roots."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from projection.errors import ProjectionError
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Folders the UI may read (sources) and write (exports) under; `base` anchors relative paths.
+
+    Sources given on the command line are trusted wherever they are: the operator chose them."""
+
+    base: Path
+    read: tuple[Path, ...]
+    write: tuple[Path, ...]
+    trusted: frozenset[Path] = field(default_factory=frozenset)
+
+    @classmethod
+    def create(cls, root: Path, readable: list[Path] = (), trusted: list[str] = ()) -> Roots:
+        """ROOT: read and write; `readable`: read only (e.g. the demo in the user cache)."""
+        base = Path(root).expanduser().resolve()
+        read = tuple(dict.fromkeys([base, *(Path(r).expanduser().resolve() for r in readable)]))
+        sources = frozenset(p.resolve() for t in trusted if t and (p := _absolute(t, base)).exists())
+        return cls(base, read, (base,), sources)
+
+    def describe(self) -> str:
+        return ", ".join(str(r) for r in self.read)
+
+    def source(self, text: str, what: str) -> str:
+        """A teacher or student the user typed: an absolute path under a root, or a hub id 'org/name'."""
+        from projection.checkpoint import parse_hub_id
+
+        text = (text or "").strip()
+        if not text:
+            raise ProjectionError(f"{what}: no path given")
+        path = _absolute(text, self.base)
+        if path.exists():
+            real = path.resolve()
+            if real in self.trusted or _inside(real, self.read):
+                return str(real)
+            raise ProjectionError(f"{what} '{text}' is outside the folders this app may open ({self.describe()}); "
+                                  f"start the app with --root to allow another folder")
+        if not text.startswith((".", "/", "~")) and parse_hub_id(text):
+            return text  # resolved by the core through the Hugging Face cache
+        raise ProjectionError(f"{what} '{text}': no such file or folder under {self.base} (and not a hub id 'org/name')")
+
+    def output(self, text: str) -> Path:
+        """An export folder: under a root, not existing yet (exports never overwrite anything)."""
+        text = (text or "").strip()
+        if not text:
+            raise ProjectionError("export: choose an output folder")
+        path = _absolute(text, self.base)
+        real = path.parent.resolve() / path.name
+        if not _inside(real, self.write):
+            raise ProjectionError(f"export folder '{text}' is outside the folders this app may write "
+                                  f"({', '.join(map(str, self.write))})")
+        if real.exists():
+            raise ProjectionError(f"export folder '{text}' already exists: exports never overwrite; choose a new name")
+        return real
+
+    def display(self, path: str | Path) -> str:
+        """A path as short as it can be while still working from the base folder."""
+        p = Path(path)
+        try:
+            return str(p.relative_to(self.base)) if p.is_absolute() else str(p)
+        except ValueError:
+            return str(p)
+
+
+def _absolute(text: str, base: Path) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def unique_export_name(layout: str, parent: str = "out") -> str:
+    """A default export folder no other session will pick: time plus a random suffix."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{parent}/student-{layout}-{stamp}-{uuid.uuid4().hex[:4]}"

@@ -1,0 +1,448 @@
+"""One browser session's projection: a core `Projector` plus what the screen asks of it.
+
+Every number here comes from the core (mapping, plan, projected entries, summaries, spectra); this module only
+decides *when* to ask (energies automatically for teachers that fit the tensor cache, on demand otherwise)
+and keeps each session's objects apart: nothing in it is global.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from projection import ProjectionError, Projector, Strategy, export_student, parse_rules
+from projection.anatomy import SPACES, template_of
+from projection.mapping import Entry, Mapping, preset_rules, rules_to_yaml
+from projection.measure import energy_by, layer_of
+from projection.pipeline import entry_rows
+from projection.plan import needs_stats
+from projection.project import Projected
+from projection.spectra import as_matrix, cumulative_energy, singular_values
+
+CACHE_BYTES = 1 << 30  # teacher tensors kept between refreshes
+AUTO_ENERGY_BYTES = CACHE_BYTES  # a teacher that fits the cache is measured on every refresh
+SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
+MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
+Progress = Callable[[int, int, str], None]
+
+
+# Threads: a refresh is many small tensor operations, where intra-op threads cost more than they save (on a
+# busy 2-core machine, re-projecting the demo took 465 ms with 2 threads and 86 ms with 1). Work a user asks
+# for explicitly (a full-teacher pass, export, spectra, comparisons) runs on every core.
+INTERACTIVE_THREADS = 1
+ALL_THREADS = torch.get_num_threads()
+_heavy = 0
+_heavy_lock = threading.Lock()
+
+
+def use_interactive_threads() -> None:
+    torch.set_num_threads(INTERACTIVE_THREADS)
+
+
+@contextmanager
+def all_cores() -> Iterator[None]:
+    """Every core while any heavy operation runs (process-wide, as torch's setting is)."""
+    global _heavy
+    with _heavy_lock:
+        _heavy += 1
+        torch.set_num_threads(ALL_THREADS)
+    try:
+        yield
+    finally:
+        with _heavy_lock:
+            _heavy -= 1
+            if _heavy == 0:
+                torch.set_num_threads(INTERACTIVE_THREADS)
+
+
+@dataclass
+class Measured:
+    """Retained energy of every entry under one strategy + rules (numbers only, no tensors)."""
+
+    signature: str
+    results: list[Projected]
+    summary: dict[str, Any]
+
+
+@dataclass
+class IndexChoice:
+    label: str  # e.g. "residual stream (teacher block 2)"
+    kept: list[int]
+    total: int
+
+
+@dataclass
+class Details:
+    entry: Entry
+    index_choices: list[IndexChoice] | None  # None: needs teacher statistics not computed yet
+    teacher_values: torch.Tensor | None
+    student_values: torch.Tensor | None
+    energy: float | None
+
+
+@dataclass
+class Spectrum:
+    title: str
+    teacher: torch.Tensor  # singular values, descending
+    student: torch.Tensor | None
+    curve: torch.Tensor  # teacher's cumulative energy
+    rank: int  # the student's kept rank (its matrix' smaller side)
+    energy: float | None  # what this entry actually retains (the core's measure)
+    stacked: bool  # the entry stacks several teacher tensors (its energy covers them all)
+
+
+@dataclass
+class Session:
+    projector: Projector
+    teacher_source: str  # as resolved (absolute path or hub id)
+    student_source: str | dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    measures: OrderedDict[str, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
+    shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
+    out_dir: str = ""  # the Export tab's folder, for the CLI command
+    temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="inspector-")))
+    _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None, strategy: Strategy,
+             rules: dict[str, Any] | None = None) -> Session:
+        strategy = strategy.model_copy(update={"expert": expert})
+        try:
+            p = _mapped(Projector.open(teacher, student, expert=expert, strategy=strategy, rules=rules,
+                                       cache_bytes=CACHE_BYTES))
+        except ProjectionError as exc:
+            if not isinstance(strategy.layers, list) or "layers:" not in str(exc):
+                raise
+            # A layer list chosen for another student: fall back to the uniform stride.
+            p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, cache_bytes=CACHE_BYTES,
+                                       strategy=strategy.model_copy(update={"layers": "uniform"})))
+        return cls(p, teacher, student)
+
+    def close(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.projector.teacher.checkpoint is not None:
+            self.projector.teacher.checkpoint.close()
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def mapping(self) -> Mapping:
+        return self.projector.mapping
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.projector.strategy
+
+    @property
+    def teacher_bytes(self) -> int:
+        ckpt = self.projector.teacher.checkpoint
+        return ckpt.nbytes if ckpt else 0
+
+    @property
+    def bytes_read(self) -> int:
+        ckpt = self.projector.teacher.checkpoint
+        return ckpt.bytes_read if ckpt else 0
+
+    @property
+    def auto_energy(self) -> bool:
+        """Small teachers are measured on every refresh; large ones (e.g. 57 GB) only when asked."""
+        return self.teacher_bytes <= AUTO_ENERGY_BYTES
+
+    @property
+    def teacher_blocks(self) -> int:
+        return int(self.projector.teacher.config.get("num_layers", 0))
+
+    def signature(self) -> str:
+        """What the projected numbers depend on (export dtype and device do not change them)."""
+        keep = self.strategy.model_dump(exclude={"dtype", "device", "seed"})
+        return json.dumps([keep, self.projector.rules], sort_keys=True)
+
+    @property
+    def measured(self) -> Measured | None:
+        """The energies of the current strategy + rules, if measured."""
+        return self.measures.get(self.signature())
+
+    @property
+    def energy_current(self) -> bool:
+        return self.signature() in self.measures
+
+    @property
+    def plan_ready(self) -> bool:
+        """Index choices without a full teacher pass: small teachers, rank-free methods, or already measured."""
+        return self.auto_energy or self.energy_current or not needs_stats(self.mapping)
+
+    # ------------------------------------------------------------ changes
+
+    def set_strategy(self, strategy: Strategy) -> None:
+        """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
+        old = self.projector.strategy
+        self.projector.strategy = strategy
+        try:
+            _mapped(self.projector)
+        except ProjectionError:
+            self.projector.strategy = old
+            raise
+
+    def update_strategy(self, **fields: Any) -> None:
+        self.set_strategy(self.strategy.model_copy(update=fields))
+
+    def rules_text(self) -> str:
+        return rules_to_yaml(self.mapping.rules)
+
+    def user_rules_text(self) -> str:
+        return rules_to_yaml(self.projector.rules) if self.projector.rules else ""
+
+    def set_rules(self, text: str) -> None:
+        """The editor shows preset + user rules; keep as user rules only what differs from the preset."""
+        parsed = parse_rules(text, "rules")
+        preset = preset_rules(self.projector.student.layout)
+        user = {k: v for k, v in parsed.items() if preset.get(k) != v}
+        old = self.projector.rules
+        self.projector.rules = user
+        try:
+            _mapped(self.projector)
+        except ProjectionError:
+            self.projector.rules = old
+            raise
+
+    # ------------------------------------------------------------ numbers
+
+    def measure(self, force: bool = False, progress: Progress | None = None) -> Measured | None:
+        """Retained energy of every entry, from the core.
+
+        Runs by itself for small teachers; for large ones only when forced (the user asked). The numbers are
+        kept per strategy + rules, so going back to an earlier choice (a slider moved back) costs nothing."""
+        sig = self.signature()
+        if sig in self.measures:
+            self.measures.move_to_end(sig)
+            return self.measures[sig]
+        if not (force or self.auto_energy):
+            return None
+        with nullcontext() if self.auto_energy else all_cores():
+            results = [_numbers_only(r) for r in self.projector.stream(progress=progress, keep_tensors=False)]
+        self.measures[sig] = Measured(sig, results, self.projector.summary(results))
+        while len(self.measures) > MEASURES_KEPT:
+            self.measures.popitem(last=False)
+        return self.measures[sig]
+
+    def summary(self) -> dict[str, Any]:
+        """The core's summary; energy fields only when they belong to the current strategy."""
+        if self.energy_current:
+            return self.measured.summary
+        return self.projector.summary()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return entry_rows(self.mapping, self.measured.results if self.energy_current else None)
+
+    def energy_grid(self) -> tuple[list[str], list[str], dict[tuple[str, str], float]] | None:
+        """Retained energy per (student block, matrix kind), block matrices only; None until measured."""
+        if not self.energy_current:
+            return None
+        results = [r for r in self.measured.results
+                   if r.entry.student_block is not None and len(r.entry.student_shape) >= 2]
+        grid = energy_by(results, lambda e: (layer_of(e), matrix_kind(e)))
+        rows = [f"block {i}" for i in range(len(self.mapping.layers))]
+        kinds = list(dict.fromkeys(matrix_kind(r.entry) for r in results))
+        return rows, kinds, grid
+
+    def student_config(self) -> dict[str, Any]:
+        """The student's config; for custom names, the sizes the core inferred from the tensors rules map."""
+        student = self.projector.student
+        if student.layout != "custom":
+            return student.config
+        sizes = self.mapping.student_sizes
+        out: dict[str, Any] = {"num_layers": len(self.mapping.layers)}
+        for name, space in (("dim", "resid"), ("num_heads", "sa_heads"), ("head_dim", "sa_qk"), ("ffn_dim", "ffn")):
+            if space in sizes:
+                out[name] = sizes[space]
+        return out
+
+    def unused_teacher_keys(self) -> list[tuple[str, tuple[int, ...]]]:
+        teacher = self.projector.teacher
+        shapes = teacher.checkpoint.tensors if teacher.checkpoint else {}
+        return [(k, tuple(shapes[k].shape) if k in shapes else ()) for k in self.mapping.unused_teacher_keys()]
+
+    # ------------------------------------------------------------ one entry
+
+    def details(self, key: str) -> Details:
+        entry = self.mapping.entry(key)
+        energy = None
+        if self.energy_current:
+            energy = next((r.energy for r in self.measured.results if r.entry.student_key == key), None)
+        if entry.status == "skipped":
+            return Details(entry, [], None, None, None)
+        teacher = torch.cat([self.projector.read(p.teacher_key).float().flatten() for p in entry.parts])
+        if not self.plan_ready:
+            return Details(entry, None, teacher, None, energy)
+        student = self.projector.student_tensor(key)
+        return Details(entry, self.index_choices(entry), teacher, student.float().flatten(), energy)
+
+    def index_choices(self, entry: Entry) -> list[IndexChoice]:
+        """The kept teacher indices of every space the entry's axes live in (from the core's plan)."""
+        plan = self.projector.plan()
+        out, seen = [], set()
+        for part in entry.parts:
+            for axis in part.axes or ():
+                for space in axis:
+                    per_block = SPACES[space].per_block
+                    key = (space, part.block if per_block else None)
+                    idx = plan.indices(space, part.block)
+                    if key in seen or idx is None:
+                        continue
+                    seen.add(key)
+                    label = SPACES[space].label or space
+                    label += f" (teacher block {part.block})" if per_block else ""
+                    out.append(IndexChoice(label, idx.tolist(), self.mapping.teacher_sizes[space]))
+        return out
+
+    # ------------------------------------------------------------ spectra
+
+    def matrices(self, layer: str) -> list[tuple[str, str]]:
+        """(label, value) for the spectra picker: each 2D+ teacher tensor feeding the layer's entries."""
+        block = None if layer == "top" else int(layer)
+        out = []
+        for entry in self.mapping.entries:
+            if entry.status == "skipped" or entry.student_block != block:
+                continue
+            for i, part in enumerate(entry.parts):
+                if len(part.teacher_shape) >= 2:
+                    name = template_of(part.teacher_key)[0].removeprefix("blocks.{i}.")
+                    label = MATRIX_LABELS.get(name, name)
+                    if template_of(entry.student_key)[0].removeprefix("blocks.{i}.") != name:
+                        label += f"  ->  {entry.student_key}"
+                    out.append((label, f"{entry.student_key}#{i}", name))
+        order = list(MATRIX_LABELS)
+        out.sort(key=lambda c: order.index(c[2]) if c[2] in order else len(order))
+        return [(label, value) for label, value, _ in out]
+
+    def spectrum(self, choice: str) -> Spectrum:
+        with all_cores():
+            return self._spectrum(choice)
+
+    def _spectrum(self, choice: str) -> Spectrum:
+        key, _, index = choice.rpartition("#")
+        entry = self.mapping.entry(key)
+        if entry.status == "skipped":
+            raise ProjectionError(f"{key} is skipped: it has no teacher source")
+        if not index.isdigit() or int(index) >= len(entry.parts):
+            raise ProjectionError(f"'{choice}': expected 'student key#part' with part 0..{len(entry.parts) - 1}")
+        part = entry.parts[int(index)]
+        p = self.projector
+        teacher = p.spectrum(part.teacher_key, "teacher")
+        if not self.plan_ready:  # the student side needs the plan, i.e. teacher statistics not computed yet
+            student = None
+        elif len(entry.parts) == 1:
+            student = p.spectrum(key, "student")
+        else:  # a stacked entry: the rows this part became
+            cache_key = (self.signature(), key, int(index))
+            if cache_key not in self._stacked_spectra:
+                rows = part.student_shape[0]
+                piece = p.student_tensor(key)[int(index) * rows:(int(index) + 1) * rows]
+                self._stacked_spectra[cache_key] = singular_values(piece, p.device)
+            student = self._stacked_spectra[cache_key]
+        rank = min(as_matrix(torch.empty(part.student_shape, device="meta")).shape)
+        if self.energy_current:
+            energy = next((r.energy for r in self.measured.results if r.entry.student_key == key), None)
+        else:
+            energy = p.project([key])[0].energy if self.plan_ready else None
+        where = f"teacher block {part.block}" if part.block is not None else "top level"
+        title = f"{part.teacher_key} ({where}) -> {key}"
+        return Spectrum(title, teacher, student, cumulative_energy(teacher), rank, energy, len(entry.parts) > 1)
+
+    # ------------------------------------------------------------ comparison and export
+
+    def compare(self, a: Strategy, b: Strategy, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+        """Coverage and retained energy under two strategies (same sources and rules); the session's own
+        strategy is restored afterwards, and the core's caches make switching back free."""
+        own = self.strategy
+        out = {}
+        try:
+            with all_cores():
+                for name, strategy in (("A", a), ("B", b)):
+                    self.set_strategy(strategy)
+                    out[name] = self.measure(force=True, progress=progress).summary
+        finally:
+            self.projector.strategy = own
+        return out
+
+    def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
+        """The core's export (refuses existing folders); returns the report and copies to offer for download."""
+        if self.strategy.device == "cuda" and not torch.cuda.is_available():
+            raise ProjectionError("device 'cuda' chosen but CUDA is not available on this machine; pick cpu or auto")
+        with all_cores():
+            report = export_student(self.projector, out, force=False, progress=progress)
+        names = ["projection_report.json", "config.json", "strategy.yaml"]
+        weights = report["provenance"]["weights"]
+        if sum((out / w).stat().st_size for w in weights) <= SMALL_WEIGHTS_BYTES:
+            names += weights + (["model.safetensors.index.json"] if len(weights) > 1 else [])
+        copies = self.temp_dir / out.name  # downloads come from the session's temp folder, not the root
+        copies.mkdir(parents=True, exist_ok=True)
+        return report, [Path(shutil.copy2(out / n, copies / n)) for n in names]
+
+
+def _mapped(p: Projector) -> Projector:
+    """Map now: the core rejects bad layer lists and head counts while mapping, and the UI should say so at once."""
+    _ = p.mapping
+    return p
+
+
+def _numbers_only(r: Projected) -> Projected:
+    """Keep the energy, drop the tensor (as export does), so measuring many strategies stays small."""
+    return replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None and r.tensor.numel() else r
+
+
+def matrix_kind(entry: Entry) -> str:
+    """A block matrix' kind in the teacher's vocabulary ('self_attn.q.weight'); stacked entries by their own name."""
+    if len(entry.parts) == 1:
+        return template_of(entry.parts[0].teacher_key)[0].removeprefix("blocks.{i}.")
+    return re.sub(r"^[\w.]*?\.\d+\.", "", entry.student_key)
+
+
+def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = 60,
+              share: float = 0.998) -> tuple[list[float], list[float], list[float] | None]:
+    """Bin centres and densities of two value sets on one range: the central `share` of both (display only;
+    trained-like weights have long tails that would squeeze everything else into one bin)."""
+    def bounds(t: torch.Tensor) -> tuple[float, float]:
+        sample = t.flatten()[::max(1, t.numel() // 1_000_000)].double()  # quantile needs a bounded input
+        lo, hi = torch.quantile(sample, torch.tensor([(1 - share) / 2, (1 + share) / 2], dtype=torch.float64))
+        return lo.item(), hi.item()
+
+    lo, hi = bounds(a)
+    if b is not None and b.numel():
+        blo, bhi = bounds(b)
+        lo, hi = min(lo, blo), max(hi, bhi)
+    if hi <= lo:
+        hi = lo + 1e-6
+    width = (hi - lo) / bins
+    centres = [lo + (i + 0.5) * width for i in range(bins)]
+
+    def density(t: torch.Tensor) -> list[float]:
+        counts = torch.histc(t.double(), bins=bins, min=lo, max=hi)
+        return (counts / max(t.numel() * width, 1e-30)).tolist()
+
+    return centres, density(a), density(b) if b is not None and b.numel() else None
+
+
+MATRIX_LABELS = {
+    "self_attn.q.weight": "self-attention q", "self_attn.k.weight": "self-attention k",
+    "self_attn.v.weight": "self-attention v", "self_attn.o.weight": "self-attention o",
+    "cross_attn.q.weight": "cross-attention q", "cross_attn.k.weight": "cross-attention k",
+    "cross_attn.v.weight": "cross-attention v", "cross_attn.o.weight": "cross-attention o",
+    "ffn.0.weight": "FFN in", "ffn.2.weight": "FFN out", "modulation": "modulation",
+    "patch_embedding.weight": "patch embedding", "text_embedding.0.weight": "text embedding in",
+    "text_embedding.2.weight": "text embedding out", "time_embedding.0.weight": "time embedding in",
+    "time_embedding.2.weight": "time embedding out", "time_projection.1.weight": "time projection",
+    "head.head.weight": "head", "head.modulation": "head modulation",
+}

@@ -1,0 +1,399 @@
+"""The inspector's API, driven with gradio_client against the real app launched on 127.0.0.1.
+
+Every number the screen shows must be the core's: the tests compare what the app returns with what
+`projection` computes directly, and run the CLI command the app displays.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),  # inside gradio
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+from gradio_client import Client
+from safetensors.torch import load_file, save_file
+
+from projection import Projector, Strategy
+from projection.demo import write_demo, write_shape_only_teacher
+
+ALL = ["exact", "mapped", "concatenated", "skipped"]
+TABLE = [ALL, "", "student order"]  # status filter, search, sort
+WANLITE = "demo/student-wanlite.yaml"
+SEED = "demo/student-seed.yaml"
+TEACHER = "demo/teacher-wan"
+# A custom student: the demo's reference student under other names, so nothing maps until rules say how.
+RENAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.", ".attn."), (r"\.cross_attn\.", ".xattn."),
+           (r"\.ffn\.", ".mlp."), (r"^patch_embedding", "stem"), (r"^text_embedding", "text_in"),
+           (r"^time_embedding", "time_in"), (r"^time_projection", "time_out"), (r"^head\.head", "out.proj"),
+           (r"^head\.modulation", "out.modulation")]
+CUSTOM_RULES = """\
+layers.{i}.attn: blocks.{i}.self_attn
+layers.{i}.xattn: blocks.{i}.cross_attn
+layers.{i}.mlp: blocks.{i}.ffn
+layers.{i}.norm3: blocks.{i}.norm3
+layers.{i}.modulation: blocks.{i}.modulation
+stem: patch_embedding
+text_in: text_embedding
+time_in: time_embedding
+time_out: time_projection
+out.proj: head.head
+out.modulation: head.modulation
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """The app's --root: the demo, a custom-named student and (later) exports live here."""
+    from projection.models import open_teacher
+    from projection.student import build_student, student_config
+
+    root = tmp_path_factory.mktemp("inspector-root")
+    demo = write_demo(root / "demo")
+    teacher = open_teacher(str(demo / "teacher-wan"))
+    fields = {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}
+    state = build_student(student_config("wanlite", fields, teacher.config)).state_dict()
+    renamed = {}
+    for key, value in state.items():
+        for pattern, repl in RENAMES:
+            key = re.sub(pattern, repl, key)
+        renamed[key] = value.contiguous()
+    save_file(renamed, str(root / "custom-student.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(root):
+    from inspector.cli import start
+
+    threads = torch.get_num_threads()
+    blocks = start(["--root", str(root), "--port", str(free_port())], prevent_thread_lock=True, quiet=True)
+    yield blocks
+    blocks.close()
+    torch.set_num_threads(threads)  # the app runs interactive work single-threaded; give other tests theirs
+
+
+@pytest.fixture
+def client(app) -> Client:
+    return Client(app.local_url, verbose=False)
+
+
+def output_names(app, api: str) -> list[str]:
+    fn = next(f for f in app.fns.values() if f.api_name == api)
+    return [o.elem_id or o.label or type(o).__name__ for o in fn.outputs if not o.skip_api]
+
+
+def call(client: Client, app, api: str, *args: Any) -> dict[str, Any]:
+    """Call an endpoint; its outputs by elem_id (or label)."""
+    result = client.predict(*args, api_name=f"/{api}")
+    result = result if isinstance(result, tuple) else (result,)
+    names = output_names(app, api)
+    assert len(names) == len(result)
+    return {name: value.get("value") if isinstance(value, dict) and value.get("__type__") == "update" else value
+            for name, value in zip(names, result)}
+
+
+def load(client: Client, app, teacher: str = TEACHER, student: str = WANLITE, kind: str = "file",
+         form: tuple = ("wanlite", 128, 4, 2, 384)) -> dict[str, Any]:
+    return call(client, app, "load", teacher, "single model", kind, student, *form, *TABLE, None)
+
+
+def sliders(layers: list[int]) -> list[int]:
+    return layers + [0] * (48 - len(layers))
+
+
+def rows(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    table = out["mapping-table"]
+    return {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+
+
+def figure(out: dict[str, Any], name: str) -> dict[str, Any]:
+    return json.loads(out[name]["plot"])
+
+
+def core(root: Path, student: str = WANLITE, **strategy: Any) -> tuple[Projector, list]:
+    p = Projector.open(str(root / TEACHER), str(root / student), strategy=Strategy(**strategy))
+    return p, p.project()
+
+
+# ------------------------------------------------------------------ load and map
+
+
+def test_load_shows_the_cores_mapping_and_energies(client, app, root):
+    out = load(client, app)
+    p, results = core(root)
+    table = rows(out)
+    assert len(table) == len(p.mapping.entries) == 123
+    for r in results:
+        row = table[r.entry.student_key]
+        assert row["status"] == r.entry.status
+        assert row["retained energy"] == pytest.approx(r.energy, abs=1e-12)
+    summary = p.summary(results)
+    assert f"{100 * summary['mean_energy']:.1f}%" in out["cards"]
+    assert "123 of 123 student keys" in out["cards"]
+    assert "Loaded in" in out["source-msg"]
+    # every status is coloured from the one palette, in the table and in the legend
+    from inspector.palette import STATUS_COLORS
+
+    styles = {row[0]: cell for row, cells in zip(out["mapping-table"]["data"], out["mapping-table"]["metadata"]["styling"])
+              for cell in cells[1:2]}
+    assert STATUS_COLORS["exact"] in styles["head.head.bias"] or STATUS_COLORS["mapped"] in styles["head.head.bias"]
+    assert all(STATUS_COLORS[table[k]["status"]] in css for k, css in styles.items())
+    assert all(STATUS_COLORS[s] in out["legend"] for s in ALL)
+
+
+def test_seed_student_shows_concatenated_and_skipped_with_reasons(client, app, root):
+    out = load(client, app, teacher="demo/teacher-diffusers", student=SEED)
+    table = rows(out)
+    stacked = table["blocks.0.attn.in_proj_weight"]
+    assert stacked["status"] == "concatenated"
+    assert stacked["teacher keys"].split("\n") == [f"blocks.0.attn1.to_{x}.weight" for x in "qkv"]
+    assert table["blocks.0.norm1.weight"]["status"] == "skipped"
+    assert "no affine" in table["blocks.0.norm1.weight"]["reason"]
+    p, _ = core(root, SEED)
+    assert {s: sum(r["status"] == s for r in table.values()) for s in ALL} == p.mapping.counts()
+
+
+def test_bad_paths_get_clear_messages(client, app, root):
+    with pytest.raises(Exception, match="no such file or folder"):
+        load(client, app, teacher="./no-such-teacher")
+    with pytest.raises(Exception, match="outside the folders this app may open"):
+        load(client, app, teacher=str(root.parent))
+    with pytest.raises(Exception, match="not a Wan checkpoint"):
+        load(client, app, teacher="custom-student.safetensors")
+    with pytest.raises(Exception, match="heads are kept whole"):
+        load(client, app, kind="form", form=("wanlite", 512, 4, 8, 384))
+
+
+def test_student_from_the_form(client, app, root):
+    out = load(client, app, kind="form", form=("seed", 128, 2, 4, 256))
+    table = rows(out)
+    assert {k.split(".")[1] for k in table if k.startswith("blocks.")} == {"0", "1"}
+    assert "layout: seed" in out["cli"] and "cat > student.yaml" in out["cli"]
+
+
+# ------------------------------------------------------------------ refreshes
+
+
+def test_slider_moves_a_block_and_reuses_cached_tensors(client, app, root):
+    load(client, app)
+    out = call(client, app, "set_layers", *TABLE, None, *sliders([0, 3, 4, 6]))
+    edges = figure(out, "layer-map")["data"][0]["x"]
+    assert edges[3] == 3  # student block 1 now reads teacher block 3
+    energy = figure(out, "layer-energy")["data"][0]
+    assert energy["x"][2] == "S1 ← T3"
+    _, results = core(root, layers=[0, 3, 4, 6])
+    table = rows(out)
+    assert table["blocks.1.ffn.0.weight"]["teacher keys"] == "blocks.3.ffn.0.weight"
+    assert table["blocks.1.ffn.0.weight"]["retained energy"] == pytest.approx(
+        next(r.energy for r in results if r.entry.student_key == "blocks.1.ffn.0.weight"), abs=1e-12)
+    assert out["layer-method"] == "custom"
+    # moving back reads nothing from the teacher: its tensors are cached
+    back = call(client, app, "set_layers", *TABLE, None, *sliders([0, 2, 4, 6]))
+    assert "read 0 B from the teacher" in back["refresh-info"]
+
+
+def test_layer_method_sets_blocks(client, app):
+    load(client, app)
+    out = call(client, app, "set_strategy", "last", "magnitude", "magnitude", "frequency", "magnitude", "sum",
+               "none", 0, *TABLE, None)
+    assert figure(out, "layer-energy")["data"][0]["x"][1:] == ["S0 ← T4", "S1 ← T5", "S2 ← T6", "S3 ← T7"]
+    assert "layers: last" in out["strategy-yaml"]
+
+
+def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
+    load(client, app)
+    out = call(client, app, "set_strategy", "uniform", "uniform", "first", "first", "uniform", "center",
+               "variance", 3, *TABLE, None)
+    p, results = core(root, width="uniform", heads="first", head_dim="first", ffn="uniform", conv="center",
+                      rescale="variance", seed=3)
+    table = rows(out)
+    for r in results:
+        assert table[r.entry.student_key]["retained energy"] == pytest.approx(r.energy, abs=1e-12)
+        steps = [s for s in r.entry.transforms if not s.startswith("from ")]  # the source has its own column
+        assert table[r.entry.student_key]["transform"] == "; ".join(steps)
+    assert f"{100 * p.summary(results)['mean_energy']:.1f}%" in out["cards"]
+    assert "seed: 3" in out["strategy-yaml"] and "rescale: variance" in out["cli"]
+
+
+def test_basis_inconsistent_strategy_warns_loudly(client, app):
+    load(client, app)
+    out = call(client, app, "set_strategy", "uniform", "svd-per-matrix", "magnitude", "frequency", "magnitude",
+               "sum", "none", 0, *TABLE, None)
+    assert "basis-inconsistent" in out["warnings"]
+    calm = call(client, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude",
+                "sum", "none", 0, *TABLE, None)
+    assert "basis-inconsistent" not in (calm["warnings"] or "")
+
+
+def test_table_filter_search_and_sort(client, app):
+    load(client, app, teacher="demo/teacher-diffusers", student=SEED)
+    only = call(client, app, "filter_table", ["skipped"], "norm1", "student order")["mapping-table"]
+    assert only["data"] and all(r[1] == "skipped" and "norm1" in r[0] for r in only["data"])
+    ranked = call(client, app, "filter_table", ALL, "", "params (largest first)")["mapping-table"]
+    params = [r[5] for r in ranked["data"]]
+    assert params == sorted(params, reverse=True)
+
+
+def test_details_spectra_and_index_choices_come_from_the_core(client, app, root):
+    load(client, app)
+    key = "blocks.1.self_attn.q.weight"
+    out = call(client, app, "details", key)
+    assert "blocks.2.self_attn.q.weight" in out["details"] and "teacher block 2" in out["details"]
+    p, _ = core(root)
+    index = figure(out, "index-plot")
+    kept = [t["x"] for t in index["data"] if t.get("mode") == "markers"]
+    plan = p.plan()
+    assert plan.indices("sa_heads", 2).tolist() in kept
+    assert plan.indices("resid", None).tolist() in kept
+    hist = figure(out, "hist-plot")
+    assert [t["name"] for t in hist["data"]] == ["teacher", "student"]
+
+    spec = call(client, app, "spectrum", f"{key}#0")
+    sv = figure(spec, "sv-plot")["data"]
+    teacher_sv = p.spectrum("blocks.2.self_attn.q.weight", "teacher")
+    assert sv[0]["y"] == pytest.approx(teacher_sv.tolist(), rel=1e-9)
+    assert len(sv[1]["y"]) == 128
+    curve = figure(spec, "cum-plot")
+    assert curve["data"][1]["x"] == [128]  # the student's kept rank is marked
+
+
+# ------------------------------------------------------------------ rules
+
+
+def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
+    out = load(client, app, student="custom-student.safetensors")
+    assert "0 of 123 student keys" in out["cards"]
+    assert "Nothing transfers" in out["warnings"]
+    bad = call(client, app, "apply_rules", "layers.{i}.attn: [unclosed", *TABLE, None)
+    assert "invalid YAML" in bad["rules-msg"]
+    wrong = call(client, app, "apply_rules", "layers.{i}.attn: 3", *TABLE, None)
+    assert "expected a teacher key" in wrong["rules-msg"]
+    good = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
+    assert "123 of 123 student keys" in good["cards"]
+    assert not good["warnings"]
+    assert {r["status"] for r in rows(good).values()} == {"mapped"}
+    assert "--rules rules.yaml" in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
+
+
+# ------------------------------------------------------------------ strategy files and A/B
+
+
+def test_strategy_yaml_apply_save_and_errors(client, app):
+    load(client, app)
+    bad = call(client, app, "apply_strategy_yaml", "width: widest\n", *TABLE, None)
+    assert "width" in bad["strategy-msg"] and "inline-error" in bad["strategy-msg"]
+    good = call(client, app, "apply_strategy_yaml", "layers: [1, 3, 5, 7]\nwidth: first\n", *TABLE, None)
+    assert good["layer-method"] == "custom"
+    assert figure(good, "layer-energy")["data"][0]["x"][1] == "S0 ← T1"
+    saved = client.predict(api_name="/save_strategy")
+    path = saved["value"] if isinstance(saved, dict) else saved
+    assert Strategy.from_yaml(Path(path).read_text()).layers == [1, 3, 5, 7]
+
+
+def test_ab_comparison(client, app, root):
+    load(client, app)
+    a, b = Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml()
+    out = call(client, app, "compare", a, b)
+    measures = {r[0]: r for r in out["compare-table"]["data"]}
+    _, ra = core(root)
+    mean_a = Projector.open(str(root / TEACHER), str(root / WANLITE)).summary(ra)["mean_energy"]
+    assert measures["mean retained energy"][1] == f"{100 * mean_a:.1f}%"
+    assert "basis-inconsistent" in out["compare-msg"]
+    assert [t["name"] for t in figure(out, "compare-plot")["data"]] == ["strategy A", "strategy B"]
+
+
+# ------------------------------------------------------------------ export
+
+
+def test_export_matches_the_cli_and_never_overwrites(client, app, root):
+    load(client, app)
+    call(client, app, "set_layers", *TABLE, None, *sliders([0, 1, 5, 7]))
+    out = call(client, app, "export", "out/from-app", "bfloat16", "cpu")
+    files = {Path(f).name: Path(f) for f in out["export-files"]}
+    assert {"projection_report.json", "config.json", "strategy.yaml", "model.safetensors"} <= set(files)
+    report = json.loads(files["projection_report.json"].read_text())
+    assert report["layers"] == [0, 1, 5, 7] and report["coverage"]["keys"]["rate"] == 1.0
+    assert (root / "out" / "from-app" / "model.safetensors").is_file()
+    assert out["out-dir"] != "out/from-app"  # the next export gets a fresh folder
+
+    # the command the app shows reproduces the export bit for bit
+    command = out["cli"].replace("--out out/from-app", "--out out/from-cli")
+    command = command.replace("projection export", f"{sys.executable} -m projection export")
+    subprocess.run(["bash", "-c", command], check=True, cwd=root, capture_output=True)
+    app_weights = load_file(root / "out" / "from-app" / "model.safetensors")
+    cli_weights = load_file(root / "out" / "from-cli" / "model.safetensors")
+    assert app_weights.keys() == cli_weights.keys()
+    assert all(torch.equal(app_weights[k], cli_weights[k]) for k in app_weights)
+    assert next(iter(app_weights.values())).dtype == torch.bfloat16
+
+    with pytest.raises(Exception, match="already exists"):
+        call(client, app, "export", "out/from-app", "float32", "cpu")
+    with pytest.raises(Exception, match="outside the folders this app may write"):
+        call(client, app, "export", str(root.parent / "escaped"), "float32", "cpu")
+    with pytest.raises(Exception, match="outside the folders this app may write"):
+        call(client, app, "export", "../escaped", "float32", "cpu")
+
+
+def test_sessions_are_separate(app):
+    one, two = Client(app.local_url, verbose=False), Client(app.local_url, verbose=False)
+    load(one, app)
+    load(two, app, teacher="demo/teacher-diffusers", student=SEED)
+    moved = call(one, app, "set_layers", *TABLE, None, *sliders([7, 6, 5, 4]))
+    assert figure(moved, "layer-energy")["data"][0]["x"][1] == "S0 ← T7"
+    other = call(two, app, "filter_table", *TABLE)["mapping-table"]
+    assert any(r[0] == "blocks.0.attn.in_proj_weight" for r in other["data"])
+    two_view = call(two, app, "measure", *TABLE, None)
+    assert figure(two_view, "layer-energy")["data"][0]["x"][1] == "S0 ← T0"
+    # default export names differ, so two sessions exporting at once never collide
+    a = call(one, app, "export", load(one, app)["out-dir"], "float32", "cpu")
+    b = call(two, app, "export", load(two, app, teacher="demo/teacher-diffusers", student=SEED)["out-dir"],
+             "float32", "cpu")
+    assert Path(a["export-files"][0]).parent.name != Path(b["export-files"][0]).parent.name
+
+
+def test_calls_before_loading_say_so(app):
+    fresh = Client(app.local_url, verbose=False)
+    with pytest.raises(Exception, match="Load a teacher and a student first"):
+        call(fresh, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum",
+             "none", 0, *TABLE, None)
+
+
+# ------------------------------------------------------------------ a 14B-shaped teacher
+
+
+def test_wan14b_headers_map_without_reading_tensors(client, app, root):
+    write_shape_only_teacher(root / "wan14b")
+    out = load(client, app, teacher="wan14b", kind="form", form=("wanlite", 1024, 16, 8, 4096))
+    table = rows(out)
+    assert len(table) > 400 and all(r["status"] != "skipped" for r in table.values())
+    assert "read 0 B from the teacher" in out["refresh-info"]
+    assert "not computed" in out["cards"]
+    assert all(r["retained energy"] is None or r["retained energy"] != r["retained energy"] for r in table.values())
+    moved = call(client, app, "set_layers", *TABLE, None, *sliders(list(range(0, 40, 40 // 16))[:16]))
+    assert "read 0 B from the teacher" in moved["refresh-info"]
+    details = call(client, app, "details", "blocks.0.self_attn.norm_q.weight")
+    assert "Compute retained energy" in details["details"]
+
+
+def test_startup_imports_nothing_heavy_before_parsing():
+    code = ("import sys, inspector.cli; inspector.cli.build_parser().parse_args(['--port', '1']); "
+            "heavy = {'torch', 'gradio', 'projection', 'pandas'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
