@@ -538,7 +538,10 @@ class Inspector:
         s = self._session(state)
         with s.lock:
             s.out_dir = out_dir
-            s.update_strategy(dtype=dtype, device=device)
+            try:
+                s.update_strategy(dtype=dtype, device=device)
+            except ProjectionError as exc:
+                raise gr.Error(str(exc), title="Export option rejected") from exc
             return self._cli(s), s.strategy.to_yaml()
 
     def export(self, state: Session | None, out_dir: str, dtype: str, device: str,
@@ -551,7 +554,7 @@ class Inspector:
                 s.update_strategy(dtype=dtype, device=device)
                 started = time.perf_counter()
                 report, files = s.export(out, _progress(progress, "exporting"))
-            except ProjectionError as exc:
+            except (ProjectionError, OSError) as exc:
                 raise gr.Error(str(exc), title="Export refused", duration=None) from exc
             cov = report["coverage"]
             msg = cards.inline_ok(

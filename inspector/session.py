@@ -187,6 +187,8 @@ class Session:
 
     def set_strategy(self, strategy: Strategy) -> None:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
+        if strategy.device == "cuda" and not torch.cuda.is_available():
+            raise ProjectionError("device 'cuda' chosen but CUDA is not available on this machine; pick cpu or auto")
         old = self.projector.strategy
         self.projector.strategy = strategy
         try:
@@ -379,8 +381,6 @@ class Session:
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
         """The core's export (refuses existing folders); returns the report and copies to offer for download."""
-        if self.strategy.device == "cuda" and not torch.cuda.is_available():
-            raise ProjectionError("device 'cuda' chosen but CUDA is not available on this machine; pick cpu or auto")
         with all_cores():
             report = export_student(self.projector, out, force=False, progress=progress)
         names = ["projection_report.json", "config.json", "strategy.yaml"]

@@ -137,11 +137,11 @@ def read_tensor(handle: Any, info: TensorInfo) -> torch.Tensor:
     memory while in use; a plain read keeps the footprint at the tensor itself (the OS page cache still helps)."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    buf = bytearray(info.nbytes)
+    out = torch.empty(info.nbytes, dtype=torch.uint8)  # no zero-fill: the read overwrites every byte
     handle.seek(info.offset)
-    if handle.readinto(buf) != info.nbytes:
+    if handle.readinto(memoryview(out.numpy())) != info.nbytes:
         raise ProjectionError(f"{info.file}: truncated while reading tensor '{info.raw_key}'")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return out.view(info.dtype).reshape(info.shape)
 
 
 # ---------------------------------------------------------------- safetensors headers

@@ -5,9 +5,12 @@ folder is refused unless forced, and nothing is ever written inside the teacher'
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import json
+import math
 import shutil
+import struct
 import time
 import uuid
 from dataclasses import replace
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import ProjectionError
 from .pipeline import Progress, Projector, entry_rows
@@ -50,38 +52,76 @@ def check_destination(out: Path, protected: set[Path], force: bool) -> None:
         raise ProjectionError(f"{out}: already exists; choose another folder or pass --force to replace it")
 
 
-def initial_state(projector: Projector) -> dict[str, torch.Tensor]:
-    """The student's starting values (kept for skipped entries): its checkpoint, or a seeded fresh init."""
+def initial_values(projector: Projector, keys: set[str]) -> dict[str, torch.Tensor]:
+    """Starting values of the student keys nothing transfers to: its checkpoint's, or a seeded fresh init.
+
+    Built only when some key is skipped (a fresh init is the whole student, briefly)."""
     student = projector.student
+    if not keys:
+        return {}
     if student.checkpoint is not None:
-        return {c: student.read(c).clone() for c in student.shapes}
+        return {c: student.read(c) for c in keys}
     torch.manual_seed(projector.strategy.seed)
-    return dict(build_student(student.config).state_dict())
+    state = build_student(student.config).state_dict()
+    return {k: state[k].clone() for k in keys}
 
 
-def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """model.safetensors, or shards with model.safetensors.index.json past the size limit."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t.contiguous()
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return names
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+class WeightsWriter:
+    """Writes safetensors files tensor by tensor, in any order: headers first (shapes are known up front),
+    each tensor at its offset as it arrives, so the student is never held whole in memory."""
+
+    def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
+        size = {k: math.prod(shape) * dtype.itemsize for k, shape in shapes.items()}
+        shards: list[list[str]] = [[]]
+        used = 0
+        for key in shapes:  # never split a tensor; start a new shard past the limit
+            if shards[-1] and used + size[key] > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append(key)
+            used += size[key]
+        self.names = (["model.safetensors"] if len(shards) == 1 else
+                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self.dtype, self.total = dtype, sum(size.values())
+        self.where: dict[str, tuple[Path, int]] = {}
+        for name, keys in zip(self.names, shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for k in keys:
+                header[k] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shapes[k]),
+                             "data_offsets": [offset, offset + size[k]]}
+                offset += size[k]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(folder / name, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(8 + len(raw) + offset)
+            self.where.update({k: (folder / name, 8 + len(raw) + header[k]["data_offsets"][0]) for k in keys})
+        if len(self.names) > 1:
+            weight_map = {k: path.name for k, (path, _) in self.where.items()}
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=1))
+        self.missing = set(shapes)
+
+    def write(self, key: str, t: torch.Tensor) -> None:
+        path, offset = self.where[key]
+        data = t.detach().to("cpu", self.dtype).contiguous().view(torch.uint8)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(memoryview(data.numpy()))
+        self.missing.discard(key)
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to hand freed teacher-sized buffers back to the OS (otherwise they count as resident)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _version() -> str:
@@ -106,14 +146,23 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
     strategy = projector.strategy
     dtype = DTYPES[strategy.dtype]
     try:
-        state = {k: v.to(dtype) for k, v in initial_state(projector).items()}
+        student = projector.student
+        writer = WeightsWriter(tmp, {student.native.get(k, k): shape for k, shape in student.shapes.items()},
+                               dtype, max_shard_bytes)
+        skipped = {student.native.get(e.student_key, e.student_key)
+                   for e in projector.mapping.entries if e.status == "skipped"}
+        for key, t in initial_values(projector, skipped).items():
+            writer.write(key, t)
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
         for r in projector.stream(progress=progress, keep_tensors=False):
             if r.tensor is not None:
-                state[projector.student.native.get(r.entry.student_key, r.entry.student_key)] = r.tensor.to(dtype)
+                writer.write(student.native.get(r.entry.student_key, r.entry.student_key), r.tensor)
+                release_freed_memory()
             results.append(replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None else r)  # numbers only
-        files = save_weights(state, tmp, max_shard_bytes)
+        if writer.missing:
+            raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")
+        files = writer.names
         config = {**projector.student.config, "layout": projector.student.layout, "dtype": strategy.dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         (tmp / "strategy.yaml").write_text(strategy.to_yaml())

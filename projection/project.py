@@ -57,6 +57,11 @@ def project_part(t: torch.Tensor, part: Part, plan: Plan) -> torch.Tensor:
     return t
 
 
+def squared_norm(t: torch.Tensor) -> float:
+    """Squared Frobenius norm, accumulated in float64 without a float64 copy of the tensor."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64).item() ** 2
+
+
 @dataclass
 class Projected:
     entry: Entry
@@ -82,8 +87,8 @@ def project_entry(entry: Entry, plan: Plan, read: Callable[[str], torch.Tensor],
         p = project_part(t, part, plan)
         if p.dtype != t.dtype:
             p = p.to(t.dtype)
-        total += t.double().square().sum().item()
-        kept += p.double().square().sum().item()
+        total += squared_norm(t)
+        kept += squared_norm(p)
         scale = rescale_factor(part, plan.mapping)
         pieces.append(p * scale if scale != 1.0 else p)
         del t

@@ -60,6 +60,14 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
+def modulation(chunks: int, dim: int) -> nn.Parameter:
+    """[1, chunks, dim] table; random only off the meta device (a random op on meta costs seconds of import)."""
+    table = nn.Parameter(torch.empty(1, chunks, dim))
+    if not table.is_meta:
+        nn.init.normal_(table, std=dim**-0.5)
+    return table
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -87,7 +95,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = modulation(6, dim)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).float().chunk(6, dim=1)
@@ -104,7 +112,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
         self.head = nn.Linear(dim, 4 * out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = modulation(2, dim)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation + e[:, None, :]).chunk(2, dim=1)

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from projection import ProjectionError, Projector, Strategy, export_student, load_student, open_checkpoint
-from projection.export import save_weights
+from projection.export import WeightsWriter
 from projection.student import build_student
 
 STUDENT = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
@@ -22,8 +22,11 @@ def test_round_trip_is_bit_identical_and_report_is_complete(tiny_wan, tmp_path):
                                                      "strategy.yaml"]
     expected = {r.entry.student_key: r.tensor for r in p.project()}
     saved = open_checkpoint(out)
+    from safetensors.torch import load_file
+
+    reference = load_file(str(out / "model.safetensors"))  # the safetensors library reads it too
     for key, t in expected.items():
-        assert torch.equal(saved.get(key), t), key
+        assert torch.equal(saved.get(key), t) and torch.equal(reference[key], t), key
     model = load_student(out)
     for key, t in model.state_dict().items():
         assert torch.equal(t, expected[key]), key
@@ -69,7 +72,7 @@ def test_failed_export_leaves_nothing(tiny_wan, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("projection.export.save_file", broken)
+    monkeypatch.setattr("projection.export.WeightsWriter.write", broken)
     with pytest.raises(OSError, match="disk full"):
         export_student(p, tmp_path / "student")
     assert list(tmp_path.iterdir()) == []
@@ -87,10 +90,18 @@ def test_sharded_weights_with_index(tiny_wan, tmp_path):
         assert torch.equal(model.state_dict()[r.entry.student_key], r.tensor)
 
 
-def test_save_weights_never_splits_a_tensor(tmp_path):
+def test_weights_writer_never_splits_a_tensor_and_accepts_any_order(tmp_path):
+    from safetensors.torch import load_file
+
     state = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}
-    names = save_weights(state, tmp_path, max_shard_bytes=450)
-    assert len(names) == 5
+    writer = WeightsWriter(tmp_path, {k: tuple(t.shape) for k, t in state.items()}, torch.float32, 450)
+    assert len(writer.names) == 5
+    for k in reversed(list(state)):
+        writer.write(k, state[k])
+    loaded = {}
+    for name in writer.names:
+        loaded.update(load_file(str(tmp_path / name)))  # the reference reader agrees
+    assert all(torch.equal(loaded[k], t) for k, t in state.items())
 
 
 def test_skipped_entries_keep_the_students_own_values(tiny_wan, tmp_path):

@@ -397,3 +397,13 @@ def test_startup_imports_nothing_heavy_before_parsing():
     code = ("import sys, inspector.cli; inspector.cli.build_parser().parse_args(['--port', '1']); "
             "heavy = {'torch', 'gradio', 'projection', 'pandas'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
+def test_cuda_is_refused_clearly_without_a_gpu(client, app):
+    load(client, app)
+    with pytest.raises(Exception, match="CUDA is not available"):
+        call(client, app, "set_export_options", "out/x", "float32", "cuda")
+    after = call(client, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum",
+                 "none", 0, *TABLE, None)
+    assert "device: auto" in after["strategy-yaml"]  # the session kept working on its old device
