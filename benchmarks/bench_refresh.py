@@ -157,7 +157,7 @@ def main() -> None:
     print("| call | n | median | p90 | max | in the handler (median) | teacher read per call |")
     print("|---|---|---|---|---|---|---|")
     for name, wall, server, reads in rows:
-        p90 = statistics.quantiles(wall, n=10)[-1] if len(wall) >= 2 else wall[0]
+        p90 = statistics.quantiles(wall, n=10, method="inclusive")[-1] if len(wall) >= 2 else wall[0]
         srv = f"{statistics.median(server):.0f}" if server else "—"
         print(f"| {name} | {len(wall)} | {statistics.median(wall):.0f} | {p90:.0f} | {max(wall):.0f} | {srv} | "
               f"{', '.join(sorted(reads))} |")

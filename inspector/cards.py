@@ -4,7 +4,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from .palette import STATUS_COLORS
+from .palette import STATUS_COLORS, STUDENT, TEACHER
 from .units import human_bytes, human_count, percent
 
 LAYOUTS = {
@@ -37,7 +37,8 @@ def model_card(side: str, s: dict[str, Any]) -> str:
     family = s["description"] if side == "teacher" else LAYOUTS.get(s["layout"], s["layout"])
     expert = f" · expert {s['expert']}" if s.get("expert") else ""
     files = f"{s['format']}, {len(s['files'])} file{'s' if len(s['files']) != 1 else ''}" if s["files"] else s["format"]
-    return (f'<div class="card model-card" data-side="{side}">'
+    color = TEACHER if side == "teacher" else STUDENT
+    return (f'<div class="card model-card" data-side="{side}" style="border-top: 4px solid {color}">'
             f'<div class="card-title">{side.capitalize()}</div>'
             f'<div class="card-main">{escape(family)}{expert}</div>'
             f'<div class="card-line">{_config_line(s["config"])}</div>'

@@ -30,7 +30,7 @@ def test_retained_energy_is_the_kept_share(tiny_wan):
     results = {r.entry.student_key: r for r in p.project()}
     r = results["blocks.0.ffn.0.weight"]
     teacher = p.teacher.read("blocks.0.ffn.0.weight")
-    assert abs(r.energy - r.tensor.double().square().sum().item() / teacher.double().square().sum().item()) < 1e-12
+    assert abs(r.energy - r.tensor.double().square().sum().item() / teacher.double().square().sum().item()) < 1e-7  # float32 row norms
     assert 0 < r.energy < 1
     by_layer = energy_by(results.values())
     assert set(by_layer) == {"top", "block 0", "block 1"}
