@@ -116,10 +116,12 @@ class WeightsWriter:
         self.missing.discard(key)
 
 
-def release_freed_memory() -> None:
-    """Ask glibc to hand freed teacher-sized buffers back to the OS (otherwise they count as resident)."""
+def return_large_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold as large buffers are freed, then keeps teacher-sized buffers on its
+    heap, where they count as resident. Pinning the threshold at 1 MiB makes every tensor-sized buffer its
+    own mapping, handed back to the OS when freed (measured: peaks of 0.5 to 3 GB became a steady 0.4 GB)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -137,6 +139,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
     out = Path(out).expanduser()
     teacher = projector.teacher
     check_destination(out, protected_folders(projector), force)
+    return_large_buffers_to_the_os()
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:  # fail before the long part if the destination cannot be written
         tmp.mkdir(parents=True)
@@ -158,7 +161,6 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         for r in projector.stream(progress=progress, keep_tensors=False):
             if r.tensor is not None:
                 writer.write(student.native.get(r.entry.student_key, r.entry.student_key), r.tensor)
-                release_freed_memory()
             results.append(replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None else r)  # numbers only
         if writer.missing:
             raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")

@@ -70,10 +70,10 @@ class TeacherStats:
 
     def axis_norms(self, key: str) -> list[torch.Tensor]:
         if key not in self.cache:
-            t = self.read(key).to(self.device, torch.float32)
-            sq = t.square()
-            self.cache[key] = [sq.sum(dim=[d for d in range(t.ndim) if d != a]).double().cpu() if t.ndim > 1
-                               else sq.double().cpu() for a in range(t.ndim)]
+            t = self.read(key).to(self.device, torch.float32)  # no copy when already float32 on the device
+            self.cache[key] = [  # norms reduce without materializing t**2
+                torch.linalg.vector_norm(t, dim=[d for d in range(t.ndim) if d != a]).double().square().cpu()
+                if t.ndim > 1 else t.double().square().cpu() for a in range(t.ndim)]
         return self.cache[key]
 
 
