@@ -127,11 +127,22 @@ def main() -> None:
                 return lambda: client.predict(shown, "blocks" if i % 2 else "", "params (largest first)",
                                               api_name="/filter_table")
 
+            def svd(i: int) -> Callable[[], Any]:  # the comparator: the first call takes one SVD per matrix
+                conv, rescale = ("sum", "center", "mean")[i % 3], ("none", "variance")[i % 2]
+                return lambda: client.predict("uniform", "svd-per-matrix", *STRATEGIES[-1][1:4], conv, rescale, 0,
+                                              *TABLE, None, api_name="/set_strategy")
+
+            def svd_layers(i: int) -> Callable[[], Any]:  # still svd-per-matrix: new blocks need their SVDs once
+                chosen = [0, 1 + i % 7, 4, 6]
+                return lambda: client.predict(*TABLE, None, *chosen, *[0] * 44, api_name="/set_layers")
+
             kinds = {"round trip of a no-op endpoint (floor)": floor,
                      "move a slider to a never-read teacher block": new_block,
                      "move a layer slider (set_layers)": layers, "change a strategy option (set_strategy)": strategy,
                      "switch layer method (set_strategy)": method, "apply rules (apply_rules)": rules,
-                     "filter + sort the table (filter_table)": table}
+                     "filter + sort the table (filter_table)": table,
+                     "svd-per-matrix: change an option (first call: every SVD)": svd,
+                     "svd-per-matrix: move a layer slider": svd_layers}
             rows = []
             for name, make in kinds.items():
                 n = 4 if make is new_block else args.repeat  # only 4 teacher blocks are new, once each

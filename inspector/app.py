@@ -572,7 +572,6 @@ class Inspector:
                 read_before: int) -> dict:
         """The refreshed view: summary, table, layers, energy charts and (if an entry is open) its details."""
         mapping, summary = s.mapping, s.summary()
-        summary = {**summary, "student": {**summary["student"], "config": s.student_config()}}
         layers = mapping.layers
         measured = s.energy_current
         if measured:

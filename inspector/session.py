@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +165,7 @@ class Session:
         return int(self.projector.teacher.config.get("num_layers", 0))
 
     def signature(self) -> str:
-        """What the projected numbers depend on (export dtype and device do not change them)."""
-        keep = self.strategy.model_dump(exclude={"dtype", "device", "seed"})
-        return json.dumps([keep, self.projector.rules], sort_keys=True)
+        return self.projector.signature()
 
     @property
     def measured(self) -> Measured | None:
@@ -233,7 +231,7 @@ class Session:
         if not (force or self.auto_energy):
             return None
         with nullcontext() if self.auto_energy else all_cores():
-            results = [_numbers_only(r) for r in self.projector.stream(progress=progress, keep_tensors=False)]
+            results = list(self.projector.stream(progress=progress, tensors="numbers"))
         self.measures[sig] = Measured(sig, results, self.projector.summary(results))
         while len(self.measures) > MEASURES_KEPT:
             self.measures.popitem(last=False)
@@ -258,18 +256,6 @@ class Session:
         rows = [f"block {i}" for i in range(len(self.mapping.layers))]
         kinds = list(dict.fromkeys(matrix_kind(r.entry) for r in results))
         return rows, kinds, grid
-
-    def student_config(self) -> dict[str, Any]:
-        """The student's config; for custom names, the sizes the core inferred from the tensors rules map."""
-        student = self.projector.student
-        if student.layout != "custom":
-            return student.config
-        sizes = self.mapping.student_sizes
-        out: dict[str, Any] = {"num_layers": len(self.mapping.layers)}
-        for name, space in (("dim", "resid"), ("num_heads", "sa_heads"), ("head_dim", "sa_qk"), ("ffn_dim", "ffn")):
-            if space in sizes:
-                out[name] = sizes[space]
-        return out
 
     def unused_teacher_keys(self) -> list[tuple[str, tuple[int, ...]]]:
         teacher = self.projector.teacher
@@ -396,11 +382,6 @@ def _mapped(p: Projector) -> Projector:
     """Map now: the core rejects bad layer lists and head counts while mapping, and the UI should say so at once."""
     _ = p.mapping
     return p
-
-
-def _numbers_only(r: Projected) -> Projected:
-    """Keep the energy, drop the tensor (as export does), so measuring many strategies stays small."""
-    return replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None and r.tensor.numel() else r
 
 
 def matrix_kind(entry: Entry) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -36,6 +36,11 @@ class ModelView:
         if self.checkpoint is None:
             raise ProjectionError(f"{self.source}: a student built from a config has no stored tensors")
         return self.checkpoint.get(self.native.get(key, key))
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Start reading these tensors (canonical names) in the background."""
+        if self.checkpoint is not None:
+            self.checkpoint.prefetch(self.native.get(k, k) for k in keys)
 
     def summary(self) -> dict[str, Any]:
         ckpt = self.checkpoint

@@ -9,19 +9,24 @@ import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from .anatomy import SPACES
+from .checkpoint import read_ahead
 from .mapping import Mapping, Rule, build_mapping
 from .measure import energy_by, kind_of, mean_energy
 from .models import ModelView, open_student, open_teacher
 from .plan import Plan, TeacherStats, make_plan, needs_stats
-from .project import Projected, pick_device, project_entry
+from .project import Projected, SvdCache, pick_device, project_entry
 from .spectra import singular_values
 from .strategy import Strategy
 
 Progress = Callable[[int, int, str], None]
+Tensors = Literal["keep", "yield", "numbers"]
+PLANS_KEPT = 8  # projected entries are cached for this many recent strategies + rules (sliders moved back)
+SPECTRA_KEPT = 256
 
 
 @dataclass
@@ -56,11 +61,12 @@ class Projector:
         self.strategy = strategy or Strategy()
         self.rules: dict[str, Rule] = dict(rules or {})
         self.read = TensorCache(teacher.read, cache_bytes) if cache_bytes else teacher.read
-        self.stats = TeacherStats(self.read, pick_device(self.strategy.device))
+        self.stats = TeacherStats(self.read, pick_device(self.strategy.device), teacher.prefetch)
         self._mapping: tuple[str, Mapping] | None = None
         self._plan: tuple[str, Plan] | None = None
-        self._results: dict[tuple[str, str], Projected] = {}
-        self._spectra: dict[tuple[str, str], torch.Tensor] = {}
+        self._results: OrderedDict[str, dict[str, Projected]] = OrderedDict()  # plan signature -> entries
+        self._spectra: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.svd = SvdCache()
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
@@ -75,7 +81,8 @@ class Projector:
     def device(self) -> torch.device:
         return pick_device(self.strategy.device)
 
-    def _signature(self) -> str:
+    def signature(self) -> str:
+        """What projected numbers depend on: the strategy (less export dtype, device, seed, expert) and rules."""
         keep = self.strategy.model_dump(exclude={"dtype", "device", "seed", "expert"})
         return json.dumps([keep, self.rules], sort_keys=True)
 
@@ -87,33 +94,46 @@ class Projector:
         return self._mapping[1]
 
     def plan(self) -> Plan:
-        sig = self._signature()
+        sig = self.signature()
         if self._plan is None or self._plan[0] != sig:
             mapping = self.mapping
             self._plan = (sig, make_plan(mapping, self.stats if needs_stats(mapping) else None))
         return self._plan[1]
 
     def stream(self, keys: list[str] | None = None, progress: Progress | None = None,
-               keep_tensors: bool = True) -> Iterator[Projected]:
+               tensors: Tensors = "keep") -> Iterator[Projected]:
         """Projected entries (all, or the named student keys), one at a time, cached per plan.
 
-        With keep_tensors=False the cache keeps only the numbers, so exporting a large student holds each
-        projected tensor just once (in the caller's hands)."""
+        tensors: "keep" yields them and caches them (interactive use); "yield" yields them but caches only the
+        numbers, so an export holds each projected tensor once, in the caller's hands; "numbers" needs no
+        tensors at all (yielded tensors are empty), so any cached entry serves."""
         plan = self.plan()
-        sig = self._signature()
+        sig = self.signature()
+        cache = self._results.setdefault(sig, {})
+        self._results.move_to_end(sig)
+        while len(self._results) > PLANS_KEPT:
+            self._results.popitem(last=False)
         entries = plan.mapping.entries if keys is None else [plan.mapping.entry(k) for k in keys]
-        for i, entry in enumerate(entries):
+        usable = [self._usable(cache.get(e.student_key), tensors) for e in entries]
+        for i in read_ahead([[] if ok else [p.teacher_key for p in e.parts] for e, ok in zip(entries, usable)],
+                            self.teacher.prefetch):
+            entry = entries[i]
             if progress:
                 progress(i, len(entries), entry.student_key)
-            cached = self._results.get((sig, entry.student_key))
-            if cached is None or cached.tensor is not None and cached.tensor.numel() != math.prod(entry.student_shape):
-                cached = project_entry(entry, plan, self.read, self.device)
-                dropped = cached.tensor is not None and not keep_tensors
-                self._results[(sig, entry.student_key)] = (
-                    replace(cached, tensor=cached.tensor.new_empty(0)) if dropped else cached)
-            yield cached
+            found = cache.get(entry.student_key)
+            if not usable[i]:
+                found = project_entry(entry, plan, self.read, self.device, self.svd, self.stats.squared_norm)
+                cache[entry.student_key] = found if tensors == "keep" else _numbers(found)
+            yield _numbers(found) if tensors == "numbers" else found
         if progress:
             progress(len(entries), len(entries), "done")
+
+    @staticmethod
+    def _usable(found: Projected | None, tensors: Tensors) -> bool:
+        if found is None:
+            return False
+        whole = found.tensor is None or found.tensor.numel() == math.prod(found.entry.student_shape)
+        return whole or tensors == "numbers"
 
     def project(self, keys: list[str] | None = None, progress: Progress | None = None) -> list[Projected]:
         return list(self.stream(keys, progress))
@@ -123,18 +143,34 @@ class Projector:
 
     def spectrum(self, key: str, side: str = "teacher") -> torch.Tensor | None:
         """Singular values of a teacher tensor (canonical key) or a projected student tensor (student key)."""
-        sig = key if side == "teacher" else f"{self._signature()}|{key}"
+        sig = key if side == "teacher" else f"{self.signature()}|{key}"
         if (side, sig) not in self._spectra:
             t = self.read(key) if side == "teacher" else self.student_tensor(key)
             if t is None:
                 return None
             self._spectra[(side, sig)] = singular_values(t, self.device)
+            while len(self._spectra) > SPECTRA_KEPT:
+                self._spectra.popitem(last=False)
+        self._spectra.move_to_end((side, sig))
         return self._spectra[(side, sig)]
+
+    @property
+    def student_config(self) -> dict[str, Any]:
+        """The student's config; for a student with unknown names, the sizes the mapper inferred from the
+        tensors its rules map (its own config knows none)."""
+        if self.student.layout != "custom":
+            return self.student.config
+        mapping = self.mapping
+        out: dict[str, Any] = {"num_layers": len(mapping.layers)}
+        for name, space in SPACES.items():  # the first space of each config field names it (resid: dim)
+            if isinstance(space.size, str) and name in mapping.student_sizes:
+                out.setdefault(space.size, mapping.student_sizes[name])
+        return out
 
     def summary(self, results: list[Projected] | None = None) -> dict[str, Any]:
         mapping = self.mapping
         out: dict[str, Any] = {
-            "teacher": self.teacher.summary(), "student": self.student.summary(),
+            "teacher": self.teacher.summary(), "student": {**self.student.summary(), "config": self.student_config},
             "coverage": mapping.coverage(), "counts": mapping.counts(), "layers": mapping.layers,
             "basis_consistent": self.strategy.basis_consistent,
             "warnings": warnings(mapping, self.strategy),
@@ -144,6 +180,11 @@ class Projector:
             out["energy_by_layer"] = energy_by(results)
             out["energy_by_kind"] = energy_by(results, kind_of)
         return out
+
+
+def _numbers(r: Projected) -> Projected:
+    """The entry's numbers without its tensor (an empty one stands in)."""
+    return replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None and r.tensor.numel() else r
 
 
 def warnings(mapping: Mapping, strategy: Strategy) -> list[str]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from .anatomy import SPACES
+from .checkpoint import read_ahead
 from .mapping import Mapping, Part
+from .spectra import slice_energy
 from .student import rope_frequencies
 
 SpaceKey = tuple[str, "int | None"]  # (space, teacher block or None for global spaces)
@@ -62,19 +64,33 @@ def keep_rope_pairs(teacher_dim: int, student_dim: int, method: str) -> torch.Te
 
 @dataclass
 class TeacherStats:
-    """Per teacher key: for each axis, squared norms of the slices along it (summed over the other axes)."""
+    """Per teacher key and axis: the squared norm of each slice along that axis. Cached, so a new plan after a
+    slider move reads only the blocks that became relevant."""
 
     read: Callable[[str], torch.Tensor]
     device: torch.device = torch.device("cpu")
-    cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    prefetch: Callable[[Sequence[str]], None] | None = None
+    cache: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
-    def axis_norms(self, key: str) -> list[torch.Tensor]:
-        if key not in self.cache:
-            t = self.read(key).to(self.device, torch.float32)  # no copy when already float32 on the device
-            self.cache[key] = [  # norms reduce without materializing t**2
-                torch.linalg.vector_norm(t, dim=[d for d in range(t.ndim) if d != a]).double().square().cpu()
-                if t.ndim > 1 else t.double().square().cpu() for a in range(t.ndim)]
-        return self.cache[key]
+    def prepare(self, wanted: dict[str, set[int]]) -> None:
+        """Compute every wanted axis, reading each tensor once, in the order given (file order streams best)."""
+        # Axis 0 always: its sum is the tensor's squared norm, so projection need not take it again.
+        todo = [(key, sorted((axes | {0}) - self.cache.get(key, {}).keys())) for key, axes in wanted.items()]
+        todo = [(key, axes) for key, axes in todo if axes]
+        for i in read_ahead([[key] for key, _ in todo], self.prefetch):
+            key, axes = todo[i]
+            t = self.read(key).to(self.device)
+            self.cache.setdefault(key, {}).update({a: slice_energy(t, a).cpu() for a in axes})
+            del t
+
+    def axis_energy(self, key: str, axis: int) -> torch.Tensor:
+        self.prepare({key: {axis}})
+        return self.cache[key][axis]
+
+    def squared_norm(self, key: str) -> float | None:
+        """The tensor's squared norm (exactly `spectra.squared_norm`) if its statistics are known, else None."""
+        known = self.cache.get(key, {}).get(0)
+        return known.sum().item() if known is not None else None
 
 
 def _space_profile(norms: torch.Tensor, axis: tuple[str, ...], space: str, sizes: dict[str, int]) -> torch.Tensor:
@@ -85,6 +101,14 @@ def _space_profile(norms: torch.Tensor, axis: tuple[str, ...], space: str, sizes
     return folded.sum(dim=dims) if dims else folded
 
 
+def ranked_axes(space: str, parts: list[Part]) -> list[tuple[Part, int, tuple[str, ...]]]:
+    """The (part, axis index, axis) pairs whose norms rank a space. Block-internal spaces use matrices only
+    (a bias alone says little about a neuron)."""
+    free = SPACES[space].kind == "free"
+    return [(part, a, axis) for part in parts if free or len(part.teacher_shape) >= 2
+            for a, axis in enumerate(part.axes or ()) if space in axis]
+
+
 def space_scores(space: str, parts: list[Part], stats: TeacherStats, sizes: dict[str, int]) -> torch.Tensor:
     """Importance of each teacher index of a space.
 
@@ -93,18 +117,12 @@ def space_scores(space: str, parts: list[Part], stats: TeacherStats, sizes: dict
     matrices of per-index norms (a neuron matters when both its ffn.0 row and ffn.2 column are strong)."""
     free = SPACES[space].kind == "free"
     score = torch.zeros(sizes[space], dtype=torch.float64) if free else torch.ones(sizes[space], dtype=torch.float64)
-    for part in parts:
-        norms = stats.axis_norms(part.teacher_key)
-        if not free and len(part.teacher_shape) < 2:
-            continue
-        for a, axis in enumerate(part.axes or ()):
-            if space not in axis:
-                continue
-            profile = _space_profile(norms[a], axis, space, sizes)
-            if free:
-                score += profile / max(profile.sum().item(), 1e-30)
-            else:
-                score *= profile.sqrt() + 1e-12
+    for part, a, axis in ranked_axes(space, parts):
+        profile = _space_profile(stats.axis_energy(part.teacher_key, a), axis, space, sizes)
+        if free:
+            score += profile / max(profile.sum().item(), 1e-30)
+        else:
+            score *= profile.sqrt() + 1e-12
     return score
 
 
@@ -131,7 +149,8 @@ def _method(kind: str, mapping: Mapping) -> str:
 
 
 def make_plan(mapping: Mapping, stats: TeacherStats | None = None) -> Plan:
-    """Choose every index set. Reads teacher tensors only for magnitude ranking (through `stats`)."""
+    """Choose every index set. Reads teacher tensors only for magnitude ranking (through `stats`, one read
+    per tensor whatever the number of spaces it ranks)."""
     t_sizes, s_sizes = mapping.teacher_sizes, mapping.student_sizes
     users: dict[SpaceKey, list[Part]] = {}
     for entry in mapping.entries:
@@ -143,6 +162,7 @@ def make_plan(mapping: Mapping, stats: TeacherStats | None = None) -> Plan:
                     if SPACES[s].kind not in ("fixed", "temporal"):
                         users.setdefault((s, part.block if SPACES[s].per_block else None), []).append(part)
     index: dict[SpaceKey, torch.Tensor] = {}
+    ranked: dict[SpaceKey, list[Part]] = {}
     for (space, block), parts in users.items():
         n, k = t_sizes[space], s_sizes.get(space, t_sizes[space])
         kind = SPACES[space].kind
@@ -150,24 +170,30 @@ def make_plan(mapping: Mapping, stats: TeacherStats | None = None) -> Plan:
             index[(space, block)] = torch.arange(n)
         elif kind == "rope":
             index[(space, block)] = keep_rope_pairs(n, k, mapping.strategy.head_dim)
+        elif (method := _method(kind, mapping)) == "magnitude":
+            ranked[(space, block)] = _ranking_parts(space, block, parts, users)
         else:
-            method = _method(kind, mapping)
-            if method == "magnitude":
-                if stats is None:
-                    raise ValueError("magnitude ranking needs teacher statistics (pass stats)")
-                index[(space, block)] = keep_top(_scores(space, block, parts, users, stats, t_sizes), k)
-            else:
-                index[(space, block)] = (keep_first if method == "first" else keep_uniform)(n, k)
+            index[(space, block)] = (keep_first if method == "first" else keep_uniform)(n, k)
+    if ranked:
+        if stats is None:
+            raise ValueError("magnitude ranking needs teacher statistics (pass stats)")
+        wanted: dict[str, set[int]] = {}
+        for (space, _), parts in ranked.items():
+            for part, a, _ in ranked_axes(space, parts):
+                wanted.setdefault(part.teacher_key, set()).add(a)
+        stats.prepare(wanted)
+        for (space, block), parts in ranked.items():
+            k = s_sizes.get(space, t_sizes[space])
+            index[(space, block)] = keep_top(space_scores(space, parts, stats, t_sizes), k)
     return Plan(mapping, index)
 
 
-def _scores(space: str, block: int | None, parts: list[Part], users: dict[SpaceKey, list[Part]],
-            stats: TeacherStats, sizes: dict[str, int]) -> torch.Tensor:
+def _ranking_parts(space: str, block: int | None, parts: list[Part], users: dict[SpaceKey, list[Part]]) -> list[Part]:
     if SPACES[space].kind == "heads":
         # A head is ranked by the block's q/k and v/o matrices together: fold each head's dims away.
         prefix = space.removesuffix("_heads")
         parts = [p for s in (f"{prefix}_qk", f"{prefix}_vo") for p in users.get((s, block), [])]
-    return space_scores(space, list({id(p): p for p in parts}.values()), stats, sizes)
+    return list({id(p): p for p in parts}.values())
 
 
 def needs_stats(mapping: Mapping) -> bool:

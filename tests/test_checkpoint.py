@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shlex
 import struct
@@ -171,9 +172,21 @@ def test_opening_reads_only_the_header_and_get_reads_only_that_tensor(tmp_path, 
     ckpt = open_checkpoint(path)
     assert counter[0] == 8 + header_length(path) < path.stat().st_size // 100
     assert ckpt.bytes_read == 0
+    mapped: list[tuple[int, int]] = []  # (offset, length) of every mapping get() makes
+    real_mmap = checkpoint_module.mmap.mmap
+
+    def recording_mmap(fd, length, **kw):
+        mapped.append((kw.get("offset", 0), length))
+        return real_mmap(fd, length, **kw)
+
+    monkeypatch.setattr(checkpoint_module.mmap, "mmap", recording_mmap)
     counter[0] = 0
     assert torch.equal(ckpt.get("t7"), tensors["t7"])
-    assert counter[0] == ckpt.bytes_read == 64 * 64 * 4
+    info = ckpt.tensors["t7"]
+    ((offset, length),) = mapped  # one mapping: the tensor's own bytes, from the page holding its start
+    assert offset <= info.offset and offset + length == info.offset + info.nbytes
+    assert info.offset - offset < mmap.ALLOCATIONGRANULARITY
+    assert counter[0] == 0 and ckpt.bytes_read == 64 * 64 * 4  # no read() of data
 
 
 def test_data_is_read_at_get_time_not_at_open_time(tmp_path):
