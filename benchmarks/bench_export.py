@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -340,7 +341,7 @@ def main() -> None:
             if only is not None and kind not in only:
                 continue
             best: Result | None = None
-            peak = 0
+            peak, walls = 0, []
             for _ in range(args.repeat):
                 if cache == "cold":
                     evict_from_page_cache(teacher_dir / TEACHER_FILE)
@@ -349,6 +350,7 @@ def main() -> None:
                 load = loadavg()
                 r = measure(kind, strategy, teacher_dir, args.out / f"student-{kind}-{strategy or 'none'}", student)
                 peak = max(peak, r.peak_rss)
+                walls.append(r.wall_s)
                 heap = r.extra.get("glibc_heap_at_end") or {}
                 held = f", glibc heap free-but-held at end {heap['free_held'] / GB:.3f} GB" if heap else ""
                 print(f"  [{cache}] {label}: {r.wall_s:.2f} s, peak RSS {r.peak_rss / GB:.3f} GB{held}, load {load}",
@@ -357,6 +359,7 @@ def main() -> None:
                     best, best_load = r, load
             assert best is not None
             best.peak_rss = peak
+            best.extra["median_wall_s"] = statistics.median(walls)
             rows.append((label, cache, best, best_load))
     try:
         args.out.rmdir()
@@ -367,14 +370,16 @@ def main() -> None:
 
 
 def report(rows: list[tuple[str, str, Result, str]]) -> None:
-    floor = {cache: r.wall_s for _, cache, r, _ in rows if r.kind == "read-needed"}
+    floor = {cache: r for _, cache, r, _ in rows if r.kind == "read-needed"}
     print()
-    print("| path | cache | wall s | peak RSS GB | teacher bytes read GB | OS read_bytes GB | rchar GB "
-          "| vs needed-bytes read time | load avg 1/5/15 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| path | cache | wall s (best) | wall s (median) | peak RSS GB | teacher bytes read GB | OS read_bytes GB "
+          "| rchar GB | vs needed-bytes read time (best / median) | load avg 1/5/15 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, cache, r, load in rows:
-        print(f"| {label} | {cache} | {r.wall_s:.2f} | {r.peak_rss / GB:.3f} | {r.teacher_bytes / GB:.3f} "
-              f"| {r.os_read_bytes / GB:.3f} | {r.os_rchar / GB:.3f} | {r.wall_s / floor[cache]:.2f}x | {load} |")
+        median, base = r.extra["median_wall_s"], floor[cache]
+        print(f"| {label} | {cache} | {r.wall_s:.2f} | {median:.2f} | {r.peak_rss / GB:.3f} | {r.teacher_bytes / GB:.3f} "
+              f"| {r.os_read_bytes / GB:.3f} | {r.os_rchar / GB:.3f} | {r.wall_s / base.wall_s:.2f}x / "
+              f"{median / base.extra['median_wall_s']:.2f}x | {load} |")
     print()
     print("GB = 1e9 bytes. peak RSS: VmHWM of the run's own process (includes ~"
           f"{min(r.start_rss for _, _, r, _ in rows) / GB:.2f} GB of interpreter + torch after imports). "
@@ -385,9 +390,9 @@ def report(rows: list[tuple[str, str, Result, str]]) -> None:
         if r.kind != "stream":
             continue
         rss_ok = r.peak_rss < 1.5 * GB
-        time_ok = r.wall_s <= 2 * floor[cache]
+        time_ok = r.wall_s <= 2 * floor[cache].wall_s
         print(f"target [{cache}] {label}: peak RSS {r.peak_rss / GB:.3f} GB < 1.5 GB: {'MET' if rss_ok else 'MISSED'}; "
-              f"wall {r.wall_s:.2f} s <= 2 x {floor[cache]:.2f} s: {'MET' if time_ok else 'MISSED'}")
+              f"best wall {r.wall_s:.2f} s <= 2 x {floor[cache].wall_s:.2f} s: {'MET' if time_ok else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import torch
 
@@ -24,9 +26,11 @@ from .spectra import singular_values
 from .strategy import Strategy
 
 Progress = Callable[[int, int, str], None]
+T, R = TypeVar("T"), TypeVar("R")
 Tensors = Literal["keep", "yield", "numbers"]
 PLANS_KEPT = 8  # projected entries are cached for this many recent strategies + rules (sliders moved back)
 SPECTRA_KEPT = 256
+WORKERS = 3  # entries projected at once, in threads: torch alone keeps 2 cores only partly busy here (-15%)
 
 
 @dataclass
@@ -37,20 +41,24 @@ class TensorCache:
     budget: int = 1 << 30
     items: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
     used: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
 
     def __call__(self, key: str) -> torch.Tensor:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
         t = self.read(key)
         size = t.numel() * t.element_size()
         if size <= self.budget:
             t = t.clone()  # own the memory: a memory-mapped view would keep the file pages pinned
-            self.items[key] = t
-            self.used += size
-            while self.used > self.budget:
-                _, old = self.items.popitem(last=False)
-                self.used -= old.numel() * old.element_size()
+            with self.lock:
+                if key not in self.items:
+                    self.items[key] = t
+                    self.used += size
+                while self.used > self.budget:
+                    _, old = self.items.popitem(last=False)
+                    self.used -= old.numel() * old.element_size()
         return t
 
 
@@ -115,6 +123,8 @@ class Projector:
             self._results.popitem(last=False)
         entries = plan.mapping.entries if keys is None else [plan.mapping.entry(k) for k in keys]
         usable = [self._usable(cache.get(e.student_key), tensors) for e in entries]
+        computed = in_order(lambda e: project_entry(e, plan, self.read, self.device, self.svd, self.stats.squared_norm),
+                            [e for e, ok in zip(entries, usable) if not ok], WORKERS)
         for i in read_ahead([[] if ok else [p.teacher_key for p in e.parts] for e, ok in zip(entries, usable)],
                             self.teacher.prefetch):
             entry = entries[i]
@@ -122,7 +132,7 @@ class Projector:
                 progress(i, len(entries), entry.student_key)
             found = cache.get(entry.student_key)
             if not usable[i]:
-                found = project_entry(entry, plan, self.read, self.device, self.svd, self.stats.squared_norm)
+                found = next(computed)
                 cache[entry.student_key] = found if tensors == "keep" else _numbers(found)
             yield _numbers(found) if tensors == "numbers" else found
         if progress:
@@ -180,6 +190,23 @@ class Projector:
             out["energy_by_layer"] = energy_by(results)
             out["energy_by_kind"] = energy_by(results, kind_of)
         return out
+
+
+def in_order(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
+    """fn(item) for every item, yielded in order, with up to `workers` computed at once in threads."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="project")
+    try:
+        pending = deque(pool.submit(fn, item) for item in items[:workers])
+        for item in items[workers:] + [None] * workers:
+            done = pending.popleft().result()
+            if item is not None:
+                pending.append(pool.submit(fn, item))  # before yielding: the worker stays busy meanwhile
+            yield done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _numbers(r: Projected) -> Projected:

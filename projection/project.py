@@ -4,6 +4,7 @@ Peak memory is the student plus the largest group of teacher tensors feeding one
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -54,15 +55,21 @@ class SvdCache:
 
     budget: int = 512 << 20
     items: OrderedDict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
 
     def bases(self, key: str, w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         wanted = (key, max(rows, cols) > min(w.shape))
-        if wanted not in self.items:
-            self.items[wanted] = svd_bases(w, wanted[1])
+        with self.lock:
+            found = self.items.get(wanted)
+            if found is not None:
+                self.items.move_to_end(wanted)
+                return found
+        found = svd_bases(w, wanted[1])  # outside the lock: other matrices' SVDs run meanwhile
+        with self.lock:
+            self.items[wanted] = found
             while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget and len(self.items) > 1:
                 self.items.popitem(last=False)
-        self.items.move_to_end(wanted)
-        return self.items[wanted]
+        return found
 
 
 def is_run(idx: torch.Tensor) -> bool:

@@ -6,6 +6,8 @@ import math
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from safetensors.torch import save_file
 import projection.project as project_module
 from projection import Projector, Strategy, open_checkpoint
 from projection.checkpoint import read_ahead
-from projection.pipeline import PLANS_KEPT
+from projection.pipeline import PLANS_KEPT, in_order
 from projection.project import SvdCache, gather_rows_and_columns, select, svd_project
 from projection.spectra import slice_energy, squared_norm
 
@@ -179,3 +181,30 @@ def test_map_into_a_closed_pipe_stops_quietly(demo_dir):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert err == ""
+
+
+def test_in_order_keeps_order_bounds_work_in_flight_and_raises():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow_square(x: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01 * (x % 3))  # later items often finish first
+        with lock:
+            running[0] -= 1
+        return x * x
+
+    assert list(in_order(slow_square, list(range(12)), 3)) == [x * x for x in range(12)]
+    assert 1 < peak[0] <= 3
+    assert list(in_order(slow_square, [2], 3)) == [4] and list(in_order(slow_square, [], 3)) == []
+
+    def fails_on_5(x: int) -> int:
+        if x == 5:
+            raise ValueError("item 5")
+        return x
+
+    results = in_order(fails_on_5, list(range(9)), 3)
+    assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="item 5"):
+        next(results)
