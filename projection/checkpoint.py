@@ -16,7 +16,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -141,19 +141,6 @@ class Checkpoint:
             for fd in self._handles.values():
                 os.close(fd)
             self._handles.clear()
-
-
-def read_ahead(groups: Sequence[Sequence[str]], prefetch: Callable[[Sequence[str]], None] | None,
-               depth: int = 2) -> Iterator[int]:
-    """0 .. len(groups)-1; before yielding i, asks for group i + depth to be prefetched (groups 0..depth at the
-    start), so reading the next tensors overlaps the work on this one."""
-    if prefetch is not None:
-        for g in groups[:depth]:
-            prefetch(g)
-    for i in range(len(groups)):
-        if prefetch is not None and i + depth < len(groups):
-            prefetch(groups[i + depth])
-        yield i
 
 
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:

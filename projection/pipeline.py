@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
 from .anatomy import SPACES
-from .checkpoint import read_ahead
 from .mapping import Mapping, Rule, build_mapping
 from .measure import energy_by, kind_of, mean_energy
 from .models import ModelView, open_student, open_teacher
@@ -24,13 +22,12 @@ from .plan import Plan, TeacherStats, make_plan, needs_stats
 from .project import Projected, SvdCache, pick_device, project_entry
 from .spectra import singular_values
 from .strategy import Strategy
+from .streaming import WORKERS, in_order, read_ahead
 
 Progress = Callable[[int, int, str], None]
-T, R = TypeVar("T"), TypeVar("R")
 Tensors = Literal["keep", "yield", "numbers"]
 PLANS_KEPT = 8  # projected entries are cached for this many recent strategies + rules (sliders moved back)
 SPECTRA_KEPT = 256
-WORKERS = 3  # entries projected at once, in threads: torch alone keeps 2 cores only partly busy here (-15%)
 
 
 @dataclass
@@ -190,23 +187,6 @@ class Projector:
             out["energy_by_layer"] = energy_by(results)
             out["energy_by_kind"] = energy_by(results, kind_of)
         return out
-
-
-def in_order(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
-    """fn(item) for every item, yielded in order, with up to `workers` computed at once in threads."""
-    if workers <= 1 or len(items) <= 1:
-        yield from map(fn, items)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="project")
-    try:
-        pending = deque(pool.submit(fn, item) for item in items[:workers])
-        for item in items[workers:] + [None] * workers:
-            done = pending.popleft().result()
-            if item is not None:
-                pending.append(pool.submit(fn, item))  # before yielding: the worker stays busy meanwhile
-            yield done
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _numbers(r: Projected) -> Projected:

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import torch
 
 from .anatomy import SPACES
-from .checkpoint import read_ahead
 from .mapping import Mapping, Part
 from .spectra import slice_energy
+from .streaming import read_ahead
 from .student import rope_frequencies
 
 SpaceKey = tuple[str, "int | None"]  # (space, teacher block or None for global spaces)
