@@ -377,7 +377,8 @@ def report(rows: list[tuple[str, str, Result, str]]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, cache, r, load in rows:
         median, base = r.extra["median_wall_s"], floor[cache]
-        print(f"| {label} | {cache} | {r.wall_s:.2f} | {median:.2f} | {r.peak_rss / GB:.3f} | {r.teacher_bytes / GB:.3f} "
+        print(f"| {label} | {cache} | {r.wall_s:.2f} | {median:.2f} | {r.peak_rss / GB:.3f} "
+              f"| {r.teacher_bytes / GB:.3f} "
               f"| {r.os_read_bytes / GB:.3f} | {r.os_rchar / GB:.3f} | {r.wall_s / base.wall_s:.2f}x / "
               f"{median / base.extra['median_wall_s']:.2f}x | {load} |")
     print()

@@ -14,7 +14,6 @@ import shutil
 import struct
 import time
 import uuid
-from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import ProjectionError
-from .pipeline import Progress, Projector, entry_rows
+from .pipeline import Progress, Projector, entry_rows, numbers_only
 from .student import build_student
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,7 +176,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
             for r in projector.stream(progress=progress, tensors="yield"):
                 if r.tensor is not None:
                     writer.write(student.native.get(r.entry.student_key, r.entry.student_key), r.tensor)
-                results.append(replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None else r)
+                results.append(numbers_only(r))
         if writer.missing:
             raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")
         files = writer.names

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from .anatomy import SPACES
-from .mapping import Mapping, Rule, build_mapping
+from .mapping import Entry, Mapping, Rule, build_mapping
 from .measure import energy_by, kind_of, mean_energy
 from .models import ModelView, open_student, open_teacher
 from .plan import Plan, TeacherStats, make_plan, needs_stats
@@ -120,8 +120,11 @@ class Projector:
             self._results.popitem(last=False)
         entries = plan.mapping.entries if keys is None else [plan.mapping.entry(k) for k in keys]
         usable = [self._usable(cache.get(e.student_key), tensors) for e in entries]
-        computed = in_order(lambda e: project_entry(e, plan, self.read, self.device, self.svd, self.stats.squared_norm),
-                            [e for e, ok in zip(entries, usable) if not ok], WORKERS)
+
+        def work(entry: Entry) -> Projected:  # runs in worker threads: touches only thread-safe caches
+            return project_entry(entry, plan, self.read, self.device, self.svd, self.stats.squared_norm)
+
+        computed = in_order(work, [e for e, ok in zip(entries, usable) if not ok], WORKERS)
         for i in read_ahead([[] if ok else [p.teacher_key for p in e.parts] for e, ok in zip(entries, usable)],
                             self.teacher.prefetch):
             entry = entries[i]
@@ -130,8 +133,8 @@ class Projector:
             found = cache.get(entry.student_key)
             if not usable[i]:
                 found = next(computed)
-                cache[entry.student_key] = found if tensors == "keep" else _numbers(found)
-            yield _numbers(found) if tensors == "numbers" else found
+                cache[entry.student_key] = found if tensors == "keep" else numbers_only(found)
+            yield numbers_only(found) if tensors == "numbers" else found
         if progress:
             progress(len(entries), len(entries), "done")
 
@@ -189,7 +192,7 @@ class Projector:
         return out
 
 
-def _numbers(r: Projected) -> Projected:
+def numbers_only(r: Projected) -> Projected:
     """The entry's numbers without its tensor (an empty one stands in)."""
     return replace(r, tensor=r.tensor.new_empty(0)) if r.tensor is not None and r.tensor.numel() else r
 
