@@ -1,6 +1,7 @@
 """Execute a plan: stream teacher tensors one student entry at a time, project on the device, release.
 
-Peak memory is the student plus the largest group of teacher tensors feeding one student entry.
+Peak memory is the teacher tensors and results of the few entries in flight (see `streaming.WORKERS`); an export
+writes each result as it comes, so the student is never whole in memory either.
 """
 from __future__ import annotations
 
