@@ -187,13 +187,7 @@ class Session:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
         if strategy.device == "cuda" and not torch.cuda.is_available():
             raise ProjectionError("device 'cuda' chosen but CUDA is not available on this machine; pick cpu or auto")
-        old = self.projector.strategy
-        self.projector.strategy = strategy
-        try:
-            _mapped(self.projector)
-        except ProjectionError:
-            self.projector.strategy = old
-            raise
+        self._remap(strategy=strategy)
 
     def update_strategy(self, **fields: Any) -> None:
         self.set_strategy(self.strategy.model_copy(update=fields))
@@ -209,12 +203,19 @@ class Session:
         parsed = parse_rules(text, "rules")
         preset = preset_rules(self.projector.student.layout)
         user = {k: v for k, v in parsed.items() if preset.get(k) != v}
-        old = self.projector.rules
-        self.projector.rules = user
+        self._remap(rules=user)
+
+    def _remap(self, **changes: Any) -> None:
+        """Set the projector's strategy and/or rules and map at once; if the core rejects the mapping, the old
+        values stay in place."""
+        old = {name: getattr(self.projector, name) for name in changes}
+        for name, value in changes.items():
+            setattr(self.projector, name, value)
         try:
             _mapped(self.projector)
         except ProjectionError:
-            self.projector.rules = old
+            for name, value in old.items():
+                setattr(self.projector, name, value)
             raise
 
     # ------------------------------------------------------------ numbers
