@@ -59,6 +59,13 @@ def theme() -> gr.themes.Base:
                           font=system, font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
 
 
+def _toast(title: str) -> Callable[[ProjectionError], dict]:
+    """A rejection shown as an error toast with this title."""
+    def fail(exc: ProjectionError) -> dict:
+        raise gr.Error(str(exc), title=title) from exc
+    return fail
+
+
 def _progress(progress: gr.Progress, label: str) -> Callable[[int, int, str], None]:
     def report(i: int, n: int, what: str) -> None:
         progress((i, n), desc=f"{label}: {what}")
@@ -374,67 +381,65 @@ class Inspector:
         })
         return out
 
-    def set_strategy(self, state: Session | None, method: str, width: str, heads: str, head_dim: str, ffn: str,
-                     conv: str, rescale: str, seed: float | None, statuses: list[str], search: str, sort: str,
-                     key: str | None) -> dict:
+    def _refresh(self, state: Session | None, view: tuple[list[str], str, str, str | None],
+                 change: Callable[[Session], None], rejected: Callable[[ProjectionError], dict] | None = None,
+                 extra: Callable[[Session], dict] | None = None) -> dict:
+        """What every control that changes the projection does. Apply `change` under the session's lock. If the
+        core rejects it, `rejected` answers (a toast or an inline message); otherwise re-measure (small teachers),
+        redraw with the table `view`, and add `extra`'s updates. The refresh line reports the time taken and the
+        teacher bytes this refresh read."""
         started = time.perf_counter()
         s = self._session(state)
         with s.lock:
             read = s.bytes_read
+            try:
+                change(s)
+            except ProjectionError as exc:
+                if rejected is None:
+                    raise
+                return rejected(exc)
+            s.measure()
+            out = self._render(s, *view, started, read)
+            return {**out, **extra(s)} if extra is not None else out
+
+    def set_strategy(self, state: Session | None, method: str, width: str, heads: str, head_dim: str, ffn: str,
+                     conv: str, rescale: str, seed: float | None, statuses: list[str], search: str, sort: str,
+                     key: str | None) -> dict:
+        def change(s: Session) -> None:
             fields: dict[str, Any] = {"width": width, "heads": heads, "head_dim": head_dim, "ffn": ffn,
                                       "conv": conv, "rescale": rescale,
                                       "seed": int(seed) if seed is not None else s.strategy.seed}
             if method != "custom":
                 fields["layers"] = method
-            try:
-                s.update_strategy(**fields)
-            except ProjectionError as exc:
-                raise gr.Error(str(exc), title="Strategy rejected") from exc
-            s.measure()
-            return self._render(s, statuses, search, sort, key, started, read)
+            s.update_strategy(**fields)
+
+        return self._refresh(state, (statuses, search, sort, key), change, _toast("Strategy rejected"))
 
     def set_layers(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
                    *sliders: float) -> dict:
-        started = time.perf_counter()
-        s = self._session(state)
-        with s.lock:
-            read = s.bytes_read
+        def change(s: Session) -> None:
             layers = [int(v) for v in sliders[:len(s.mapping.layers)]]
-            try:
-                s.update_strategy(layers=layers)
-            except ProjectionError as exc:
-                raise gr.Error(str(exc), title="Layers rejected") from exc
+            s.update_strategy(layers=layers)
             s.shown_layers = layers  # the sliders already show them
-            s.measure()
-            return self._render(s, statuses, search, sort, key, started, read)
+
+        return self._refresh(state, (statuses, search, sort, key), change, _toast("Layers rejected"))
 
     def measure(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
                 progress: gr.Progress = gr.Progress()) -> dict:
-        started = time.perf_counter()
-        s = self._session(state)
-        with s.lock:
-            read = s.bytes_read
-            s.measure(force=True, progress=_progress(progress, "projecting"))
-            return self._render(s, statuses, search, sort, key, started, read)
+        return self._refresh(state, (statuses, search, sort, key),
+                             lambda s: s.measure(force=True, progress=_progress(progress, "projecting")))
 
     def apply_rules(self, state: Session | None, text: str, statuses: list[str], search: str, sort: str,
                     key: str | None) -> dict:
-        started = time.perf_counter()
-        s = self._session(state)
-        with s.lock:
-            read = s.bytes_read
-            try:
-                s.set_rules(text)
-            except ProjectionError as exc:
-                return {self.rules_msg: cards.inline_error(str(exc))}
-            s.measure()
-            out = self._render(s, statuses, search, sort, key, started, read)
+        def applied(s: Session) -> dict:
             cov = s.mapping.coverage()["keys"]
-            out.update({self.rules: _rules_text(s),
-                        self.rules_msg: cards.inline_ok(f"Applied: {cov['transferred']} of {cov['total']} student "
-                                                        f"keys now transfer."),
-                        **self._spectra_pickers(s)})
-            return out
+            return {self.rules: _rules_text(s),
+                    self.rules_msg: cards.inline_ok(f"Applied: {cov['transferred']} of {cov['total']} student "
+                                                    f"keys now transfer."),
+                    **self._spectra_pickers(s)}
+
+        return self._refresh(state, (statuses, search, sort, key), lambda s: s.set_rules(text),
+                             lambda exc: {self.rules_msg: cards.inline_error(str(exc))}, applied)
 
     def filter_table(self, state: Session | None, statuses: list[str], search: str, sort: str) -> Any:
         s = self._session(state)
@@ -474,23 +479,19 @@ class Inspector:
 
     def apply_strategy_yaml(self, state: Session | None, text: str, statuses: list[str], search: str, sort: str,
                             key: str | None) -> dict:
-        started = time.perf_counter()
-        s = self._session(state)
-        with s.lock:
-            read = s.bytes_read
-            try:
-                strategy = Strategy.from_yaml(text, "strategy")
-                if strategy.expert != s.strategy.expert:
-                    raise ProjectionError("strategy: the expert is chosen with the teacher (Sources tab); "
-                                          f"this session uses expert {s.strategy.expert}")
-                s.set_strategy(strategy)
-            except ProjectionError as exc:
-                return {self.strategy_msg: cards.inline_error(str(exc))}
-            s.measure()
-            out = self._render(s, statuses, search, sort, key, started, read)
-            out.update({**{self.controls[f]: getattr(strategy, f) for f in STRATEGY_FIELDS},
-                        self.seed: strategy.seed, self.strategy_msg: cards.inline_ok("Strategy applied.")})
-            return out
+        def change(s: Session) -> None:
+            strategy = Strategy.from_yaml(text, "strategy")
+            if strategy.expert != s.strategy.expert:
+                raise ProjectionError("strategy: the expert is chosen with the teacher (Sources tab); "
+                                      f"this session uses expert {s.strategy.expert}")
+            s.set_strategy(strategy)
+
+        def applied(s: Session) -> dict:
+            return {**{self.controls[f]: getattr(s.strategy, f) for f in STRATEGY_FIELDS},
+                    self.seed: s.strategy.seed, self.strategy_msg: cards.inline_ok("Strategy applied.")}
+
+        return self._refresh(state, (statuses, search, sort, key), change,
+                             lambda exc: {self.strategy_msg: cards.inline_error(str(exc))}, applied)
 
     def load_strategy_file(self, state: Session | None, file: Any, *rest: Any) -> dict:
         path = file if isinstance(file, str) else getattr(file, "name", None)
