@@ -95,7 +95,7 @@ def main() -> None:
         try:
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             t0 = time.perf_counter()
-            client.predict("demo/teacher-wan", "single model", "file", "demo/student-wanlite.yaml", "wanlite",
+            client.predict("demo/teacher-wan", "single model", "file", "demo/student-wanlite.yaml", None, "wanlite",
                            128, 4, 2, 384, *TABLE, None, api_name="/load")
             loaded = time.perf_counter() - t0
 

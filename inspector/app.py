@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+import torch
 import yaml
 from gradio.components.plot import PlotData
 
@@ -122,8 +123,11 @@ class Inspector:
                 gr.Markdown("### Student")
                 self.student_kind = gr.Radio([("Config or checkpoint file", "file"), ("Form", "form")],
                                              value="file", label="Student from")
-                self.student_path = gr.Textbox(c.student, label="Student config (.yaml/.json) or checkpoint to fill",
-                                               elem_id="student-path")
+                with gr.Row() as self.student_file:
+                    self.student_path = gr.Textbox(c.student, elem_id="student-path", scale=3,
+                                                   label="Student config (.yaml/.json) or checkpoint to fill")
+                    self.student_heads = gr.Number(0, label="Heads", precision=0, elem_id="student-heads", scale=1,
+                                                   min_width=160, info="0: as recorded, else inferred")
                 with gr.Row(visible=False) as self.form:
                     self.layout = gr.Dropdown([("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")],
                                               value="wanlite", label="Layout", min_width=200)
@@ -242,7 +246,8 @@ class Inspector:
             self.out_dir = gr.Textbox(unique_export_name("student"), scale=3, elem_id="out-dir",
                                       label=f"Output folder (new, under {self.config.roots.base})")
             self.dtype = gr.Radio(_choices("dtype"), value=s.dtype, label="dtype", scale=2)
-            self.device = gr.Radio(_choices("device"), value=s.device, label="device", scale=1)
+            devices = [d for d in _choices("device") if d != "cuda" or torch.cuda.is_available()]
+            self.device = gr.Radio(devices, value=s.device, label="device", scale=1)
         self.export_btn = gr.Button("Export student", variant="primary", elem_id="export-button")
         self.export_msg = gr.HTML(elem_id="export-msg")
         self.export_files = gr.File(label="Downloads", file_count="multiple", interactive=False,
@@ -262,14 +267,14 @@ class Inspector:
 
     def _wire(self) -> None:
         t = [self.statuses, self.search, self.sort, self.key]
-        sources = [self.teacher, self.expert, self.student_kind, self.student_path, self.layout, self.dim,
-                   self.num_layers, self.num_heads, self.ffn_dim]
+        sources = [self.teacher, self.expert, self.student_kind, self.student_path, self.student_heads, self.layout,
+                   self.dim, self.num_layers, self.num_heads, self.ffn_dim]
         controls = list(self.controls.values())
         loaded = [self.source_msg, self.rules, self.rules_msg, self.key, self.spec_layer, self.spec_matrix, *controls,
                   self.seed, self.dtype, self.device, self.out_dir, self.a_yaml, self.b_yaml]
 
         self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
-                                 self.student_kind, [self.student_path, self.form], api_visibility="private")
+                                 self.student_kind, [self.student_file, self.form], api_visibility="private")
         self.load_btn.click(self.load, [self.state, *sources, *t], self._view + loaded, api_name="load")
         self.blocks.load(self.load, [self.state, *sources, *t], self._view + loaded, api_visibility="private")
         if self.config.demo_dir is not None:
@@ -294,8 +299,8 @@ class Inspector:
                            api_name="set_layers" if i == 0 else None, api_visibility="public" if i == 0 else "private")
         self.energy_btn.click(self.measure, [self.state, *t], self._view, api_name="measure")
         self.apply_rules_btn.click(self.apply_rules, [self.state, self.rules, *t],
-                                   self._view + [self.rules, self.rules_msg, self.spec_layer, self.spec_matrix],
-                                   api_name="apply_rules")
+                                   self._view + [self.rules, self.rules_msg, self.source_msg, self.spec_layer,
+                                                 self.spec_matrix], api_name="apply_rules")
 
         for i, event in enumerate((self.statuses.input, self.search.input, self.search.submit, self.sort.input)):
             event(self.filter_table, [self.state, self.statuses, self.search, self.sort], self.table,
@@ -341,9 +346,10 @@ class Inspector:
             raise gr.Error("Load a teacher and a student first (Sources tab).", title="Nothing loaded")
         return state
 
-    def load(self, state: Session | None, teacher: str, expert: str, kind: str, student_path: str, layout: str,
-             dim: float, num_layers: float, num_heads: float, ffn_dim: float, statuses: list[str], search: str,
-             sort: str, key: str | None, progress: gr.Progress = gr.Progress()) -> dict:
+    def load(self, state: Session | None, teacher: str, expert: str, kind: str, student_path: str,
+             student_heads: float | None, layout: str, dim: float, num_layers: float, num_heads: float, ffn_dim: float,
+             statuses: list[str], search: str, sort: str, key: str | None,
+             progress: gr.Progress = gr.Progress()) -> dict:
         started = time.perf_counter()
         roots = self.config.roots
         chosen_expert = None if expert in (None, "", NO_EXPERT) else expert
@@ -355,9 +361,11 @@ class Inspector:
                                                                      ("num_heads", num_heads), ("ffn_dim", ffn_dim))}}
             else:
                 student = roots.source(student_path, "student")
+            # 0 or blank: the heads the student records, else inferred and flagged
+            heads = _positive(student_heads, "heads") if kind != "form" and student_heads else None
             progress(0.1, desc="reading headers")
             strategy = state.strategy if state is not None else self.config.strategy
-            session = Session.open(teacher_src, student, chosen_expert, strategy)
+            session = Session.open(teacher_src, student, chosen_expert, strategy, num_heads=heads)
         except ProjectionError as exc:
             raise gr.Error(str(exc), title="Cannot load", duration=None) from exc
         if session.auto_energy:
@@ -370,8 +378,7 @@ class Inspector:
         s, key = session.strategy, _default_key(session) if session.auto_energy else None
         out = self._render(session, statuses, search, sort, key, started, 0)
         out.update({
-            self.source_msg: cards.inline_ok(f"Loaded in {time.perf_counter() - started:.1f} s: "
-                                             f"{len(session.mapping.entries)} student keys mapped from headers."),
+            self.source_msg: _keys_mapped(session, f"Loaded in {time.perf_counter() - started:.1f} s (headers only): "),
             self.rules: _rules_text(session), self.rules_msg: "",
             self.key: gr.update(choices=[e.student_key for e in session.mapping.entries], value=key),
             **self._spectra_pickers(session),
@@ -432,11 +439,8 @@ class Inspector:
     def apply_rules(self, state: Session | None, text: str, statuses: list[str], search: str, sort: str,
                     key: str | None) -> dict:
         def applied(s: Session) -> dict:
-            cov = s.mapping.coverage()["keys"]
-            return {self.rules: _rules_text(s),
-                    self.rules_msg: cards.inline_ok(f"Applied: {cov['transferred']} of {cov['total']} student "
-                                                    f"keys now transfer."),
-                    **self._spectra_pickers(s)}
+            return {self.rules: _rules_text(s), self.rules_msg: _keys_mapped(s, "Applied: "),
+                    self.source_msg: _keys_mapped(s, "With the rules applied: "), **self._spectra_pickers(s)}
 
         return self._refresh(state, (statuses, search, sort, key), lambda s: s.set_rules(text),
                              lambda exc: {self.rules_msg: cards.inline_error(str(exc))}, applied)
@@ -666,6 +670,8 @@ class Inspector:
         lines += ["cat > strategy.yaml <<'EOF'", s.strategy.to_yaml().rstrip(), "EOF"]
         command = (f"projection export --teacher {shlex.quote(roots.display(s.teacher_source))} "
                    f"--student {shlex.quote(student)} --strategy strategy.yaml")
+        if s.num_heads:
+            command += f" --num-heads {s.num_heads}"
         if s.projector.rules:
             lines += ["cat > rules.yaml <<'EOF'", rules_to_yaml(s.projector.rules).rstrip(), "EOF"]
             command += " --rules rules.yaml"
@@ -694,6 +700,15 @@ def _default_key(s: Session) -> str | None:
         if found:
             return found
     return None
+
+
+def _keys_mapped(s: Session, prefix: str) -> str:
+    """How many student keys map to a teacher key, flagged when none do."""
+    keys = s.mapping.coverage()["keys"]
+    text = f"{prefix}{keys['transferred']} of {keys['total']} student keys map to a teacher key"
+    if keys["transferred"] == 0:
+        return cards.inline_error(f"{text}: nothing transfers until rules map them (Rules tab).")
+    return cards.inline_ok(f"{text}.")
 
 
 def _rules_text(s: Session) -> str:

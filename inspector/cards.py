@@ -29,6 +29,17 @@ def _config_line(cfg: dict[str, Any]) -> str:
     return " · ".join(parts) or "config unknown"
 
 
+def _heads_inferred(s: dict[str, Any]) -> str:
+    """A guess, shown as one: a state dict does not record heads."""
+    if not s.get("heads_inferred"):
+        return ""
+    cfg = s["config"]
+    shape = f"{cfg['num_heads']} × {cfg['head_dim']}" if cfg.get("head_dim") else str(cfg["num_heads"])
+    return (f'<div class="card-line heads-inferred" title="Set them in the Sources tab (Heads), with --num-heads, '
+            f'or in a config.json beside the checkpoint">⚠ heads inferred: {shape}; the checkpoint does not record '
+            f'heads</div>')
+
+
 def _dtypes(d: dict[str, int]) -> str:
     return ", ".join(d) if len(d) <= 2 else f"{len(d)} dtypes"
 
@@ -41,7 +52,7 @@ def model_card(side: str, s: dict[str, Any]) -> str:
     return (f'<div class="card model-card" data-side="{side}" style="border-top: 4px solid {color}">'
             f'<div class="card-title">{side.capitalize()}</div>'
             f'<div class="card-main">{escape(family)}{expert}</div>'
-            f'<div class="card-line">{_config_line(s["config"])}</div>'
+            f'<div class="card-line">{_config_line(s["config"])}</div>{_heads_inferred(s)}'
             f'<div class="card-line"><b>{human_count(s["params"])}</b> params · {_dtypes(s["dtypes"])} · '
             f'{human_bytes(s["bytes"])} · {escape(files)}</div>'
             f'<div class="card-source" title="{escape(s["source"])}">{escape(s["source"])}</div></div>')

@@ -26,7 +26,7 @@ from projection.mapping import Entry, Mapping, preset_rules, rules_to_yaml
 from projection.measure import energy_by, layer_of
 from projection.pipeline import entry_rows
 from projection.plan import needs_stats
-from projection.project import Projected
+from projection.project import Projected, pick_device
 from projection.spectra import as_matrix, cumulative_energy, singular_values
 
 CACHE_BYTES = 1 << 30  # teacher tensors kept between refreshes
@@ -106,6 +106,7 @@ class Session:
     projector: Projector
     teacher_source: str  # as resolved (absolute path or hub id)
     student_source: str | dict[str, Any]
+    num_heads: int | None = None  # set by the user for a student checkpoint (a state dict does not record heads)
     lock: threading.Lock = field(default_factory=threading.Lock)
     measures: OrderedDict[str, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
     shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
@@ -117,18 +118,19 @@ class Session:
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None, strategy: Strategy,
-             rules: dict[str, Any] | None = None) -> Session:
+             rules: dict[str, Any] | None = None, num_heads: int | None = None) -> Session:
         strategy = strategy.model_copy(update={"expert": expert})
         try:
             p = _mapped(Projector.open(teacher, student, expert=expert, strategy=strategy, rules=rules,
-                                       cache_bytes=CACHE_BYTES))
+                                       cache_bytes=CACHE_BYTES, num_heads=num_heads))
         except ProjectionError as exc:
             if not isinstance(strategy.layers, list) or "layers:" not in str(exc):
                 raise
             # A layer list chosen for another student: fall back to the uniform stride.
             p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, cache_bytes=CACHE_BYTES,
-                                       strategy=strategy.model_copy(update={"layers": "uniform"})))
-        return cls(p, teacher, student)
+                                       strategy=strategy.model_copy(update={"layers": "uniform"}),
+                                       num_heads=num_heads))
+        return cls(p, teacher, student, num_heads)
 
     def close(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -185,8 +187,7 @@ class Session:
 
     def set_strategy(self, strategy: Strategy) -> None:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
-        if strategy.device == "cuda" and not torch.cuda.is_available():
-            raise ProjectionError("device 'cuda' chosen but CUDA is not available on this machine; pick cpu or auto")
+        pick_device(strategy.device)  # the core refuses cuda where there is none
         self._remap(strategy=strategy)
 
     def update_strategy(self, **fields: Any) -> None:
@@ -373,7 +374,8 @@ class Session:
         names = ["projection_report.json", "config.json", "strategy.yaml"]
         weights = report["provenance"]["weights"]
         if sum((out / w).stat().st_size for w in weights) <= SMALL_WEIGHTS_BYTES:
-            names += weights + (["model.safetensors.index.json"] if len(weights) > 1 else [])
+            index = report["provenance"]["weights_index"]
+            names += weights + ([index] if index else [])
         copies = self.temp_dir / out.name  # downloads come from the session's temp folder, not the root
         copies.mkdir(parents=True, exist_ok=True)
         return report, [Path(shutil.copy2(out / n, copies / n)) for n in names]

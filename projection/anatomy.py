@@ -230,7 +230,8 @@ def axes_of(canonical_key: str) -> tuple[Axis, ...] | None:
 
 
 def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, Any]:
-    """Architecture numbers from config.json where present, else from canonical shapes."""
+    """Architecture numbers from config.json where present, else from canonical shapes. Heads only where the
+    config records them: a state dict cannot tell them (see `infer_heads`)."""
     cfg: dict[str, Any] = {}
     fam = FAMILIES.get(family or "")
     for field, (key, axis) in (fam.shapes or {}).items() if fam else ():
@@ -239,23 +240,32 @@ def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config:
     if "head.head.weight" in shapes:
         cfg["out_dim"] = shapes["head.head.weight"][0] // 4
     cfg["num_layers"] = num_blocks(list(shapes))
-    heads = config.get("num_heads") or config.get("num_attention_heads")
-    if not heads and config.get("attention_head_dim") and cfg.get("dim"):
-        heads = cfg["dim"] // config["attention_head_dim"]
-    if not heads and cfg.get("dim"):
-        head_dim = fam.default_head_dim if fam else 128
-        heads = max(1, cfg["dim"] // head_dim)
-        cfg["heads_inferred"] = True
-    if heads:
-        cfg["num_heads"] = int(heads)
     for field in ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
         if field in config and field not in cfg:
             cfg[field] = config[field]
-    if cfg.get("dim") and cfg.get("num_heads"):
-        if cfg["dim"] % cfg["num_heads"]:
-            raise ProjectionError(f"width {cfg['dim']} is not divisible by num_heads {cfg['num_heads']}")
-        cfg["head_dim"] = cfg["dim"] // cfg["num_heads"]
-    return cfg
+    heads = config.get("num_heads") or config.get("num_attention_heads")
+    if not heads and config.get("attention_head_dim") and cfg.get("dim"):
+        heads = cfg["dim"] // config["attention_head_dim"]
+    return with_heads(cfg, int(heads)) if heads else cfg
+
+
+def with_heads(config: dict[str, Any], heads: int) -> dict[str, Any]:
+    """The config with `heads` heads (and the head dim they give its width)."""
+    config = {**config, "num_heads": heads}
+    if config.get("dim"):
+        if config["dim"] % heads:
+            raise ProjectionError(f"width {config['dim']} is not divisible by num_heads {heads}")
+        config["head_dim"] = config["dim"] // heads
+    return config
+
+
+def infer_heads(dim: int, teacher_head_dim: int | None, default_head_dim: int) -> int:
+    """Heads for a width whose checkpoint does not record them: keep the teacher's head dim when it divides the
+    width, else the even head dim (RoPE rotates pairs) nearest the layout's default that divides it."""
+    if teacher_head_dim and dim % teacher_head_dim == 0:
+        return dim // teacher_head_dim
+    head_dims = [d for d in range(2, dim + 1, 2) if dim % d == 0] or [dim]
+    return dim // min(head_dims, key=lambda d: (abs(d - default_head_dim), -d))
 
 
 def space_size(space: str, config: dict[str, Any]) -> int | None:

@@ -37,7 +37,7 @@ def _projector(args: argparse.Namespace):
             rules = parse_rules(Path(args.rules).read_text(), args.rules)
         except OSError as exc:
             raise ProjectionError(f"{args.rules}: cannot read rules: {exc}") from exc
-    return Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=rules)
+    return Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=rules, num_heads=args.num_heads)
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -64,6 +64,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"source   {info['source']}\nformat   {info['format']} ({len(info['files'])} file(s)){expert}")
     print(f"family   {info['family'] or 'unknown'}: {info['description']}  (layout {info['layout']})")
     print("config   " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    if info["heads_inferred"]:
+        print(f"heads    inferred: {info['config']['num_heads']} x {info['config']['head_dim']}; the checkpoint "
+              "does not record heads")
     print(f"keys     {info['keys']}\nparams   {info['params']:,}\ndtypes   {info['dtypes']}")
     print(f"size     {info['bytes'] / 1e9:.3f} GB")
 
@@ -104,6 +107,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {cov['keys']['transferred']}/{cov['keys']['total']} keys, "
           f"{cov['params']['rate']:.1%} of parameters from the teacher, mean retained energy "
           f"{report['mean_energy']:.3f}, {report['provenance']['seconds']} s")
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
 
 
 def cmd_spectra(args: argparse.Namespace) -> None:
@@ -141,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--student", required=True, help="student config (.json/.yaml) or checkpoint to fill")
         p.add_argument("--strategy", help="strategy YAML")
         p.add_argument("--expert", choices=["high", "low"], help="expert of a two-expert teacher")
+        p.add_argument("--num-heads", type=int, metavar="N",
+                       help="the student's heads: a checkpoint does not record them (default: config.json beside it, "
+                            "else inferred and flagged); for a config, overrides its num_heads")
 
     p = sub.add_parser("inspect", help="format, family, config, counts, dtypes, size")
     p.add_argument("source")
@@ -180,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `projection` alone: what it can do, not a usage error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except BrokenPipeError:  # the reader left (`projection map --csv | head`): stop quietly, as `cat` does

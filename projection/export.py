@@ -74,7 +74,7 @@ class WeightsWriter:
     each tensor at its offset as it arrives, so the student is never held whole in memory."""
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                 max_shard_bytes: int = MAX_SHARD_BYTES):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, stem: str = "model"):
         size = {k: math.prod(shape) * dtype.itemsize for k, shape in shapes.items()}
         shards: list[list[str]] = [[]]
         used = 0
@@ -84,8 +84,9 @@ class WeightsWriter:
                 used = 0
             shards[-1].append(key)
             used += size[key]
-        self.names = (["model.safetensors"] if len(shards) == 1 else
-                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self.names = ([f"{stem}.safetensors"] if len(shards) == 1 else
+                      [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self.index = f"{stem}.safetensors.index.json" if len(shards) > 1 else None
         self.dtype, self.total = dtype, sum(size.values())
         self.where: dict[str, tuple[Path, int]] = {}
         self.fds: dict[Path, int] = {}
@@ -109,7 +110,7 @@ class WeightsWriter:
                 os.ftruncate(self.fds[path], 8 + len(raw) + offset)
         if len(self.names) > 1:
             weight_map = {k: path.name for k, (path, _) in self.where.items()}
-            (folder / "model.safetensors.index.json").write_text(
+            (folder / self.index).write_text(
                 json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=1))
         self.missing = set(shapes)
 
@@ -141,6 +142,18 @@ def return_large_buffers_to_the_os() -> None:
         pass
 
 
+def config_json(projector: Projector) -> dict[str, Any]:
+    """The export's config.json: the student config the summary and report show, and the export dtype. A student
+    checkpoint's own config.json keeps its other fields, so a diffusers student stays loadable by diffusers (which
+    takes a `dtype` field as an argument: there, the weights' headers record it)."""
+    student, config = projector.student, projector.student_config
+    own = dict(student.checkpoint.config) if student.checkpoint is not None else {}
+    if student.family == "wan-diffusers":
+        own.update(num_attention_heads=config["num_heads"], attention_head_dim=config["head_dim"])
+        return {**own, **config}
+    return {**own, **config, "dtype": projector.strategy.dtype}
+
+
 def _version() -> str:
     try:
         return metadata.version("projection-inspector")
@@ -153,6 +166,10 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
     """Project every entry by streaming and write the student folder. Returns the report."""
     out = Path(out).expanduser()
     teacher = projector.teacher
+    keys = projector.mapping.coverage()["keys"]
+    if keys["transferred"] == 0:  # before anything is written
+        raise ProjectionError(f"{projector.student.source}: nothing to export: none of the student's "
+                              f"{keys['total']} keys maps to a teacher key (add rules; `projection map` shows why)")
     check_destination(out, protected_folders(projector), force)
     return_large_buffers_to_the_os()
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -169,8 +186,9 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
                    for e in projector.mapping.entries if e.status == "skipped"}
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
+        stem = "diffusion_pytorch_model" if student.family == "wan-diffusers" else "model"  # diffusers' file names
         with WeightsWriter(tmp, {student.native.get(k, k): shape for k, shape in student.shapes.items()},
-                           dtype, max_shard_bytes) as writer:
+                           dtype, max_shard_bytes, stem) as writer:
             for key, t in initial_values(projector, skipped).items():
                 writer.write(key, t)
             for r in projector.stream(progress=progress, tensors="yield"):
@@ -180,8 +198,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         if writer.missing:
             raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")
         files = writer.names
-        config = {**projector.student.config, "layout": projector.student.layout, "dtype": strategy.dtype}
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config_json(projector), indent=1))
         (tmp / "strategy.yaml").write_text(strategy.to_yaml())
         report = {
             **projector.summary(results),
@@ -196,7 +213,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
                 "device": str(projector.device), "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                 "seconds": round(time.time() - started, 3),
                 "teacher_bytes_read": (teacher.checkpoint.bytes_read - bytes_before) if teacher.checkpoint else 0,
-                "weights": files,
+                "weights": files, "weights_index": writer.index,
             },
         }
         (tmp / "projection_report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -7,6 +7,7 @@ the student block index on the student side and the teacher block chosen for it 
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .anatomy import SPACES, Axis, axes_of, space_sizes, template_of
+from .anatomy import SPACES, Axis, axes_of, infer_heads, space_sizes, template_of
 from .errors import ProjectionError
 from .models import ModelView
 from .strategy import Strategy
@@ -187,8 +188,8 @@ def _check_heads(teacher: dict[str, int], student: dict[str, int]) -> None:
     th, td, sh, sd = teacher.get("sa_heads"), teacher.get("sa_qk"), student.get("sa_heads"), student.get("sa_qk")
     if None in (th, td, sh, sd):
         return
-    if sh > th or sd > td:
-        fits = [h for h in range(th, 0, -1) if student["resid"] % h == 0 and student["resid"] // h <= td]
+    if sh > th or sd > td:  # suggest the fewest heads that fit: the largest head dim, the teacher's if it divides
+        fits = [h for h in range(1, th + 1) if student["resid"] % h == 0 and student["resid"] // h <= td]
         hint = (f"e.g. num_heads {fits[0]} (head dim {student['resid'] // fits[0]})" if fits
                 else f"a width of at most {th * td}")
         raise ProjectionError(
@@ -256,6 +257,7 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
                   rules: dict[str, Rule] | None = None) -> Mapping:
     """One entry per student key. Reads no tensor data."""
     strategy = strategy or Strategy()
+    _check_rules_match(rules or {}, student)
     rules = {**preset_rules(student.layout), **(rules or {})}
     t_sizes = space_sizes(teacher.config)
     n_student = student.config.get("num_layers", 0)
@@ -273,6 +275,21 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
     return Mapping(teacher, student, layers, entries, rules, s_sizes, t_sizes, strategy)
 
 
+def _check_rules_match(rules: dict[str, Rule], student: ModelView) -> None:
+    """A rule whose student side matches no student key is a typo, not a rule that applies to nothing."""
+    for pattern in rules:
+        regex = _rule_regex(pattern)
+        if any(regex.match(k) for k in student.shapes):
+            continue
+        parts = [k.split(".") for k in student.shapes]  # every key and module, its first index as {i}
+        modules = {re.sub(r"(^|\.)\d+(?=\.|$)", r"\1{i}", ".".join(p[:n]), count=1)
+                   for p in parts for n in range(1, len(p) + 1)}
+        close = difflib.get_close_matches(pattern, sorted(modules), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ProjectionError(f"rule '{pattern}' matches no student key (the student has {len(student.shapes)} "
+                              f"keys){hint}")
+
+
 def _infer_sizes(student: ModelView, teacher: ModelView, layers: list[int], rules: dict[str, Rule],
                  t_sizes: dict[str, int]) -> dict[str, int]:
     """Space sizes of a student with unknown names, from the shapes of the tensors its rules map."""
@@ -281,23 +298,28 @@ def _infer_sizes(student: ModelView, teacher: ModelView, layers: list[int], rule
         entry = _map_key(key, shape, teacher, layers, rules, t_sizes, t_sizes, Strategy())
         for part in entry.parts:
             axes = [a for a in part.axes or () if not (part.collapses_time and a == ("kt",))]
-            pairs += [(axis, n) for axis, n in zip(axes, part.student_shape)] if len(axes) == len(shape) else []
-    sizes: dict[str, int] = {}
+            pairs += [(key, axis, n) for axis, n in zip(axes, part.student_shape)] if len(axes) == len(shape) else []
+    sizes = {s: space.size for s, space in SPACES.items() if isinstance(space.size, int)}  # e.g. the 2x2 patch
     if student.config.get("num_heads"):
         sizes.update(sa_heads=student.config["num_heads"], ca_heads=student.config["num_heads"])
     changed = True
     while changed:
         changed = False
-        for axis, n in pairs:
+        for key, axis, n in pairs:
             unknown = [s for s in axis if s not in sizes]
             known = math.prod(sizes[s] for s in axis if s in sizes)
             if len(unknown) == 2 and unknown[0].endswith("_heads") and unknown[1] in t_sizes:
-                sizes[unknown[1]] = min(t_sizes[unknown[1]], n)  # keep the teacher's head dim where it fits
-                unknown = unknown[:1]
-                known *= sizes[axis[1]]
+                # heads x head dim, neither known: one head count for the student, a guess flagged as such
+                heads = infer_heads(n, t_sizes[unknown[1]], t_sizes[unknown[1]])
+                sizes.setdefault("sa_heads", heads)
+                sizes.setdefault("ca_heads", heads)
+                changed = True
+                continue
             if len(unknown) == 1 and n % known == 0:
                 sizes[unknown[0]] = n // known
                 changed = True
+            elif len(unknown) == 1 and axis[0].endswith("_heads") and axis[0] in sizes:
+                raise ProjectionError(f"student key '{key}': width {n} is not divisible by num_heads {sizes[axis[0]]}")
     for qk, vo in (("sa_qk", "sa_vo"), ("ca_qk", "ca_vo")):
         if qk in sizes:
             sizes.setdefault(vo, sizes[qk])

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .anatomy import FAMILIES, detect_family, infer_config, to_canonical
+from .anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ProjectionError
 from .student import LAYOUTS, build_student, student_config
@@ -26,6 +26,11 @@ class ModelView:
     shapes: dict[str, tuple[int, ...]]  # canonical key -> shape
     native: dict[str, str]  # canonical key -> key in the files
     checkpoint: Checkpoint | None = None  # None for a student built from a config
+    heads_recorded: bool = True  # False: a state dict without heads in its config; num_heads is a guess
+
+    @property
+    def heads_inferred(self) -> bool:
+        return not self.heads_recorded and "num_heads" in self.config
 
     @property
     def num_params(self) -> int:
@@ -47,7 +52,8 @@ class ModelView:
         return {
             "source": self.source, "family": self.family, "layout": self.layout,
             "description": FAMILIES[self.family].description if self.family in FAMILIES else "unknown names",
-            "config": self.config, "keys": len(self.shapes), "params": self.num_params,
+            "config": self.config, "heads_inferred": self.heads_inferred,
+            "keys": len(self.shapes), "params": self.num_params,
             "format": ckpt.format if ckpt else "config", "expert": ckpt.expert if ckpt else None,
             "dtypes": ckpt.dtypes() if ckpt else {"float32": len(self.shapes)},
             "bytes": ckpt.nbytes if ckpt else self.num_params * 4,
@@ -55,17 +61,24 @@ class ModelView:
         }
 
 
+def default_head_dim(family: str | None) -> int:
+    return FAMILIES[family].default_head_dim if family in FAMILIES else FAMILIES["wan"].default_head_dim
+
+
 def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     family = detect_family(ckpt.keys())
     native = to_canonical(ckpt.keys(), family or "")
     shapes = {c: ckpt.tensors[n].shape for c, n in native.items()}
     config = infer_config(family, shapes, ckpt.config)
+    recorded = "num_heads" in config
+    if not recorded and config.get("dim"):  # a guess, flagged as one (heads_inferred)
+        config = with_heads(config, infer_heads(config["dim"], None, default_head_dim(family)))
     layout = {"wan": "wan", "wan-diffusers": "wan", "seed": "seed"}.get(family or "", "custom")
     if ckpt.config.get("layout") in LAYOUTS:
         layout = ckpt.config["layout"]  # one of our exported students
     elif layout == "wan" and len(shapes.get("patch_embedding.weight", ())) == 4:
         layout = "wanlite"
-    return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt)
+    return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt, recorded)
 
 
 def open_teacher(source: str, expert: str | None = None) -> ModelView:
@@ -95,19 +108,29 @@ def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str 
                      {k: k for k in shapes})
 
 
-def open_student(source: str | dict[str, Any], teacher: ModelView) -> ModelView:
-    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill."""
+def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: int | None = None) -> ModelView:
+    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill (Wan's original names, the
+    diffusers names, the seeds' layout, or unknown names mapped by rules).
+
+    The config is the student's own: given fields for a config (omitted ones documented as the teacher's), what
+    a checkpoint's shapes and config.json say for a checkpoint, never the teacher's numbers. `num_heads` sets the
+    heads (a state dict does not record them); without it, unrecorded heads keep the teacher's head dim when it
+    divides the width, and are flagged as inferred."""
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ProjectionError(f"num_heads must be a positive integer, got {num_heads!r}")
+    heads = {"num_heads": num_heads} if num_heads else {}
     if isinstance(source, dict):
-        return student_from_config(source, teacher)
+        return student_from_config({**source, **heads}, teacher)
     path = Path(source)
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
-        return student_from_config(read_student_config(path), teacher, str(path))
+        return student_from_config({**read_student_config(path), **heads}, teacher, str(path))
     view = view_checkpoint(open_checkpoint(source))
-    if view.family == "wan-diffusers":
-        raise ProjectionError(f"{source}: a diffusers-named student is not supported; students use Wan's "
-                              f"original names (layout 'wanlite') or the seeds' layout")
-    for field, value in teacher.config.items():  # what the student's names and shapes cannot tell
-        view.config.setdefault(field, value)
-    if view.config.get("dim") and view.config.get("num_heads"):
-        view.config["head_dim"] = view.config["dim"] // view.config["num_heads"]
+    try:
+        if num_heads:
+            view.config, view.heads_recorded = with_heads(view.config, num_heads), True
+        elif not view.heads_recorded and view.config.get("dim"):
+            guess = infer_heads(view.config["dim"], teacher.config.get("head_dim"), default_head_dim(view.family))
+            view.config = with_heads(view.config, guess)
+    except ProjectionError as exc:
+        raise ProjectionError(f"{source}: {exc}") from exc
     return view

@@ -76,11 +76,12 @@ class Projector:
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
              strategy: Strategy | None = None, rules: dict[str, Rule] | None = None,
-             cache_bytes: int = 0) -> "Projector":
-        """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export)."""
+             cache_bytes: int = 0, num_heads: int | None = None) -> "Projector":
+        """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export).
+        num_heads: the student's heads, for a checkpoint that does not record them (see `open_student`)."""
         strategy = strategy or Strategy()
         t = open_teacher(teacher, expert or strategy.expert)
-        return cls(t, open_student(student, t), strategy, rules, cache_bytes)
+        return cls(t, open_student(student, t, num_heads), strategy, rules, cache_bytes)
 
     @property
     def device(self) -> torch.device:
@@ -166,24 +167,43 @@ class Projector:
 
     @property
     def student_config(self) -> dict[str, Any]:
-        """The student's config; for a student with unknown names, the sizes the mapper inferred from the
-        tensors its rules map (its own config knows none)."""
+        """THE student config: the summary, the report, the exported config.json and the app show this one.
+
+        A student with unknown names knows none of its own: its sizes are what the mapper inferred from the
+        tensors its rules map (and its heads, unless given)."""
         if self.student.layout != "custom":
-            return self.student.config
+            return {"layout": self.student.layout, **self.student.config}
         mapping = self.mapping
-        out: dict[str, Any] = {"num_layers": len(mapping.layers)}
+        out: dict[str, Any] = {"layout": "custom", "num_layers": len(mapping.layers)}
         for name, space in SPACES.items():  # the first space of each config field names it (resid: dim)
             if isinstance(space.size, str) and name in mapping.student_sizes:
                 out.setdefault(space.size, mapping.student_sizes[name])
         return out
 
+    @property
+    def heads_inferred(self) -> bool:
+        """The student's heads are a guess: its checkpoint does not record them and nobody set them."""
+        return not self.student.heads_recorded and "num_heads" in self.student_config
+
+    def heads_note(self) -> str | None:
+        if not self.heads_inferred:
+            return None
+        cfg = self.student_config
+        shape = f"{cfg['num_heads']} x {cfg['head_dim']}" if "head_dim" in cfg else str(cfg["num_heads"])
+        return (f"heads inferred: {shape}; the checkpoint does not record heads. Set them if they differ "
+                "(CLI --num-heads, the Sources tab's Heads field, or num_heads in a config.json beside the "
+                "checkpoint).")
+
     def summary(self, results: list[Projected] | None = None) -> dict[str, Any]:
         mapping = self.mapping
+        note = self.heads_note()
         out: dict[str, Any] = {
-            "teacher": self.teacher.summary(), "student": {**self.student.summary(), "config": self.student_config},
+            "teacher": self.teacher.summary(),
+            "student": {**self.student.summary(), "config": self.student_config,
+                        "heads_inferred": self.heads_inferred},
             "coverage": mapping.coverage(), "counts": mapping.counts(), "layers": mapping.layers,
             "basis_consistent": self.strategy.basis_consistent,
-            "warnings": warnings(mapping, self.strategy),
+            "warnings": ([f"Student {note}"] if note else []) + warnings(mapping, self.strategy),
         }
         if results is not None:
             out["mean_energy"] = mean_energy(results)

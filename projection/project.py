@@ -12,12 +12,15 @@ from typing import Callable
 
 import torch
 
+from .errors import ProjectionError
 from .mapping import Entry, Part
 from .plan import Plan, flat_index, rescale_factor
 from .spectra import squared_norm
 
 
 def pick_device(choice: str = "auto") -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ProjectionError("device 'cuda' chosen but CUDA is not available on this machine; use cpu or auto")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

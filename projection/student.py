@@ -60,6 +60,12 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
+def check_patches(h: int, w: int, patch: int) -> None:
+    if h % patch or w % patch:
+        raise ProjectionError(f"input size {h}x{w}: height and width must be multiples of the {patch}x{patch} patch "
+                              f"(pad to {h + -h % patch}x{w + -w % patch} and crop the output back)")
+
+
 def modulation(chunks: int, dim: int) -> nn.Parameter:
     """[1, chunks, dim] table; random only off the meta device (a random op on meta costs seconds of import)."""
     table = nn.Parameter(torch.empty(1, chunks, dim))
@@ -98,12 +104,14 @@ class Block(nn.Module):
         self.modulation = modulation(6, dim)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Modulation and the residual stream in float32, as in Wan; each layer's input in its weights' dtype."""
+        dtype = ctx.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).float().chunk(6, dim=1)
-        h = self.norm1(x).float() * (1 + scale_msa) + shift_msa
+        h = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype)
         y = self.self_attn(h, h, freqs)
         x = x + y * gate_msa
-        x = x + self.cross_attn(self.norm3(x), ctx)
-        y = self.ffn(self.norm2(x).float() * (1 + scale_ffn) + shift_ffn)
+        x = x + self.cross_attn(self.norm3(x.to(dtype)), ctx)
+        y = self.ffn((self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).to(dtype))
         return x + y * gate_ffn
 
 
@@ -116,11 +124,14 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation + e[:, None, :]).chunk(2, dim=1)
-        return self.head(self.norm(x) * (1 + scale) + shift)
+        return self.head((self.norm(x) * (1 + scale) + shift).to(self.head.weight.dtype))
 
 
 class WanLite(nn.Module):
-    """The 2D Wan student: forward(x [B, Cin, H, W], t [B], context [B, L, text_dim]) -> [B, Cout, H, W]."""
+    """The 2D Wan student: forward(x [B, Cin, H, W], t [B], context [B, L, text_dim]) -> [B, Cout, H, W].
+
+    It runs in its weights' dtype (inputs are cast to it; the output is in it). H and W must be even (2x2
+    patches): other sizes are refused, not cropped."""
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_layers: int, in_dim: int = 16,
                  out_dim: int = 16, text_dim: int = 4096, freq_dim: int = 256):
@@ -135,12 +146,14 @@ class WanLite(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        x = self.patch_embedding(x)
+        check_patches(h, w, 2)
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(x.to(dtype))
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
-        e = self.time_embedding(sinusoid(t, self.freq_dim).to(x.dtype))
+        e = self.time_embedding(sinusoid(t, self.freq_dim).to(dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.dim))
-        ctx = self.text_embedding(context)
+        ctx = self.text_embedding(context.to(dtype))
         freqs = rope_2d(self.dim // self.num_heads, gh, gw, x.device)
         for block in self.blocks:
             x = block(x, e0, ctx, freqs)
@@ -178,9 +191,10 @@ class SeedStudent(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        x = self.conv_in(x).flatten(2).transpose(1, 2)
-        temb = self.time_embed(sinusoid(t, self.dim).to(x.dtype))
-        x = x + temb[:, None, :] + self.text_proj(context).mean(dim=1, keepdim=True)
+        dtype = self.conv_in.weight.dtype  # runs in its weights' dtype, as WanLite does
+        x = self.conv_in(x.to(dtype)).flatten(2).transpose(1, 2)
+        temb = self.time_embed(sinusoid(t, self.dim).to(dtype))
+        x = x + temb[:, None, :] + self.text_proj(context.to(dtype)).mean(dim=1, keepdim=True)
         for block in self.blocks:
             x = block(x)
         return self.conv_out(x.transpose(1, 2).reshape(b, self.dim, h, w))
@@ -209,15 +223,19 @@ def student_config(layout: str, fields: dict[str, Any], teacher: dict[str, Any])
 
 def build_student(config: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
     """The student module for a config; on device 'meta' it costs no memory (for mapping)."""
-    kwargs = {k: config[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
-                                     "freq_dim")}
-    cls = {"wanlite": WanLite, "seed": SeedStudent}[config.get("layout", "wanlite")]
+    layout = config.get("layout", "wanlite")
+    if layout not in LAYOUTS:
+        raise ProjectionError(f"layout '{layout}' has no runnable module here (only {', '.join(LAYOUTS)}); load it "
+                              "with the code it came from (e.g. diffusers' WanTransformer3DModel)")
+    kwargs = {k: config[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers")}
+    kwargs.update({k: config[k] for k in ("in_dim", "out_dim", "text_dim", "freq_dim") if k in config})
+    cls = {"wanlite": WanLite, "seed": SeedStudent}[layout]
     with torch.device(device):
         return cls(**kwargs)
 
 
-def load_student(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load an exported student folder back into its module."""
+def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load an exported student folder back into its module: in the dtype it was exported in, or `dtype`."""
     from .checkpoint import open_checkpoint
 
     folder = Path(folder)
@@ -225,14 +243,17 @@ def load_student(folder: str | Path, device: str | torch.device = "cpu") -> nn.M
     if not cfg_path.is_file():
         raise ProjectionError(f"{folder}: no config.json: not an exported student")
     config = json.loads(cfg_path.read_text())
-    model = build_student(config, "meta")
+    try:
+        model = build_student(config, "meta")
+    except ProjectionError as exc:
+        raise ProjectionError(f"{cfg_path}: {exc}") from exc
     ckpt = open_checkpoint(folder)
     state = {k: ckpt.get(k) for k in ckpt.keys()}
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise ProjectionError(f"{folder}: weights lack {len(missing)} key(s), e.g. '{sorted(missing)[0]}'")
     model.load_state_dict(state, assign=True, strict=True)
-    return model.to(device)
+    return model.to(device, dtype)
 
 
 def count_params(model: nn.Module) -> int:

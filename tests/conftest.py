@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,36 @@ import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A custom student: the demo's reference student under other names, so nothing maps until rules say how.
+CUSTOM_RENAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.", ".attn."), (r"\.cross_attn\.", ".xattn."),
+                  (r"\.ffn\.", ".mlp."), (r"^patch_embedding", "stem"), (r"^text_embedding", "text_in"),
+                  (r"^time_embedding", "time_in"), (r"^time_projection", "time_out"), (r"^head\.head", "out.proj"),
+                  (r"^head\.modulation", "out.modulation")]
+CUSTOM_RULES = """\
+layers.{i}.attn: blocks.{i}.self_attn
+layers.{i}.xattn: blocks.{i}.cross_attn
+layers.{i}.mlp: blocks.{i}.ffn
+layers.{i}.norm3: blocks.{i}.norm3
+layers.{i}.modulation: blocks.{i}.modulation
+stem: patch_embedding
+text_in: text_embedding
+time_in: time_embedding
+time_out: time_projection
+out.proj: head.head
+out.modulation: head.modulation
+"""
+
+
+def custom_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A reference student's state dict under the custom names above."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in CUSTOM_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value.contiguous()
+    return out
+
 
 TINY = dict(dim=64, num_heads=2, ffn_dim=48, num_layers=3, in_dim=4, out_dim=4, text_dim=24, freq_dim=16)
 

@@ -22,6 +22,7 @@ from projection import open_checkpoint
 from projection.cli import main
 from projection.demo import demo_state_dict
 from projection.mapping import STATUSES
+from projection.student import load_student
 
 TEACHER = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
            "text_dim": 512, "freq_dim": 256}  # the demo teacher
@@ -403,10 +404,75 @@ def test_python_dash_m_projection(demo):
     assert json.loads(ok.stdout)["keys"] == 231
 
 
+def test_projection_alone_prints_help_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["projection"])  # `python -m projection` calls main() with no arguments
+    code = main()
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.startswith("usage: projection") and "demo" in out and "export" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_usage_errors_exit_2(capsys):
-    for argv in ([], ["inspect"], ["map", "--teacher", "t"], ["nonsense"], ["export", "--teacher", "t",
+    for argv in (["inspect"], ["map", "--teacher", "t"], ["nonsense"], ["export", "--teacher", "t",
                                                                              "--student", "s"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
         assert "usage: projection" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- students: heads, rules, nothing to export, device
+
+
+def test_a_checkpoint_students_heads_are_inferred_loudly_or_given_with_num_heads(tmp_path, capsys):
+    from projection.demo import write_shape_only_teacher
+    from test_mapping import SMALL_TEACHER, bare_seed_student
+
+    teacher = write_shape_only_teacher(tmp_path / "teacher", SMALL_TEACHER)  # 4 heads of 12
+    student = bare_seed_student(tmp_path / "student")  # width 24, heads not recorded
+    code, out, err = run(capsys, "map", "--teacher", teacher, "--student", student)
+    assert code == 0, err
+    assert "WARNING: Student heads inferred: 2 x 12; the checkpoint does not record heads" in out
+    code, out, _ = run(capsys, "map", "--teacher", teacher, "--student", student, "--json")
+    assert any("heads inferred: 2 x 12" in w for w in json.loads(out)["warnings"])
+    assert_error(*run(capsys, "map", "--teacher", teacher, "--student", student, "--num-heads", "1"),
+                 "1 heads of 24", "e.g. num_heads 2 (head dim 12)")
+    code, out, err = run(capsys, "export", "--teacher", teacher, "--student", student, "--out", tmp_path / "a")
+    assert code == 0, err
+    assert "WARNING: Student heads inferred: 2 x 12" in out
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["dim"], config["num_heads"], config["head_dim"]) == (24, 2, 12)
+    model = load_student(tmp_path / "a")  # the one config builds the exported student
+    assert model.blocks[0].attn.num_heads == 2
+    assert model(torch.randn(1, 4, 6, 6), torch.tensor([3.0]), torch.randn(1, 2, 32)).shape == (1, 4, 6, 6)
+    code, out, err = run(capsys, "export", "--teacher", teacher, "--student", student, "--out", tmp_path / "b",
+                         "--num-heads", "4")
+    assert code == 0 and "heads inferred" not in out, err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_heads"] == 4
+    code, out, _ = run(capsys, "inspect", student)
+    assert "heads    inferred: 1 x 24; the checkpoint does not record heads" in out  # no teacher: the layout's default
+
+
+def test_a_rule_that_matches_no_student_key_is_one_line(demo, tmp_path, capsys):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("blocks.{i}.mlpp.0: blocks.{i}.ffn.0\n")
+    assert_error(*run(capsys, "map", "--teacher", demo / "teacher-wan", "--student", demo / "student-seed.yaml",
+                      "--rules", rules), "rule 'blocks.{i}.mlpp.0' matches no student key",
+                 "did you mean 'blocks.{i}.mlp.0'")
+
+
+def test_export_where_nothing_maps_writes_nothing(demo, tmp_path, capsys):
+    save_file({"encoder.weight": torch.zeros(4, 4)}, str(tmp_path / "unknown.safetensors"))
+    assert_error(*run(capsys, "export", "--teacher", demo / "teacher-wan", "--student",
+                      tmp_path / "unknown.safetensors", "--out", tmp_path / "out"),
+                 "nothing to export", "none of the student's 1 keys maps")
+    assert [f.name for f in tmp_path.iterdir()] == ["unknown.safetensors"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_device_cuda_without_cuda_is_one_line(demo, tmp_path, capsys):
+    assert_error(*run(capsys, "export", "--teacher", demo / "teacher-wan", "--student", demo / "student-wanlite.yaml",
+                      "--out", tmp_path / "out", "--device", "cuda"), "device 'cuda'", "CUDA is not available")
+    assert list(tmp_path.iterdir()) == []

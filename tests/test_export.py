@@ -163,3 +163,94 @@ def test_unwritable_destination_fails_before_projecting(tiny_wan, tmp_path):
     with pytest.raises(ProjectionError, match="cannot create the output folder"):
         export_student(p, tmp_path / "file" / "student")
     assert p.teacher.checkpoint.bytes_read == 0
+
+
+def test_a_custom_named_student_has_one_config_its_own_heads_and_projects_as_its_config_twin(demo_dir, tmp_path):
+    """The demo's reference student (2 heads of 64) under other names, as a bare state dict: its config is worked
+    out from what the rules map (never the teacher's), its heads keep the teacher's head dim (not the teacher's 4
+    heads of 32), and the same config everywhere: summary, report, config.json."""
+    from conftest import CUSTOM_RULES, custom_names
+    from safetensors.torch import save_file
+
+    from projection import parse_rules
+
+    teacher = str(demo_dir / "teacher-wan")
+    twin = Projector.open(teacher, {"layout": "wanlite", "dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4})
+    save_file(custom_names(build_student(twin.student.config).state_dict()), str(tmp_path / "custom.safetensors"))
+    p = Projector.open(teacher, str(tmp_path / "custom.safetensors"), rules=parse_rules(CUSTOM_RULES))
+    config = p.student_config
+    assert {**config, "layout": "wanlite"} == twin.student.config
+    assert p.heads_inferred
+    for r in twin.project():  # the same tensors: RoPE pairs chosen for heads of 64
+        renamed = next(iter(custom_names({r.entry.student_key: r.tensor})))
+        assert torch.equal(p.student_tensor(renamed), r.tensor), renamed
+    report = export_student(p, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {**config, "dtype": "float32"}
+    assert report["student"]["config"] == config and report["student"]["heads_inferred"] is True
+    assert any("heads inferred: 2 x 64" in w for w in report["warnings"])
+
+
+def test_a_diffusers_named_student_is_filled_and_stays_loadable_by_diffusers(tiny_wan, tmp_path):
+    from conftest import diffusers_kwargs
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(1)
+    WanTransformer3DModel(**diffusers_kwargs(tiny_wan.config)).save_pretrained(tmp_path / "same")
+    p = Projector.open(str(tiny_wan.original_dir), str(tmp_path / "same"))
+    assert (p.student.family, p.heads_inferred, p.mapping.coverage()["keys"]["rate"]) == ("wan-diffusers", False, 1.0)
+    export_student(p, tmp_path / "same-out")
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "same-out").eval()
+    teacher = tiny_wan.model.state_dict()
+    assert loaded.state_dict().keys() == teacher.keys()
+    assert all(torch.equal(v, teacher[k]) for k, v in loaded.state_dict().items())
+    x, t, ctx = torch.randn(1, 4, 1, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, tiny_wan.config["text_dim"])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t, ctx).sample, tiny_wan.model(x, t, ctx).sample, atol=1e-5)
+
+    small = {**tiny_wan.config, "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
+    WanTransformer3DModel(**diffusers_kwargs(small)).save_pretrained(tmp_path / "small")
+    p = Projector.open(str(tiny_wan.diffusers_dir), str(tmp_path / "small"))
+    assert p.mapping.counts()["skipped"] == 0
+    export_student(p, tmp_path / "small-out")
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "small-out")
+    assert loaded.config.num_attention_heads == 1 and loaded.config.attention_head_dim == 32
+    q = loaded.state_dict()["blocks.1.attn1.to_q.weight"]
+    assert torch.equal(q, p.student_tensor("blocks.1.self_attn.q.weight"))
+    assert torch.equal(loaded.state_dict()["scale_shift_table"], p.student_tensor("head.modulation"))
+
+
+@pytest.mark.parametrize("layout", ["wanlite", "seed"])
+def test_a_bfloat16_export_runs_forward_in_bfloat16(tiny_wan, tmp_path, layout):
+    p = Projector.open(str(tiny_wan.original_dir), {**STUDENT, "layout": layout})
+    export_student(p, tmp_path / "f32")
+    p.strategy = p.strategy.model_copy(update={"dtype": "bfloat16"})
+    export_student(p, tmp_path / "bf16")
+    f32, bf16 = load_student(tmp_path / "f32"), load_student(tmp_path / "bf16")
+    assert {t.dtype for t in bf16.state_dict().values()} == {torch.bfloat16}
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, tiny_wan.config["text_dim"])
+    with torch.no_grad():
+        a, b = f32(x, t, ctx), bf16(x, t, ctx)
+        assert b.dtype == torch.bfloat16 and ((b.float() - a).norm() / a.norm()).item() < 0.03
+        assert load_student(tmp_path / "bf16", dtype=torch.float32)(x, t, ctx).dtype == torch.float32
+
+
+def test_input_sizes_that_are_not_whole_patches_are_refused():
+    model = build_student({"layout": "wanlite", "dim": 16, "num_heads": 1, "ffn_dim": 8, "num_layers": 1,
+                           "in_dim": 4, "out_dim": 4, "text_dim": 8, "freq_dim": 8})
+    t, ctx = torch.tensor([1.0]), torch.randn(1, 3, 8)
+    assert model(torch.randn(1, 4, 32, 30), t, ctx).shape == (1, 4, 32, 30)
+    for h, w in ((31, 31), (32, 31)):
+        with pytest.raises(ProjectionError, match=rf"input size {h}x{w}: height and width must be multiples of the "
+                                                  r"2x2 patch \(pad to 32x32"):
+            model(torch.randn(1, 4, h, w), t, ctx)
+
+
+def test_a_student_where_nothing_maps_is_refused_before_anything_is_written(tiny_wan, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"encoder.weight": torch.zeros(4, 4)}, str(tmp_path / "unknown.safetensors"))
+    p = Projector.open(str(tiny_wan.original_dir), str(tmp_path / "unknown.safetensors"))
+    with pytest.raises(ProjectionError, match=r"unknown\.safetensors: nothing to export: none of the student's 1 "
+                                              r"keys maps to a teacher key"):
+        export_student(p, tmp_path / "out")
+    assert [f.name for f in tmp_path.iterdir()] == ["unknown.safetensors"]

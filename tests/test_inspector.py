@@ -5,9 +5,9 @@ Every number the screen shows must be the core's: the tests compare what the app
 """
 from __future__ import annotations
 
+import html
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' 
 from gradio_client import Client
 from safetensors.torch import load_file, save_file
 
+from conftest import CUSTOM_RULES, custom_names
 from projection import Projector, Strategy
 from projection.demo import write_demo, write_shape_only_teacher
 
@@ -33,24 +34,6 @@ TABLE = [ALL, "", "student order"]  # status filter, search, sort
 WANLITE = "demo/student-wanlite.yaml"
 SEED = "demo/student-seed.yaml"
 TEACHER = "demo/teacher-wan"
-# A custom student: the demo's reference student under other names, so nothing maps until rules say how.
-RENAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.", ".attn."), (r"\.cross_attn\.", ".xattn."),
-           (r"\.ffn\.", ".mlp."), (r"^patch_embedding", "stem"), (r"^text_embedding", "text_in"),
-           (r"^time_embedding", "time_in"), (r"^time_projection", "time_out"), (r"^head\.head", "out.proj"),
-           (r"^head\.modulation", "out.modulation")]
-CUSTOM_RULES = """\
-layers.{i}.attn: blocks.{i}.self_attn
-layers.{i}.xattn: blocks.{i}.cross_attn
-layers.{i}.mlp: blocks.{i}.ffn
-layers.{i}.norm3: blocks.{i}.norm3
-layers.{i}.modulation: blocks.{i}.modulation
-stem: patch_embedding
-text_in: text_embedding
-time_in: time_embedding
-time_out: time_projection
-out.proj: head.head
-out.modulation: head.modulation
-"""
 
 
 def free_port() -> int:
@@ -70,12 +53,7 @@ def root(tmp_path_factory) -> Path:
     teacher = open_teacher(str(demo / "teacher-wan"))
     fields = {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}
     state = build_student(student_config("wanlite", fields, teacher.config)).state_dict()
-    renamed = {}
-    for key, value in state.items():
-        for pattern, repl in RENAMES:
-            key = re.sub(pattern, repl, key)
-        renamed[key] = value.contiguous()
-    save_file(renamed, str(root / "custom-student.safetensors"))
+    save_file(custom_names(state), str(root / "custom-student.safetensors"))
     return root
 
 
@@ -111,8 +89,8 @@ def call(client: Client, app, api: str, *args: Any) -> dict[str, Any]:
 
 
 def load(client: Client, app, teacher: str = TEACHER, student: str = WANLITE, kind: str = "file",
-         form: tuple = ("wanlite", 128, 4, 2, 384)) -> dict[str, Any]:
-    return call(client, app, "load", teacher, "single model", kind, student, *form, *TABLE, None)
+         form: tuple = ("wanlite", 128, 4, 2, 384), heads: int | None = None) -> dict[str, Any]:
+    return call(client, app, "load", teacher, "single model", kind, student, heads, *form, *TABLE, None)
 
 
 def sliders(layers: list[int]) -> list[int]:
@@ -282,13 +260,24 @@ def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
     out = load(client, app, student="custom-student.safetensors")
     assert "0 of 123 student keys" in out["cards"]
     assert "Nothing transfers" in out["warnings"]
+    assert "0 of 123 student keys map" in out["source-msg"] and "inline-error" in out["source-msg"]
     bad = call(client, app, "apply_rules", "layers.{i}.attn: [unclosed", *TABLE, None)
     assert "invalid YAML" in bad["rules-msg"]
     wrong = call(client, app, "apply_rules", "layers.{i}.attn: 3", *TABLE, None)
     assert "expected a teacher key" in wrong["rules-msg"]
+    typo = call(client, app, "apply_rules", CUSTOM_RULES + "layers.{i}.atn: blocks.{i}.self_attn\n", *TABLE, None)
+    message = html.unescape(typo["rules-msg"])
+    assert "rule 'layers.{i}.atn' matches no student key" in message and "Applied" not in message
+    assert "did you mean 'layers.{i}.attn'?" in message  # the closest student module
     good = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
     assert "123 of 123 student keys" in good["cards"]
-    assert not good["warnings"]
+    assert "123 of 123 student keys map" in good["rules-msg"] and "123 of 123" in good["source-msg"]
+    none = call(client, app, "apply_rules", "stem: no_such_teacher_key\n", *TABLE, None)
+    assert "Applied: 0 of 123 student keys map" in none["rules-msg"] and "inline-error" in none["rules-msg"]
+    good = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
+    # its heads are not recorded: inferred as the teacher's head dim (2 x 64, not the teacher's 4 heads), and said
+    assert "2 heads × 64" in good["cards"] and "heads inferred: 2 × 64" in good["cards"]
+    assert "heads inferred: 2 x 64; the checkpoint does not record heads" in good["warnings"]
     assert {r["status"] for r in rows(good).values()} == {"mapped"}
     assert "--rules rules.yaml" in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
 
@@ -399,10 +388,23 @@ def test_startup_imports_nothing_heavy_before_parsing():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
+def test_a_checkpoint_students_heads_are_set_in_the_sources_tab(client, app):
+    load(client, app, student="custom-student.safetensors", heads=4)
+    ruled = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
+    assert "4 heads × 32" in ruled["cards"] and "inferred" not in ruled["cards"] and not ruled["warnings"]
+    assert "--num-heads 4" in ruled["cli"]
+    assert "4 heads × 32" in load(client, app, heads=4)["cards"]  # a config: the field overrides its num_heads
+    load(client, app, student="custom-student.safetensors", heads=3)
+    bad = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
+    assert "not divisible by num_heads 3" in bad["rules-msg"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choices and message where CUDA is missing")
 def test_cuda_is_refused_clearly_without_a_gpu(client, app):
+    device = next(c for c in app.blocks.values() if getattr(c, "label", None) == "device")
+    assert [v for _, v in device.choices] == ["auto", "cpu"]  # not offered where there is none
     load(client, app)
-    with pytest.raises(Exception, match="CUDA is not available"):
+    with pytest.raises(Exception, match="cuda"):
         call(client, app, "set_export_options", "out/x", "float32", "cuda")
     after = call(client, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum",
                  "none", 0, *TABLE, None)

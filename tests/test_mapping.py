@@ -203,3 +203,65 @@ def test_wan21_i2v_image_keys_normalize_from_diffusers_names():
     assert "condition_embedder.image_embedder.ff.net.2.weight" in native
     assert "blocks.1.attn2.add_k_proj.weight" in native
     assert sorted(to_canonical(native, "wan-diffusers")) == sorted(canonical)
+
+
+SMALL_TEACHER = {"dim": 48, "ffn_dim": 64, "num_heads": 4, "num_layers": 2, "in_dim": 16, "out_dim": 16,
+                 "text_dim": 32, "freq_dim": 32}  # 4 heads of 12
+
+
+def bare_seed_student(folder, dim: int = 24) -> str:
+    """A seeds'-layout student saved as a bare state dict: nothing records its heads."""
+    from projection.student import build_student
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = {"layout": "seed", "dim": dim, "num_heads": 1, "ffn_dim": 32, "num_layers": 2, "in_dim": 4, "out_dim": 4,
+              "text_dim": 32, "freq_dim": 32}
+    state = {k: v.contiguous() for k, v in build_student(fields).state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return str(folder / "model.safetensors")
+
+
+def test_a_checkpoint_students_heads_keep_the_teachers_head_dim_and_say_so(tmp_path):
+    from projection.demo import write_shape_only_teacher
+
+    teacher = str(write_shape_only_teacher(tmp_path / "teacher", SMALL_TEACHER))
+    student = bare_seed_student(tmp_path / "student")
+    p = Projector.open(teacher, student)
+    assert p.student.layout == "seed" and p.mapping.counts()["concatenated"] == 4  # maps, as 2 heads of 12
+    assert (p.student_config["num_heads"], p.student_config["head_dim"], p.student_config["dim"]) == (2, 12, 24)
+    assert "freq_dim" not in p.student_config  # nothing is filled in from the teacher's config
+    summary = p.summary()
+    assert summary["student"]["heads_inferred"] is True and summary["student"]["config"] == p.student_config
+    assert "heads inferred: 2 x 12; the checkpoint does not record heads" in summary["warnings"][0]
+    with pytest.raises(ProjectionError, match=r"1 heads of 24 but the teacher has 4 heads of 12.*e\.g\. num_heads 2 "
+                                              r"\(head dim 12\)"):
+        Projector.open(teacher, student, num_heads=1).mapping
+    given = Projector.open(teacher, student, num_heads=4)
+    assert (given.student_config["num_heads"], given.student_config["head_dim"]) == (4, 6)
+    assert not given.heads_inferred and not given.summary()["warnings"]
+    (tmp_path / "student" / "config.json").write_text(json.dumps({"num_heads": 4}))  # recorded beside it
+    recorded = Projector.open(teacher, student)
+    assert recorded.student_config["num_heads"] == 4 and not recorded.heads_inferred
+    assert Projector.open(teacher, student, num_heads=2).student_config["num_heads"] == 2  # the option wins
+    with pytest.raises(ProjectionError, match=r"model\.safetensors: width 24 is not divisible by num_heads 5"):
+        Projector.open(teacher, student, num_heads=5)
+
+
+def test_inferred_heads_keep_the_teachers_head_dim_else_the_layouts_default():
+    from projection.anatomy import infer_heads
+
+    assert infer_heads(24, 12, 64) == 2
+    assert infer_heads(128, 64, 128) == 2
+    assert infer_heads(96, 64, 128) == 1  # 64 does not divide 96: the even divisor nearest 128 (96)
+    assert infer_heads(192, 80, 64) == 3  # head dim 64
+    assert infer_heads(1024, None, 128) == 8
+
+
+def test_a_rule_that_matches_no_student_key_is_an_error_naming_it(tiny_wan):
+    seed = {"layout": "seed", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
+    typo = {"blocks.{i}.mlpp.0": "blocks.{i}.ffn.0"}
+    with pytest.raises(ProjectionError, match=r"^rule 'blocks\.\{i\}\.mlpp\.0' matches no student key \(the student "
+                                              r"has \d+ keys\); did you mean 'blocks\.\{i\}\.mlp\.0'\?$"):
+        Projector.open(str(tiny_wan.original_dir), seed, rules=typo).mapping
+    ok = Projector.open(str(tiny_wan.original_dir), seed, rules={"blocks.{i}.mlp.0": "blocks.{i}.ffn.0"})
+    assert ok.mapping.entry("blocks.1.mlp.0.weight").status == "mapped"
