@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .palette import A_SIDE, B_SIDE, EDGE, ENERGY_SCALE, FONT, STUDENT, TEACHER, UNUSED
+from .palette import (A_SIDE, B_SIDE, CAUTION, CAUTION_TINT, EDGE, ENERGY_SCALE, FONT, NOT_COMPARABLE, STUDENT,
+                      TEACHER, UNUSED)
 from .units import percent
 
 Figure = dict[str, Any]
@@ -199,9 +200,8 @@ def index_choices(choices: list[tuple[str, list[int], int]]) -> Figure:
     return fig
 
 
-NOT_COMPARABLE = "#9ca3af"  # a basis-inconsistent side: grey and hatched, never a coloured "winner"
 INCONSISTENT_NOTE = ("<b>{sides} basis-inconsistent</b>: each matrix in its own basis, so the student does not "
-                     "compute<br>the teacher's function; its retained energy is an upper bound, not comparable.")
+                     "compute<br>the teacher's function; its retained energy is not comparable.")
 
 
 def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bool] = (True, True)) -> Figure:
@@ -217,7 +217,7 @@ def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bo
                "hovertemplate": "%{x}: %{y:.1f}%<extra>strategy " + side + "</extra>"}
         if not ok:
             bar.update(name=f"strategy {side} (basis-inconsistent: not comparable)",
-                       marker={"color": "#f3f4f6", "line": {"color": NOT_COMPARABLE, "width": 1.5},
+                       marker={"color": "#ffffff", "line": {"color": NOT_COMPARABLE, "width": 1.5},
                                "pattern": {"shape": "/", "fgcolor": NOT_COMPARABLE, "size": 8, "solidity": 0.35}},
                        textfont={"color": NOT_COMPARABLE},
                        hovertemplate="%{x}: %{y:.1f}% (basis-inconsistent: not comparable)<extra>strategy "
@@ -230,8 +230,8 @@ def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bo
                              "ticksuffix": "%"})
     sides = " and ".join(inconsistent) + (" are" if len(inconsistent) > 1 else " is")
     note = {"text": INCONSISTENT_NOTE.format(sides=sides), "xref": "paper", "yref": "paper", "x": 0, "y": 1,
-            "xanchor": "left", "yanchor": "top", "align": "left", "showarrow": False, "bgcolor": "#fffbeb",
-            "bordercolor": "#b45309", "borderwidth": 1, "borderpad": 6, "font": {"size": 13, "color": "#78350f"}}
+            "xanchor": "left", "yanchor": "top", "align": "left", "showarrow": False, "bgcolor": CAUTION_TINT,
+            "bordercolor": CAUTION, "borderwidth": 1, "borderpad": 6, "font": {"size": 13, "color": CAUTION}}
     return figure(data, "Retained weight energy per student layer: A vs B", 440, barmode="group",
                   annotations=[note],
                   yaxis={"title": {"text": "% of teacher's squared weight norm"}, "range": [0, 140],
