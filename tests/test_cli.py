@@ -271,7 +271,7 @@ def test_map_energy_counts_skipped_keys_as_zero_and_matches_the_core(demo, capsy
     assert core["mean"] == pytest.approx(mean, rel=1e-12)
 
 
-def test_map_no_energy_reads_headers_only(demo, capsys):
+def test_map_no_energy_leaves_the_energy_column_empty(demo, capsys):
     args = ["map", "--teacher", demo / "teacher-wan", "--student", demo / "student-wanlite.yaml"]
     code, out, err = run(capsys, *args, "--no-energy")
     assert (code, err) == (0, "")
