@@ -174,6 +174,7 @@ class Inspector:
                 with gr.Row():
                     self.apply_rules_btn = gr.Button("Apply rules", variant="primary", scale=0, min_width=180,
                                                      elem_id="apply-rules")
+                    self.suggest_btn = gr.Button("Suggest rules", scale=0, min_width=180, elem_id="suggest-rules")
                 self.rules_msg = gr.HTML(elem_id="rules-msg")
             with gr.Column(scale=2):
                 gr.Markdown(
@@ -225,7 +226,8 @@ class Inspector:
                 self.strategy_msg = gr.HTML(elem_id="strategy-msg")
                 self.strategy_file = gr.File(label="strategy.yaml", visible=False)
         gr.Markdown("### A/B comparison\nTwo strategies on the same teacher, student and rules: coverage and "
-                    "retained energy per layer.")
+                    "retained weight energy per layer (a weight statistic, not output quality; a basis-inconsistent "
+                    "strategy's energy is not comparable).")
         with gr.Row():
             with gr.Column():
                 self.a_yaml = gr.Code(language="yaml", lines=12, label="Strategy A", interactive=True,
@@ -301,6 +303,8 @@ class Inspector:
         self.apply_rules_btn.click(self.apply_rules, [self.state, self.rules, *t],
                                    self._view + [self.rules, self.rules_msg, self.source_msg, self.spec_layer,
                                                  self.spec_matrix], api_name="apply_rules")
+        self.suggest_btn.click(self.suggest_rules, [self.state, self.rules], [self.rules, self.rules_msg],
+                               api_name="suggest_rules")
 
         for i, event in enumerate((self.statuses.input, self.search.input, self.search.submit, self.sort.input)):
             event(self.filter_table, [self.state, self.statuses, self.search, self.sort], self.table,
@@ -445,6 +449,23 @@ class Inspector:
         return self._refresh(state, (statuses, search, sort, key), lambda s: s.set_rules(text),
                              lambda exc: {self.rules_msg: cards.inline_error(str(exc))}, applied)
 
+    def suggest_rules(self, state: Session | None, text: str) -> tuple:
+        """The editor's rules plus suggestions for the keys they leave unmapped, in the editor: not applied."""
+        s = self._session(state)
+        with s.lock:
+            try:
+                suggested = s.suggest_rules(text)
+            except ProjectionError as exc:
+                return gr.skip(), cards.inline_error(str(exc))
+        if not suggested.rules:
+            why = ("every student key transfers" if not suggested.unmapped else
+                   f"the {suggested.unmapped} student keys that transfer nothing are skipped on purpose or fit no "
+                   "unused teacher tensor")
+            return gr.skip(), cards.inline_ok(f"No rules to suggest: {why}.")
+        return suggested.text, cards.inline_ok(
+            f"{len(suggested.rules)} suggested rules (marked with a comment) would map {suggested.covered} of the "
+            f"{suggested.unmapped} student keys that transfer nothing. Review them, then press Apply rules.")
+
     def filter_table(self, state: Session | None, statuses: list[str], search: str, sort: str) -> Any:
         s = self._session(state)
         with s.lock:
@@ -526,17 +547,22 @@ class Inspector:
             except ProjectionError as exc:
                 return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
         ra, rb = result["A"], result["B"]
-        rows = [("keys transferred", ra["coverage"]["keys"]["rate"], rb["coverage"]["keys"]["rate"]),
-                ("params transferred", ra["coverage"]["params"]["rate"], rb["coverage"]["params"]["rate"]),
-                ("mean retained energy", ra["mean_energy"], rb["mean_energy"])]
-        layers = list(dict.fromkeys([*ra["energy_by_layer"], *rb["energy_by_layer"]]))
-        rows += [(f"energy {name}", ra["energy_by_layer"].get(name), rb["energy_by_layer"].get(name))
-                 for name in layers]
-        frame = pd.DataFrame([{"measure": m, "A": percent(x), "B": percent(y),
-                               "B − A": "—" if x is None or y is None else f"{100 * (y - x):+.1f} pt"}
-                              for m, x, y in rows])
+        ea, eb = ra["retained_weight_energy"], rb["retained_weight_energy"]
+        consistent = (ra["basis_consistent"], rb["basis_consistent"])
+        coverage = [("keys transferred", ra["coverage"]["keys"]["rate"], rb["coverage"]["keys"]["rate"]),
+                    ("params transferred", ra["coverage"]["params"]["rate"], rb["coverage"]["params"]["rate"])]
+        layers = list(dict.fromkeys([*ea["by_layer"], *eb["by_layer"]]))
+        energy = [("retained weight energy", ea["mean"], eb["mean"])]
+        energy += [(f"weight energy {name}", ea["by_layer"].get(name), eb["by_layer"].get(name)) for name in layers]
+
+        def row(measure: str, x: float | None, y: float | None, comparable: bool = True) -> dict[str, str]:
+            diff = ("—" if x is None or y is None else f"{100 * (y - x):+.1f} pt" if comparable
+                    else "not comparable")  # energies in different bases are no contest (the chart says why)
+            return {"measure": measure, "A": percent(x), "B": percent(y), "B − A": diff}
+
+        frame = pd.DataFrame([row(*r) for r in coverage] + [row(*r, all(consistent)) for r in energy])
         notes = [f"{side}: {w}" for side, r in (("A", ra), ("B", rb)) for w in r["warnings"]]
-        return (frame, plot(charts.compare(ra["energy_by_layer"], rb["energy_by_layer"])),
+        return (frame, plot(charts.compare(ea["by_layer"], eb["by_layer"], consistent)),
                 cards.inline_error("\n".join(notes)) if notes else "", gr.update(visible=True))
 
     def set_export_options(self, state: Session | None, out_dir: str, dtype: str, device: str) -> tuple:
@@ -565,7 +591,8 @@ class Inspector:
             msg = cards.inline_ok(
                 f"Wrote {self.config.roots.display(out)} in {time.perf_counter() - started:.1f} s: "
                 f"{cov['keys']['transferred']}/{cov['keys']['total']} keys, {percent(cov['params']['rate'])} of "
-                f"parameters from the teacher, mean retained energy {percent(report['mean_energy'])}, "
+                f"parameters from the teacher, retained weight energy "
+                f"{percent(report['retained_weight_energy']['mean'])}, "
                 f"{s.strategy.dtype}.")
             command = self._cli(s)  # the command for the export just written
             s.out_dir = unique_export_name(s.projector.student.layout)  # the next export gets a new folder
@@ -578,9 +605,10 @@ class Inspector:
         """The refreshed view: summary, table, layers, energy charts and (if an entry is open) its details."""
         mapping, summary = s.mapping, s.summary()
         layers = mapping.layers
+        energy = summary.get("retained_weight_energy")
         measured = s.energy_current
         if measured:
-            note = "of the teacher's squared norm, parameter-weighted"
+            note = "a weight statistic, not output quality; untransferred = 0"
         else:
             note = f"not computed: the teacher is {human_bytes(s.teacher_bytes)}; press Compute"
         unused = s.unused_teacher_keys()
@@ -595,8 +623,8 @@ class Inspector:
             self.unused: table.unused_frame(unused),
             self.unmapped: _unmapped(s),
             self.layer_map: plot(charts.layer_map(layers, s.teacher_blocks)),
-            self.layer_energy: plot(charts.layer_energy(summary.get("energy_by_layer"), layers,
-                                                        summary.get("mean_energy"))),
+            self.layer_energy: plot(charts.layer_energy(energy and energy["by_layer"], layers,
+                                                        energy and energy["mean"])),
             self.heatmap: plot(charts.energy_heatmap(s.energy_grid(), layers)),
             self.method: s.strategy.layers if isinstance(s.strategy.layers, str) else "custom",
             self.strategy_yaml: s.strategy.to_yaml(),
@@ -633,7 +661,8 @@ class Inspector:
         if e.transforms:
             lines.append("**Transform:** " + "; ".join(e.transforms))
         if d.energy is not None:
-            lines.append(f"**Retained energy:** {percent(d.energy)} of the teacher tensors' squared norm")
+            lines.append(f"**Retained weight energy:** {percent(d.energy)} of the teacher tensors' squared norm "
+                         "(a weight statistic)")
         if d.index_choices is None:
             lines.append("_Index choices and the student tensor need teacher statistics: press “Compute retained "
                          "energy”._")

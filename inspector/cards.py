@@ -65,15 +65,17 @@ def _status_bar(counts: dict[str, int]) -> str:
     return f'<div class="status-bar">{segments}</div>'
 
 
-def metric_card(title: str, value: str, detail: str, tone: str = "") -> str:
-    return (f'<div class="card metric-card {tone}"><div class="card-title">{title}</div>'
+def metric_card(title: str, value: str, detail: str, tone: str = "", hint: str = "") -> str:
+    tip = f' title="{escape(hint)}"' if hint else ""
+    return (f'<div class="card metric-card {tone}"{tip}><div class="card-title">{title}</div>'
             f'<div class="metric">{value}</div><div class="card-line">{detail}</div></div>')
 
 
 def summary_cards(summary: dict[str, Any], energy_note: str) -> str:
     keys, params = summary["coverage"]["keys"], summary["coverage"]["params"]
     tone = "bad" if keys["transferred"] == 0 else ("good" if keys["rate"] == 1 else "")
-    mean = summary.get("mean_energy")
+    energy = summary.get("retained_weight_energy")
+    mean = energy["mean"] if energy else None
     cards = [
         model_card("teacher", summary["teacher"]),
         model_card("student", summary["student"]),
@@ -81,7 +83,8 @@ def summary_cards(summary: dict[str, Any], energy_note: str) -> str:
                     f'{keys["transferred"]} of {keys["total"]} student keys' + _status_bar(summary["counts"]), tone),
         metric_card("Parameters transferred", percent(params["rate"], 0),
                     f'{human_count(params["transferred"])} of {human_count(params["total"])}', tone),
-        metric_card("Mean retained energy", percent(mean) if mean is not None else "—", energy_note),
+        metric_card("Retained weight energy", percent(mean) if mean is not None else "—", energy_note,
+                    hint=energy["meaning"] if energy else ""),
     ]
     return f'<div class="cards">{"".join(cards)}</div>'
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .palette import A_SIDE, B_SIDE, EDGE, ENERGY_SCALE, FONT, STUDENT, TEACHER, UNUSED
+from .palette import (A_SIDE, B_SIDE, CAUTION, CAUTION_TINT, EDGE, ENERGY_SCALE, FONT, NOT_COMPARABLE, STUDENT,
+                      TEACHER, UNUSED)
 from .units import percent
 
 Figure = dict[str, Any]
@@ -137,14 +138,19 @@ def spectrum(teacher: list[float], student: list[float] | None, title: str) -> F
 
 
 def cumulative(curve: list[float], rank: int, energy: float | None, stacked: bool) -> Figure:
-    """The teacher's cumulative energy, the student's kept rank, and what the projection actually kept."""
+    """The teacher's cumulative energy, the student's kept rank, and what the projection actually kept. The curve at
+    the student's rank is an upper bound: only a per-matrix SVD (basis-inconsistent) reaches it."""
     k = min(rank, len(curve))
     best = curve[k - 1] if k else 0.0
     data = [{"type": "scatter", "x": list(range(1, len(curve) + 1)), "y": [100 * c for c in curve], "mode": "lines",
                  "name": "teacher: top-k singular values", "line": {"color": TEACHER, "width": 3}},
             {"type": "scatter", "x": [k], "y": [100 * best], "mode": "markers+text", "name": f"student rank {k}",
-                 "marker": {"color": STUDENT, "size": 13}, "text": [f"best possible at rank {k}: {percent(best)}  "],
-                 "textposition": "middle left"}]
+                 "marker": {"color": STUDENT, "size": 13},
+                 "text": [f" upper bound at rank {k}: {percent(best)} <br> only per-matrix SVD reaches it <br>"
+                          " (basis-inconsistent) "],
+                 "textposition": "bottom left" if k >= 0.4 * len(curve) else "bottom right",
+                 "hovertemplate": "upper bound at rank %{x}: %{y:.1f}% (the top %{x} singular values); only "
+                                  "svd-per-matrix, which is basis-inconsistent, reaches it<extra></extra>"}]
     shapes = [{"type": "line", "xref": "x", "x0": k, "x1": k, "yref": "paper", "y0": 0, "y1": 1,
                    "line": {"color": STUDENT, "width": 2, "dash": "dash"}}]
     notes = []
@@ -194,14 +200,39 @@ def index_choices(choices: list[tuple[str, list[int], int]]) -> Figure:
     return fig
 
 
-def compare(a: dict[str, float], b: dict[str, float]) -> Figure:
-    """Retained energy per student layer under strategies A and B."""
+INCONSISTENT_NOTE = ("<b>{sides} basis-inconsistent</b>: each matrix in its own basis, so the student does not "
+                     "compute<br>the teacher's function; its retained energy is not comparable.")
+
+
+def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bool] = (True, True)) -> Figure:
+    """Retained weight energy per student layer under strategies A and B; a basis-inconsistent side is drawn
+    grey and hatched, with a note saying why its bars are not a result."""
     names = list(dict.fromkeys([*a, *b]))
     labels = ["embeddings & head" if n == "top" else n for n in names]
     data = []
-    for side, values, color in (("A", a, A_SIDE), ("B", b, B_SIDE)):
+    for (side, values, color), ok in zip((("A", a, A_SIDE), ("B", b, B_SIDE)), consistent):
         y = [100 * values[n] if n in values else None for n in names]
-        data.append({"type": "bar", "x": labels, "y": y, "name": f"strategy {side}", "marker": {"color": color},
-                         "text": [f"{v:.0f}%" if v is not None else "" for v in y], "textposition": "outside"})
-    return figure(data, "Retained energy per student layer: A vs B", 380, barmode="group",
-                  yaxis={"title": {"text": "% kept"}, "range": [0, 112], "ticksuffix": "%"})
+        bar = {"type": "bar", "x": labels, "y": y, "name": f"strategy {side}", "marker": {"color": color},
+               "text": [f"{v:.0f}%" if v is not None else "" for v in y], "textposition": "outside",
+               "hovertemplate": "%{x}: %{y:.1f}%<extra>strategy " + side + "</extra>"}
+        if not ok:
+            bar.update(name=f"strategy {side} (basis-inconsistent: not comparable)",
+                       marker={"color": "#ffffff", "line": {"color": NOT_COMPARABLE, "width": 1.5},
+                               "pattern": {"shape": "/", "fgcolor": NOT_COMPARABLE, "size": 8, "solidity": 0.35}},
+                       textfont={"color": NOT_COMPARABLE},
+                       hovertemplate="%{x}: %{y:.1f}% (basis-inconsistent: not comparable)<extra>strategy "
+                                     + side + "</extra>")
+        data.append(bar)
+    inconsistent = [side for side, ok in zip("AB", consistent) if not ok]
+    if not inconsistent:
+        return figure(data, "Retained weight energy per student layer: A vs B", 380, barmode="group",
+                      yaxis={"title": {"text": "% of teacher's squared weight norm"}, "range": [0, 112],
+                             "ticksuffix": "%"})
+    sides = " and ".join(inconsistent) + (" are" if len(inconsistent) > 1 else " is")
+    note = {"text": INCONSISTENT_NOTE.format(sides=sides), "xref": "paper", "yref": "paper", "x": 0, "y": 1,
+            "xanchor": "left", "yanchor": "top", "align": "left", "showarrow": False, "bgcolor": CAUTION_TINT,
+            "bordercolor": CAUTION, "borderwidth": 1, "borderpad": 6, "font": {"size": 13, "color": CAUTION}}
+    return figure(data, "Retained weight energy per student layer: A vs B", 440, barmode="group",
+                  annotations=[note],
+                  yaxis={"title": {"text": "% of teacher's squared weight norm"}, "range": [0, 140],
+                         "tickvals": [0, 20, 40, 60, 80, 100], "ticksuffix": "%"})

@@ -27,6 +27,8 @@ UNUSED = "#d1d5db"  # teacher blocks no student block reads
 EDGE = "#94a3b8"
 WARNING = "#b91c1c"
 A_SIDE, B_SIDE = "#0e7490", "#c2410c"  # strategy A / B in comparisons
+NOT_COMPARABLE = "#9ca3af"  # a basis-inconsistent side: grey and hatched, never a coloured "winner"
+CAUTION, CAUTION_TINT = "#92400e", "#fffbeb"  # notes drawn inside a chart
 
 # Retained energy, 0 -> 100 %: light amber (little kept) to deep green (all kept).
 ENERGY_SCALE: list[list[float | str]] = [

@@ -22,12 +22,13 @@ import torch
 
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules
 from projection.anatomy import SPACES, template_of
-from projection.mapping import Entry, Mapping, preset_rules, rules_to_yaml
+from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.measure import energy_by, layer_of
 from projection.pipeline import entry_rows
 from projection.plan import needs_stats
 from projection.project import Projected, pick_device
 from projection.spectra import as_matrix, cumulative_energy, singular_values
+from projection.suggest import suggest_rules, with_suggestions
 
 CACHE_BYTES = 1 << 30  # teacher tensors kept between refreshes
 AUTO_ENERGY_BYTES = CACHE_BYTES  # a teacher that fits the cache is measured on every refresh
@@ -88,6 +89,14 @@ class Details:
     teacher_values: torch.Tensor | None
     student_values: torch.Tensor | None
     energy: float | None
+
+
+@dataclass
+class Suggested:
+    text: str  # the editor's text with the suggestions appended
+    rules: dict[str, Rule]  # the suggestions alone
+    covered: int  # student keys they would bring to transfer
+    unmapped: int  # student keys the editor's rules leave without a source
 
 
 @dataclass
@@ -199,12 +208,24 @@ class Session:
     def user_rules_text(self) -> str:
         return rules_to_yaml(self.projector.rules) if self.projector.rules else ""
 
-    def set_rules(self, text: str) -> None:
-        """The editor shows preset + user rules; keep as user rules only what differs from the preset."""
-        parsed = parse_rules(text, "rules")
+    def _user_rules(self, parsed: dict[str, Rule]) -> dict[str, Rule]:
+        """The editor shows preset + user rules; the user's are what differs from the preset."""
         preset = preset_rules(self.projector.student.layout)
-        user = {k: v for k, v in parsed.items() if preset.get(k) != v}
-        self._remap(rules=user)
+        return {k: v for k, v in parsed.items() if preset.get(k) != v}
+
+    def set_rules(self, text: str) -> None:
+        self._remap(rules=self._user_rules(parse_rules(text, "rules")))
+
+    def suggest_rules(self, text: str) -> Suggested:
+        """Suggestions for the keys the editor's rules (applied or not) leave unmapped; nothing is applied."""
+        parsed = parse_rules(text, "rules")
+        p = self.projector
+        mapping = build_mapping(p.teacher, p.student, p.strategy, self._user_rules(parsed))
+        suggested = suggest_rules(mapping)
+        before = mapping.coverage()["keys"]
+        after = build_mapping(p.teacher, p.student, p.strategy, {**mapping.rules, **suggested}).coverage()["keys"]
+        return Suggested(with_suggestions(text, parsed, suggested), suggested,
+                         after["transferred"] - before["transferred"], before["total"] - before["transferred"])
 
     def _remap(self, **changes: Any) -> None:
         """Set the projector's strategy and/or rules and map at once; if the core rejects the mapping, the old
@@ -252,8 +273,8 @@ class Session:
         """Retained energy per (student block, matrix kind), block matrices only; None until measured."""
         if not self.energy_current:
             return None
-        results = [r for r in self.measured.results
-                   if r.entry.student_block is not None and len(r.entry.student_shape) >= 2]
+        results = [r for r in self.measured.results  # transferred block matrices: a blank cell is a skipped one
+                   if r.entry.student_block is not None and len(r.entry.student_shape) >= 2 and r.tensor is not None]
         grid = energy_by(results, lambda e: (layer_of(e), matrix_kind(e)))
         rows = [f"block {i}" for i in range(len(self.mapping.layers))]
         kinds = list(dict.fromkeys(matrix_kind(r.entry) for r in results))

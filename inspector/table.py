@@ -33,7 +33,7 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         "student key": r["student_key"], "status": r["status"], "teacher keys": "\n".join(r["teacher_keys"]),
         "student shape": _shape(r["student_shape"]), "teacher shapes": "\n".join(map(_shape, r["teacher_shapes"])),
         "params": r["params"], "transform": "; ".join(_steps(r)),
-        "retained energy": float("nan") if r["energy"] is None else r["energy"], "reason": r["reason"],
+        "retained energy": float("nan") if (e := r["retained_weight_energy"]) is None else e, "reason": r["reason"],
     } for r in rows]
     return pd.DataFrame(data, columns=COLUMNS)
 

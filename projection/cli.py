@@ -1,7 +1,8 @@
 """`projection`: the same core as the inspector, scriptable.
 
     projection inspect SOURCE [--expert E] [--json]
-    projection map --teacher T --student S [--rules R] [--strategy F] [--json | --csv]
+    projection map --teacher T --student S [--rules R] [--strategy F] [--[no-]energy] [--json | --csv]
+    projection map --teacher T --student S [--rules R] --suggest-rules
     projection export --teacher T --student S [--strategy F] --out DIR [--device D] [--dtype D] [--force]
     projection spectra --teacher T --key KEY [--json]
     projection demo --out DIR
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 
 from .errors import ProjectionError
 
+MEASURE_BYTES = 1 << 30  # `map` computes retained energy for teachers up to this size unless told otherwise
+
 
 def _strategy(args: argparse.Namespace):
     from .strategy import Strategy
@@ -27,17 +30,24 @@ def _strategy(args: argparse.Namespace):
     return strategy.model_copy(update=overrides) if overrides else strategy
 
 
-def _projector(args: argparse.Namespace):
+def _read_rules(args: argparse.Namespace) -> tuple[str, dict | None]:
+    """The --rules file's text and rules ('' and None without one)."""
     from .mapping import parse_rules
+
+    if not getattr(args, "rules", None):
+        return "", None
+    try:
+        text = Path(args.rules).read_text()
+    except OSError as exc:
+        raise ProjectionError(f"{args.rules}: cannot read rules: {exc}") from exc
+    return text, parse_rules(text, args.rules)
+
+
+def _projector(args: argparse.Namespace):
     from .pipeline import Projector
 
-    rules = None
-    if getattr(args, "rules", None):
-        try:
-            rules = parse_rules(Path(args.rules).read_text(), args.rules)
-        except OSError as exc:
-            raise ProjectionError(f"{args.rules}: cannot read rules: {exc}") from exc
-    return Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=rules, num_heads=args.num_heads)
+    return Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
+                          num_heads=args.num_heads)
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -71,31 +81,98 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"size     {info['bytes'] / 1e9:.3f} GB")
 
 
-def cmd_map(args: argparse.Namespace) -> None:
+def _percent(x: float | None) -> str:
+    """The one format of shares, as the app shows them: 73.1%."""
+    return "—" if x is None else f"{x:.1%}"
+
+
+def _map_energy(args: argparse.Namespace, p) -> list | None:
+    """Projected numbers for the energy column: by default only for teachers that fit MEASURE_BYTES (the app's
+    rule), so a 57 GB teacher still maps from its headers alone; --energy / --no-energy decide otherwise."""
+    nbytes = p.teacher.checkpoint.nbytes if p.teacher.checkpoint else 0
+    if not (args.energy or (args.energy is None and nbytes <= MEASURE_BYTES)):
+        return None
+    return list(p.stream(progress=_transient_progress if sys.stderr.isatty() else None, tensors="numbers"))
+
+
+def _transient_progress(i: int, n: int, what: str) -> None:
+    """Progress on the terminal that leaves no line behind (the table or CSV is what the user asked for)."""
+    sys.stderr.write(f"\r[{i}/{n}] {what[:60]:<60}" if i < n else "\r" + " " * 70 + "\r")
+    sys.stderr.flush()
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    if args.suggest_rules:
+        return cmd_suggest_rules(args)
+    from .pipeline import entry_rows
+
     p = _projector(args)
     mapping = p.mapping
-    rows = [e.row() for e in mapping.entries]
+    results = _map_energy(args, p)
+    rows = entry_rows(mapping, results)
+    summary = p.summary(results)
     if args.json:
-        return _print_json({**mapping.to_dict(), "warnings": p.summary()["warnings"]})
-    if args.csv:
+        _print_json({**mapping.to_dict(), "entries": rows, "warnings": summary["warnings"],
+                     "retained_weight_energy": summary.get("retained_weight_energy")})
+    elif args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["student_key", "status", "teacher_keys", "student_shape", "teacher_shapes", "params",
-                         "transforms", "reason"])
+                         "transforms", "retained_weight_energy", "reason"])
         for r in rows:
+            energy = r["retained_weight_energy"]
             writer.writerow([r["student_key"], r["status"], " ".join(r["teacher_keys"]),
                              "x".join(map(str, r["student_shape"])),
                              " ".join("x".join(map(str, s)) for s in r["teacher_shapes"]), r["params"],
-                             "; ".join(r["transforms"]), r["reason"]])
-        return
-    width = max(len(r["student_key"]) for r in rows) if rows else 10
+                             "; ".join(r["transforms"]), "" if energy is None else energy, r["reason"]])
+    else:
+        _print_map_table(rows, p, summary)
+    cov = mapping.coverage()["keys"]
+    if cov["transferred"] == 0:
+        print(f"nothing transfers: 0% coverage: none of the {cov['total']} keys of {args.student} maps to a key "
+              f"of {args.teacher}; write rules (--rules), or get suggestions with --suggest-rules", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_map_table(rows: list[dict], p, summary: dict) -> None:
+    from .measure import MEANING
+
+    headers = ("student key", "status", "weight energy kept", "teacher keys or reason")
+    width = max([len(headers[0])] + [len(r["student_key"]) for r in rows])
+    line = "{:<%d}  {:<12}  {:>18}  {}" % width
+    print(line.format(*headers))
     for r in rows:
         detail = r["reason"] if r["status"] == "skipped" else ", ".join(r["teacher_keys"])
-        print(f"{r['student_key']:<{width}}  {r['status']:<12}  {detail}")
-    cov = mapping.coverage()
+        print(line.format(r["student_key"], r["status"], _percent(r["retained_weight_energy"]), detail))
+    cov = p.mapping.coverage()
     print(f"\ncoverage: {cov['keys']['transferred']}/{cov['keys']['total']} keys ({cov['keys']['rate']:.1%}), "
           f"{cov['params']['transferred']:,}/{cov['params']['total']:,} params ({cov['params']['rate']:.1%})")
-    for w in p.summary()["warnings"]:
-        print(f"WARNING: {w}")
+    energy = summary.get("retained_weight_energy")
+    if energy is not None:
+        print(f"retained weight energy: {_percent(energy['mean'])} ({MEANING})")
+    else:
+        size = p.teacher.checkpoint.nbytes / 1e9 if p.teacher.checkpoint else 0
+        print(f"retained weight energy: not computed (the teacher is {size:.1f} GB); --energy computes it, "
+              f"reading the teacher once")
+    for w in summary["warnings"]:
+        if cov["keys"]["transferred"] or not w.startswith("Nothing transfers"):  # stderr says that one
+            print(f"WARNING: {w}")
+
+
+def cmd_suggest_rules(args: argparse.Namespace) -> int:
+    """The rules file (--rules, as written) followed by suggested rules for the keys that transfer nothing."""
+    from .suggest import suggest_rules, with_suggestions
+
+    text, rules = _read_rules(args)
+    p = _projector(args)
+    suggested = suggest_rules(p.mapping)
+    sys.stdout.write(with_suggestions(text, rules or {}, suggested))
+    if not suggested:
+        skipped = p.mapping.counts()["skipped"]
+        print("no rules to suggest: " + ("every student key transfers" if not skipped else
+              f"the {skipped} student keys that transfer nothing are skipped on purpose or fit no unused teacher "
+              "tensor"), file=sys.stderr)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -105,8 +182,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     report = export_student(p, args.out, force=args.force, progress=_progress)
     cov = report["coverage"]
     print(f"wrote {args.out}: {cov['keys']['transferred']}/{cov['keys']['total']} keys, "
-          f"{cov['params']['rate']:.1%} of parameters from the teacher, mean retained energy "
-          f"{report['mean_energy']:.3f}, {report['provenance']['seconds']} s")
+          f"{cov['params']['rate']:.1%} of parameters from the teacher, retained weight energy "
+          f"{_percent(report['retained_weight_energy']['mean'])}, {report['provenance']['seconds']} s")
     for w in report["warnings"]:
         print(f"WARNING: {w}")
 
@@ -162,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--suggest-rules", action="store_true",
+                     help="print the rules (--rules) plus suggested rules for the keys that transfer nothing")
+    p.add_argument("--energy", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"compute each entry's retained weight energy (default: for teachers up to "
+                        f"{MEASURE_BYTES >> 30} GiB, which are read once)")
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("export", help="project and write the student folder")
@@ -194,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except BrokenPipeError:  # the reader left (`projection map --csv | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # 128 + SIGPIPE, the status a shell reports for `cat` here
@@ -204,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 
 from .anatomy import SPACES
 from .mapping import Entry, Mapping, Rule, build_mapping
-from .measure import energy_by, kind_of, mean_energy
+from .measure import retained_weight_energy
 from .models import ModelView, open_student, open_teacher
 from .plan import Plan, TeacherStats, make_plan, needs_stats
 from .project import Projected, SvdCache, pick_device, project_entry
@@ -206,9 +206,7 @@ class Projector:
             "warnings": ([f"Student {note}"] if note else []) + warnings(mapping, self.strategy),
         }
         if results is not None:
-            out["mean_energy"] = mean_energy(results)
-            out["energy_by_layer"] = energy_by(results)
-            out["energy_by_kind"] = energy_by(results, kind_of)
+            out["retained_weight_energy"] = retained_weight_energy(results)
         return out
 
 
@@ -228,6 +226,8 @@ def warnings(mapping: Mapping, strategy: Strategy) -> list[str]:
 
 
 def entry_rows(mapping: Mapping, results: list[Projected] | None = None) -> list[dict[str, Any]]:
-    energy = {r.entry.student_key: r.energy for r in results or []}
-    return [{**e.row(), "energy": energy.get(e.student_key)} for e in mapping.entries]
+    """The mapping's rows with each entry's retained weight energy (None until measured; 0 for skipped entries
+    once measured, as the means count them)."""
+    energy = {r.entry.student_key: r.energy or 0.0 for r in results or []}
+    return [{**e.row(), "retained_weight_energy": energy.get(e.student_key)} for e in mapping.entries]
 

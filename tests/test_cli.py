@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,7 @@ def test_map_csv_and_text_agree_with_json(demo, capsys):
     assert (code, err) == (0, "")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == ["student_key", "status", "teacher_keys", "student_shape", "teacher_shapes", "params",
-                             "transforms", "reason"]
+                             "transforms", "retained_weight_energy", "reason"]
     assert len(rows) == len(data["entries"])
     for row, e in zip(rows, data["entries"]):
         assert row["student_key"] == e["student_key"] and row["status"] == e["status"]
@@ -239,15 +240,117 @@ def test_map_csv_and_text_agree_with_json(demo, capsys):
         assert row["student_shape"] == "x".join(map(str, e["student_shape"]))
         assert row["teacher_shapes"].split() == ["x".join(map(str, s)) for s in e["teacher_shapes"]]
         assert int(row["params"]) == e["params"] and row["reason"] == e["reason"]
+        assert float(row["retained_weight_energy"]) == e["retained_weight_energy"]  # full precision, as in JSON
     code, out, err = run(capsys, *args)
     assert (code, err) == (0, "")
     lines = out.splitlines()
+    assert lines[0].split() == ["student", "key", "status", "weight", "energy", "kept", "teacher", "keys", "or",
+                                "reason"]
     for e in data["entries"]:
         line = next(line for line in lines if line.split()[:1] == [e["student_key"]])
-        assert line.split()[1] == e["status"]
+        assert line.split()[1:3] == [e["status"], f"{e['retained_weight_energy']:.1%}"]
     cov = data["coverage"]
     assert (f"coverage: {cov['keys']['transferred']}/{cov['keys']['total']} keys ({cov['keys']['rate']:.1%}), "
             f"{cov['params']['transferred']:,}/{cov['params']['total']:,} params") in out
+    energy = data["retained_weight_energy"]
+    assert f"retained weight energy: {energy['mean']:.1%} (" in out and "a weight statistic" in out
+
+
+def test_map_energy_counts_skipped_keys_as_zero_and_matches_the_core(demo, capsys):
+    from projection import Projector
+
+    student = demo / "student-seed.yaml"
+    code, out, err = run(capsys, "map", "--teacher", demo / "teacher-wan", "--student", student, "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    p = Projector.open(str(demo / "teacher-wan"), str(student))
+    core = p.summary(p.project())["retained_weight_energy"]
+    assert data["retained_weight_energy"] == core
+    entries = data["entries"]
+    assert all(e["retained_weight_energy"] == 0.0 for e in entries if e["status"] == "skipped")
+    mean = sum(e["retained_weight_energy"] * e["params"] for e in entries) / sum(e["params"] for e in entries)
+    assert core["mean"] == pytest.approx(mean, rel=1e-12)
+
+
+def test_map_no_energy_leaves_the_energy_column_empty(demo, capsys):
+    args = ["map", "--teacher", demo / "teacher-wan", "--student", demo / "student-wanlite.yaml"]
+    code, out, err = run(capsys, *args, "--no-energy")
+    assert (code, err) == (0, "")
+    assert "retained weight energy: not computed" in out and "--energy computes it" in out
+    assert all(line.split()[2] == "—" for line in out.splitlines()[1:124])
+    code, out, _ = run(capsys, *args, "--no-energy", "--json")
+    data = json.loads(out)
+    assert data["retained_weight_energy"] is None and all(e["retained_weight_energy"] is None
+                                                          for e in data["entries"])
+
+
+def renamed_student(demo: Path, path: Path) -> Path:
+    """The demo's reference student with its own names (layers.N.wq, ...): nothing maps without rules."""
+    import re
+
+    from projection.models import open_teacher
+    from projection.student import build_student, student_config
+
+    teacher = open_teacher(str(demo / "teacher-wan"))
+    config = student_config("wanlite", {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}, teacher.config)
+    names = [(r"^blocks\.", "layers."), (r"\.self_attn\.(q|k|v|o)\.", r".w\1."), (r"\.cross_attn\.", ".cross."),
+             (r"\.ffn\.0\.", ".fc1."), (r"\.ffn\.2\.", ".fc2."), (r"^patch_embedding", "patchify"),
+             (r"^head\.head", "final.linear"), (r"^head\.modulation", "final.adaln"), (r"^text_embedding", "text_in"),
+             (r"^time_embedding", "time_in"), (r"^time_projection", "time_out")]
+    state = {}
+    for key, value in build_student(config).state_dict().items():
+        for pattern, repl in names:
+            key = re.sub(pattern, repl, key)
+        state[key] = value.contiguous()
+    save_file(state, str(path))
+    return path
+
+
+def test_map_exits_1_when_nothing_transfers(demo, tmp_path, capsys):
+    student = renamed_student(demo, tmp_path / "custom.safetensors")
+    for fmt in ([], ["--json"], ["--csv"]):
+        code, out, err = run(capsys, "map", "--teacher", demo / "teacher-wan", "--student", student, *fmt)
+        assert code == 1
+        lines = err.strip("\n").split("\n")
+        assert len(lines) == 1 and lines[0].startswith("nothing transfers: 0% coverage")
+        assert str(student) in lines[0] and "--suggest-rules" in lines[0]
+        assert out  # the table, JSON or CSV still shows what failed to map
+    assert json.loads(run(capsys, "map", "--teacher", demo / "teacher-wan", "--student", student,
+                          "--json")[1])["coverage"]["keys"]["transferred"] == 0
+
+
+def test_map_suggest_rules_then_map_transfers_everything(demo, tmp_path, capsys):
+    student = renamed_student(demo, tmp_path / "custom.safetensors")
+    base = ["map", "--teacher", demo / "teacher-wan", "--student", student]
+    mine = tmp_path / "rules.yaml"
+    mine.write_text("# keep this comment\nfinal.linear: {skip: \"trained from scratch\"}\n")
+    code, out, err = run(capsys, *base, "--rules", mine, "--suggest-rules")
+    assert (code, err) == (0, "")
+    assert out.startswith(mine.read_text()) and "# Suggested rules" in out and "review" in out
+    rules = yaml.safe_load(out)
+    assert rules["layers.{i}.wq"] == "blocks.{i}.self_attn.q" and rules["layers.{i}.cross"] == "blocks.{i}.cross_attn"
+    assert rules["final.linear"] == {"skip": "trained from scratch"}  # the user's rule, not a suggestion
+    suggested = tmp_path / "suggested.yaml"
+    suggested.write_text(out)
+    code, out, err = run(capsys, *base, "--rules", suggested, "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    skipped = [e["student_key"] for e in data["entries"] if e["status"] == "skipped"]
+    assert skipped == ["final.linear.bias", "final.linear.weight"]
+    # with every key transferring there is nothing to suggest: the rules come back as they are
+    code, out, err = run(capsys, *base, "--rules", suggested, "--suggest-rules")
+    assert code == 0 and out == suggested.read_text()
+    assert err == ("no rules to suggest: the 2 student keys that transfer nothing are skipped on purpose or fit no "
+                   "unused teacher tensor\n")
+
+
+def test_map_csv_into_head_is_quiet(demo):
+    command = (f"{shlex.quote(sys.executable)} -m projection map --teacher {shlex.quote(str(demo / 'teacher-wan'))} "
+               f"--student {shlex.quote(str(demo / 'student-seed.yaml'))} --csv | head -2")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.splitlines()[0].startswith("student_key,status,") and len(done.stdout.splitlines()) == 2
 
 
 def test_map_rules_and_strategy_files(demo, tmp_path, capsys):
@@ -307,6 +410,8 @@ def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path,
     code, out, err = run(capsys, *args, "--dtype", "bfloat16")
     assert code == 0
     assert out.startswith(f"wrote {out_dir}: 34/58 keys")
+    exported = json.loads((out_dir / "projection_report.json").read_text())["retained_weight_energy"]["mean"]
+    assert f"retained weight energy {100 * exported:.1f}%, " in out  # the app's format, not 0.617
     assert "[58/58]" in err
     assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors",
                                                         "projection_report.json", "strategy.yaml"]

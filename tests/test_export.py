@@ -34,12 +34,13 @@ def test_round_trip_is_bit_identical_and_report_is_complete(tiny_wan, tmp_path):
     on_disk = json.loads((out / "projection_report.json").read_text())
     assert on_disk["coverage"] == report["coverage"]
     assert len(on_disk["entries"]) == len(p.mapping.entries)
-    assert {"student_key", "status", "teacher_keys", "energy", "reason"} <= set(on_disk["entries"][0])
+    assert {"student_key", "status", "teacher_keys", "retained_weight_energy", "reason"} <= set(on_disk["entries"][0])
     prov = on_disk["provenance"]
     assert prov["teacher"] == str(tiny_wan.diffusers_dir) and prov["teacher_files"][0]["bytes"] > 0
     assert prov["teacher_bytes_read"] > 0 and "created" in prov and "projection_inspector" in prov
-    assert set(on_disk["energy_by_layer"]) == {"top", "block 0", "block 1"}
-    assert 0 < on_disk["mean_energy"] < 1
+    energy = on_disk["retained_weight_energy"]
+    assert set(energy["by_layer"]) == {"top", "block 0", "block 1"}
+    assert 0 < energy["mean"] < 1 and "weight statistic" in energy["meaning"]
     config = json.loads((out / "config.json").read_text())
     assert config["layout"] == "wanlite" and config["dim"] == 32
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from gradio_client import Client
 from safetensors.torch import load_file, save_file
 
 from conftest import CUSTOM_RULES, custom_names
+from inspector.palette import A_SIDE, B_SIDE
 from projection import Projector, Strategy
 from projection.demo import write_demo, write_shape_only_teacher
+from projection.measure import MEANING
 
 ALL = ["exact", "mapped", "concatenated", "skipped"]
 TABLE = [ALL, "", "student order"]  # status filter, search, sort
@@ -124,7 +127,9 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
         assert row["status"] == r.entry.status
         assert row["retained energy"] == pytest.approx(r.energy, abs=1e-12)
     summary = p.summary(results)
-    assert f"{100 * summary['mean_energy']:.1f}%" in out["cards"]
+    assert f"{100 * summary['retained_weight_energy']['mean']:.1f}%" in out["cards"]
+    assert "Retained weight energy" in out["cards"] and "a weight statistic, not output quality" in out["cards"]
+    assert f'title="{escape(MEANING)}"' in out["cards"]  # the whole definition on hover
     assert "123 of 123 student keys" in out["cards"]
     assert "Loaded in" in out["source-msg"]
     # every status is coloured from the one palette, in the table and in the legend
@@ -207,7 +212,7 @@ def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
         assert table[r.entry.student_key]["retained energy"] == pytest.approx(r.energy, abs=1e-12)
         steps = [s for s in r.entry.transforms if not s.startswith("from ")]  # the source has its own column
         assert table[r.entry.student_key]["transform"] == "; ".join(steps)
-    assert f"{100 * p.summary(results)['mean_energy']:.1f}%" in out["cards"]
+    assert f"{100 * p.summary(results)['retained_weight_energy']['mean']:.1f}%" in out["cards"]
     assert "seed: 3" in out["strategy-yaml"] and "rescale: variance" in out["cli"]
 
 
@@ -250,7 +255,10 @@ def test_details_spectra_and_index_choices_come_from_the_core(client, app, root)
     assert sv[0]["y"] == pytest.approx(teacher_sv.tolist(), rel=1e-9)
     assert len(sv[1]["y"]) == 128
     curve = figure(spec, "cum-plot")
-    assert curve["data"][1]["x"] == [128]  # the student's kept rank is marked
+    assert curve["data"][1]["x"] == [128]  # the student's kept rank is marked, as an upper bound
+    label = curve["data"][1]["text"][0]
+    assert label.strip().startswith("upper bound at rank 128: ") and "basis-inconsistent" in label
+    assert "best possible" not in json.dumps(curve)
 
 
 # ------------------------------------------------------------------ rules
@@ -282,6 +290,27 @@ def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
     assert "--rules rules.yaml" in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
 
 
+def test_suggest_rules_fills_the_editor_without_applying(client, app):
+    out = load(client, app, student="custom-student.safetensors")
+    assert "0 of 123 student keys" in out["cards"]
+    mine = "# my rules\nout.proj: {skip: \"trained from scratch\"}\n"
+    suggested = call(client, app, "suggest_rules", mine)
+    text = suggested["rules-editor"]
+    assert text.startswith(mine) and "# Suggested rules (" in text and "review" in text
+    assert "layers.{i}.attn: blocks.{i}.self_attn" in text and "stem: patch_embedding" in text
+    assert "Review them, then press Apply rules" in suggested["rules-msg"]
+    assert "10 suggested rules" in suggested["rules-msg"]  # out.proj (2 keys) stays skipped on purpose
+    assert "would map 121 of the 123 student keys" in suggested["rules-msg"]
+    still = call(client, app, "filter_table", *TABLE)["mapping-table"]
+    assert {r[1] for r in still["data"]} == {"skipped"}  # suggested, not applied
+    applied = call(client, app, "apply_rules", text, *TABLE, None)
+    assert "121 of 123 student keys" in applied["cards"]
+    assert {r["status"] for k, r in rows(applied).items() if not k.startswith("out.proj")} == {"mapped"}
+    again = call(client, app, "suggest_rules", applied["rules-editor"])
+    assert again["rules-editor"] is None or again["rules-editor"] == applied["rules-editor"]
+    assert "No rules to suggest" in again["rules-msg"]
+
+
 # ------------------------------------------------------------------ strategy files and A/B
 
 
@@ -303,10 +332,26 @@ def test_ab_comparison(client, app, root):
     out = call(client, app, "compare", a, b)
     measures = {r[0]: r for r in out["compare-table"]["data"]}
     _, ra = core(root)
-    mean_a = Projector.open(str(root / TEACHER), str(root / WANLITE)).summary(ra)["mean_energy"]
-    assert measures["mean retained energy"][1] == f"{100 * mean_a:.1f}%"
+    mean_a = Projector.open(str(root / TEACHER), str(root / WANLITE)).summary(ra)["retained_weight_energy"]["mean"]
+    assert measures["retained weight energy"][1] == f"{100 * mean_a:.1f}%"
     assert "basis-inconsistent" in out["compare-msg"]
-    assert [t["name"] for t in figure(out, "compare-plot")["data"]] == ["strategy A", "strategy B"]
+    # svd-per-matrix keeps more weight energy, but in a basis of its own: no "win" for B, in table or chart
+    assert measures["keys transferred"][3] == "+0.0 pt"
+    assert all(r[3] == "not comparable" for m, r in measures.items() if "energy" in m)
+    fig = figure(out, "compare-plot")
+    bar_a, bar_b = fig["data"]
+    assert bar_a["name"] == "strategy A" and bar_a["marker"]["color"] == A_SIDE and "pattern" not in bar_a["marker"]
+    assert bar_b["name"] == "strategy B (basis-inconsistent: not comparable)"
+    assert bar_b["marker"]["pattern"]["shape"] == "/" and bar_b["marker"]["color"] != B_SIDE
+    note = " ".join(a["text"] for a in fig["layout"]["annotations"])
+    assert "B is basis-inconsistent" in note and "does not compute" in note and "not comparable" in note
+    assert "weight" in fig["layout"]["yaxis"]["title"]["text"]
+    # two basis-consistent strategies compare as usual
+    calm = call(client, app, "compare", a, Strategy(width="first").to_yaml())
+    assert [t["name"] for t in figure(calm, "compare-plot")["data"]] == ["strategy A", "strategy B"]
+    assert not figure(calm, "compare-plot")["layout"].get("annotations")
+    assert re.fullmatch(r"[+-]\d+\.\d pt", {r[0]: r for r in calm["compare-table"]["data"]}
+                        ["retained weight energy"][3])
 
 
 # ------------------------------------------------------------------ export

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -265,3 +266,103 @@ def test_a_rule_that_matches_no_student_key_is_an_error_naming_it(tiny_wan):
         Projector.open(str(tiny_wan.original_dir), seed, rules=typo).mapping
     ok = Projector.open(str(tiny_wan.original_dir), seed, rules={"blocks.{i}.mlp.0": "blocks.{i}.ffn.0"})
     assert ok.mapping.entry("blocks.1.mlp.0.weight").status == "mapped"
+
+# ---------------------------------------------------------------- suggested rules
+
+# A custom student: the reference student under names a user might choose (wq, fc1, adaln, ...).
+CUSTOM_NAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.(q|k|v|o)\.", r".w\1."),
+                (r"\.self_attn\.norm_(q|k)\.", r".\1_norm."), (r"\.cross_attn\.(q|k|v|o)\.", r".cross.w\1."),
+                (r"\.cross_attn\.norm_(q|k)\.", r".cross.\1_norm."), (r"\.ffn\.0\.", ".fc1."), (r"\.ffn\.2\.", ".fc2."),
+                (r"\.norm3\.", ".norm."), (r"\.modulation$", ".adaln"), (r"^patch_embedding", "patchify"),
+                (r"^text_embedding\.", "text_proj."), (r"^time_embedding\.", "t_embed."),
+                (r"^time_projection\.1", "t_mod"), (r"^head\.head", "final.linear"), (r"^head\.adaln", "final.adaln")]
+# ...and one that renames whole modules only, so short module rules say it all.
+MODULE_NAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.", ".attn."), (r"\.cross_attn\.", ".xattn."),
+                (r"\.ffn\.", ".mlp."), (r"^patch_embedding", "stem"), (r"^head\.head", "out.proj")]
+
+
+def custom_student(demo_dir, folder, names) -> str:
+    from projection.student import build_student, student_config
+
+    teacher = open_teacher(str(demo_dir / "teacher-wan"))
+    fields = {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}
+    state = build_student(student_config("wanlite", fields, teacher.config)).state_dict()
+    renamed = {}
+    for key, value in state.items():
+        for pattern, repl in names:
+            key = re.sub(pattern, repl, key)
+        renamed[key] = value.contiguous()
+    folder.mkdir()
+    save_file(renamed, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_path):
+    from projection.suggest import suggest_rules
+
+    student = custom_student(demo_dir, tmp_path / "custom", CUSTOM_NAMES)
+    p = Projector.open(str(demo_dir / "teacher-wan"), student)
+    assert p.mapping.coverage()["keys"]["transferred"] == 0
+    suggested = suggest_rules(p.mapping)
+    assert p.teacher.checkpoint.bytes_read == 0  # from names and shapes alone
+    # one rule per module, written for every block at once: 16 block modules + 6 top-level ones, not 123 keys
+    assert len(suggested) == 22
+    assert all("{i}" in k and "{i}" in v for k, v in suggested.items() if k.startswith("layers."))
+    assert not any(re.match(r"layers\.\d", k) for k in suggested)  # block indices are generalized
+    assert suggested["layers.{i}.wq"] == "blocks.{i}.self_attn.q"
+    assert suggested["layers.{i}.cross.wk"] == "blocks.{i}.cross_attn.k"
+    assert suggested["layers.{i}.q_norm"] == "blocks.{i}.self_attn.norm_q"
+    assert suggested["layers.{i}.fc2"] == "blocks.{i}.ffn.2"
+    assert suggested["patchify"] == "patch_embedding"  # a Conv2d from the teacher's Conv3d
+    p.rules = suggested
+    m = p.mapping
+    assert m.coverage()["keys"]["rate"] == 1.0, [e.reason for e in m.entries if e.status == "skipped"]
+    assert m.entry("layers.3.wv.bias").teacher_keys == ["blocks.6.self_attn.v.bias"]  # {i}: the chosen block
+    assert m.entry("t_embed.2.weight").teacher_keys == ["time_embedding.2.weight"]
+    assert m.entry("text_proj.2.weight").teacher_keys == ["text_embedding.2.weight"]
+    assert suggest_rules(m) == {}  # nothing left to suggest
+
+
+def test_suggested_rules_are_module_prefixes_where_whole_modules_agree(demo_dir, tmp_path):
+    from projection.suggest import suggest_rules
+
+    student = custom_student(demo_dir, tmp_path / "custom", MODULE_NAMES)
+    p = Projector.open(str(demo_dir / "teacher-wan"), student)
+    suggested = suggest_rules(p.mapping)
+    assert suggested == {  # 7 rules for 123 keys
+        "layers.{i}.attn": "blocks.{i}.self_attn", "layers.{i}.mlp": "blocks.{i}.ffn",
+        "layers.{i}.modulation": "blocks.{i}.modulation", "layers.{i}.norm3": "blocks.{i}.norm3",
+        "layers.{i}.xattn": "blocks.{i}.cross_attn", "out.proj": "head.head", "stem": "patch_embedding"}
+    p.rules = suggested
+    assert p.mapping.coverage()["keys"]["rate"] == 1.0
+
+
+def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
+    from projection.suggest import suggest_rules, with_suggestions
+
+    student = custom_student(demo_dir, tmp_path / "custom", CUSTOM_NAMES)
+    text = ("# my rules\nlayers.{i}.wq: blocks.{i}.self_attn.k  # deliberately odd, but it transfers\n"
+            "final.linear: {skip: \"trained from scratch\"}\n")
+    rules = parse_rules(text)
+    p = Projector.open(str(demo_dir / "teacher-wan"), student, rules=rules)
+    suggested = suggest_rules(p.mapping)
+    assert "layers.{i}.wq" not in suggested and "final.linear" not in suggested
+    assert suggested["layers.{i}.wk"] == "blocks.{i}.self_attn.q"  # one student module per teacher module
+    assert "blocks.{i}.self_attn.k" not in suggested.values()
+    p.rules = {**rules, **suggested}
+    m = p.mapping
+    assert m.entry("layers.2.wq.weight").teacher_keys == ["blocks.4.self_attn.k.weight"]
+    assert [e.student_key for e in m.entries if e.status == "skipped"] == ["final.linear.bias", "final.linear.weight"]
+    assert m.entry("final.linear.weight").reason == "trained from scratch"
+    out = with_suggestions(text, rules, suggested)
+    assert out.startswith(text)  # the user's text, comments included, comes first and unchanged
+    assert "# Suggested rules (20), to review before applying" in out
+    assert parse_rules(out) == {**rules, **suggested}
+    # a suggestion that replaces a rule of the text (one naming a missing teacher key) rewrites the text once
+    typo = "layers.{i}.fc1: blocks.{i}.fnn.0\n"
+    p.rules = parse_rules(typo)
+    fixed = suggest_rules(p.mapping)
+    assert fixed["layers.{i}.fc1"] == "blocks.{i}.ffn.0"
+    out = with_suggestions(typo, parse_rules(typo), fixed)
+    assert "fnn" not in out.split("# Suggested")[0] and "replace your rule(s) for layers.{i}.fc1" in out
+    assert parse_rules(out) == fixed

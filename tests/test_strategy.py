@@ -101,8 +101,33 @@ def test_magnitude_keeps_more_energy_than_first(demo_dir):
     for width in ("magnitude", "first"):
         p = Projector.open(str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml"),
                            strategy=Strategy(width=width, heads=width, ffn=width))
-        energy[width] = p.summary(p.project())["mean_energy"]
+        energy[width] = p.summary(p.project())["retained_weight_energy"]["mean"]
     assert energy["magnitude"] > energy["first"] + 0.1
+
+
+def test_retained_energy_counts_what_does_not_transfer_as_zero(demo_dir):
+    """Breaking every ffn.0.weight (a sixth of the parameters) must cost that much energy, not move the mean by
+    a tenth of a point: skipped parameters count as kept nothing, in the mean and per layer."""
+    teacher, student = str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml")
+    whole = Projector.open(teacher, student)
+    broken = Projector.open(teacher, student, rules={"blocks.{i}.ffn.0.weight": "blocks.{i}.ffn.9.weight"})
+    results = broken.project()
+    lost = [r for r in results if r.entry.student_key.endswith("ffn.0.weight")]
+    assert len(lost) == 4 and all(r.entry.status == "skipped" for r in lost)
+    total = sum(r.entry.params for r in results)
+    share = sum(r.entry.params for r in lost) / total
+    assert 0.15 < share < 0.2
+    expected = sum(r.energy * r.entry.params for r in results if r.energy is not None) / total
+    before = whole.summary(whole.project())["retained_weight_energy"]
+    after = broken.summary(results)["retained_weight_energy"]
+    assert after["mean"] == pytest.approx(expected, rel=1e-12)
+    assert before["mean"] - after["mean"] > 0.1  # ffn.0 kept ~75% of a sixth of the parameters
+    block = [r for r in results if r.entry.student_block == 0]
+    assert after["by_layer"]["block 0"] == pytest.approx(
+        sum((r.energy or 0.0) * r.entry.params for r in block) / sum(r.entry.params for r in block), rel=1e-12)
+    assert after["by_layer"]["block 0"] < before["by_layer"]["block 0"] - 0.1
+    assert after["by_kind"]["ffn.0.weight"] == 0.0
+    assert "weight statistic" in after["meaning"] and "count as 0" in after["meaning"]
 
 
 def test_residual_index_set_is_shared_by_every_reader_and_writer(tiny_wan):
