@@ -244,8 +244,10 @@ def test_command_snippet_line_numbers_line_up(page):
     page.get_by_role("tab", name="Layers").click()
     page.locator("#layer-method").get_by_label("first", exact=True).click()  # redraws the hidden command
     wait_for_block(page, 3, 3)
+    page.set_viewport_size({"width": 1600, "height": 400})  # the command below the fold, as on a small screen
     page.get_by_role("tab", name="Export").click()
-    page.locator("#cli .cm-line").filter(has_text="layers: first").wait_for()
+    page.locator("#cli .cm-line").filter(has_text="layers: first").wait_for(state="attached")
+    page.wait_for_timeout(500)
     tops = page.evaluate("""() => {
         const numbers = [...document.querySelectorAll('#cli .cm-lineNumbers .cm-gutterElement')]
             .filter(e => e.style.visibility !== 'hidden');
@@ -255,6 +257,7 @@ def test_command_snippet_line_numbers_line_up(page):
     assert len(tops) > 10
     assert [n for n, _, _ in tops] == [str(i + 1) for i in range(len(tops))]
     assert all(abs(line - number) <= 1 for _, line, number in tops), tops
+    page.set_viewport_size({"width": 1600, "height": 1000})
     text = page.locator("#cli .cm-content").inner_text()
     assert "cat > strategy.yaml" not in text and 'cat > "$inputs/strategy.yaml"' in text
 
