@@ -89,7 +89,7 @@ class Inspector:
         self.state = gr.State(None, delete_callback=lambda s: s.close() if s else None)
         with gr.Row(elem_id="top-bar"):  # one line: the title, then what the last update did
             gr.HTML('<div class="app-header"><h1>Projection Inspector</h1><p>Initialise a small student from a '
-                    'large Wan teacher, and see exactly what each student tensor takes from it.</p></div>',
+                    'large Wan teacher, and see exactly what each tensor takes from it.</p></div>',
                     elem_id="app-header")
             self.refresh_info = gr.HTML(elem_id="refresh-info")
             self.energy_btn = gr.Button("Compute retained energy", visible=False, size="sm", scale=0,
@@ -192,7 +192,7 @@ class Inspector:
                                    label="Teacher block per student block", scale=0, min_width=430,
                                    info="uniform: evenly spaced, the first and last blocks included")
             self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
-                                      min_width=170, buttons=[], elem_classes=SLIDER_CLASSES)
+                                      min_width=120, buttons=[], elem_classes=SLIDER_CLASSES)
                             for i in range(MAX_BLOCKS)]
         with gr.Row(elem_id="layer-charts"):
             self.layer_map = gr.Plot(show_label=False, elem_id="layer-map", scale=1)

@@ -111,7 +111,7 @@ def layer_energy(energy: dict[str, float] | None, layers: list[int], mean: float
     ticks = [label.replace(" ← ", "<br>← ").replace(" & ", "<br>& ") for label in labels]  # two short lines each
     values = [100 * energy[n] for n in names]
     data = [{"type": "bar", "x": labels, "y": values, "marker": {"color": STUDENT}, "text": [f"{v:.0f}%" for v in values],
-                 "textposition": "auto", "insidetextanchor": "end",  # inside the bar's top: clear of the mean line
+                 "textposition": "auto", "insidetextanchor": "middle",  # inside the bar, clear of the mean line
                  "hovertemplate": "%{x}: %{y:.1f}%<extra></extra>", "name": "retained"}]
     shapes, notes = [], []
     if mean is not None:  # labelled in the right margin, where no bar or bar label can be
