@@ -7,6 +7,7 @@ table and charts (cheap: the core caches tensors and plans) and touches the 48 s
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -745,8 +746,8 @@ def _block_problem(value: Any, top: int) -> str | None:
         number = float(value)
     except (TypeError, ValueError):
         return f"{value!r} is not a block number"
-    if number != int(number):
-        return f"{value:g} is not a whole block number"
+    if not math.isfinite(number) or number != int(number):
+        return f"{number:g} is not a whole block number"
     if not 0 <= number <= top:
         return f"no teacher block {number:g} (0–{top})"
     return None

@@ -23,7 +23,7 @@ SORTS = {
     "retained energy (highest first)": ("retained energy", False),
 }
 # Wide enough at 1280 px for "concatenated", "retained" and the longest part of a key between dots.
-WIDTHS = ["15%", "10%", "15%", "7%", "7%", "7%", "19%", "7%", "13%"]
+WIDTHS = ["15%", "10%", "15%", "7%", "7%", "7%", "17%", "7%", "15%"]
 NUMBERS = ("params", "retained energy")
 # Text columns are shown as HTML so that keys and shapes may wrap after a '.', '/' or '×' (never inside a name).
 DATATYPES = ["str" if column in NUMBERS else "html" for column in COLUMNS]
@@ -92,8 +92,9 @@ def _display(column: str, value: Any) -> str:
 
 def breakable(text: str) -> str:
     """Escaped HTML that may wrap after '.', '/' and '×' and at newlines, and elsewhere only between words."""
-    text = re.sub(r"([./×])", r"\1<wbr>", escape(text)).replace("\n", "<br>")
-    return re.sub(r"(\S*-&gt;\S*)", r'<span style="white-space: nowrap">\1</span>', text)  # 256->128 whole
+    text = re.sub(r"([./×])", r"\1<wbr>", escape(text))
+    text = re.sub(r"(\S*-&gt;\S*)", r'<span style="white-space: nowrap">\1</span>', text)  # 256->128 whole
+    return text.replace("\n", "<br>")
 
 
 def legend(counts: dict[str, int]) -> str:
