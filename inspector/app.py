@@ -191,7 +191,7 @@ class Inspector:
         with gr.Row(elem_id="sliders"):  # the method, then a slider per student block: drag, arrow keys or type
             self.method = gr.Radio(["uniform", "first", "last", "custom"], value="uniform", elem_id="layer-method",
                                    label="Teacher block per student block", scale=0, min_width=430,
-                                   info="uniform: evenly spaced, the first and last blocks included")
+                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept")
             self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
                                       min_width=120, buttons=[], elem_classes=SLIDER_CLASSES)
                             for i in range(MAX_BLOCKS)]

@@ -312,7 +312,7 @@ def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
     assert "123 of 123 student keys" in good["cards"]
     assert not good["warnings"]
     assert {r["status"] for r in rows(good).values()} == {"mapped"}
-    assert "--rules rules.yaml" in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
+    assert '--rules "$inputs/rules.yaml"' in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
 
 
 # ------------------------------------------------------------------ strategy files and A/B
