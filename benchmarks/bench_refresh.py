@@ -100,11 +100,11 @@ def main() -> None:
             loaded = time.perf_counter() - t0
 
             def new_block(i: int) -> Callable[[], Any]:  # teacher blocks the demo's uniform stride never read
-                chosen = [0, (1, 3, 5, 7)[i % 4], 4, 6]
+                chosen = [0, (1, 3, 4, 6)[i % 4], 5, 7]
                 return lambda: client.predict(*TABLE, None, *chosen, *[0] * 44, api_name="/set_layers")
 
             def layers(i: int) -> Callable[[], Any]:  # block 1 walks over teacher blocks 1..7, all cached now
-                chosen = [0, 1 + i % 7, 4, 6]
+                chosen = [0, 1 + i % 7, 5, 7]
                 return lambda: client.predict(*TABLE, None, *chosen, *[0] * 44, api_name="/set_layers")
 
             def floor(i: int) -> Callable[[], Any]:  # an endpoint that does nothing: gradio_client's own cost
@@ -133,7 +133,7 @@ def main() -> None:
                                               *TABLE, None, api_name="/set_strategy")
 
             def svd_layers(i: int) -> Callable[[], Any]:  # still svd-per-matrix: new blocks need their SVDs once
-                chosen = [0, 1 + i % 7, 4, 6]
+                chosen = [0, 1 + i % 7, 5, 7]
                 return lambda: client.predict(*TABLE, None, *chosen, *[0] * 44, api_name="/set_layers")
 
             kinds = {"round trip of a no-op endpoint (floor)": floor,

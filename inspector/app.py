@@ -7,6 +7,7 @@ table and charts (cheap: the core caches tensors and plans) and touches the 48 s
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .session import Session, histogram, use_interactive_threads
 from .units import human_bytes, percent
 
 MAX_BLOCKS = 48  # Gradio needs a fixed number of sliders: this many are created and shown as needed
+SLIDER_CLASSES = ["block-slider"]
 STYLE = Path(__file__).with_name("style.css")
 STRATEGY_FIELDS = ("width", "heads", "head_dim", "ffn", "conv", "rescale")
 NO_EXPERT = "single model"
@@ -87,14 +89,15 @@ class Inspector:
     def _layout(self) -> None:
         c = self.config
         self.state = gr.State(None, delete_callback=lambda s: s.close() if s else None)
-        gr.HTML('<div class="app-header"><h1>Projection Inspector</h1><p>Initialise a small student from a large '
-                'Wan teacher, and see exactly what each student tensor takes from it.</p></div>')
-        self.cards = gr.HTML(elem_id="cards")
-        self.warning = gr.HTML(elem_id="warnings", visible=False)
-        with gr.Row(elem_id="refresh-row"):
+        with gr.Row(elem_id="top-bar"):  # one line: the title, then what the last update did
+            gr.HTML('<div class="app-header"><h1>Projection Inspector</h1><p>Initialise a small student from a '
+                    'large Wan teacher, and see exactly what each tensor takes from it.</p></div>',
+                    elem_id="app-header")
             self.refresh_info = gr.HTML(elem_id="refresh-info")
             self.energy_btn = gr.Button("Compute retained energy", visible=False, size="sm", scale=0,
                                         elem_id="energy-button")
+        self.cards = gr.HTML(elem_id="cards")
+        self.warning = gr.HTML(elem_id="warnings", visible=False)
         with gr.Tabs(selected="mapping", elem_id="tabs"):
             with gr.Tab("Sources", id="sources"):
                 self._sources_tab(c)
@@ -147,14 +150,17 @@ class Inspector:
 
     def _mapping_tab(self) -> None:
         self.legend = gr.HTML(elem_id="legend")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="table-filters"):  # one line, right above the table
             self.statuses = gr.CheckboxGroup(list(table.STATUSES), value=list(table.STATUSES), label="Show",
-                                             scale=2, elem_id="status-filter")
-            self.search = gr.Textbox(label="Search keys", placeholder="e.g. ffn, blocks.3, in_proj", scale=2,
-                                     elem_id="search")
-            self.sort = gr.Dropdown(list(table.SORTS), value="student order", label="Sort", scale=1)
+                                             show_label=False, container=False, scale=3, min_width=470,
+                                             elem_id="status-filter")
+            self.search = gr.Textbox(label="Search keys", placeholder="Search keys, e.g. ffn, blocks.3, in_proj",
+                                     show_label=False, container=False, scale=2, elem_id="search")
+            self.sort = gr.Dropdown(list(table.SORTS), value="student order", label="Sort", show_label=False,
+                                    container=False, scale=1, min_width=230, elem_id="sort")
         self.table = gr.Dataframe(interactive=False, wrap=True, max_height=540, column_widths=table.WIDTHS,
-                                  elem_id="mapping-table", show_label=False, buttons=["fullscreen", "copy"])
+                                  datatype=table.DATATYPES, elem_id="mapping-table", show_label=False,
+                                  buttons=["fullscreen", "copy"])
         gr.Markdown("Click a row (or pick a key) for its sources, index choices and value histograms.",
                     elem_classes="note")
         self.key = gr.Dropdown([], value=None, label="Entry details", filterable=True, elem_id="entry-key",
@@ -187,22 +193,24 @@ class Inspector:
                 self.unmapped = gr.Markdown(elem_id="unmapped", max_height=560)
 
     def _layers_tab(self) -> None:
-        self.method = gr.Radio(["uniform", "first", "last", "custom"], value="uniform", elem_id="layer-method",
-                               label="Teacher block per student block", info=_info("layers"))
-        with gr.Row():
-            self.layer_map = gr.Plot(show_label=False, elem_id="layer-map", scale=3)
-            self.layer_energy = gr.Plot(show_label=False, elem_id="layer-energy", scale=2)
-        with gr.Row(elem_id="sliders"):
+        with gr.Row(elem_id="sliders"):  # the method, then a slider per student block: drag, arrow keys or type
+            self.method = gr.Radio(["uniform", "first", "last", "custom"], value="uniform", elem_id="layer-method",
+                                   label="Teacher block per student block", scale=0, min_width=430,
+                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept")
             self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
-                                      min_width=200, buttons=[], elem_classes="block-slider")
+                                      min_width=120, buttons=[], elem_classes=SLIDER_CLASSES)
                             for i in range(MAX_BLOCKS)]
+        with gr.Row(elem_id="layer-charts"):
+            self.layer_map = gr.Plot(show_label=False, elem_id="layer-map", scale=1)
+            self.layer_energy = gr.Plot(show_label=False, elem_id="layer-energy", scale=1)
 
     def _spectra_tab(self) -> None:
-        with gr.Row(equal_height=True):
+        with gr.Row(elem_id="spec-row"):
             self.spec_layer = gr.Dropdown([], label="Layer", scale=1, elem_id="spec-layer")
             self.spec_matrix = gr.Dropdown([], label="Matrix", scale=2, elem_id="spec-matrix",
                                            allow_custom_value=True)  # API clients may name any 'student key#part'
-            self.spec_btn = gr.Button("Compute spectrum", variant="primary", scale=0, min_width=200)
+            self.spec_btn = gr.Button("Compute spectrum", variant="primary", scale=0, min_width=240,
+                                      elem_id="spec-button")
         with gr.Row():
             self.sv_plot = gr.Plot(show_label=False, elem_id="sv-plot")
             self.cum_plot = gr.Plot(show_label=False, elem_id="cum-plot")
@@ -250,12 +258,14 @@ class Inspector:
             self.dtype = gr.Radio(_choices("dtype"), value=s.dtype, label="dtype", scale=2)
             devices = [d for d in _choices("device") if d != "cuda" or torch.cuda.is_available()]
             self.device = gr.Radio(devices, value=s.device, label="device", scale=1)
-        self.export_btn = gr.Button("Export student", variant="primary", elem_id="export-button")
-        self.export_msg = gr.HTML(elem_id="export-msg")
-        self.export_files = gr.File(label="Downloads", file_count="multiple", interactive=False,
-                                    elem_id="export-files")
+        with gr.Row(equal_height=True):
+            self.export_btn = gr.Button("Export student", variant="primary", elem_id="export-button", scale=0,
+                                        min_width=220)
+            self.export_msg = gr.HTML(elem_id="export-msg")
         self.cli = gr.Code(language="shell", label="The same export from the command line", interactive=False,
                            elem_id="cli")
+        self.export_files = gr.File(label="Downloads", file_count="multiple", interactive=False,
+                                    elem_id="export-files")
 
     # ================================================================ wiring
 
@@ -295,10 +305,16 @@ class Inspector:
                             api_name="set_strategy" if i == 0 else None, api_visibility="public" if i == 0 else "private")
         self.seed.blur(self.set_strategy, strategy_inputs, self._view, show_progress="hidden",
                        api_visibility="private")
+        # A slider's `input` fires on drag, arrow keys and typing; `release` on pointer-up and when its number box
+        # loses focus (where Gradio then clamps the box silently: settle_layers puts back what is in use). The
+        # sliders' values are checked here, not by Gradio, so a bad one is answered beside its slider.
+        layer_inputs = [self.state, *t, *self.sliders]
         for i, slider in enumerate(self.sliders):
-            slider.release(self.set_layers, [self.state, *t, *self.sliders], self._view, show_progress="minimal",
-                           trigger_mode="always_last",
-                           api_name="set_layers" if i == 0 else None, api_visibility="public" if i == 0 else "private")
+            for event, handler in ((slider.input, self.set_layers), (slider.release, self.settle_layers)):
+                first = i == 0 and handler == self.set_layers
+                event(handler, layer_inputs, self._view, preprocess=False, trigger_mode="always_last",
+                      show_progress="minimal", show_progress_on=[self.layer_map, self.layer_energy],
+                      api_name="set_layers" if first else None, api_visibility="public" if first else "private")
         self.energy_btn.click(self.measure, [self.state, *t], self._view, api_name="measure")
         self.apply_rules_btn.click(self.apply_rules, [self.state, self.rules, *t],
                                    self._view + [self.rules, self.rules_msg, self.source_msg, self.spec_layer,
@@ -314,8 +330,8 @@ class Inspector:
         self.key.change(self.show_details, [self.state, self.key], [self.details, self.index_plot, self.hist_plot],
                         api_name="details")
 
-        self.spec_layer.input(self.spectra_choices, [self.state, self.spec_layer], self.spec_matrix,
-                              api_visibility="private")
+        self.spec_layer.input(self.spectra_choices, [self.state, self.spec_layer],
+                              [self.spec_matrix, self.sv_plot, self.cum_plot], api_visibility="private")
         self.spec_btn.click(self.spectrum, [self.state, self.spec_matrix], [self.sv_plot, self.cum_plot],
                             api_name="spectrum")
         self.spec_matrix.input(self.spectrum, [self.state, self.spec_matrix], [self.sv_plot, self.cum_plot],
@@ -427,13 +443,45 @@ class Inspector:
         return self._refresh(state, (statuses, search, sort, key), change, _toast("Strategy rejected"))
 
     def set_layers(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
-                   *sliders: float) -> dict:
+                   *sliders: float | None) -> dict:
+        """The sliders' values (raw: Gradio does not check them) become the layers. A value outside the teacher's
+        blocks is answered beside its slider, which goes back to the block in use; an empty box is mid-edit."""
+        s = self._session(state)
+        with s.lock:
+            current, top = list(s.mapping.layers), s.teacher_blocks - 1
+            values = list(sliders[:len(current)])
+            for i, value in enumerate(values):
+                if value is None or value == "":
+                    values[i] = current[i]  # the box is being retyped: wait for a number
+                    continue
+                problem = _block_problem(value, top)
+                if problem:
+                    out = self._clear_slider_error(s)
+                    s.slider_error = i
+                    out[self.sliders[i]] = gr.update(value=current[i], info=f"⚠ {problem}: still T{current[i]}",
+                                                     elem_classes=[*SLIDER_CLASSES, "invalid"])
+                    return out
+            layers = [int(v) for v in values]
+            if layers == current and s.slider_error is None:
+                return {self.refresh_info: gr.skip()}  # nothing changed (e.g. the release after a drag)
+
         def change(s: Session) -> None:
-            layers = [int(v) for v in sliders[:len(s.mapping.layers)]]
-            s.update_strategy(layers=layers)
+            if layers != s.mapping.layers:
+                s.update_strategy(layers=layers)
             s.shown_layers = layers  # the sliders already show them
 
         return self._refresh(state, (statuses, search, sort, key), change, _toast("Layers rejected"))
+
+    def settle_layers(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
+                      *sliders: float | None) -> dict:
+        """A released slider or a number box left: as set_layers, and an emptied box shows the block in use again
+        (Gradio would show the minimum)."""
+        out = self.set_layers(state, statuses, search, sort, key, *sliders)
+        s = self._session(state)
+        for i, value in enumerate(sliders[:len(s.mapping.layers)]):
+            if (value is None or value == "") and self.sliders[i] not in out:
+                out[self.sliders[i]] = gr.update(value=s.mapping.layers[i])
+        return out
 
     def measure(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
                 progress: gr.Progress = gr.Progress()) -> dict:
@@ -482,10 +530,12 @@ class Inspector:
         with state.lock:
             return self._details(state, key)
 
-    def spectra_choices(self, state: Session | None, layer: str) -> Any:
+    def spectra_choices(self, state: Session | None, layer: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        """A new layer: its matrices, and the first one's charts (never the previous layer's)."""
         s = self._session(state)
         with s.lock:
-            return self._matrix_update(s, layer, None)
+            matrices = self._matrix_update(s, layer, None)
+        return (matrices, *self.spectrum(state, matrices.get("value"), progress))
 
     def spectrum(self, state: Session | None, choice: str | None, progress: gr.Progress = gr.Progress()) -> tuple:
         s = self._session(state)
@@ -636,6 +686,8 @@ class Inspector:
             for i, slider in enumerate(self.sliders):
                 out[slider] = (gr.update(visible=True, value=layers[i], maximum=top)
                                if i < len(layers) else gr.update(visible=False))
+        for slider, note in self._clear_slider_error(s).items():  # a rejected value's note goes on any refresh
+            out[slider] = {**out.get(slider, gr.update()), **note}
         if key:
             out[self.details], out[self.index_plot], out[self.hist_plot] = self._details(s, key)
         read = s.bytes_read - read_before
@@ -643,6 +695,12 @@ class Inspector:
                                   f' · read {human_bytes(read)} from the teacher for this update'
                                   f' · {human_bytes(s.bytes_read)} in total</div>')
         return out
+
+    def _clear_slider_error(self, s: Session) -> dict:
+        if s.slider_error is None:
+            return {}
+        slider, s.slider_error = self.sliders[s.slider_error], None
+        return {slider: gr.update(info="", elem_classes=SLIDER_CLASSES)}
 
     def _details(self, s: Session, key: str) -> tuple:
         try:
@@ -688,30 +746,46 @@ class Inspector:
         return gr.update(choices=choices, value=value if value in values else (values[0] if values else None))
 
     def _cli(self, s: Session) -> str:
-        """The `projection export` command (with its input files) that reproduces this session's export."""
+        """The `projection export` command that reproduces this session's export. Its input files go to a new
+        temporary folder, so pasting it never overwrites a file of the user's."""
         roots = self.config.roots
-        lines = []
+        lines = [f"cd {shlex.quote(str(roots.base))}",
+                 "inputs=$(mktemp -d)  # a new folder for the input files below"]
+
+        def write(name: str, text: str) -> str:
+            lines.extend([f"cat > \"$inputs/{name}\" <<'EOF'", text.rstrip(), "EOF"])
+            return f'"$inputs/{name}"'
+
         if isinstance(s.student_source, dict):
-            lines += ["cat > student.yaml <<'EOF'", yaml.safe_dump(s.student_source, sort_keys=False).rstrip(), "EOF"]
-            student = "student.yaml"
+            student = write("student.yaml", yaml.safe_dump(s.student_source, sort_keys=False))
         else:
-            student = roots.display(s.student_source)
-        lines += ["cat > strategy.yaml <<'EOF'", s.strategy.to_yaml().rstrip(), "EOF"]
+            student = shlex.quote(roots.display(s.student_source))
         command = (f"projection export --teacher {shlex.quote(roots.display(s.teacher_source))} "
-                   f"--student {shlex.quote(student)} --strategy strategy.yaml")
+                   f"--student {student} --strategy {write('strategy.yaml', s.strategy.to_yaml())}")
         if s.num_heads:
             command += f" --num-heads {s.num_heads}"
         if s.projector.rules:
-            lines += ["cat > rules.yaml <<'EOF'", rules_to_yaml(s.projector.rules).rstrip(), "EOF"]
-            command += " --rules rules.yaml"
+            command += f" --rules {write('rules.yaml', rules_to_yaml(s.projector.rules))}"
         out = s.out_dir or unique_export_name(s.projector.student.layout)
-        command += f" --out {shlex.quote(out)}"
-        return "\n".join([f"cd {shlex.quote(str(roots.base))}", *lines, command])
+        return "\n".join([*lines, f"{command} --out {shlex.quote(out)}"])
 
 
 def plot(fig: charts.Figure) -> PlotData:
     """A plotly.js spec as Gradio's plot payload (no plotly object model on the way)."""
     return PlotData(type="plotly", plot=json.dumps(fig, allow_nan=False))
+
+
+def _block_problem(value: Any, top: int) -> str | None:
+    """Why a slider value is not a teacher block 0..top (None when it is one)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"{value!r} is not a block number"
+    if not math.isfinite(number) or number != int(number):
+        return f"{number:g} is not a whole block number"
+    if not 0 <= number <= top:
+        return f"no teacher block {number:g} (0–{top})"
+    return None
 
 
 def _positive(value: float | None, name: str) -> int:

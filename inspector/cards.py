@@ -55,7 +55,7 @@ def model_card(side: str, s: dict[str, Any]) -> str:
             f'<div class="card-line">{_config_line(s["config"])}</div>{_heads_inferred(s)}'
             f'<div class="card-line"><b>{human_count(s["params"])}</b> params · {_dtypes(s["dtypes"])} · '
             f'{human_bytes(s["bytes"])} · {escape(files)}</div>'
-            f'<div class="card-source" title="{escape(s["source"])}">{escape(s["source"])}</div></div>')
+            f'<div class="card-source" title="{escape(s["source"])}"><bdi>{escape(s["source"])}</bdi></div></div>')
 
 
 def _status_bar(counts: dict[str, int]) -> str:
@@ -81,7 +81,7 @@ def summary_cards(summary: dict[str, Any], energy_note: str) -> str:
         model_card("student", summary["student"]),
         metric_card("Keys transferred", percent(keys["rate"], 0),
                     f'{keys["transferred"]} of {keys["total"]} student keys' + _status_bar(summary["counts"]), tone),
-        metric_card("Parameters transferred", percent(params["rate"], 0),
+        metric_card("Params transferred", percent(params["rate"], 0),
                     f'{human_count(params["transferred"])} of {human_count(params["total"])}', tone),
         metric_card("Retained weight energy", percent(mean) if mean is not None else "—", energy_note,
                     hint=energy["meaning"] if energy else ""),

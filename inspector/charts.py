@@ -39,6 +39,14 @@ def message(title: str, text: str, height: int = 300) -> Figure:
     return figure([], title, height, xaxis={"visible": False}, yaxis={"visible": False}, annotations=[note])
 
 
+LAYER_CHART_HEIGHT = 280  # the Layers tab's two charts, side by side
+
+
+def subtitled(title: str, subtitle: str) -> str:
+    """A title with a smaller grey second line (plotly titles are one line of HTML-ish text)."""
+    return f"{title}<br><span style='font-size:13px;color:#4b5563'>{subtitle}</span>"
+
+
 def block_label(i: int, layers: list[int]) -> str:
     return f"S{i} ← T{layers[i]}"
 
@@ -74,17 +82,20 @@ def layer_map(layers: list[int], teacher_blocks: int) -> Figure:
              "marker": {"symbol": "square", "size": 22 if n <= 20 else 14, "color": STUDENT, "line": {"width": 1, "color": "#ffffff"}},
              "hovertemplate": "student block %{customdata[0]} ← teacher block %{customdata[1]}<extra></extra>"},
     ]
-    title += f": {len(used)} of {teacher_blocks} teacher blocks used"
-    return figure(data, title, 300,
+    note = f"{len(used)} of {teacher_blocks} teacher blocks used; grey ones feed no student block"
+    return figure(data, subtitled(title, note), LAYER_CHART_HEIGHT, showlegend=False,
                   yaxis={"tickvals": [0, 1], "ticktext": ["student", "teacher"], "range": [-0.45, 1.45], "showgrid": False,
                              "zeroline": False, "showline": False, "tickfont": {"size": 15}},
-                  xaxis={"visible": False, "range": [-0.8, span + 0.8]})
+                  xaxis={"visible": False, "range": [-0.8, span + 0.8]}, margin={"t": 72, "b": 20})
 
 
 def _hline(y: float, color: str, dash: str, text: str, where: str = "left") -> tuple[dict, dict]:
+    """A horizontal line across the plot, labelled above its left or right end, or `outside` (right margin)."""
     shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y, "line": {"color": color, "width": 2, "dash": dash}}
     note = {"xref": "paper", "x": 0 if where == "left" else 1, "xanchor": where, "yref": "y", "y": y, "yanchor": "bottom",
                 "text": text, "showarrow": False, "font": {"color": color, "size": 13}}
+    if where == "outside":
+        note.update(x=1.01, xanchor="left", yanchor="middle", align="left")
     return shape, note
 
 
@@ -98,15 +109,20 @@ def layer_energy(energy: dict[str, float] | None, layers: list[int], mean: float
         return message(title, NOT_MEASURED)
     names = [n for n in ["top"] + [f"block {i}" for i in range(len(layers))] if n in energy]
     labels = ["embeddings & head" if n == "top" else block_label(int(n.split()[1]), layers) for n in names]
+    ticks = [label.replace(" ← ", "<br>← ").replace(" & ", "<br>& ") for label in labels]  # two short lines each
     values = [100 * energy[n] for n in names]
     data = [{"type": "bar", "x": labels, "y": values, "marker": {"color": STUDENT}, "text": [f"{v:.0f}%" for v in values],
-                 "textposition": "outside", "hovertemplate": "%{x}: %{y:.1f}%<extra></extra>", "name": "retained"}]
+                 "textposition": "auto", "insidetextanchor": "middle",  # inside the bar, clear of the mean line
+                 "hovertemplate": "%{x}: %{y:.1f}%<extra></extra>", "name": "retained"}]
     shapes, notes = [], []
-    if mean is not None:
-        shape, note = _hline(100 * mean, TEACHER, "dash", f"mean {percent(mean)}")
+    if mean is not None:  # labelled in the right margin, where no bar or bar label can be
+        shape, note = _hline(100 * mean, TEACHER, "dash", f"mean<br>{percent(mean)}", "outside")
         shapes, notes = [shape], [note]
-    return figure(data, title, 340, shapes=shapes, annotations=notes,
-                  yaxis={"title": {"text": "% of teacher's squared norm kept"}, "range": [0, 112], "ticksuffix": "%"})
+    return figure(data, subtitled(title, "% of the teacher tensors' squared norm kept"), LAYER_CHART_HEIGHT,
+                  shapes=shapes, annotations=notes, margin={"t": 72, "r": 72, "b": 40},
+                  xaxis={"tickangle": 0 if len(names) <= 12 else "auto", "tickfont": {"size": 13},
+                         "tickvals": labels, "ticktext": ticks},
+                  yaxis={"range": [0, 115], "ticksuffix": "%"})
 
 
 def energy_heatmap(grid: tuple[list[str], list[str], dict[tuple[str, str], float]] | None,
@@ -133,8 +149,12 @@ def spectrum(teacher: list[float], student: list[float] | None, title: str) -> F
     if student is not None:
         data.append({"type": "scatter", "x": list(range(1, len(student) + 1)), "y": student, "mode": "lines",
                          "name": f"student ({len(student)})", "line": {"color": STUDENT, "width": 3}})
-    return figure(data, f"Singular values: {title}", 400, yaxis={"type": "log", "dtick": 1, "title": {"text": "singular value"}},
-                  xaxis={"title": {"text": "index (largest first)"}}, title_size=15)
+    lines = title.split("\n")
+    return figure(data, subtitled("Singular values", "<br>".join(lines)), 400, margin={"t": 54 + 18 * len(lines)},
+                  yaxis={"type": "log", "dtick": 1, "title": {"text": "singular value"}},
+                  xaxis={"title": {"text": "index (largest first)"}},
+                  legend={"orientation": "v", "x": 0.98, "xanchor": "right", "y": 0.98, "yanchor": "top",
+                          "bgcolor": "rgba(255,255,255,0.85)"})
 
 
 def cumulative(curve: list[float], rank: int, energy: float | None, stacked: bool) -> Figure:
@@ -160,6 +180,7 @@ def cumulative(curve: list[float], rank: int, energy: float | None, stacked: boo
         shapes.append(shape)
         notes.append(note)
     return figure(data, "Cumulative energy and the student's kept rank", 400, shapes=shapes, annotations=notes,
+                  margin={"t": 90},  # as the singular values' beside it, so that the two plots line up
                   yaxis={"title": {"text": "% of squared norm"}, "range": [0, 105], "ticksuffix": "%"},
                   xaxis={"title": {"text": "k (top singular values kept)"}})
 

@@ -101,7 +101,7 @@ class Suggested:
 
 @dataclass
 class Spectrum:
-    title: str
+    title: str  # what is compared: the teacher tensor (and its block), then the student key, one per line
     teacher: torch.Tensor  # singular values, descending
     student: torch.Tensor | None
     curve: torch.Tensor  # teacher's cumulative energy
@@ -119,6 +119,7 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
     measures: OrderedDict[str, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
     shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
+    slider_error: int | None = None  # the slider showing why its value was rejected
     out_dir: str = ""  # the Export tab's folder, for the CLI command
     temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="inspector-")))
     _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
@@ -369,7 +370,7 @@ class Session:
         else:
             energy = p.project([key])[0].energy if self.plan_ready else None
         where = f"teacher block {part.block}" if part.block is not None else "top level"
-        title = f"{part.teacher_key} ({where}) -> {key}"
+        title = f"teacher {part.teacher_key} ({where})\nstudent {key}"
         return Spectrum(title, teacher, student, cumulative_energy(teacher), rank, energy, len(entry.parts) > 1)
 
     # ------------------------------------------------------------ comparison and export

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+from html import escape
 from typing import Any
 
 import pandas as pd
@@ -20,7 +22,11 @@ SORTS = {
     "retained energy (lowest first)": ("retained energy", True),
     "retained energy (highest first)": ("retained energy", False),
 }
-WIDTHS = ["16%", "9%", "17%", "6%", "6%", "6%", "17%", "6%", "17%"]
+# Wide enough at 1280 px for "concatenated", "retained" and the longest part of a key between dots.
+WIDTHS = ["15%", "10%", "15%", "7%", "7%", "7%", "17%", "7%", "15%"]
+NUMBERS = ("params", "retained energy")
+# Text columns are shown as HTML so that keys and shapes may wrap after a '.', '/' or '×' (never inside a name).
+DATATYPES = ["str" if column in NUMBERS else "html" for column in COLUMNS]
 
 
 def _shape(shape: list[int]) -> str:
@@ -81,7 +87,14 @@ def _display(column: str, value: Any) -> str:
         return f"{value:,}"
     if column == "retained energy":
         return percent(value)
-    return str(value)
+    return breakable(str(value))
+
+
+def breakable(text: str) -> str:
+    """Escaped HTML that may wrap after '.', '/' and '×' and at newlines, and elsewhere only between words."""
+    text = re.sub(r"([./×])", r"\1<wbr>", escape(text))
+    text = re.sub(r"(\S*-&gt;\S*)", r'<span style="white-space: nowrap">\1</span>', text)  # 256->128 whole
+    return text.replace("\n", "<br>")
 
 
 def legend(counts: dict[str, int]) -> str:

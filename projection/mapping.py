@@ -97,7 +97,16 @@ def select_layers(choice: str | list[int], teacher_layers: int, student_layers: 
         return list(range(student_layers))
     if choice == "last":
         return list(range(teacher_layers - student_layers, teacher_layers))
-    return [i * teacher_layers // student_layers for i in range(student_layers)]
+    return uniform_layers(teacher_layers, student_layers)
+
+
+def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher blocks, both ends included: round(i * (T - 1) / (S - 1)), halves rounded up (integer
+    arithmetic, so no float ties). One student block takes block 0. Distinct whenever S <= T."""
+    if student_layers == 1:
+        return [0]
+    span, steps = teacher_layers - 1, student_layers - 1
+    return [(2 * i * span + steps) // (2 * steps) for i in range(student_layers)]
 
 
 # ---------------------------------------------------------------- entries

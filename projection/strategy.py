@@ -16,7 +16,8 @@ class Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: Union[Literal["uniform", "first", "last"], list[int]] = Field(
-        "uniform", description="teacher block per student block: uniform stride, first N, last N, or a list")
+        "uniform", description="teacher block per student block: uniform (evenly spaced, the first and last "
+                               "blocks included: round(i*(T-1)/(S-1))), first N, last N, or a list")
     width: Literal["magnitude", "uniform", "first", "svd-per-matrix"] = Field(
         "magnitude", description="residual (and every other free) width: one shared index set; "
                                  "svd-per-matrix is the seeds' basis-inconsistent comparator")

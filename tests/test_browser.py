@@ -50,18 +50,30 @@ def app(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app):
+def browser():
     from playwright.sync_api import sync_playwright
 
-    blocks, _ = app
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
-        page.set_default_timeout(TIMEOUT)
-        page.goto(blocks.local_url)
-        page.get_by_text("patch_embedding.weight").first.wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+def open_app(browser, app, width: int, height: int):
+    """A new browser tab (so a new session) on the app, once the demo's mapping is shown."""
+    blocks, _ = app
+    page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+    page.set_default_timeout(TIMEOUT)
+    page.goto(blocks.local_url)
+    page.get_by_text("patch_embedding.weight").first.wait_for()
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(app, browser):
+    page = open_app(browser, app, 1600, 1000)
+    yield page
+    page.close()
 
 
 def status_cells(page):
@@ -144,3 +156,189 @@ def test_export_and_download_the_report(page, app, tmp_path):
     report = json.loads(saved.read_text())
     assert report["layers"] == layers
     assert report == json.loads((root / "out" / "browser-export" / "projection_report.json").read_text())
+
+
+# ------------------------------------------------------------------ every way of moving a slider
+
+
+def shown_layers(page) -> list[int]:
+    """The teacher block of each student block, as the block map draws it (each edge starts at its teacher block)."""
+    return plot_data(page, "layer-map")[0]["x"][0::3]
+
+
+def wait_for_block(page, student: int, teacher: int) -> None:
+    """Wait until the projection (block map and energy chart) uses teacher block `teacher` for `student`."""
+    page.wait_for_function(
+        """([s, t]) => { const map = document.querySelector('#layer-map .js-plotly-plot')?.data;
+                         const bars = document.querySelector('#layer-energy .js-plotly-plot')?.data;
+                         return map && bars && map[0].x[3 * s] === t && bars[0].x.includes(`S${s} ← T${t}`); }""",
+        arg=[student, teacher])
+
+
+def test_sliders_follow_arrow_keys_and_the_number_box(page):
+    page.get_by_role("tab", name="Layers").click()
+    page.locator("#layer-method").get_by_label("uniform", exact=True).click()
+    wait_for_block(page, 1, 2)  # 4 of 8 blocks: 0, 2, 5, 7
+    assert shown_layers(page) == [0, 2, 5, 7]
+    track = page.get_by_label("range slider for S1 ← T")
+    box = page.get_by_label("number input for S1 ← T")
+
+    track.focus()
+    track.press("ArrowRight")  # the keyboard on the slider itself
+    wait_for_block(page, 1, 3)
+    assert page.locator("#layer-method input:checked").evaluate("e => e.value") == "custom"
+    track.press("ArrowLeft")
+    track.press("ArrowLeft")
+    wait_for_block(page, 1, 1)
+
+    box.click()
+    box.press("ArrowUp")  # the number box's own arrows
+    wait_for_block(page, 1, 2)
+    box.select_text()
+    box.press_sequentially("4")  # typed, still focused: no need to leave the box
+    wait_for_block(page, 1, 4)
+    assert box.input_value() == "4" and track.input_value() == "4"
+    assert shown_layers(page) == [0, 4, 5, 7]
+
+    # out of range: answered beside the slider, which goes back to the block in use
+    box.fill("12")
+    slider = page.locator(".block-slider").filter(has=box)
+    slider.get_by_text("no teacher block 12 (0–7): still T4").wait_for()
+    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for S1 ← T\"]').value === '4'")
+    assert "invalid" in slider.get_attribute("class")
+    box.press("Tab")  # leaving the box must not clamp it to 7 behind the projection's back
+    page.wait_for_timeout(1000)
+    assert box.input_value() == "4" and shown_layers(page) == [0, 4, 5, 7]
+    assert page.get_by_text("Error", exact=True).count() == 0  # no error badges on the outputs
+    assert page.locator(".toast-body").count() == 0
+
+    box.fill("6")  # a good value clears the message
+    wait_for_block(page, 1, 6)
+    expect_hidden = slider.get_by_text("no teacher block 12")
+    expect_hidden.wait_for(state="detached")
+    assert "invalid" not in slider.get_attribute("class")
+
+    box.fill("")  # an emptied box, left: shows the block in use again (not Gradio's minimum)
+    box.press("Tab")
+    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for S1 ← T\"]').value === '6'")
+    page.wait_for_timeout(500)
+    assert box.input_value() == "6" and shown_layers(page) == [0, 6, 5, 7]
+
+
+def test_spectra_follow_the_layer_picked(page):
+    page.get_by_role("tab", name="Layers").click()
+    teacher = shown_layers(page)[1]
+    page.get_by_role("tab", name="Spectra").click()
+    title = "() => document.querySelector('#sv-plot .js-plotly-plot')?.layout.title.text || ''"
+    page.wait_for_function(f"() => ({title})().includes('student blocks.0.')")
+    page.locator("#spec-layer input").click()
+    page.get_by_role("option", name="student block 1", exact=True).click()
+    page.wait_for_function(f"() => ({title})().includes('student blocks.1.')")  # redrawn, not the old chart
+    text = page.evaluate(title)
+    assert f"(teacher block {teacher})" in text
+    matrix = page.locator("#spec-matrix input").input_value()
+    assert matrix and matrix in page.locator("#spec-matrix").inner_text() + matrix
+
+
+def test_command_snippet_line_numbers_line_up(page):
+    page.get_by_role("tab", name="Layers").click()
+    page.locator("#layer-method").get_by_label("first", exact=True).click()  # redraws the hidden command
+    wait_for_block(page, 3, 3)
+    page.set_viewport_size({"width": 1600, "height": 400})  # the command below the fold, as on a small screen
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#cli .cm-line").filter(has_text="layers: first").wait_for(state="attached")
+    page.wait_for_timeout(500)
+    tops = page.evaluate("""() => {
+        const numbers = [...document.querySelectorAll('#cli .cm-lineNumbers .cm-gutterElement')]
+            .filter(e => e.style.visibility !== 'hidden');
+        const lines = [...document.querySelectorAll('#cli .cm-line')];
+        return lines.map((l, i) => [numbers[i]?.innerText, Math.round(l.getBoundingClientRect().top),
+                                    Math.round(numbers[i]?.getBoundingClientRect().top)]); }""")
+    assert len(tops) > 10
+    assert [n for n, _, _ in tops] == [str(i + 1) for i in range(len(tops))]
+    assert all(abs(line - number) <= 1 for _, line, number in tops), tops
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    text = page.locator("#cli .cm-content").inner_text()
+    assert "cat > strategy.yaml" not in text and 'cat > "$inputs/strategy.yaml"' in text
+
+
+# ------------------------------------------------------------------ a projector's screen
+
+
+CHART_TEXT = """id => {
+    const plot = document.querySelector(`#${id} .js-plotly-plot`);
+    const frame = plot.getBoundingClientRect();
+    const texts = [...plot.querySelectorAll('.gtitle, .legendtext, .xtitle, .ytitle, .annotation-text, .bartext, '
+                                            + '.textpoint text, .xtick text, .ytick text')]
+        .map(t => [t.textContent, t.getBoundingClientRect()]).filter(([_, r]) => r.width > 0);
+    const outside = texts.filter(([_, r]) => r.left < frame.left - 1 || r.right > frame.right + 1
+                                           || r.top < frame.top - 1 || r.bottom > frame.bottom + 1).map(([t]) => t);
+    const overlaps = [];
+    texts.forEach(([a, r], i) => texts.slice(i + 1).forEach(([b, q]) => {
+        if (r.left < q.right - 1 && q.left < r.right - 1 && r.top < q.bottom - 1 && q.top < r.bottom - 1)
+            overlaps.push([a, b]); }));
+    return {outside, overlaps, count: texts.length};
+}"""
+
+
+def check_chart_text(page, elem_id: str) -> None:
+    """Every title, label and legend of a chart lies inside it, and none covers another."""
+    page.locator(f"#{elem_id} .js-plotly-plot .gtitle").wait_for()
+    found = page.evaluate(CHART_TEXT, elem_id)
+    assert found["count"] > 3 and not found["outside"] and not found["overlaps"], (elem_id, found)
+
+
+def in_view(page, locator, height: int) -> None:
+    box = locator.bounding_box()
+    assert box and box["y"] >= 0 and box["y"] + box["height"] <= height, (locator, box, height)
+
+
+@pytest.mark.parametrize("width, height", [(1280, 720), (1600, 1000)])
+def test_each_tab_starts_on_the_first_screen(browser, app, tmp_path, width, height):
+    page = open_app(browser, app, width, height)
+    try:
+        page.screenshot(path=tmp_path / f"mapping-{width}x{height}.png")
+        cells = page.locator('#mapping-table [role="gridcell"][data-col="0"]')
+        for i in range(3):  # the first mapping rows, without scrolling
+            in_view(page, cells.nth(i), height)
+        # table headers and cells wrap only between words (keys and shapes also after '.' and '×')
+        wrapping = page.evaluate("""() => [...document.querySelectorAll(
+                '#mapping-table [role="gridcell"], #mapping-table [role="columnheader"], #mapping-table th')]
+            .flatMap(c => [c, ...c.querySelectorAll('*')])
+            .filter(e => { const s = getComputedStyle(e);
+                           return !['normal', 'keep-all'].includes(s.wordBreak) || s.overflowWrap !== 'normal'
+                                  || e.scrollWidth > e.clientWidth + 1 && s.overflow !== 'visible'; })
+            .map(e => e.innerText.slice(0, 40))""")
+        assert not wrapping, wrapping[:5]
+        # the cards: nothing runs over its card, and a source path keeps its end (the file name) in view
+        over = page.evaluate("""() => [...document.querySelectorAll('.card')]
+            .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.innerText.slice(0, 40))""")
+        assert not over
+        ends = page.evaluate("""() => [...document.querySelectorAll('.card-source')].map(e => {
+            const text = e.querySelector('bdi')?.firstChild ?? e.firstChild, range = document.createRange();
+            range.setStart(text, text.length - 1); range.setEnd(text, text.length);
+            const last = range.getBoundingClientRect(), box = e.getBoundingClientRect();
+            return last.right <= box.right + 1 && last.left >= box.left - 1; })""")
+        assert ends == [True, True]
+
+        page.get_by_role("tab", name="Layers").click()
+        page.locator("#layer-energy .js-plotly-plot").wait_for()
+        page.wait_for_timeout(500)  # plotly's own layout pass
+        page.screenshot(path=tmp_path / f"layers-{width}x{height}.png")
+        sliders = page.locator(".block-slider").filter(has=page.locator("input[type=range]"))
+        assert sliders.count() == 4
+        for i in range(4):  # every slider and both charts it drives, together on screen
+            in_view(page, sliders.nth(i), height)
+        in_view(page, page.locator("#layer-map .js-plotly-plot"), height)
+        in_view(page, page.locator("#layer-energy .js-plotly-plot"), height)
+        check_chart_text(page, "layer-map")
+        check_chart_text(page, "layer-energy")
+
+        page.get_by_role("tab", name="Spectra").click()
+        page.locator("#sv-plot .js-plotly-plot .gtitle").wait_for()
+        page.wait_for_timeout(500)
+        page.screenshot(path=tmp_path / f"spectra-{width}x{height}.png")
+        check_chart_text(page, "sv-plot")
+        check_chart_text(page, "cum-plot")
+    finally:
+        page.close()

@@ -221,7 +221,7 @@ def test_map_json_entries_and_coverage(demo, capsys):
     assert cov["keys"] == {"transferred": len(moved), "total": len(entries), "rate": len(moved) / len(entries)}
     assert cov["params"]["transferred"] == sum(e["params"] for e in moved)
     assert cov["params"]["total"] == sum(e["params"] for e in entries)
-    assert data["layers"] == [0, 2, 4, 6]
+    assert data["layers"] == [0, 2, 5, 7]
 
 
 def test_map_csv_and_text_agree_with_json(demo, capsys):
@@ -363,7 +363,7 @@ def test_map_rules_and_strategy_files(demo, tmp_path, capsys):
     code, out, err = run(capsys, *base, "--rules", rules, "--strategy", strategy)
     assert (code, err) == (0, "")
     after = json.loads(out)
-    assert after["layers"] == [4, 5, 6, 7] and before["layers"] == [0, 2, 4, 6]
+    assert after["layers"] == [4, 5, 6, 7] and before["layers"] == [0, 2, 5, 7]
     changed = {e["student_key"] for e in after["entries"] if e["reason"] == "kept random on purpose"}
     assert changed == {f"blocks.{i}.mlp.2.{p}" for i in range(4) for p in ("weight", "bias")}
     assert all(e["status"] == "skipped" for e in after["entries"] if e["student_key"] in changed)

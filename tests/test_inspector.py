@@ -170,7 +170,7 @@ def test_student_from_the_form(client, app, root):
     out = load(client, app, kind="form", form=("seed", 128, 2, 4, 256))
     table = rows(out)
     assert {k.split(".")[1] for k in table if k.startswith("blocks.")} == {"0", "1"}
-    assert "layout: seed" in out["cli"] and "cat > student.yaml" in out["cli"]
+    assert "layout: seed" in out["cli"] and 'cat > "$inputs/student.yaml"' in out["cli"]
 
 
 # ------------------------------------------------------------------ refreshes
@@ -190,8 +190,30 @@ def test_slider_moves_a_block_and_reuses_cached_tensors(client, app, root):
         next(r.energy for r in results if r.entry.student_key == "blocks.1.ffn.0.weight"), abs=1e-12)
     assert out["layer-method"] == "custom"
     # moving back reads nothing from the teacher: its tensors are cached
-    back = call(client, app, "set_layers", *TABLE, None, *sliders([0, 2, 4, 6]))
+    back = call(client, app, "set_layers", *TABLE, None, *sliders([0, 2, 5, 7]))
     assert "read 0 B from the teacher" in back["refresh-info"]
+
+
+def test_a_slider_value_that_is_no_teacher_block_is_answered_beside_it(client, app):
+    load(client, app)
+    for bad, words in ((12, "no teacher block 12 (0–7)"), (-1, "no teacher block -1 (0–7)"),
+                       (2.5, "2.5 is not a whole block number")):
+        result = client.predict(*TABLE, None, *sliders([0, bad, 5, 7]), api_name="/set_layers")
+        names = output_names(app, "set_layers")
+        slider = result[names.index("S1 ← T")]
+        assert slider["value"] == 2 and words in slider["info"] and "invalid" in slider["elem_classes"]
+        changed = [n for n, v in zip(names, result) if n != "S1 ← T" and v is not None
+                   and not (isinstance(v, dict) and "value" not in v and "value" not in v.get("props", {}))]
+        assert not changed  # nothing else is touched: no error on every output
+    # the projection kept its layers; the next refresh takes the note away
+    view = client.predict(*TABLE, None, api_name="/measure")
+    names = output_names(app, "measure")
+    energy = json.loads(view[names.index("layer-energy")]["plot"])["data"][0]["x"]
+    assert energy[1:] == ["S0 ← T0", "S1 ← T2", "S2 ← T5", "S3 ← T7"]
+    cleared = view[names.index("S1 ← T")]
+    assert cleared["info"] == "" and "invalid" not in cleared["elem_classes"]
+    good = call(client, app, "set_layers", *TABLE, None, *sliders([0, 3, 5, 7]))
+    assert figure(good, "layer-energy")["data"][0]["x"][2] == "S1 ← T3"
 
 
 def test_layer_method_sets_blocks(client, app):
@@ -288,7 +310,7 @@ def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
     assert "2 heads × 64" in good["cards"] and "heads inferred: 2 × 64" in good["cards"]
     assert "heads inferred: 2 x 64; the checkpoint does not record heads" in good["warnings"]
     assert {r["status"] for r in rows(good).values()} == {"mapped"}
-    assert "--rules rules.yaml" in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
+    assert '--rules "$inputs/rules.yaml"' in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
 
 
 def test_suggest_rules_fills_the_editor_without_applying(client, app):
@@ -369,10 +391,14 @@ def test_export_matches_the_cli_and_never_overwrites(client, app, root):
     assert (root / "out" / "from-app" / "model.safetensors").is_file()
     assert out["out-dir"] != "out/from-app"  # the next export gets a fresh folder
 
-    # the command the app shows reproduces the export bit for bit
+    # the command the app shows reproduces the export bit for bit, and overwrites no file of the user's
     command = out["cli"].replace("--out out/from-app", "--out out/from-cli")
     command = command.replace("projection export", f"{sys.executable} -m projection export")
+    mine = {name: f"# the user's own {name}\n" for name in ("strategy.yaml", "student.yaml", "rules.yaml")}
+    for name, text in mine.items():
+        (root / name).write_text(text)
     subprocess.run(["bash", "-c", command], check=True, cwd=root, capture_output=True)
+    assert {name: (root / name).read_text() for name in mine} == mine
     app_weights = load_file(root / "out" / "from-app" / "model.safetensors")
     cli_weights = load_file(root / "out" / "from-cli" / "model.safetensors")
     assert app_weights.keys() == cli_weights.keys()

@@ -20,13 +20,13 @@ def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
     m = p.mapping
     assert len(m.entries) == 202
     assert p.teacher.checkpoint.bytes_read == 0  # metadata only
-    assert m.layers == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37]
+    assert m.layers == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]  # evenly spaced, both ends
     in_proj = m.entry("blocks.5.attn.in_proj_weight")
     assert in_proj.status == "concatenated"
-    assert in_proj.teacher_keys == [f"blocks.12.self_attn.{x}.weight" for x in "qkv"]
+    assert in_proj.teacher_keys == [f"blocks.13.self_attn.{x}.weight" for x in "qkv"]
     assert [p.student_shape for p in in_proj.parts] == [(1024, 1024)] * 3
-    assert m.entry("blocks.5.attn.out_proj.weight").teacher_keys == ["blocks.12.self_attn.o.weight"]
-    assert m.entry("blocks.5.mlp.2.bias").teacher_keys == ["blocks.12.ffn.2.bias"]
+    assert m.entry("blocks.5.attn.out_proj.weight").teacher_keys == ["blocks.13.self_attn.o.weight"]
+    assert m.entry("blocks.5.mlp.2.bias").teacher_keys == ["blocks.13.ffn.2.bias"]
     norm = m.entry("blocks.0.norm1.weight")
     assert norm.status == "skipped" and "no affine" in norm.reason
     conv = m.entry("conv_in.weight")
@@ -40,7 +40,7 @@ def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
     assert 0.9 < cov["params"]["rate"] < 1.0
     assert "blocks.0.cross_attn.q.weight" in m.unused_teacher_keys()
     assert "blocks.1.self_attn.q.weight" in m.unused_teacher_keys()  # teacher block 1 feeds no student block
-    assert "blocks.2.self_attn.q.weight" not in m.unused_teacher_keys()
+    assert "blocks.3.self_attn.q.weight" not in m.unused_teacher_keys()
 
 
 def test_wan14b_to_reference_student_covers_everything(wan14b_headers):
@@ -49,7 +49,7 @@ def test_wan14b_to_reference_student_covers_everything(wan14b_headers):
     m = p.mapping
     assert m.counts()["skipped"] == 0
     q = m.entry("blocks.1.self_attn.q.weight")
-    assert q.status == "mapped" and q.teacher_keys == ["blocks.2.self_attn.q.weight"]
+    assert q.status == "mapped" and q.teacher_keys == ["blocks.3.self_attn.q.weight"]
     assert any("sa_heads 40->8" in t for t in q.transforms) and any("resid 5120->1024" in t for t in q.transforms)
     assert m.entry("patch_embedding.weight").transforms[0].startswith("Conv3d->Conv2d")
 
@@ -128,7 +128,7 @@ def test_custom_student_transfers_nothing_until_rules_map_it(tiny_wan, tmp_path)
                           "layers.{i}.fc1: blocks.{i}.ffn.0\n")
     m = p.mapping
     assert m.coverage()["keys"]["rate"] == 1.0, [e.reason for e in m.entries]
-    assert m.entry("layers.1.fc1.weight").teacher_keys == ["blocks.1.ffn.0.weight"]
+    assert m.entry("layers.1.fc1.weight").teacher_keys == ["blocks.2.ffn.0.weight"]  # uniform: blocks 0 and 2 of 3
     assert torch.equal(p.student_tensor("layers.0.wq.weight"), p.teacher.read("blocks.0.self_attn.q.weight"))
 
 
@@ -150,7 +150,16 @@ def test_rule_lookup_prefers_whole_keys_then_longest_module():
 
 
 def test_layer_selection():
-    assert select_layers("uniform", 40, 16) == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37]
+    assert select_layers("uniform", 40, 16) == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]
+    assert select_layers("uniform", 8, 4) == [0, 2, 5, 7]  # evenly spaced: the last block is never left out
+    assert select_layers("uniform", 8, 2) == [0, 7] and select_layers("uniform", 8, 1) == [0]
+    assert select_layers("uniform", 8, 8) == list(range(8))
+    for teacher in range(1, 41):
+        for student in range(2, teacher + 1):
+            chosen = select_layers("uniform", teacher, student)
+            assert chosen[0] == 0 and chosen[-1] == teacher - 1 and chosen == sorted(set(chosen))
+            # each is the nearest block to i * (T - 1) / (S - 1), in whole numbers: |t - i*(T-1)/(S-1)| <= 1/2
+            assert all(abs(2 * t * (student - 1) - 2 * i * (teacher - 1)) <= student - 1 for i, t in enumerate(chosen))
     assert select_layers("first", 40, 3) == [0, 1, 2]
     assert select_layers("last", 40, 3) == [37, 38, 39]
     assert select_layers([5, 5, 1], 40, 3) == [5, 5, 1]
