@@ -326,7 +326,7 @@ def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_p
     p.rules = suggested
     m = p.mapping
     assert m.coverage()["keys"]["rate"] == 1.0, [e.reason for e in m.entries if e.status == "skipped"]
-    assert m.entry("layers.3.wv.bias").teacher_keys == ["blocks.6.self_attn.v.bias"]  # {i}: the chosen block
+    assert m.entry("layers.3.wv.bias").teacher_keys == ["blocks.7.self_attn.v.bias"]  # {i}: the chosen block (uniform: 0, 2, 5, 7)
     assert m.entry("t_embed.2.weight").teacher_keys == ["time_embedding.2.weight"]
     assert m.entry("text_proj.2.weight").teacher_keys == ["text_embedding.2.weight"]
     assert suggest_rules(m) == {}  # nothing left to suggest
@@ -360,7 +360,7 @@ def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
     assert "blocks.{i}.self_attn.k" not in suggested.values()
     p.rules = {**rules, **suggested}
     m = p.mapping
-    assert m.entry("layers.2.wq.weight").teacher_keys == ["blocks.4.self_attn.k.weight"]
+    assert m.entry("layers.2.wq.weight").teacher_keys == ["blocks.5.self_attn.k.weight"]  # uniform: 0, 2, 5, 7
     assert [e.student_key for e in m.entries if e.status == "skipped"] == ["final.linear.bias", "final.linear.weight"]
     assert m.entry("final.linear.weight").reason == "trained from scratch"
     out = with_suggestions(text, rules, suggested)
