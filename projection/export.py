@@ -170,12 +170,16 @@ def write_failure(exc: OSError, staged: Path, out: Path, need: int) -> Projectio
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = shutil.disk_usage(next(p for p in out.parents if p.exists())).free
-            reason += f": the weights need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB is free there"
+            reason += f": the weights need {_size(need)}, {_size(free)} is free there"
         except OSError:
             pass
     elif exc.errno == errno.EFBIG:
         reason += " for that file system (FAT32, for one, stops at 4 GiB per file)"
     return ProjectionError(f"{shown}: cannot write the export: {reason}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 # ------------------------------------------------------------ partial folders
