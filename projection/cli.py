@@ -13,9 +13,12 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import ProjectionError
 
@@ -179,7 +182,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_student
 
     p = _projector(args)
-    report = export_student(p, args.out, force=args.force, progress=_progress)
+    inputs = [f for f in (args.strategy, args.rules) if f]
+    report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs)
     cov = report["coverage"]
     print(f"wrote {args.out}: {cov['keys']['transferred']}/{cov['keys']['total']} keys, "
           f"{cov['params']['rate']:.1%} of parameters from the teacher, retained weight energy "
@@ -252,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace a previous export in --out (only that: never "
+                   "other files or an input of this run)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("spectra", help="singular values of one teacher matrix")
@@ -269,6 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def termination_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP (`kill`, a scheduler, a closed terminal) raise SystemExit(128 + N)
+    in the main thread instead of ending the process at once, so cleanup runs (an export deletes its partial
+    folder). The program's setting, not the library's; restored afterwards. Ignored signals stay ignored (nohup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):  # `projection` alone: what it can do, not a usage error
@@ -276,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     try:
-        code = args.func(args)
+        with termination_raises():
+            code = args.func(args)
     except BrokenPipeError:  # the reader left (`projection map --csv | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # 128 + SIGPIPE, the status a shell reports for `cat` here

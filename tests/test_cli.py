@@ -428,8 +428,11 @@ def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path,
     kept = snapshot(out_dir)
     assert_error(*run(capsys, *args), str(out_dir), "already exists", "--force")
     assert snapshot(out_dir) == kept
+    assert_error(*run(capsys, *args, "--force"), str(out_dir), "holds stale.txt besides a previous export")
+    assert snapshot(out_dir) == kept
+    (out_dir / "stale.txt").unlink()
     code, out, err = run(capsys, *args, "--force")
-    assert code == 0 and not (out_dir / "stale.txt").exists()
+    assert code == 0
     assert open_checkpoint(out_dir).dtypes() == {"float32": 58}
     assert snapshot(teacher) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no partial or old folders left behind

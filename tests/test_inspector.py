@@ -387,6 +387,14 @@ def test_export_matches_the_cli_and_never_overwrites(client, app, root):
         call(client, app, "export", "../escaped", "float32", "cpu")
 
 
+def test_export_names_with_control_characters_are_refused(client, app, root):
+    load(client, app)
+    for name, char in (("out/bad\nname", "000A"), ("out/bad\x1b[2Jname", "001B"), ("out/bad\u202etxt", "202E")):
+        with pytest.raises(Exception, match=f"control character U\\+{char}"):
+            call(client, app, "export", name, "float32", "cpu")
+    assert not any(c in p.name for p in root.rglob("*") for c in "\n\x1b\u202e")
+
+
 def test_sessions_are_separate(app):
     one, two = Client(app.local_url, verbose=False), Client(app.local_url, verbose=False)
     load(one, app)
