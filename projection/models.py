@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from .anatomy import FAMILIES, detect_family, infer_config, to_canonical
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from .errors import ProjectionError
 from .student import LAYOUTS, build_student, student_config
 
@@ -68,8 +68,8 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt)
 
 
-def open_teacher(source: str, expert: str | None = None) -> ModelView:
-    view = view_checkpoint(open_checkpoint(source, expert))
+def open_teacher(source: str, expert: str | None = None, check: PathCheck | None = None) -> ModelView:
+    view = view_checkpoint(open_checkpoint(source, expert, check))
     if view.family not in ("wan", "wan-diffusers"):
         raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
                               f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
@@ -95,14 +95,16 @@ def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str 
                      {k: k for k in shapes})
 
 
-def open_student(source: str | dict[str, Any], teacher: ModelView) -> ModelView:
-    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill."""
+def open_student(source: str | dict[str, Any], teacher: ModelView, check: PathCheck | None = None) -> ModelView:
+    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill; `check` as for
+    open_checkpoint."""
     if isinstance(source, dict):
         return student_from_config(source, teacher)
     path = Path(source)
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
+        resolve_checked(path, check)
         return student_from_config(read_student_config(path), teacher, str(path))
-    view = view_checkpoint(open_checkpoint(source))
+    view = view_checkpoint(open_checkpoint(source, check=check))
     if view.family == "wan-diffusers":
         raise ProjectionError(f"{source}: a diffusers-named student is not supported; students use Wan's "
                               f"original names (layout 'wanlite') or the seeds' layout")

@@ -17,6 +17,7 @@ import torch
 from .anatomy import SPACES
 from .mapping import Entry, Mapping, Rule, build_mapping
 from .measure import energy_by, kind_of, mean_energy
+from .checkpoint import PathCheck
 from .models import ModelView, open_student, open_teacher
 from .plan import Plan, TeacherStats, make_plan, needs_stats
 from .project import Projected, SvdCache, pick_device, project_entry
@@ -76,11 +77,12 @@ class Projector:
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
              strategy: Strategy | None = None, rules: dict[str, Rule] | None = None,
-             cache_bytes: int = 0) -> "Projector":
-        """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export)."""
+             cache_bytes: int = 0, check: PathCheck | None = None) -> "Projector":
+        """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export). `check` sees
+        every file the sources lead to before it is read (see open_checkpoint)."""
         strategy = strategy or Strategy()
-        t = open_teacher(teacher, expert or strategy.expert)
-        return cls(t, open_student(student, t), strategy, rules, cache_bytes)
+        t = open_teacher(teacher, expert or strategy.expert, check)
+        return cls(t, open_student(student, t, check), strategy, rules, cache_bytes)
 
     @property
     def device(self) -> torch.device:
