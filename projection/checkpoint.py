@@ -503,7 +503,7 @@ def _hub_listing(repo: str, revision: str | None) -> tuple[str, dict[str, int]]:
     return info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []}
 
 
-def _hub_download(repo: str, revision: str | None, files: list[str]) -> Path:
+def _hub_fetch(repo: str, revision: str | None, files: list[str]) -> Path:
     """Download exactly these repository files (cached ones are not fetched again); the snapshot folder."""
     from huggingface_hub import snapshot_download
 
@@ -558,7 +558,7 @@ def fetch_from_hub(repo: str, revision: str | None, subfolder: str | None, exper
             root = Path(snapshot_download(repo, revision=revision))  # the cached snapshot; nothing downloads
         else:
             _, sizes = _hub_listing(repo, revision)
-            root = _hub_download(repo, revision, _hub_files(name, sizes, subfolder, expert))
+            root = _hub_fetch(repo, revision, _hub_files(name, sizes, subfolder, expert))
     except ProjectionError:
         raise
     except Exception as exc:

@@ -321,7 +321,7 @@ def online_hub(space, monkeypatch):
         return snapshot
 
     monkeypatch.setattr(checkpoint_module, "_hub_listing", listing)
-    monkeypatch.setattr(checkpoint_module, "_hub_download", download)
+    monkeypatch.setattr(checkpoint_module, "_hub_fetch", download)
     return {"sizes": sizes, "listed": listed, "downloaded": downloaded}
 
 
