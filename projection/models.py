@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from .anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from .errors import ProjectionError
 from .student import LAYOUTS, build_student, student_config
 
@@ -81,8 +81,8 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt, recorded)
 
 
-def open_teacher(source: str, expert: str | None = None) -> ModelView:
-    view = view_checkpoint(open_checkpoint(source, expert))
+def open_teacher(source: str, expert: str | None = None, check: PathCheck | None = None) -> ModelView:
+    view = view_checkpoint(open_checkpoint(source, expert, check))
     if view.family not in ("wan", "wan-diffusers"):
         raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
                               f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
@@ -108,9 +108,10 @@ def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str 
                      {k: k for k in shapes})
 
 
-def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: int | None = None) -> ModelView:
+def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: int | None = None,
+                 check: PathCheck | None = None) -> ModelView:
     """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill (Wan's original names, the
-    diffusers names, the seeds' layout, or unknown names mapped by rules).
+    diffusers names, the seeds' layout, or unknown names mapped by rules); `check` as for open_checkpoint.
 
     The config is the student's own: given fields for a config (omitted ones documented as the teacher's), what
     a checkpoint's shapes and config.json say for a checkpoint, never the teacher's numbers. `num_heads` sets the
@@ -123,8 +124,9 @@ def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: in
         return student_from_config({**source, **heads}, teacher)
     path = Path(source)
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
+        resolve_checked(path, check)
         return student_from_config({**read_student_config(path), **heads}, teacher, str(path))
-    view = view_checkpoint(open_checkpoint(source))
+    view = view_checkpoint(open_checkpoint(source, check=check))
     try:
         if num_heads:
             view.config, view.heads_recorded = with_heads(view.config, num_heads), True

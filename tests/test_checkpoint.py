@@ -709,7 +709,8 @@ GOOD = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 
 @pytest.mark.parametrize("header,length,data,problem", [
-    (b"{}", 2**60, b"", "corrupt safetensors header (header length 1152921504606846976"),
+    (b"{}", 2**60, b"", "corrupt safetensors header (header length over the 100 MiB limit"),
+    (b"{}", 50, b"", "corrupt safetensors header (header length past the end of the file, file size 10)"),
     (b"{}", 0, b"", "corrupt safetensors header (header length 0"),
     (b'{"a": {"dtype": "F32",', None, b"", "corrupt safetensors header: "),
     (b"\xff\xfe\xfd\xfc", None, b"", "corrupt safetensors header"),
@@ -725,8 +726,8 @@ GOOD = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     ({"a": {"dtype": "F32", "shape": [2]}}, None, b"\0" * 8, "corrupt safetensors header entry 'a'"),
     ({"a": [0, 8]}, None, b"\0" * 8, "corrupt safetensors header entry 'a'"),
     ({"a": {**GOOD, "dtype": "C64"}}, None, b"\0" * 8, "tensor 'a' has unsupported dtype C64"),
-], ids=["huge-length", "zero-length", "invalid-json", "not-utf8", "not-object", "offsets-beyond-file",
-        "offsets-vs-shape", "negative-offset", "negative-shape", "float-shape", "null-shape", "string-offsets",
+], ids=["huge-length", "length-past-end", "zero-length", "invalid-json", "not-utf8", "not-object",
+        "offsets-beyond-file", "offsets-vs-shape", "negative-offset", "negative-shape", "float-shape", "null-shape", "string-offsets",
         "list-dtype", "no-offsets", "entry-not-object", "unknown-dtype"])
 def test_corrupt_safetensors_header(tmp_path, header, length, data, problem):
     path = write_raw_safetensors(tmp_path / "bad.safetensors", header, data, length)
