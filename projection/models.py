@@ -1,17 +1,16 @@
 """Teacher and student as the mapper sees them: family, config, and canonical key -> shape."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
 from .anatomy import FAMILIES, detect_family, infer_config, to_canonical
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ProjectionError
+from .inputs import load_json, load_yaml, read_text
 from .student import LAYOUTS, build_student, student_config
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -77,31 +76,33 @@ def open_teacher(source: str, expert: str | None = None) -> ModelView:
 
 
 def read_student_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ProjectionError(f"{path}: cannot read student config: {exc}") from exc
+    text = read_text(path, "student config")
+    data = load_json(text, str(path)) if path.suffix == ".json" else load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ProjectionError(f"{path}: a student config is a mapping (layout, dim, num_layers, ...)")
     return data
 
 
-def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str = "config") -> ModelView:
-    config = student_config(fields.get("layout", "wanlite"), fields, teacher.config)
+def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str = "config",
+                        max_layers: int | None = None) -> ModelView:
+    try:
+        config = student_config(fields.get("layout", "wanlite"), fields, teacher.config, max_layers)
+    except ProjectionError as exc:
+        raise ProjectionError(f"{source}: {exc}" if source != "config" else str(exc)) from exc
     state = build_student(config, "meta").state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     return ModelView(source, "seed" if config["layout"] == "seed" else "wan", config["layout"], config, shapes,
                      {k: k for k in shapes})
 
 
-def open_student(source: str | dict[str, Any], teacher: ModelView) -> ModelView:
-    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill."""
+def open_student(source: str | dict[str, Any], teacher: ModelView, max_layers: int | None = None) -> ModelView:
+    """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill. A config is checked
+    against the teacher before anything is built; max_layers: the depth an explicit layer list allows."""
     if isinstance(source, dict):
-        return student_from_config(source, teacher)
+        return student_from_config(source, teacher, max_layers=max_layers)
     path = Path(source)
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
-        return student_from_config(read_student_config(path), teacher, str(path))
+        return student_from_config(read_student_config(path), teacher, str(path), max_layers)
     view = view_checkpoint(open_checkpoint(source))
     if view.family == "wan-diffusers":
         raise ProjectionError(f"{source}: a diffusers-named student is not supported; students use Wan's "

@@ -80,7 +80,8 @@ class Projector:
         """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export)."""
         strategy = strategy or Strategy()
         t = open_teacher(teacher, expert or strategy.expert)
-        return cls(t, open_student(student, t), strategy, rules, cache_bytes)
+        listed = len(strategy.layers) if isinstance(strategy.layers, list) else None  # may repeat blocks
+        return cls(t, open_student(student, t, max_layers=listed), strategy, rules, cache_bytes)
 
     @property
     def device(self) -> torch.device:
