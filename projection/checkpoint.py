@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .errors import ProjectionError
-from .inputs import clip, load_json, open_regular, read_bytes, read_json, require_regular
+from .inputs import clip, load_json, open_regular, read_bytes, read_json, regular_fd, require_regular
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 KNOWN_PREFIXES = ("model.diffusion_model.", "module.")
@@ -35,7 +35,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own bound; also bounds an index json
-MAX_RANK = 64
+MAX_RANK = 64  # dimensions per tensor: far past any model, and bounds the work per header entry
 INT64_MAX = 2**63 - 1
 
 
@@ -118,7 +118,7 @@ class Checkpoint:
         with self._lock:
             if file not in self._handles:
                 try:
-                    self._handles[file] = os.open(file, os.O_RDONLY)
+                    self._handles[file] = regular_fd(file)
                 except OSError as exc:
                     raise ProjectionError(f"{file}: cannot open: {exc}") from exc
             return self._handles[file]

@@ -49,21 +49,26 @@ def _check_mode(path: str | os.PathLike, mode: int) -> None:
         raise ProjectionError(f"{path}: not a regular file ({_kind(mode)}); refused")
 
 
-def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
-    """Open a regular file for reading. It is checked before opening and again on the open descriptor, which
-    is opened non-blocking so that a FIFO swapped in between cannot hang the reader."""
-    require_regular(path, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ProjectionError(f"{path}: cannot read {what}: {exc.strerror}") from exc
+def regular_fd(path: str | os.PathLike) -> int:
+    """A descriptor for reading a regular file. It is opened non-blocking, so that a FIFO put in the file's
+    place cannot hang the reader, and checked once open; OSError passes through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         _check_mode(path, os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
+    """Open a regular file for reading, refused before opening if it is anything else."""
+    require_regular(path, what)
+    try:
+        return os.fdopen(regular_fd(path), "rb")
+    except OSError as exc:
+        raise ProjectionError(f"{path}: cannot read {what}: {exc.strerror}") from exc
 
 
 def read_bytes(path: str | os.PathLike, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:

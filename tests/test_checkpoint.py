@@ -854,3 +854,13 @@ def test_config_json_is_bounded(tmp_path):
     raises(tmp_path, [str(tmp_path / "config.json"), "JSON nested too deeply"])
     (tmp_path / "config.json").write_text('{"x": "' + "y" * (1 << 20) + '"}')
     raises(tmp_path, [str(tmp_path / "config.json"), "at most 1,048,576 are accepted"])
+
+
+def test_a_fifo_swapped_in_after_opening_is_refused_when_read(tmp_path, fifo):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(10)}, str(path))
+    ckpt = open_checkpoint(path)
+    path.unlink()
+    fifo(path)
+    with pytest.raises(ProjectionError, match=r"w\.safetensors: not a regular file \(a FIFO\)"):
+        ckpt.get("a")
