@@ -7,6 +7,7 @@ table and charts (cheap: the core caches tensors and plans) and touches the 48 s
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from gradio.components.plot import PlotData
 
 from projection import ProjectionError, Strategy
 from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
+from projection.inputs import MAX_TEXT_BYTES, read_text
 from projection.mapping import rules_to_yaml
 
 from . import cards, charts, table
@@ -567,7 +569,10 @@ class Inspector:
 
     def load_strategy_file(self, state: Session | None, file: Any, *rest: Any) -> dict:
         path = file if isinstance(file, str) else getattr(file, "name", None)
-        text = Path(path).read_text() if path else ""
+        try:
+            text = read_text(path, "strategy") if path else ""
+        except ProjectionError as exc:  # too large, not UTF-8: named by the uploaded name, not the server's copy
+            return {self.strategy_msg: cards.inline_error(str(exc).replace(str(path), Path(path).name))}
         out = self.apply_strategy_yaml(state, text, *rest)
         out.setdefault(self.strategy_yaml, text)
         return out
@@ -768,7 +773,7 @@ def plot(fig: charts.Figure) -> PlotData:
 
 
 def _positive(value: float | None, name: str) -> int:
-    if value is None or int(value) != value or value < 1:
+    if value is None or not math.isfinite(value) or int(value) != value or value < 1:
         raise ProjectionError(f"student {name}: a positive whole number is needed (got {value})")
     return int(value)
 
@@ -823,4 +828,4 @@ def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, 
     use_interactive_threads()
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
-                         footer_links=["api"], show_error=True, **kwargs)
+                         footer_links=["api"], show_error=True, max_file_size=MAX_TEXT_BYTES, **kwargs)

@@ -203,7 +203,7 @@ class Session:
         self._remap(strategy=strategy)
 
     def update_strategy(self, **fields: Any) -> None:
-        self.set_strategy(self.strategy.model_copy(update=fields))
+        self.set_strategy(Strategy.checked({**self.strategy.model_dump(), **fields}))  # validated, as files are
 
     def rules_text(self) -> str:
         return rules_to_yaml(self.mapping.rules)

@@ -11,8 +11,6 @@ checkpoint: they say where parsing failed, not what was there.
 """
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
 import pickle
@@ -26,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .errors import ProjectionError
+from .inputs import clip, load_json, open_regular, read_bytes, read_json, regular_fd, require_regular
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 KNOWN_PREFIXES = ("model.diffusion_model.", "module.")
@@ -40,7 +39,9 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own bound; also bounds an index json
+MAX_RANK = 64  # dimensions per tensor: far past any model, and bounds the work per header entry
+INT64_MAX = 2**63 - 1
 # How torch.save files begin: a zip archive, or (legacy format) a pickled magic number.
 TORCH_ZIP = b"PK\x03\x04"
 TORCH_LEGACY = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -163,7 +164,7 @@ class Checkpoint:
         with self._lock:
             if file not in self._handles:
                 try:
-                    self._handles[file] = os.open(file, os.O_RDONLY)
+                    self._handles[file] = regular_fd(file)
                 except OSError as exc:
                     raise ProjectionError(f"{file}: cannot open: {exc}") from exc
             return self._handles[file]
@@ -220,9 +221,13 @@ def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
 # ---------------------------------------------------------------- safetensors headers
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """Parse and validate a safetensors header without touching tensor data; also where the data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """Parse and validate a safetensors header without touching tensor data; also where the data starts.
+
+    As strict as safetensors' own loader, and bounded before work: a regular file only, a header of at most
+    100 MB, integers of at most 20 digits, sizes torch can index (int64), a known dtype per tensor, and data
+    offsets that tile the data section exactly (no overlap, no gap)."""
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ProjectionError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
@@ -234,38 +239,72 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]
                        else "past the end of the file")
             raise ProjectionError(f"{path}: corrupt safetensors header (header length {problem}, file size {size})")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProjectionError(f"{path}: corrupt safetensors header: {_reason(exc)}") from exc
+    header = load_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise ProjectionError(f"{path}: corrupt safetensors header: not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ProjectionError(f"{path}: corrupt safetensors header: '__metadata__' must map names to strings")
     data_size = size - 8 - n
     for key, meta in header.items():
+        name = clip(key)
         try:
             start, end = meta["data_offsets"]
             dtype = meta["dtype"]
             shape = meta["shape"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}'") from exc
-        if not (isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, [start, end, *shape]))):
-            raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}': dtype {dtype!r}, shape "
-                                  f"{shape!r}, data_offsets {[start, end]!r} (expected non-negative integers)")
+            raise ProjectionError(f"{path}: corrupt safetensors header entry '{name}'") from exc
+        if not (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= MAX_RANK
+                and all(map(_is_count, [start, end, *shape]))):
+            raise ProjectionError(f"{path}: corrupt safetensors header entry '{name}': dtype {clip(repr(dtype))}, "
+                                  f"shape {clip(repr(shape))}, data_offsets {clip(repr([start, end]))} (expected "
+                                  f"non-negative integers below 2^63, at most {MAX_RANK} dimensions)")
         if dtype not in SAFETENSORS_DTYPES:
-            raise ProjectionError(f"{path}: tensor '{key}' has unsupported dtype {dtype}")
-        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-        if end - start != expected or start > end:
-            raise ProjectionError(f"{path}: corrupt header: tensor '{key}' spans {end - start} bytes, "
-                                  f"its shape {shape} and dtype {dtype} need {expected}")
+            raise ProjectionError(f"{path}: tensor '{name}' has unsupported dtype {clip(dtype)}")
         if end > data_size:
             raise ProjectionError(
-                f"{path}: truncated: tensor '{key}' ends at byte {end} but the data section has {data_size}")
+                f"{path}: truncated: tensor '{name}' ends at byte {end} but the data section has {data_size}")
+        numel = _numel(shape)
+        if numel is None:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{name}' has shape {clip(repr(shape))}: "
+                                  f"its axes span more than 2^63 elements")
+        expected = numel * SAFETENSORS_DTYPES[dtype].itemsize
+        if expected > data_size:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{name}' of shape {clip(repr(shape))} and dtype "
+                                  f"{dtype} needs {expected} bytes, more than the whole data section ({data_size})")
+        if end - start != expected or start > end:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{name}' spans {end - start} bytes, "
+                                  f"its shape {clip(repr(shape))} and dtype {dtype} need {expected}")
+    _check_tiling(path, header, data_size)
     return header, 8 + n
 
 
 def _is_count(x: Any) -> bool:
-    return type(x) is int and x >= 0  # not bool, not float
+    return type(x) is int and 0 <= x <= INT64_MAX  # not bool, not float
+
+
+def _numel(shape: list[int]) -> int | None:
+    """Elements of a shape; None when torch cannot hold it (its strides would pass int64, even when empty)."""
+    n = 1
+    for s in shape:
+        n *= max(s, 1)
+        if n > INT64_MAX:
+            return None
+    return 0 if 0 in shape else n
+
+
+def _check_tiling(path: Path, header: dict[str, dict[str, Any]], data_size: int) -> None:
+    """Sorted by offset, the tensors cover the data section exactly, as safetensors requires."""
+    at = 0
+    for start, end, key in sorted((m["data_offsets"][0], m["data_offsets"][1], k) for k, m in header.items()):
+        if start != at:
+            problem = (f"overlaps the tensor before it (which ends at byte {at})" if start < at else
+                       f"leaves bytes {at}..{start} unused")
+            raise ProjectionError(f"{path}: corrupt header: tensor '{clip(key)}' starts at byte {start} and {problem}")
+        at = end
+    if at != data_size:
+        raise ProjectionError(f"{path}: corrupt header: the tensors end at byte {at} but the data section has "
+                              f"{data_size} bytes")
 
 
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
@@ -286,8 +325,9 @@ def _shard(index: Path, name: str) -> Path:
 
 def _open_index(index: Path, check: PathCheck | None = None) -> tuple[list[Path], dict[str, TensorInfo]]:
     try:
-        weight_map = json.loads(resolve_checked(index, check).read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        data = read_bytes(resolve_checked(index, check), "safetensors index", MAX_HEADER_BYTES)
+        weight_map = load_json(data, f"{index}: not a valid safetensors index")["weight_map"]
+    except (KeyError, TypeError) as exc:
         raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {_reason(exc)}") from exc
     if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
         got = ("an empty mapping" if weight_map == {} else "a shard name that is not a string"
@@ -359,10 +399,7 @@ def _read_config(folder: Path, check: PathCheck | None = None) -> dict[str, Any]
     path = folder / "config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(resolve_checked(path, check).read_text())
-    except ValueError as exc:
-        raise ProjectionError(f"{path}: invalid JSON: {_reason(exc)}") from exc
+    config = read_json(resolve_checked(path, check), "config")
     if not isinstance(config, dict):
         raise ProjectionError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -597,6 +634,7 @@ def open_checkpoint(source: str | os.PathLike, expert: str | None = None, check:
         fmt, files, infos = _open_weights(path / _weights_file(str(path), (p.name for p in folder.iterdir()
                                                                              if p.is_file())), check)
     else:
+        require_regular(path, "checkpoint")  # a FIFO or a device would block or never end
         fmt, files, infos = _open_weights(path, check)
     config = _read_config(path if path.is_dir() else path.parent, check)
     pickled = None

@@ -83,7 +83,8 @@ class Projector:
         sees every file the sources lead to before it is read (see open_checkpoint)."""
         strategy = strategy or Strategy()
         t = open_teacher(teacher, expert or strategy.expert, check)
-        return cls(t, open_student(student, t, num_heads, check), strategy, rules, cache_bytes)
+        listed = len(strategy.layers) if isinstance(strategy.layers, list) else None  # may repeat blocks
+        return cls(t, open_student(student, t, num_heads, check, listed), strategy, rules, cache_bytes)
 
     @property
     def device(self) -> torch.device:
