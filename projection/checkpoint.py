@@ -71,14 +71,6 @@ def within(folder: Path, what: str) -> PathCheck:
     return check
 
 
-def _reason(exc: Exception) -> str:
-    """Why a file did not parse, without quoting its bytes (a UnicodeDecodeError's message shows the bad byte;
-    JSON's and the OS's messages give positions and paths only)."""
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text (invalid byte at offset {exc.start})"
-    return str(exc)
-
-
 def _shown(value: Any, limit: int = 80) -> str:
     """A value from a file, quoted on one line and shortened: for naming what is at fault."""
     text = repr(value)
@@ -328,7 +320,7 @@ def _open_index(index: Path, check: PathCheck | None = None) -> tuple[list[Path]
         data = read_bytes(resolve_checked(index, check), "safetensors index", MAX_HEADER_BYTES)
         weight_map = load_json(data, f"{index}: not a valid safetensors index")["weight_map"]
     except (KeyError, TypeError) as exc:
-        raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {_reason(exc)}") from exc
+        raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from exc
     if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
         got = ("an empty mapping" if weight_map == {} else "a shard name that is not a string"
                if isinstance(weight_map, dict) else f"a JSON {JSON_TYPES.get(type(weight_map), 'value')}")

@@ -90,8 +90,8 @@ def decode(data: bytes, origin: str) -> str:
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ProjectionError(f"{origin}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") from None
+        line = data.count(b"\n", 0, exc.start) + 1  # the position only: never echo bytes of a file that may be secret
+        raise ProjectionError(f"{origin}: not UTF-8 text (invalid byte at offset {exc.start}, line {line})") from None
 
 
 def check_size(text: str, origin: str, limit: int = MAX_TEXT_BYTES) -> None:
