@@ -22,6 +22,8 @@ import yaml
 from gradio.components.plot import PlotData
 
 from projection import ProjectionError, Strategy
+from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
+from projection.inputs import MAX_TEXT_BYTES, read_text
 from projection.mapping import rules_to_yaml
 
 from . import cards, charts, table
@@ -89,6 +91,7 @@ class Inspector:
     def _layout(self) -> None:
         c = self.config
         self.state = gr.State(None, delete_callback=lambda s: s.close() if s else None)
+        self.pending = gr.State(None)  # hub downloads Load found and the user has not confirmed yet
         with gr.Row(elem_id="top-bar"):  # one line: the title, then what the last update did
             gr.HTML('<div class="app-header"><h1>Projection Inspector</h1><p>Initialise a small student from a '
                     'large Wan teacher, and see exactly what each tensor takes from it.</p></div>',
@@ -140,13 +143,17 @@ class Inspector:
                     self.ffn_dim = gr.Number(384, label="FFN", precision=0, minimum=1, min_width=90)
         with gr.Row():
             self.load_btn = gr.Button("Load", variant="primary", scale=0, min_width=160, elem_id="load-button")
+            self.download_btn = gr.Button("Download and load", variant="primary", visible=False, scale=0,
+                                          min_width=260, elem_id="download-button")
             if c.demo_dir is not None:
                 self.demo_ref = gr.Button("Demo: Wan → reference student", scale=0, min_width=320)
                 self.demo_seed = gr.Button("Demo: Wan (diffusers, 3 shards) → seeds' layout", scale=0, min_width=460)
         self.source_msg = gr.HTML(elem_id="source-msg")
-        gr.Markdown(f"Opens sources only under `{c.roots.describe()}` (hub ids through the local Hugging Face "
-                    f"cache) and writes exports only under `{c.roots.base}`. Mapping reads headers only; tensor "
-                    "data is read when numbers need it.", elem_classes="note")
+        hub = ("hub ids through the Hugging Face cache; a download shows its size and waits for your confirmation"
+               if c.roots.hub else "hub ids are off: start the app with --allow-hub to allow them")
+        gr.Markdown(f"Opens sources only under `{c.roots.describe()}`, links and shards included ({hub}), and "
+                    f"writes exports only under `{c.roots.base}`. Mapping reads headers only; tensor data is read "
+                    "when numbers need it.", elem_classes="note")
 
     def _mapping_tab(self) -> None:
         self.legend = gr.HTML(elem_id="legend")
@@ -283,11 +290,15 @@ class Inspector:
                    self.dim, self.num_layers, self.num_heads, self.ffn_dim]
         controls = list(self.controls.values())
         loaded = [self.source_msg, self.rules, self.rules_msg, self.key, self.spec_layer, self.spec_matrix, *controls,
-                  self.seed, self.dtype, self.device, self.out_dir, self.a_yaml, self.b_yaml]
+                  self.seed, self.dtype, self.device, self.out_dir, self.a_yaml, self.b_yaml, self.pending,
+                  self.download_btn]
 
         self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
                                  self.student_kind, [self.student_file, self.form], api_visibility="private")
         self.load_btn.click(self.load, [self.state, *sources, *t], self._view + loaded, api_name="load")
+        self.download_btn.click(self.download, [self.pending, *sources[:4]],
+                                [self.pending, self.download_btn, self.source_msg], api_name="download").success(
+            self.load, [self.state, *sources, *t], self._view + loaded, api_visibility="private")
         self.blocks.load(self.load, [self.state, *sources, *t], self._view + loaded, api_visibility="private")
         if self.config.demo_dir is not None:
             demo = self.config.roots.display(self.config.demo_dir)
@@ -383,9 +394,12 @@ class Inspector:
                 student = roots.source(student_path, "student")
             # 0 or blank: the heads the student records, else inferred and flagged
             heads = _positive(student_heads, "heads") if kind != "form" and student_heads else None
+            downloads = _downloads(teacher_src, chosen_expert, student)
+            if downloads:  # hub files not in the local cache: say how much, fetch only once the user confirms
+                return self._ask_download(downloads)
             progress(0.1, desc="reading headers")
             strategy = state.strategy if state is not None else self.config.strategy
-            session = Session.open(teacher_src, student, chosen_expert, strategy, num_heads=heads)
+            session = Session.open(teacher_src, student, chosen_expert, strategy, num_heads=heads, check=roots.check)
         except ProjectionError as exc:
             raise gr.Error(str(exc), title="Cannot load", duration=None) from exc
         if session.auto_energy:
@@ -405,8 +419,42 @@ class Inspector:
             **{self.controls[f]: getattr(s, f) for f in STRATEGY_FIELDS},
             self.seed: s.seed, self.dtype: s.dtype, self.device: s.device, self.out_dir: session.out_dir,
             self.a_yaml: s.to_yaml(), self.b_yaml: s.model_copy(update={"width": "svd-per-matrix"}).to_yaml(),
+            self.pending: None, self.download_btn: gr.update(visible=False),
         })
         return out
+
+    def _ask_download(self, downloads: list[HubDownload]) -> dict:
+        total = human_bytes(sum(d.nbytes for d in downloads))
+        what = "; ".join(f"{d.source} at {d.commit[:12]}: {len(d.files)} file{'s' if len(d.files) != 1 else ''}, "
+                         f"{human_bytes(d.nbytes)}" for d in downloads)
+        return {self.pending: downloads,
+                self.download_btn: gr.update(visible=True, value=f"Download {total} and load"),
+                self.source_msg: cards.inline_ask(f"Not in the local Hugging Face cache: {what} (sizes from the hub). "
+                                                  f"Nothing has been downloaded yet: “Download {total} and load” "
+                                                  f"fetches them.")}
+
+    def download(self, pending: list[HubDownload] | None, teacher: str, expert: str, kind: str, student_path: str,
+                 progress: gr.Progress = gr.Progress(track_tqdm=True)) -> dict:
+        """Fetch what Load showed, if the sources and the hub's files are still those the user saw (if not, the
+        Load that follows asks again)."""
+        if not pending:
+            raise gr.Error("Press Load first: it shows what would be downloaded.", title="Nothing to download")
+        roots = self.config.roots
+        chosen_expert = None if expert in (None, "", NO_EXPERT) else expert
+        done = {self.pending: None, self.download_btn: gr.update(visible=False)}
+        try:
+            teacher_src = roots.source(teacher, "teacher")
+            student = roots.source(student_path, "student") if kind != "form" else {}
+            if _downloads(teacher_src, chosen_expert, student) != pending:
+                return {**done, self.source_msg: cards.inline_ask("The sources or the hub's files changed since "
+                                                                  "Load showed the size: nothing was downloaded.")}
+            progress(0, desc=f"downloading {human_bytes(sum(d.nbytes for d in pending))}")
+            for source, source_expert in ((teacher_src, chosen_expert), (student, None)):
+                if isinstance(source, str) and (hub := hub_source(source)):
+                    fetch_from_hub(*hub, source_expert)
+        except ProjectionError as exc:
+            raise gr.Error(str(exc), title="Download failed", duration=None) from exc
+        return {**done, self.source_msg: cards.inline_ok("Downloaded; loading.")}
 
     def _refresh(self, state: Session | None, view: tuple[list[str], str, str, str | None],
                  change: Callable[[Session], None], rejected: Callable[[ProjectionError], dict] | None = None,
@@ -570,7 +618,10 @@ class Inspector:
 
     def load_strategy_file(self, state: Session | None, file: Any, *rest: Any) -> dict:
         path = file if isinstance(file, str) else getattr(file, "name", None)
-        text = Path(path).read_text() if path else ""
+        try:
+            text = read_text(path, "strategy") if path else ""
+        except ProjectionError as exc:  # too large, not UTF-8: named by the uploaded name, not the server's copy
+            return {self.strategy_msg: cards.inline_error(str(exc).replace(str(path), Path(path).name))}
         out = self.apply_strategy_yaml(state, text, *rest)
         out.setdefault(self.strategy_yaml, text)
         return out
@@ -770,6 +821,12 @@ class Inspector:
         return "\n".join([*lines, f"{command} --out {shlex.quote(out)}"])
 
 
+def _downloads(teacher: str, expert: str | None, student: str | dict[str, Any]) -> list[HubDownload]:
+    """The hub files these sources need that the local cache lacks (none offline, or for local paths)."""
+    found = [hub_download(teacher, expert), hub_download(student) if isinstance(student, str) else None]
+    return [d for d in found if d is not None and d.files]
+
+
 def plot(fig: charts.Figure) -> PlotData:
     """A plotly.js spec as Gradio's plot payload (no plotly object model on the way)."""
     return PlotData(type="plotly", plot=json.dumps(fig, allow_nan=False))
@@ -789,7 +846,7 @@ def _block_problem(value: Any, top: int) -> str | None:
 
 
 def _positive(value: float | None, name: str) -> int:
-    if value is None or int(value) != value or value < 1:
+    if value is None or not math.isfinite(value) or int(value) != value or value < 1:
         raise ProjectionError(f"student {name}: a positive whole number is needed (got {value})")
     return int(value)
 
@@ -844,4 +901,4 @@ def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, 
     use_interactive_threads()
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
-                         footer_links=["api"], show_error=True, **kwargs)
+                         footer_links=["api"], show_error=True, max_file_size=MAX_TEXT_BYTES, **kwargs)

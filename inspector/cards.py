@@ -100,5 +100,10 @@ def inline_error(message: str) -> str:
     return f'<div class="inline-error" role="alert">{escape(message)}</div>' if message else ""
 
 
+def inline_ask(message: str) -> str:
+    """A question waiting for the user (e.g. a download to confirm)."""
+    return f'<div class="inline-ask" role="status">{escape(message)}</div>'
+
+
 def inline_ok(message: str) -> str:
     return f'<div class="inline-ok">{escape(message)}</div>'

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--root", help="the only folder the UI may open or write under (default: the current "
                                   "directory, plus the demo folder)")
+    p.add_argument("--allow-hub", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the UI open hub ids ('org/name'), downloading them after the user confirms the size "
+                        "(default: allowed when --host is a loopback address, refused otherwise)")
     return p
+
+
+def hub_allowed(host: str, allow_hub: bool | None) -> bool:
+    """Whether hub ids typed in the UI may be opened (and so downloaded): as asked, else only on loopback."""
+    if allow_hub is not None:
+        return allow_hub
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def demo_folder(root: Path) -> Path:
@@ -55,11 +71,13 @@ def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
         strategy = Strategy.load(args.strategy) if args.strategy else Strategy()
     except ProjectionError as exc:
         raise SystemExit(f"--strategy: {exc}") from exc
-    roots = Roots.create(root, [demo] if demo else [], trusted=[args.teacher or "", args.student or ""])
+    roots = Roots.create(root, [demo] if demo else [], trusted=[args.teacher or "", args.student or ""],
+                         hub=hub_allowed(args.host, args.allow_hub))
     teacher = args.teacher or roots.display(demo / DEMO_TEACHER)
     student = args.student or roots.display(demo / DEMO_STUDENT)
     config = AppConfig(roots, teacher, student, args.expert or strategy.expert, strategy, demo)
-    print(f"Projection Inspector: teacher {teacher}, student {student}; may open and write under {roots.describe()}")
+    print(f"Projection Inspector: teacher {teacher}, student {student}; may open and write under {roots.describe()}"
+          f"; hub ids {'allowed (downloads after confirmation)' if roots.hub else 'refused (--allow-hub to allow)'}")
     blocks = build_app(config)
     launch(blocks, args.host, args.port, **launch_kwargs)
     return blocks

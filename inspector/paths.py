@@ -1,7 +1,11 @@
-"""Which paths the UI may open and write: everything the user types is confined to the roots."""
+"""Which paths the UI may open and write: everything the user types is confined to the roots.
+
+Containment is decided on resolved paths (links followed), for every file the core reads, not only for the
+path typed: the core hands each folder, weights file, index shard and config.json to `Roots.check` first."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,20 +17,26 @@ from projection.errors import ProjectionError
 class Roots:
     """Folders the UI may read (sources) and write (exports) under; `base` anchors relative paths.
 
-    Sources given on the command line are trusted wherever they are: the operator chose them."""
+    Sources given on the command line are trusted wherever they are (they and the files they hold): the operator
+    chose them. Hub ids typed in the UI are allowed only with `hub` (see inspector.cli.hub_allowed)."""
 
     base: Path
     read: tuple[Path, ...]
     write: tuple[Path, ...]
     trusted: frozenset[Path] = field(default_factory=frozenset)
+    hub: bool = True
+    trusted_ids: frozenset[str] = field(default_factory=frozenset)  # hub ids given on the command line
 
     @classmethod
-    def create(cls, root: Path, readable: list[Path] = (), trusted: list[str] = ()) -> Roots:
+    def create(cls, root: Path, readable: list[Path] = (), trusted: list[str] = (), hub: bool = True) -> Roots:
         """ROOT: read and write; `readable`: read only (e.g. the demo in the user cache)."""
+        from projection.checkpoint import hub_source
+
         base = Path(root).expanduser().resolve()
         read = tuple(dict.fromkeys([base, *(Path(r).expanduser().resolve() for r in readable)]))
         sources = frozenset(p.resolve() for t in trusted if t and (p := _absolute(t, base)).exists())
-        return cls(base, read, (base,), sources)
+        ids = frozenset(t for t in trusted if t and not _absolute(t, base).exists() and hub_source(t))
+        return cls(base, read, (base,), sources, hub, ids)
 
     def describe(self) -> str:
         return ", ".join(str(r) for r in self.read)
@@ -46,8 +56,19 @@ class Roots:
             raise ProjectionError(f"{what} '{text}' is outside the folders this app may open ({self.describe()}); "
                                   f"start the app with --root to allow another folder")
         if not text.startswith((".", "/", "~")) and parse_hub_id(text):
+            if not (self.hub or text in self.trusted_ids):
+                raise ProjectionError(f"{what} '{text}': hub ids are off in this app (it listens on a non-loopback "
+                                      f"address); start it with --allow-hub to allow them")
             return text  # resolved by the core through the Hugging Face cache
         raise ProjectionError(f"{what} '{text}': no such file or folder under {self.base} (and not a hub id 'org/name')")
+
+    def check(self, given: Path, real: Path) -> None:
+        """The core's check on every folder and file a source leads to, before it reads it: `real` (links
+        followed) must be under a root, unless `given` lies in a source given on the command line."""
+        if _inside(real, self.read) or _inside(given, tuple(self.trusted)):
+            return
+        link = f" (a link to {real})" if real != given else ""
+        raise ProjectionError(f"{given}{link} is outside the folders this app may open ({self.describe()})")
 
     def output(self, text: str) -> Path:
         """An export folder: under a root, not existing yet (exports never overwrite anything)."""
@@ -59,7 +80,7 @@ class Roots:
         if not _inside(real, self.write):
             raise ProjectionError(f"export folder '{text}' is outside the folders this app may write "
                                   f"({', '.join(map(str, self.write))})")
-        if real.exists():
+        if os.path.lexists(real):  # a dangling link too: the export would replace it
             raise ProjectionError(f"export folder '{text}' already exists: exports never overwrite; choose a new name")
         return real
 

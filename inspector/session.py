@@ -22,6 +22,7 @@ import torch
 
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules
 from projection.anatomy import SPACES, template_of
+from projection.checkpoint import PathCheck
 from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.measure import energy_by, layer_of
 from projection.pipeline import entry_rows
@@ -128,18 +129,20 @@ class Session:
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None, strategy: Strategy,
-             rules: dict[str, Any] | None = None, num_heads: int | None = None) -> Session:
+             rules: dict[str, Any] | None = None, num_heads: int | None = None,
+             check: PathCheck | None = None) -> Session:
+        """`check` sees every file the sources lead to before the core reads it (the app's --root)."""
         strategy = strategy.model_copy(update={"expert": expert})
         try:
             p = _mapped(Projector.open(teacher, student, expert=expert, strategy=strategy, rules=rules,
-                                       cache_bytes=CACHE_BYTES, num_heads=num_heads))
+                                       cache_bytes=CACHE_BYTES, num_heads=num_heads, check=check))
         except ProjectionError as exc:
             if not isinstance(strategy.layers, list) or "layers:" not in str(exc):
                 raise
             # A layer list chosen for another student: fall back to the uniform stride.
             p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, cache_bytes=CACHE_BYTES,
                                        strategy=strategy.model_copy(update={"layers": "uniform"}),
-                                       num_heads=num_heads))
+                                       num_heads=num_heads, check=check))
         return cls(p, teacher, student, num_heads)
 
     def close(self) -> None:
@@ -201,7 +204,7 @@ class Session:
         self._remap(strategy=strategy)
 
     def update_strategy(self, **fields: Any) -> None:
-        self.set_strategy(self.strategy.model_copy(update=fields))
+        self.set_strategy(Strategy.checked({**self.strategy.model_dump(), **fields}))  # validated, as files are
 
     def rules_text(self) -> str:
         return rules_to_yaml(self.mapping.rules)

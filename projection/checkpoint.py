@@ -1,13 +1,16 @@
 """Lazy checkpoint sources: keys, shapes and dtypes from headers, single tensors on demand.
 
-One entry point, `open_checkpoint(source, expert=None)`, accepts a .safetensors file, a sharded set (its
-index json), a torch pickle, a folder holding any of these (original Wan, diffusers, a diffusers pipeline
+One entry point, `open_checkpoint(source, expert=None, check=None)`, accepts a .safetensors file, a sharded set
+(its index json), a torch pickle, a folder holding any of these (original Wan, diffusers, a diffusers pipeline
 root, a Wan2.2 two-expert root) or a Hugging Face hub id. Nothing reads tensor data until `get(key)`.
+
+Every file and folder a source leads to is resolved (links followed) before it is read, and handed to the
+caller's `check` (the app's --root); an index's shards stay inside its folder, and a hub id's files inside its
+repository's cache folder, for every caller. Error messages never quote the bytes of a file that is not a
+checkpoint: they say where parsing failed, not what was there.
 """
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
 import pickle
@@ -15,12 +18,13 @@ import re
 import struct
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from pathlib import Path, PureWindowsPath
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from .errors import ProjectionError
+from .inputs import clip, load_json, open_regular, read_bytes, read_json, regular_fd, require_regular
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 KNOWN_PREFIXES = ("model.diffusion_model.", "module.")
@@ -35,7 +39,42 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own bound; also bounds an index json
+MAX_RANK = 64  # dimensions per tensor: far past any model, and bounds the work per header entry
+INT64_MAX = 2**63 - 1
+# How torch.save files begin: a zip archive, or (legacy format) a pickled magic number.
+TORCH_ZIP = b"PK\x03\x04"
+TORCH_LEGACY = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+PathCheck = Callable[[Path, Path], None]
+"""Called with a path a source leads to (absolute, links not followed) and the same path resolved, before it
+is read; raises ProjectionError to refuse it."""
+
+
+def resolve_checked(path: Path, check: PathCheck | None) -> Path:
+    """The resolved path of a file or folder about to be read, once `check` allows it."""
+    real = path.resolve()
+    if check is not None:
+        check(path.absolute(), real)
+    return real
+
+
+def within(folder: Path, what: str) -> PathCheck:
+    """A check allowing only paths that resolve inside `folder` (`what` names it in the error)."""
+    folder = folder.resolve()
+
+    def check(given: Path, real: Path) -> None:
+        if not real.is_relative_to(folder):
+            raise ProjectionError(f"{given}: resolves to {real}, outside {what} ({folder})")
+    return check
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value from a file, quoted on one line and shortened: for naming what is at fault."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -117,7 +156,7 @@ class Checkpoint:
         with self._lock:
             if file not in self._handles:
                 try:
-                    self._handles[file] = os.open(file, os.O_RDONLY)
+                    self._handles[file] = regular_fd(file)
                 except OSError as exc:
                     raise ProjectionError(f"{file}: cannot open: {exc}") from exc
             return self._handles[file]
@@ -174,48 +213,90 @@ def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
 # ---------------------------------------------------------------- safetensors headers
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """Parse and validate a safetensors header without touching tensor data; also where the data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """Parse and validate a safetensors header without touching tensor data; also where the data starts.
+
+    As strict as safetensors' own loader, and bounded before work: a regular file only, a header of at most
+    100 MB, integers of at most 20 digits, sizes torch can index (int64), a known dtype per tensor, and data
+    offsets that tile the data section exactly (no overlap, no gap)."""
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ProjectionError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
         (n,) = struct.unpack("<Q", head)
+        # The length is the file's first 8 bytes: say what is wrong with it, never its value (a file that is
+        # not a checkpoint, e.g. /proc/self/environ, would show its first bytes as this number).
         if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ProjectionError(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
+            problem = ("0" if n == 0 else f"over the {MAX_HEADER_BYTES >> 20} MiB limit" if n > MAX_HEADER_BYTES
+                       else "past the end of the file")
+            raise ProjectionError(f"{path}: corrupt safetensors header (header length {problem}, file size {size})")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProjectionError(f"{path}: corrupt safetensors header: {exc}") from exc
+    header = load_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise ProjectionError(f"{path}: corrupt safetensors header: not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ProjectionError(f"{path}: corrupt safetensors header: '__metadata__' must map names to strings")
     data_size = size - 8 - n
     for key, meta in header.items():
+        name = clip(key)
         try:
             start, end = meta["data_offsets"]
             dtype = meta["dtype"]
             shape = meta["shape"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}'") from exc
-        if not (isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, [start, end, *shape]))):
-            raise ProjectionError(f"{path}: corrupt safetensors header entry '{key}': dtype {dtype!r}, shape "
-                                  f"{shape!r}, data_offsets {[start, end]!r} (expected non-negative integers)")
+            raise ProjectionError(f"{path}: corrupt safetensors header entry '{name}'") from exc
+        if not (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= MAX_RANK
+                and all(map(_is_count, [start, end, *shape]))):
+            raise ProjectionError(f"{path}: corrupt safetensors header entry '{name}': dtype {clip(repr(dtype))}, "
+                                  f"shape {clip(repr(shape))}, data_offsets {clip(repr([start, end]))} (expected "
+                                  f"non-negative integers below 2^63, at most {MAX_RANK} dimensions)")
         if dtype not in SAFETENSORS_DTYPES:
-            raise ProjectionError(f"{path}: tensor '{key}' has unsupported dtype {dtype}")
-        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-        if end - start != expected or start > end:
-            raise ProjectionError(f"{path}: corrupt header: tensor '{key}' spans {end - start} bytes, "
-                                  f"its shape {shape} and dtype {dtype} need {expected}")
+            raise ProjectionError(f"{path}: tensor '{name}' has unsupported dtype {clip(dtype)}")
         if end > data_size:
             raise ProjectionError(
-                f"{path}: truncated: tensor '{key}' ends at byte {end} but the data section has {data_size}")
+                f"{path}: truncated: tensor '{name}' ends at byte {end} but the data section has {data_size}")
+        numel = _numel(shape)
+        if numel is None:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{name}' has shape {clip(repr(shape))}: "
+                                  f"its axes span more than 2^63 elements")
+        expected = numel * SAFETENSORS_DTYPES[dtype].itemsize
+        if expected > data_size:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{name}' of shape {clip(repr(shape))} and dtype "
+                                  f"{dtype} needs {expected} bytes, more than the whole data section ({data_size})")
+        if end - start != expected or start > end:
+            raise ProjectionError(f"{path}: corrupt header: tensor '{name}' spans {end - start} bytes, "
+                                  f"its shape {clip(repr(shape))} and dtype {dtype} need {expected}")
+    _check_tiling(path, header, data_size)
     return header, 8 + n
 
 
 def _is_count(x: Any) -> bool:
-    return type(x) is int and x >= 0  # not bool, not float
+    return type(x) is int and 0 <= x <= INT64_MAX  # not bool, not float
+
+
+def _numel(shape: list[int]) -> int | None:
+    """Elements of a shape; None when torch cannot hold it (its strides would pass int64, even when empty)."""
+    n = 1
+    for s in shape:
+        n *= max(s, 1)
+        if n > INT64_MAX:
+            return None
+    return 0 if 0 in shape else n
+
+
+def _check_tiling(path: Path, header: dict[str, dict[str, Any]], data_size: int) -> None:
+    """Sorted by offset, the tensors cover the data section exactly, as safetensors requires."""
+    at = 0
+    for start, end, key in sorted((m["data_offsets"][0], m["data_offsets"][1], k) for k, m in header.items()):
+        if start != at:
+            problem = (f"overlaps the tensor before it (which ends at byte {at})" if start < at else
+                       f"leaves bytes {at}..{start} unused")
+            raise ProjectionError(f"{path}: corrupt header: tensor '{clip(key)}' starts at byte {start} and {problem}")
+        at = end
+    if at != data_size:
+        raise ProjectionError(f"{path}: corrupt header: the tensors end at byte {at} but the data section has "
+                              f"{data_size} bytes")
 
 
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
@@ -224,28 +305,48 @@ def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
             for k, m in header.items()}
 
 
-def _open_index(index: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+def _shard(index: Path, name: str) -> Path:
+    """A shard an index names: a relative .safetensors path inside the index's folder (the hub's loader refuses
+    the same). Checked on the name, before any link is followed: a hub snapshot's shards are links to its blobs."""
+    parts = PureWindowsPath(name)  # either separator: also refuses ..\x, C:x and \\server\x
+    if parts.drive or parts.root or ".." in parts.parts or "\0" in name or not name.endswith(".safetensors"):
+        raise ProjectionError(f"{index}: shard {_shown(name)} is not a .safetensors file inside the index's folder "
+                              f"(shards are relative paths without '..')")
+    return index.parent / name
+
+
+def _open_index(index: Path, check: PathCheck | None = None) -> tuple[list[Path], dict[str, TensorInfo]]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {exc}") from exc
+        data = read_bytes(resolve_checked(index, check), "safetensors index", MAX_HEADER_BYTES)
+        weight_map = load_json(data, f"{index}: not a valid safetensors index")["weight_map"]
+    except (KeyError, TypeError) as exc:
+        raise ProjectionError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from exc
     if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+        got = ("an empty mapping" if weight_map == {} else "a shard name that is not a string"
+               if isinstance(weight_map, dict) else f"a JSON {JSON_TYPES.get(type(weight_map), 'value')}")
         raise ProjectionError(f"{index}: not a valid safetensors index: 'weight_map' must map each tensor name to "
-                              f"its shard file, got {type(weight_map).__name__} {str(weight_map)[:80]}")
-    files = sorted({index.parent / f for f in weight_map.values()})
-    missing = [f.name for f in files if not f.is_file()]
+                              f"its shard file, got {got}")
+    files = sorted({_shard(index, f) for f in weight_map.values()})
+    real = [resolve_checked(f, check) for f in files]
+    missing = [f.relative_to(index.parent).as_posix() for f, r in zip(files, real) if not r.is_file()]
     if missing:
         raise ProjectionError(f"{index}: missing shard(s): {', '.join(missing)}")
     infos: dict[str, TensorInfo] = {}
-    for f in files:
+    for f in real:
         infos.update(_safetensors_infos(f))
     absent = [k for k in weight_map if k not in infos]
     if absent:
-        raise ProjectionError(f"{index}: {len(absent)} key(s) listed but not in their shard, e.g. '{absent[0]}'")
+        raise ProjectionError(f"{index}: {len(absent)} key(s) listed but not in their shard, e.g. {_shown(absent[0])}")
     return files, infos
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if not (head.startswith(TORCH_ZIP) or (head[:1] == b"\x80" and TORCH_LEGACY in head)):
+        # Not what torch.save writes: never unpickled, so no pickle error can quote its bytes.
+        raise ProjectionError(f"{path}: cannot load torch file: not a plain torch.save of tensors (neither a torch "
+                              f"zip archive nor a legacy torch file; nothing in it was executed)")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -258,7 +359,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         if needs is None:  # an opcode it does not support: garbage, or a plain (non-torch) pickle
             raise ProjectionError(f"{path}: cannot load torch file: not a plain torch.save of tensors (weights_only="
                                   f"True refused it; nothing in it was executed)") from exc
-        raise ProjectionError(f"{path}: refused: this pickle needs code to load ({needs[1]}); it was loaded with "
+        raise ProjectionError(f"{path}: refused: this pickle needs code to load ({needs[1][:80]}); it was loaded with "
                               f"weights_only=True, so nothing in it was executed. Convert it to safetensors.") from exc
     except Exception as exc:  # not a torch file, truncated, corrupt
         first = (str(exc).splitlines() or [""])[0]
@@ -286,73 +387,95 @@ def strip_prefix(keys: list[str]) -> str:
 
 # ---------------------------------------------------------------- folders and hub ids
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path, check: PathCheck | None = None) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ProjectionError(f"{path}: invalid JSON: {exc}") from exc
+    config = read_json(resolve_checked(path, check), "config")
     if not isinstance(config, dict):
         raise ProjectionError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
-def _expert_layout(folder: Path) -> tuple[str, dict[str, str]] | None:
+def _expert_layout(is_dir: Callable[[str], bool]) -> tuple[str, dict[str, str]] | None:
     for layout, experts in EXPERT_FOLDERS.items():
-        present = {e: sub for e, sub in experts.items() if (folder / sub).is_dir()}
+        present = {e: sub for e, sub in experts.items() if is_dir(sub)}
         if present:
             return layout, present
     return None
 
 
-def resolve_folder(folder: Path, expert: str | None) -> tuple[Path, str | None]:
-    """Descend into the expert's sub-folder of a two-expert or pipeline root."""
-    layout = _expert_layout(folder)
+def _choose_expert(where: str, layout: tuple[str, dict[str, str]] | None, expert: str | None,
+                   has_weights: Callable[[], bool]) -> tuple[str | None, str | None]:
+    """The sub-folder to descend into (None: stay) and the expert chosen, for a folder with this layout."""
     if layout is None:
-        if expert is not None and not list(folder.glob("*.safetensors*")) and not _pickles(folder):
-            raise ProjectionError(f"{folder}: no expert sub-folders here, but expert '{expert}' was asked for")
-        return folder, None
+        if expert is not None and not has_weights():
+            raise ProjectionError(f"{where}: no expert sub-folders here, but expert '{expert}' was asked for")
+        return None, None
     name, present = layout
     if expert is None:
         if len(present) == 1:
-            (only,) = present.items()
-            return folder / only[1], None
+            return next(iter(present.values())), None
         raise ProjectionError(
-            f"{folder}: a two-expert checkpoint ({name}); choose an expert: "
+            f"{where}: a two-expert checkpoint ({name}); choose an expert: "
             + ", ".join(f"'{e}' ({s}/)" for e, s in present.items()))
     if expert not in present:
         raise ProjectionError(
-            f"{folder}: no expert '{expert}'; choices: " + ", ".join(f"'{e}' ({s}/)" for e, s in present.items()))
-    return folder / present[expert], expert
+            f"{where}: no expert '{expert}'; choices: " + ", ".join(f"'{e}' ({s}/)" for e, s in present.items()))
+    return present[expert], expert
+
+
+def resolve_folder(folder: Path, expert: str | None) -> tuple[Path, str | None]:
+    """Descend into the expert's sub-folder of a two-expert or pipeline root."""
+    sub, chosen = _choose_expert(str(folder), _expert_layout(lambda s: (folder / s).is_dir()), expert,
+                                 lambda: bool(list(folder.glob("*.safetensors*")) or _pickles(folder)))
+    return (folder / sub if sub else folder), chosen
 
 
 def _pickles(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
 
 
-def _open_folder(folder: Path) -> tuple[str, list[Path], dict[str, TensorInfo] | Path]:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+def _format(path: Path) -> str:
+    if path.name.endswith(".safetensors.index.json"):
+        return "sharded-safetensors"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix in PICKLE_SUFFIXES:
+        return "torch-pickle"
+    raise ProjectionError(f"{path}: unknown file type (expected .safetensors, an index json, "
+                          f"or a torch file {'/'.join(PICKLE_SUFFIXES)})")
+
+
+def _weights_file(folder: str, names: Iterable[str]) -> str:
+    """Which of a folder's files (by name) holds its weights: its index, its one .safetensors or torch file."""
+    names = sorted(names)
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     if len(indexes) > 1:
-        raise ProjectionError(f"{folder}: several index files ({', '.join(i.name for i in indexes)}); pass one")
-    if indexes:
-        files, infos = _open_index(indexes[0])
-        return "sharded-safetensors", files, infos
-    singles = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if len(singles) == 1:
-        return "safetensors", singles, _safetensors_infos(singles[0])
+        raise ProjectionError(f"{folder}: several index files ({', '.join(indexes)}); pass one")
+    singles = [n for n in names if n.endswith(".safetensors")]
+    if indexes or len(singles) == 1:
+        return (indexes or singles)[0]
     if len(singles) > 1:
         raise ProjectionError(
             f"{folder}: {len(singles)} .safetensors files but no *.safetensors.index.json; pass one file")
-    pickles = _pickles(folder)
+    pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
     if len(pickles) == 1:
-        return "torch-pickle", pickles, pickles[0]
+        return pickles[0]
     if len(pickles) > 1:
-        raise ProjectionError(f"{folder}: {len(pickles)} torch files ({', '.join(p.name for p in pickles)}); pass one")
+        raise ProjectionError(f"{folder}: {len(pickles)} torch files ({', '.join(pickles)}); pass one")
     raise ProjectionError(
         f"{folder}: unknown layout: no *.safetensors, *.safetensors.index.json, single torch file, "
         f"or expert sub-folders ({', '.join(s for e in EXPERT_FOLDERS.values() for s in e.values())})")
+
+
+def _open_weights(path: Path, check: PathCheck | None) -> tuple[str, list[Path], dict[str, TensorInfo] | Path]:
+    """Format, files as named, and tensors (a torch file: its resolved path, to unpickle) of one weights file."""
+    fmt = _format(path)
+    if fmt == "sharded-safetensors":
+        return fmt, *_open_index(path, check)
+    real = resolve_checked(path, check)
+    return fmt, [path], _safetensors_infos(real) if fmt == "safetensors" else real
 
 
 HUB_ID = re.compile(r"^(?:hf://)?(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<rev>[\w.\-]+))?(?::(?P<sub>[\w.\-/]+))?$")
@@ -364,63 +487,148 @@ def parse_hub_id(source: str) -> tuple[str, str | None, str | None] | None:
     return (m["repo"], m["rev"], m["sub"]) if m else None
 
 
-def fetch_from_hub(repo: str, revision: str | None, subfolder: str | None, expert: str | None) -> Path:
-    """Download (or find in the local cache when HF_HUB_OFFLINE=1) only the files this source needs.
+def hub_source(source: str | os.PathLike) -> tuple[str, str | None, str | None] | None:
+    """The parts of a hub id, for a source that is no local file or folder and reads as one; else None."""
+    text = str(source)
+    if text.startswith((".", "/", "~")) or Path(text).expanduser().exists():
+        return None
+    return parse_hub_id(text)
 
-    Returns the local folder of the source (the snapshot, or its subfolder); the caller descends into the expert."""
+
+def _hub_prefix(name: str, subfolder: str | None) -> str:
+    """'sub/folder/' (or '') inside the repository; a subfolder that would leave it is refused."""
+    if not subfolder:
+        return ""
+    if ".." in Path(subfolder).parts:
+        raise ProjectionError(f"{name}: subfolder '{subfolder}' leaves the repository ('..' is not allowed)")
+    return f"{subfolder.strip('/')}/"
+
+
+def _hub_files(name: str, sizes: dict[str, int], subfolder: str | None, expert: str | None) -> list[str]:
+    """From the repository's file list, the files opening this source reads: the JSON files of its folder (the
+    expert's, in a two-expert root) and its weights (for an index, every .safetensors file beside it)."""
+    def files_in(prefix: str) -> list[str]:
+        return [f[len(prefix):] for f in sizes if f.startswith(prefix) and "/" not in f[len(prefix):]]
+
+    prefix = _hub_prefix(name, subfolder)
+    if prefix and not any(f.startswith(prefix) for f in sizes):
+        raise ProjectionError(f"{name}: no folder '{subfolder}' in the repository")
+    here = files_in(prefix)
+    sub, _ = _choose_expert(name, _expert_layout(lambda s: any(f.startswith(f"{prefix}{s}/") for f in sizes)),
+                            expert, lambda: any(".safetensors" in n or Path(n).suffix in PICKLE_SUFFIXES for n in here))
+    if sub:
+        prefix, here = f"{prefix}{sub}/", files_in(f"{prefix}{sub}/")
+    weights = _weights_file(f"{name} ({prefix or 'the repository root'})", here)
+    shards = [n for n in here if n.endswith(".safetensors")] if weights.endswith(".index.json") else []
+    return sorted({prefix + n for n in [weights, *shards, *(n for n in here if n.endswith(".json"))]})
+
+
+def _hub_listing(repo: str, revision: str | None) -> tuple[str, dict[str, int]]:
+    """The commit a revision names and the size of every file in it, from the hub's metadata (nothing is
+    downloaded)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    return info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []}
+
+
+def _hub_fetch(repo: str, revision: str | None, files: list[str]) -> Path:
+    """Download exactly these repository files (cached ones are not fetched again); the snapshot folder."""
     from huggingface_hub import snapshot_download
 
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    name = repo + (f"@{revision}" if revision else "") + (f":{subfolder}" if subfolder else "")
+    literal = [re.sub(r"([*?\[])", r"[\1]", f) for f in files]  # fnmatch patterns that match only these names
+    return Path(snapshot_download(repo, revision=revision, allow_patterns=literal))
+
+
+@dataclass(frozen=True)
+class HubDownload:
+    """What opening a hub id would download: the files it needs that the local cache lacks, sized by the hub."""
+
+    source: str
+    commit: str
+    files: tuple[tuple[str, int], ...]  # (repository path, bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def hub_download(source: str, expert: str | None = None) -> HubDownload | None:
+    """What opening `source` would download, from the hub's file list (one metadata request). None for a local
+    source, and in offline mode (HF_HUB_OFFLINE=1), where nothing downloads; no files when all are cached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    hub = hub_source(source)
+    if hub is None or constants.is_offline_mode():
+        return None
+    repo, revision, subfolder = hub
+    _hub_prefix(source, subfolder)
     try:
-        # First the small JSON files, to learn the layout; then the weights of one folder only.
-        root = Path(snapshot_download(repo, revision=revision, allow_patterns=[f"{prefix}*.json", f"{prefix}*/*.json"]))
-        base = root / prefix
-        folder = resolve_folder(base, expert)[0] if base.is_dir() else base
-        rel = folder.relative_to(root).as_posix()
-        sub = f"{rel}/" if rel != "." else ""
-        root = Path(snapshot_download(
-            repo, revision=revision,
-            allow_patterns=[f"{sub}*.json", f"{sub}*.safetensors", *(f"{sub}*{s}" for s in PICKLE_SUFFIXES)]))
+        commit, sizes = _hub_listing(repo, revision)
+    except Exception as exc:
+        raise ProjectionError(f"{source}: cannot list the repository on the hub: {type(exc).__name__}: {exc}") from exc
+    needed = _hub_files(source, sizes, subfolder, expert)
+    missing = tuple((f, sizes[f]) for f in needed
+                    if not isinstance(try_to_load_from_cache(repo, f, revision=commit), str))
+    return HubDownload(source, commit, missing)
+
+
+def fetch_from_hub(repo: str, revision: str | None, subfolder: str | None, expert: str | None) -> tuple[Path, Path]:
+    """Find in the local cache (HF_HUB_OFFLINE=1) or download only the files this source needs.
+
+    Returns the local folder of the source (the snapshot, or its subfolder; the caller descends into the
+    expert) and the repository's cache folder, inside which every file it opens must resolve."""
+    from huggingface_hub import constants, snapshot_download
+
+    name = repo + (f"@{revision}" if revision else "") + (f":{subfolder}" if subfolder else "")
+    prefix = _hub_prefix(name, subfolder)
+    try:
+        if constants.is_offline_mode():
+            root = Path(snapshot_download(repo, revision=revision))  # the cached snapshot; nothing downloads
+        else:
+            _, sizes = _hub_listing(repo, revision)
+            root = _hub_fetch(repo, revision, _hub_files(name, sizes, subfolder, expert))
     except ProjectionError:
         raise
     except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        hint = " (offline: is it in the local Hugging Face cache?)" if offline else ""
+        hint = " (offline: is it in the local Hugging Face cache?)" if constants.is_offline_mode() else ""
         raise ProjectionError(f"{name}: no such local file or folder, and cannot resolve it as a hub id{hint}: "
                               f"{type(exc).__name__}: {exc}") from exc
-    if not (root / prefix).is_dir():
+    folder = root / prefix
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise ProjectionError(f"{name}: subfolder '{subfolder}' resolves outside the repository's snapshot {root}")
+    if not folder.is_dir():
         raise ProjectionError(f"{name}: no folder '{subfolder}' in the repository ({root})")
-    return root / prefix
+    return folder, root.parent.parent
 
 
 # ---------------------------------------------------------------- entry point
 
-def open_checkpoint(source: str | os.PathLike, expert: str | None = None) -> Checkpoint:
-    """Open any supported checkpoint source lazily. Raises ProjectionError naming the file at fault."""
+def open_checkpoint(source: str | os.PathLike, expert: str | None = None, check: PathCheck | None = None) -> Checkpoint:
+    """Open any supported checkpoint source lazily. Raises ProjectionError naming the file at fault.
+
+    `check` sees every folder and file a local source leads to (the source, the expert's folder, the weights,
+    each shard, the index, config.json), resolved, before it is read; a hub id's files must resolve inside the
+    repository's cache folder instead."""
     text = str(source)
     path = Path(text).expanduser()
-    if not path.exists():
-        hub = parse_hub_id(text) if not text.startswith((".", "/", "~")) else None
-        if hub is None:
-            raise ProjectionError(f"{text}: no such file or folder (and not a hub id 'org/name')")
-        path = fetch_from_hub(*hub, expert=expert)
+    hub = hub_source(text)
+    if hub is not None:
+        path, cache = fetch_from_hub(*hub, expert=expert)
+        check = within(cache, "the repository's Hugging Face cache folder")
+    elif not path.exists():
+        raise ProjectionError(f"{text}: no such file or folder (and not a hub id 'org/name')")
+    resolve_checked(path, check)
     chosen = None
     if path.is_dir():
         path, chosen = resolve_folder(path, expert)
-        fmt, files, infos = _open_folder(path)
-        config = _read_config(path)
+        folder = resolve_checked(path, check)
+        fmt, files, infos = _open_weights(path / _weights_file(str(path), (p.name for p in folder.iterdir()
+                                                                             if p.is_file())), check)
     else:
-        config = _read_config(path.parent)
-        if path.name.endswith(".safetensors.index.json"):
-            fmt, (files, infos) = "sharded-safetensors", _open_index(path)
-        elif path.suffix == ".safetensors":
-            fmt, files, infos = "safetensors", [path], _safetensors_infos(path)
-        elif path.suffix in PICKLE_SUFFIXES:
-            fmt, files, infos = "torch-pickle", [path], path
-        else:
-            raise ProjectionError(f"{path}: unknown file type (expected .safetensors, an index json, "
-                                  f"or a torch file {'/'.join(PICKLE_SUFFIXES)})")
+        require_regular(path, "checkpoint")  # a FIFO or a device would block or never end
+        fmt, files, infos = _open_weights(path, check)
+    config = _read_config(path if path.is_dir() else path.parent, check)
     pickled = None
     if isinstance(infos, Path):
         pickled = _load_pickle(infos)

@@ -6,6 +6,9 @@
     projection export --teacher T --student S [--strategy F] --out DIR [--device D] [--dtype D] [--force]
     projection spectra --teacher T --key KEY [--json]
     projection demo --out DIR
+
+Errors are one line on stderr: exit 2 for bad input or a file that cannot be read or written, 1 for an
+unexpected error (a bug: `--debug` prints its traceback).
 """
 from __future__ import annotations
 
@@ -13,9 +16,12 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+import threading
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from .errors import ProjectionError
 
@@ -32,14 +38,12 @@ def _strategy(args: argparse.Namespace):
 
 def _read_rules(args: argparse.Namespace) -> tuple[str, dict | None]:
     """The --rules file's text and rules ('' and None without one)."""
+    from .inputs import read_text
     from .mapping import parse_rules
 
     if not getattr(args, "rules", None):
         return "", None
-    try:
-        text = Path(args.rules).read_text()
-    except OSError as exc:
-        raise ProjectionError(f"{args.rules}: cannot read rules: {exc}") from exc
+    text = read_text(args.rules, "rules")
     return text, parse_rules(text, args.rules)
 
 
@@ -179,7 +183,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_student
 
     p = _projector(args)
-    report = export_student(p, args.out, force=args.force, progress=_progress)
+    inputs = [f for f in (args.strategy, args.rules) if f]
+    report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs)
     cov = report["coverage"]
     print(f"wrote {args.out}: {cov['keys']['transferred']}/{cov['keys']['total']} keys, "
           f"{cov['params']['rate']:.1%} of parameters from the teacher, retained weight energy "
@@ -216,6 +221,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="projection", description="Project a Wan teacher into a small student.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # also after the command; SUPPRESS keeps a leading --debug
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def pair(p: argparse.ArgumentParser) -> None:
@@ -227,13 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the student's heads: a checkpoint does not record them (default: config.json beside it, "
                             "else inferred and flagged); for a config, overrides its num_heads")
 
-    p = sub.add_parser("inspect", help="format, family, config, counts, dtypes, size")
+    p = sub.add_parser("inspect", parents=[debug], help="format, family, config, counts, dtypes, size")
     p.add_argument("source")
     p.add_argument("--expert", choices=["high", "low"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("map", help="the mapping table and coverage")
+    p = sub.add_parser("map", parents=[debug], help="the mapping table and coverage")
     pair(p)
     p.add_argument("--rules", help="mapping rules YAML, on top of the student layout's preset")
     fmt = p.add_mutually_exclusive_group()
@@ -246,27 +255,51 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{MEASURE_BYTES >> 30} GiB, which are read once)")
     p.set_defaults(func=cmd_map)
 
-    p = sub.add_parser("export", help="project and write the student folder")
+    p = sub.add_parser("export", parents=[debug], help="project and write the student folder")
     pair(p)
     p.add_argument("--rules")
     p.add_argument("--out", required=True)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace a previous export in --out (only that: never "
+                   "other files or an input of this run)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("spectra", help="singular values of one teacher matrix")
+    p = sub.add_parser("spectra", parents=[debug], help="singular values of one teacher matrix")
     p.add_argument("--teacher", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--expert", choices=["high", "low"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_spectra)
 
-    p = sub.add_parser("demo", help="write the built-in demo teacher and students")
+    p = sub.add_parser("demo", parents=[debug], help="write the built-in demo teacher and students")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+@contextmanager
+def termination_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP (`kill`, a scheduler, a closed terminal) raise SystemExit(128 + N)
+    in the main thread instead of ending the process at once, so cleanup runs (an export deletes its partial
+    folder). The program's setting, not the library's; restored afterwards. Ignored signals stay ignored (nohup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,18 +308,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        code = args.func(args)
+        with termination_raises():
+            code = args.func(args)
     except BrokenPipeError:  # the reader left (`projection map --csv | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # 128 + SIGPIPE, the status a shell reports for `cat` here
-    except (ProjectionError, OSError) as exc:  # OSError: e.g. an output folder that cannot be created
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the message holds
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        known = _describe(exc)
+        if known is None:  # a bug, not bad input: one line, and where to find more
+            hint = "" if debug else " (run with --debug for the traceback)"
+            print(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))}{hint}", file=sys.stderr)
+            return 1
+        print("error: " + _one_line(known), file=sys.stderr)
+        return 2
     return code or 0
+
+
+def _describe(exc: Exception) -> str | None:
+    """The message of an error the CLI can name (bad input, a file it cannot read or write), else None."""
+    import yaml
+
+    if isinstance(exc, OSError):  # e.g. an output folder that cannot be created
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where}: {exc.strerror or exc}" if where else str(exc)
+    if isinstance(exc, (ProjectionError, yaml.YAMLError, ValueError)):  # ValueError: json and pydantic too
+        return str(exc)
+    return None
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """Whatever the message holds (YAML marks, pydantic's lines), one line of bounded length."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 if __name__ == "__main__":

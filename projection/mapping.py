@@ -18,6 +18,7 @@ import yaml
 
 from .anatomy import SPACES, Axis, axes_of, infer_heads, space_sizes, template_of
 from .errors import ProjectionError
+from .inputs import load_yaml
 from .models import ModelView
 from .strategy import Strategy
 
@@ -36,10 +37,7 @@ def preset_rules(layout: str) -> dict[str, Rule]:
 
 
 def parse_rules(text: str, origin: str = "rules") -> dict[str, Rule]:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ProjectionError(f"{origin}: invalid YAML: {exc}") from exc
+    data = load_yaml(text, origin) or {}
     if isinstance(data, dict) and set(data) == {"rules"}:
         data = data["rules"] or {}
     if not isinstance(data, dict):

@@ -1,17 +1,16 @@
 """Teacher and student as the mapper sees them: family, config, and canonical key -> shape."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
 from .anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from .errors import ProjectionError
+from .inputs import load_json, load_yaml, read_text
 from .student import LAYOUTS, build_student, student_config
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -81,8 +80,8 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt, recorded)
 
 
-def open_teacher(source: str, expert: str | None = None) -> ModelView:
-    view = view_checkpoint(open_checkpoint(source, expert))
+def open_teacher(source: str, expert: str | None = None, check: PathCheck | None = None) -> ModelView:
+    view = view_checkpoint(open_checkpoint(source, expert, check))
     if view.family not in ("wan", "wan-diffusers"):
         raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
                               f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
@@ -90,41 +89,45 @@ def open_teacher(source: str, expert: str | None = None) -> ModelView:
 
 
 def read_student_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ProjectionError(f"{path}: cannot read student config: {exc}") from exc
+    text = read_text(path, "student config")
+    data = load_json(text, str(path)) if path.suffix == ".json" else load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ProjectionError(f"{path}: a student config is a mapping (layout, dim, num_layers, ...)")
     return data
 
 
-def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str = "config") -> ModelView:
-    config = student_config(fields.get("layout", "wanlite"), fields, teacher.config)
+def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str = "config",
+                        max_layers: int | None = None) -> ModelView:
+    try:
+        config = student_config(fields.get("layout", "wanlite"), fields, teacher.config, max_layers)
+    except ProjectionError as exc:
+        raise ProjectionError(f"{source}: {exc}" if source != "config" else str(exc)) from exc
     state = build_student(config, "meta").state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     return ModelView(source, "seed" if config["layout"] == "seed" else "wan", config["layout"], config, shapes,
                      {k: k for k in shapes})
 
 
-def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: int | None = None) -> ModelView:
+def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: int | None = None,
+                 check: PathCheck | None = None, max_layers: int | None = None) -> ModelView:
     """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill (Wan's original names, the
-    diffusers names, the seeds' layout, or unknown names mapped by rules).
+    diffusers names, the seeds' layout, or unknown names mapped by rules); `check` as for open_checkpoint.
 
     The config is the student's own: given fields for a config (omitted ones documented as the teacher's), what
     a checkpoint's shapes and config.json say for a checkpoint, never the teacher's numbers. `num_heads` sets the
     heads (a state dict does not record them); without it, unrecorded heads keep the teacher's head dim when it
-    divides the width, and are flagged as inferred."""
+    divides the width, and are flagged as inferred. A config is checked against the teacher before anything is
+    built; max_layers: the depth an explicit layer list allows."""
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise ProjectionError(f"num_heads must be a positive integer, got {num_heads!r}")
     heads = {"num_heads": num_heads} if num_heads else {}
     if isinstance(source, dict):
-        return student_from_config({**source, **heads}, teacher)
+        return student_from_config({**source, **heads}, teacher, max_layers=max_layers)
     path = Path(source)
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
-        return student_from_config({**read_student_config(path), **heads}, teacher, str(path))
-    view = view_checkpoint(open_checkpoint(source))
+        resolve_checked(path, check)
+        return student_from_config({**read_student_config(path), **heads}, teacher, str(path), max_layers)
+    view = view_checkpoint(open_checkpoint(source, check=check))
     try:
         if num_heads:
             view.config, view.heads_recorded = with_heads(view.config, num_heads), True

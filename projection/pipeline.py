@@ -16,6 +16,7 @@ import torch
 
 from .anatomy import SPACES
 from .mapping import Entry, Mapping, Rule, build_mapping
+from .checkpoint import PathCheck
 from .measure import retained_weight_energy
 from .models import ModelView, open_student, open_teacher
 from .plan import Plan, TeacherStats, make_plan, needs_stats
@@ -76,12 +77,14 @@ class Projector:
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
              strategy: Strategy | None = None, rules: dict[str, Rule] | None = None,
-             cache_bytes: int = 0, num_heads: int | None = None) -> "Projector":
+             cache_bytes: int = 0, num_heads: int | None = None, check: PathCheck | None = None) -> "Projector":
         """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export).
-        num_heads: the student's heads, for a checkpoint that does not record them (see `open_student`)."""
+        num_heads: the student's heads, for a checkpoint that does not record them (see `open_student`); `check`
+        sees every file the sources lead to before it is read (see open_checkpoint)."""
         strategy = strategy or Strategy()
-        t = open_teacher(teacher, expert or strategy.expert)
-        return cls(t, open_student(student, t, num_heads), strategy, rules, cache_bytes)
+        t = open_teacher(teacher, expert or strategy.expert, check)
+        listed = len(strategy.layers) if isinstance(strategy.layers, list) else None  # may repeat blocks
+        return cls(t, open_student(student, t, num_heads, check, listed), strategy, rules, cache_bytes)
 
     @property
     def device(self) -> torch.device:

@@ -5,11 +5,15 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ProjectionError
+from .inputs import load_yaml, read_text
 
 Rank = Literal["magnitude", "uniform", "first"]
+LAYER_METHODS = ("uniform", "first", "last")
+MAX_LAYER_LIST = 1024  # entries of an explicit layer list: the deepest student it can ask for
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (a torch generator's int64)
 
 
 class Strategy(BaseModel):
@@ -32,7 +36,25 @@ class Strategy(BaseModel):
     expert: Literal["high", "low"] | None = Field(None, description="two-expert teachers: which expert")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="export dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
-    seed: int = Field(0, description="initial values of skipped student tensors")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, strict=True, description="initial values of skipped student tensors")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_list(cls, value: object) -> object:
+        """One clear message for a bad layer choice (the union's own errors list every alternative)."""
+        if isinstance(value, str) and value in LAYER_METHODS:
+            return value
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected one of {', '.join(LAYER_METHODS)} or a list of teacher block indices, "
+                             f"got {value!r:.60}")
+        if len(value) > MAX_LAYER_LIST:
+            raise ValueError(f"{len(value)} entries; a layer list has at most {MAX_LAYER_LIST}")
+        for i, block in enumerate(value):
+            if type(block) is not int or not 0 <= block < 2**31:  # not a bool, a float or a huge number
+                shown = ("a boolean" if isinstance(block, bool) else "too large" if isinstance(block, int) and block > 0
+                         else f"{block!r:.60}")
+                raise ValueError(f"entry {i} is {shown}: a teacher block is a whole number from 0")
+        return list(value)
 
     @property
     def basis_consistent(self) -> bool:
@@ -43,22 +65,21 @@ class Strategy(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str, origin: str = "strategy") -> "Strategy":
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ProjectionError(f"{origin}: invalid YAML: {exc}") from exc
+        data = load_yaml(text, origin) or {}
         if not isinstance(data, dict):
             raise ProjectionError(f"{origin}: expected a mapping of strategy fields, got {type(data).__name__}")
+        return cls.checked(data, origin)
+
+    @classmethod
+    def checked(cls, data: dict, origin: str = "strategy") -> "Strategy":
+        """Validate fields from anywhere (a file, the app's controls); a ProjectionError names each problem."""
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'strategy'}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'strategy'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
             raise ProjectionError(f"{origin}: {problems}") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> "Strategy":
-        path = Path(path)
-        try:
-            return cls.from_yaml(path.read_text(), str(path))
-        except OSError as exc:
-            raise ProjectionError(f"{path}: cannot read strategy: {exc}") from exc
+        return cls.from_yaml(read_text(path, "strategy"), str(path))

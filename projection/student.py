@@ -7,7 +7,7 @@ a same-config projection is a copy and the exported student reproduces the teach
 """
 from __future__ import annotations
 
-import json
+import difflib
 import math
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ProjectionError
+from .inputs import read_json
 
 LAYOUTS = ("wanlite", "seed")
 DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
+SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim")
+FIELDS = ("layout", *SIZES)
+PROJECTED = ("dim", "ffn_dim")  # selected from the teacher's: at most the teacher's
+MAX_IO_DIM = 1 << 14  # in/out/text/freq widths may differ from the teacher's (those tensors start fresh)
 EPS = 1e-6
 
 
@@ -200,8 +205,42 @@ class SeedStudent(nn.Module):
         return self.conv_out(x.transpose(1, 2).reshape(b, self.dim, h, w))
 
 
-def student_config(layout: str, fields: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
+def check_fields(fields: dict[str, Any], teacher: dict[str, Any], max_layers: int | None = None) -> None:
+    """Refuse, before anything is built, a student config the teacher cannot fill: unknown fields, sizes that
+    are not positive integers, and sizes past the teacher's. Channels and FFN neurons are kept or dropped, never
+    invented; blocks past the teacher's need an explicit layer list (`max_layers` entries); heads divide the
+    width, and the mapper says how many fit the teacher's."""
+    for name in fields:
+        if name not in FIELDS:
+            close = difflib.get_close_matches(str(name), FIELDS, 1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ProjectionError(f"student config: unknown field {name!r:.60}{hint}; the fields are "
+                                  f"{', '.join(FIELDS)}")
+    for name in (n for n in SIZES if n in fields):
+        value = fields[name]
+        if type(value) is not int or value <= 0:  # not a bool, a float or a string
+            raise ProjectionError(f"student config: '{name}' must be a positive integer, got {value!r:.60}")
+        if name == "num_layers":
+            depth = teacher.get("num_layers") or 0
+            if value > max(depth, max_layers or 0):
+                how = (f"the strategy's layer list has {max_layers} entries" if (max_layers or 0) > depth else
+                       "a deeper student needs a strategy 'layers' list that repeats blocks")
+                raise ProjectionError(f"student config: num_layers {value} is more than the teacher's {depth} "
+                                      f"blocks; {how}")
+        elif name in PROJECTED:
+            bound = teacher.get(name) or MAX_IO_DIM
+            if value > bound:
+                raise ProjectionError(f"student config: {name} {value} is more than the teacher's {bound}; a "
+                                      f"projection keeps or drops what the teacher has")
+        elif name != "num_heads" and value > max(teacher.get(name) or 0, MAX_IO_DIM):
+            raise ProjectionError(f"student config: {name} {value} is more than {MAX_IO_DIM}, the most allowed "
+                                  f"where it differs from the teacher's ({teacher.get(name)})")
+
+
+def student_config(layout: str, fields: dict[str, Any], teacher: dict[str, Any],
+                   max_layers: int | None = None) -> dict[str, Any]:
     """A full student config: given fields, else the teacher's (the seed layout keeps its 4 latent channels)."""
+    check_fields(fields, teacher, max_layers)
     if layout not in LAYOUTS:
         raise ProjectionError(f"student layout '{layout}' is unknown; choose one of {', '.join(LAYOUTS)}")
     cfg: dict[str, Any] = {"layout": layout}
@@ -242,7 +281,7 @@ def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: 
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ProjectionError(f"{folder}: no config.json: not an exported student")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path, "config")
     try:
         model = build_student(config, "meta")
     except ProjectionError as exc:

@@ -2,9 +2,11 @@
 saved in the diffusers format (sharded) and in the original Wan format (same weights, original names)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +106,31 @@ def wan14b_headers(tmp_path_factory) -> Path:
     from projection.demo import write_shape_only_teacher
 
     return write_shape_only_teacher(tmp_path_factory.mktemp("wan14b"))
+
+
+@pytest.fixture
+def fifo():
+    """make(path): a FIFO at `path` whose writer sends a few bytes to every reader that opens it, so a reader
+    that wrongly opens it gets a wrong answer instead of hanging; the writer is released at teardown."""
+    stop, feeders = threading.Event(), []
+
+    def make(path: Path) -> Path:
+        os.mkfifo(path)
+
+        def feed() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(BrokenPipeError), open(path, "wb") as f:  # waits for a reader
+                    f.write(b"\0" * 16)
+
+        thread = threading.Thread(target=feed, daemon=True)
+        thread.start()
+        feeders.append((path, thread))
+        return path
+
+    yield make
+    stop.set()
+    for path, thread in feeders:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets a writer still waiting for a reader finish
+        thread.join()
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -167,8 +167,9 @@ def test_opening_reads_only_the_header_and_get_reads_only_that_tensor(tmp_path, 
     path = tmp_path / "big.safetensors"
     save_file(tensors, str(path))
     counter = [0]
-    counting_open = lambda *a, **k: CountingFile(open(*a, **k), counter)  # noqa: SIM115
-    monkeypatch.setattr(checkpoint_module, "open", counting_open, raising=False)
+    real_open = checkpoint_module.open_regular
+    counting_open = lambda *a, **k: CountingFile(real_open(*a, **k), counter)  # noqa: E731
+    monkeypatch.setattr(checkpoint_module, "open_regular", counting_open)
     ckpt = open_checkpoint(path)
     assert counter[0] == 8 + header_length(path) < path.stat().st_size // 100
     assert ckpt.bytes_read == 0
@@ -709,7 +710,8 @@ GOOD = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 
 @pytest.mark.parametrize("header,length,data,problem", [
-    (b"{}", 2**60, b"", "corrupt safetensors header (header length 1152921504606846976"),
+    (b"{}", 2**60, b"", "corrupt safetensors header (header length over the 100 MiB limit"),
+    (b"{}", 50, b"", "corrupt safetensors header (header length past the end of the file, file size 10)"),
     (b"{}", 0, b"", "corrupt safetensors header (header length 0"),
     (b'{"a": {"dtype": "F32",', None, b"", "corrupt safetensors header: "),
     (b"\xff\xfe\xfd\xfc", None, b"", "corrupt safetensors header"),
@@ -725,8 +727,8 @@ GOOD = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     ({"a": {"dtype": "F32", "shape": [2]}}, None, b"\0" * 8, "corrupt safetensors header entry 'a'"),
     ({"a": [0, 8]}, None, b"\0" * 8, "corrupt safetensors header entry 'a'"),
     ({"a": {**GOOD, "dtype": "C64"}}, None, b"\0" * 8, "tensor 'a' has unsupported dtype C64"),
-], ids=["huge-length", "zero-length", "invalid-json", "not-utf8", "not-object", "offsets-beyond-file",
-        "offsets-vs-shape", "negative-offset", "negative-shape", "float-shape", "null-shape", "string-offsets",
+], ids=["huge-length", "length-past-end", "zero-length", "invalid-json", "not-utf8", "not-object",
+        "offsets-beyond-file", "offsets-vs-shape", "negative-offset", "negative-shape", "float-shape", "null-shape", "string-offsets",
         "list-dtype", "no-offsets", "entry-not-object", "unknown-dtype"])
 def test_corrupt_safetensors_header(tmp_path, header, length, data, problem):
     path = write_raw_safetensors(tmp_path / "bad.safetensors", header, data, length)
@@ -773,3 +775,93 @@ def test_bad_config_json(tmp_path, text, problem):
     save_file({"a": torch.ones(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     (tmp_path / "config.json").write_text(text)
     raises(tmp_path, [str(tmp_path / "config.json"), problem])
+
+
+# ---------------------------------------------------------------- hostile headers and files: bounded, one line
+
+
+def entry(shape, offsets, dtype="F32") -> bytes:
+    """A header entry written by hand: json.dumps cannot write some of these numbers, Python can."""
+    return (f'{{"dtype": "{dtype}", "shape": [{", ".join(map(str, shape))}], '
+            f'"data_offsets": [{offsets[0]}, {offsets[1]}]}}').encode()
+
+
+@pytest.mark.parametrize("header,data,problem", [
+    (b"[" * 200_000 + b"]" * 200_000, b"", "corrupt safetensors header: JSON nested too deeply"),
+    (b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", b"", "corrupt safetensors header: JSON nested too deeply"),
+    (b'{"a": ' + entry(["9" * 5000], (0, 4)) + b"}", b"\0" * 4, "an integer of 5,000 digits (at most 20)"),
+    (b'{"a": ' + entry([10**4000, 10**4000], (0, 4)) + b"}", b"\0" * 4, "an integer of 4,001 digits"),
+    (b'{"a": ' + entry([10**9, 10**9], (0, 4)) + b"}", b"\0" * 4,
+     "needs 4000000000000000000 bytes, more than the whole data section (4)"),
+    (b'{"a": ' + entry([0, 2**63], (0, 0)) + b"}", b"", "expected non-negative integers below 2^63"),
+    (b'{"a": ' + entry([0, 2**62, 4], (0, 0)) + b"}", b"", "its axes span more than 2^63 elements"),
+    (b'{"a": ' + entry([1] * 65, (0, 4)) + b"}", b"\0" * 4, "at most 64 dimensions"),
+    (b'{"a": ' + entry([1], (0, 2**64)) + b"}", b"\0" * 4, "expected non-negative integers below 2^63"),
+    (b'{"__metadata__": {"x": [1]}, "a": ' + entry([1], (0, 4)) + b"}", b"\0" * 4,
+     "'__metadata__' must map names to strings"),
+], ids=["nested-200000", "nested-in-entry", "5000-digit-int", "shape-10^4000", "shape-past-data", "shape-0-2^63",
+        "strides-past-int64", "rank-65", "offset-2^64", "metadata-not-strings"])
+def test_hostile_safetensors_headers_are_one_line_errors(tmp_path, header, data, problem):
+    path = write_raw_safetensors(tmp_path / "hostile.safetensors", header, data)
+    message = raises(path, [str(path), problem])
+    assert "\n" not in message and len(message) < 600
+
+
+@pytest.mark.parametrize("offsets,data,problem", [
+    ([(0, 8), (4, 12)], 12, "tensor 'b' starts at byte 4 and overlaps the tensor before it (which ends at byte 8)"),
+    ([(0, 8), (0, 8)], 8, "tensor 'b' starts at byte 0 and overlaps the tensor before it"),
+    ([(0, 8), (12, 20)], 20, "tensor 'b' starts at byte 12 and leaves bytes 8..12 unused"),
+    ([(4, 12), (12, 20)], 20, "tensor 'a' starts at byte 4 and leaves bytes 0..4 unused"),
+    ([(0, 8), (8, 16)], 20, "the tensors end at byte 16 but the data section has 20 bytes"),
+], ids=["overlap", "same-bytes", "gap", "gap-at-start", "trailing-bytes"])
+def test_offsets_must_tile_the_data_section_as_safe_open_requires(tmp_path, offsets, data, problem):
+    from safetensors import safe_open
+
+    header = {name: {"dtype": "F32", "shape": [2], "data_offsets": list(span)} for name, span in zip("ab", offsets)}
+    path = write_raw_safetensors(tmp_path / "tiles.safetensors", header, b"\0" * data)
+    with pytest.raises(Exception):  # noqa: B017 (the reference refuses it too, with its own error type)
+        safe_open(str(path), "pt")
+    raises(path, [str(path), problem])
+
+
+def test_empty_tensors_share_offsets_and_tiling_files_open(tmp_path):
+    header = {"e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+              "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "z": {"dtype": "F16", "shape": [3, 0], "data_offsets": [8, 8]},
+              "__metadata__": {"format": "pt"}}
+    path = write_raw_safetensors(tmp_path / "ok.safetensors", header, struct.pack("<2f", 1.5, -2.0))
+    ckpt = open_checkpoint(path)
+    assert sorted(ckpt.keys()) == ["a", "e", "z"] and ckpt.get("a").tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("name", ["x.safetensors", "x.pt", "x.safetensors.index.json"])
+def test_a_fifo_is_refused_not_read(tmp_path, fifo, name):
+    path = fifo(tmp_path / name)
+    raises(path, [str(path), "not a regular file (a FIFO)"])
+
+
+def test_a_link_to_a_fifo_is_refused_after_resolving(tmp_path, fifo):
+    target = fifo(tmp_path / "pipe")
+    for name in ("x.safetensors", "x.pt"):
+        (tmp_path / name).symlink_to(target)
+        raises(tmp_path / name, [str(tmp_path / name), "not a regular file (a FIFO)"])
+    (tmp_path / "dev.pt").symlink_to("/dev/zero")  # endless: torch.load would never finish
+    raises(tmp_path / "dev.pt", [str(tmp_path / "dev.pt"), "not a regular file (a character device)"])
+
+
+def test_config_json_is_bounded(tmp_path):
+    save_file({"a": torch.ones(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text('{"dim": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    raises(tmp_path, [str(tmp_path / "config.json"), "JSON nested too deeply"])
+    (tmp_path / "config.json").write_text('{"x": "' + "y" * (1 << 20) + '"}')
+    raises(tmp_path, [str(tmp_path / "config.json"), "at most 1,048,576 are accepted"])
+
+
+def test_a_fifo_swapped_in_after_opening_is_refused_when_read(tmp_path, fifo):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(10)}, str(path))
+    ckpt = open_checkpoint(path)
+    path.unlink()
+    fifo(path)
+    with pytest.raises(ProjectionError, match=r"w\.safetensors: not a regular file \(a FIFO\)"):
+        ckpt.get("a")

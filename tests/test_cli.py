@@ -428,8 +428,11 @@ def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path,
     kept = snapshot(out_dir)
     assert_error(*run(capsys, *args), str(out_dir), "already exists", "--force")
     assert snapshot(out_dir) == kept
+    assert_error(*run(capsys, *args, "--force"), str(out_dir), "holds stale.txt besides a previous export")
+    assert snapshot(out_dir) == kept
+    (out_dir / "stale.txt").unlink()
     code, out, err = run(capsys, *args, "--force")
-    assert code == 0 and not (out_dir / "stale.txt").exists()
+    assert code == 0
     assert open_checkpoint(out_dir).dtypes() == {"float32": 58}
     assert snapshot(teacher) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no partial or old folders left behind
@@ -581,3 +584,71 @@ def test_device_cuda_without_cuda_is_one_line(demo, tmp_path, capsys):
     assert_error(*run(capsys, "export", "--teacher", demo / "teacher-wan", "--student", demo / "student-wanlite.yaml",
                       "--out", tmp_path / "out", "--device", "cuda"), "device 'cuda'", "CUDA is not available")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- hostile input and unexpected errors
+
+
+def test_hostile_inputs_are_one_line_errors_naming_the_file(demo, tmp_path, capsys, fifo):
+    base = ["map", "--teacher", demo / "teacher-wan", "--student", demo / "student-wanlite.yaml"]
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 1\n# réglage\n".encode("latin-1"))
+    for option in ("--strategy", "--rules"):
+        assert_error(*run(capsys, *base, option, latin1), str(latin1), "not UTF-8 text (invalid byte at offset 11, line 2)")
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("seed: 9223372036854775808\n")
+    assert_error(*run(capsys, *base, "--strategy", seed), str(seed), "seed: Input should be less than")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"b{i}: [*a, *a, *a, *a]\n" for i in range(300)))
+    assert_error(*run(capsys, *base, "--rules", bomb), str(bomb), "YAML anchors and aliases are not accepted")
+    pipe = fifo(tmp_path / "pipe.yaml")
+    for option in ("--strategy", "--rules", "--student"):  # the last --student wins
+        assert_error(*run(capsys, *base, option, pipe), str(pipe), "not a regular file (a FIFO)")
+    student = tmp_path / "student.yaml"
+    for text, problem in (("num_layers: 50000\n", "num_layers 50000 is more than the teacher's 8 blocks"),
+                          ("num_layer: 2\n", "unknown field 'num_layer' (did you mean 'num_layers'?)"),
+                          ("dim: true\n", "'dim' must be a positive integer, got True")):
+        student.write_text(text)
+        assert_error(*run(capsys, "map", "--teacher", demo / "teacher-wan", "--student", student), str(student),
+                     problem)
+    deep = tmp_path / "deep.safetensors"
+    raw = b"[" * 200_000 + b"]" * 200_000
+    deep.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    assert_error(*run(capsys, "inspect", deep), str(deep), "JSON nested too deeply")
+    torch_pipe = fifo(tmp_path / "x.pt")
+    assert_error(*run(capsys, "inspect", torch_pipe), str(torch_pipe), "not a regular file (a FIFO)")
+
+
+@pytest.mark.parametrize("exc,line", [
+    (ValueError("bad value\nsecond line"), "error: bad value second line"),
+    (json.JSONDecodeError("Expecting value", "x", 0), "error: Expecting value: line 1 column 1 (char 0)"),
+    (yaml.YAMLError("bad yaml"), "error: bad yaml"),
+    (PermissionError(13, "Permission denied", "/out/x"), "error: /out/x: Permission denied"),
+    (OSError(28, "No space left on device"), "error: [Errno 28] No space left on device"),
+], ids=["value", "json", "yaml", "os-with-path", "os-without-path"])
+def test_errors_the_cli_can_name_are_one_line_with_exit_2(demo, capsys, monkeypatch, exc, line):
+    import projection.cli as cli
+
+    def failing(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_inspect", failing)
+    assert run(capsys, "inspect", demo / "teacher-wan") == (2, "", line + "\n")
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(demo, capsys, monkeypatch):
+    import projection.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom\n  on two lines")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    line = "error: unexpected RuntimeError: boom on two lines"
+    assert run(capsys, "inspect", demo / "teacher-wan") == (1, "", f"{line} (run with --debug for the traceback)\n")
+    for argv in (["--debug", "inspect", demo / "teacher-wan"], ["inspect", demo / "teacher-wan", "--debug"]):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (1, "")
+        assert err.startswith("Traceback (most recent call last):") and "RuntimeError: boom" in err
+        assert err.rstrip("\n").rsplit("\n", 1)[-1] == line
+    code, out, err = run(capsys, "spectra", "--teacher", demo / "missing", "--key", "k", "--debug")  # named: too
+    assert code == 2 and "Traceback" in err and err.rstrip("\n").rsplit("\n", 1)[-1].startswith("error: ")

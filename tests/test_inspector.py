@@ -163,7 +163,7 @@ def test_bad_paths_get_clear_messages(client, app, root):
     with pytest.raises(Exception, match="not a Wan checkpoint"):
         load(client, app, teacher="custom-student.safetensors")
     with pytest.raises(Exception, match="heads are kept whole"):
-        load(client, app, kind="form", form=("wanlite", 512, 4, 8, 384))
+        load(client, app, kind="form", form=("wanlite", 256, 4, 2, 384))
 
 
 def test_student_from_the_form(client, app, root):
@@ -413,6 +413,14 @@ def test_export_matches_the_cli_and_never_overwrites(client, app, root):
         call(client, app, "export", "../escaped", "float32", "cpu")
 
 
+def test_export_names_with_control_characters_are_refused(client, app, root):
+    load(client, app)
+    for name, char in (("out/bad\nname", "000A"), ("out/bad\x1b[2Jname", "001B"), ("out/bad\u202etxt", "202E")):
+        with pytest.raises(Exception, match=f"control character U\\+{char}"):
+            call(client, app, "export", name, "float32", "cpu")
+    assert not any(c in p.name for p in root.rglob("*") for c in "\n\x1b\u202e")
+
+
 def test_sessions_are_separate(app):
     one, two = Client(app.local_url, verbose=False), Client(app.local_url, verbose=False)
     load(one, app)
@@ -481,3 +489,54 @@ def test_cuda_is_refused_clearly_without_a_gpu(client, app):
     after = call(client, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum",
                  "none", 0, *TABLE, None)
     assert "device: auto" in after["strategy-yaml"]  # the session kept working on its old device
+
+
+# ------------------------------------------------------------------ bounded input
+
+
+def test_student_sizes_are_checked_against_the_teacher_at_once(client, app):
+    with pytest.raises(Exception, match="num_layers 20000 is more than the teacher's 8 blocks"):
+        load(client, app, kind="form", form=("wanlite", 128, 20000, 2, 384))
+    with pytest.raises(Exception, match="dim 512 is more than the teacher's 256"):
+        load(client, app, kind="form", form=("wanlite", 512, 4, 8, 384))
+
+
+def test_editors_refuse_oversized_text_and_yaml_aliases(client, app):
+    from projection.inputs import MAX_TEXT_BYTES
+
+    load(client, app)
+    huge = "# padding\n" * (MAX_TEXT_BYTES // 10 + 1)
+    out = call(client, app, "apply_rules", huge, *TABLE, None)
+    assert "inline-error" in out["rules-msg"] and f"at most {MAX_TEXT_BYTES:,} are accepted" in out["rules-msg"]
+    out = call(client, app, "apply_strategy_yaml", "width: first\n" + huge, *TABLE, None)
+    assert "inline-error" in out["strategy-msg"] and f"at most {MAX_TEXT_BYTES:,} are accepted" in out["strategy-msg"]
+    bomb = "q: &q blocks.{i}.self_attn.q.weight\n" + "".join(f"k{i}: [*q, *q, *q]\n" for i in range(300))
+    out = call(client, app, "apply_rules", bomb, *TABLE, None)
+    assert "YAML anchors and aliases are not accepted (&amp;q on line 1)" in out["rules-msg"]
+
+
+def test_strategy_uploads_are_bounded(app, tmp_path):
+    import httpx
+
+    from projection.inputs import MAX_TEXT_BYTES
+
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"seed: 1\n" + b"#" * MAX_TEXT_BYTES)
+    with big.open("rb") as f:
+        response = httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("big.yaml", f)}, timeout=60)
+    assert response.status_code == 413  # refused by the server before the handler runs
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 1\n# réglage\n".encode("latin-1"))
+    handler = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "load_strategy_file")
+    messages = [v for v in handler(None, str(latin1), *TABLE, None).values() if isinstance(v, str)]
+    assert any("latin1.yaml: not UTF-8 text (invalid byte at offset 11, line 2)" in m for m in messages), messages
+
+
+def test_typed_strategy_values_are_validated_like_files(client, app):
+    load(client, app)
+    options = ["uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum", "none"]
+    with pytest.raises(Exception, match="seed: Input should be less than 9223372036854775808"):
+        call(client, app, "set_strategy", *options, 2**63, *TABLE, None)
+    with pytest.raises(Exception, match="seed: Input should be greater than or equal to 0"):
+        call(client, app, "set_strategy", *options, -5, *TABLE, None)
+    assert call(client, app, "set_strategy", *options, 2**63 - 2**10, *TABLE, None)["cards"]

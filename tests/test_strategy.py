@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -210,3 +211,132 @@ def test_expert_option_picks_the_expert(tiny_wan, tmp_path):
     assert p.teacher.checkpoint.expert == "low"
     with pytest.raises(ProjectionError, match="choose an expert"):
         Projector.open(str(root), SMALL)
+
+
+# ---------------------------------------------------------------- untrusted YAML and student configs: bounded
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The classic: each level lists the one before it nine times; refs share memory until anything copies or
+    serialises them (9^levels strings)."""
+    lines = ['l0: &l0 "blocks.{i}.self_attn.q.weight"']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_anchors_and_aliases_are_refused_everywhere(tiny_wan, tmp_path):
+    from projection.mapping import parse_rules
+
+    refused = "YAML anchors and aliases are not accepted"
+    with pytest.raises(ProjectionError, match=rf"^rules.yaml: {refused} \(&l0 on line 1\)"):
+        parse_rules(alias_bomb(), "rules.yaml")
+    with pytest.raises(ProjectionError, match=rf"^rules: {refused} \(\*q on line 1\)"):
+        parse_rules("blocks.{i}.a: *q\n", "rules")  # an alias without its anchor
+    with pytest.raises(ProjectionError, match=rf"^s.yaml: {refused} \(&w on line 1\)"):
+        Strategy.from_yaml("width: &w first\nheads: *w\n", "s.yaml")
+    student = tmp_path / "student.yaml"
+    student.write_text("layout: wanlite\nnum_layers: &n 2\nnum_heads: *n\ndim: 32\n")
+    with pytest.raises(ProjectionError, match=rf"^{student}: YAML anchors and aliases are not accepted"):
+        Projector.open(str(tiny_wan.original_dir), str(student))
+    merge = "base: &b {width: first}\n<<: *b\n"  # a merge key is an alias too
+    with pytest.raises(ProjectionError, match="anchors and aliases are not accepted"):
+        Strategy.from_yaml(merge)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("#" * (1 << 20) + "\n", "1,048,577 bytes of text; at most 1,048,576 are accepted"),
+    ("a:\n" + "".join("  " * i + "b:\n" for i in range(1, 40)), "YAML nested more than 32 levels deep (line 33)"),
+    ("[" * 100_000 + "]" * 100_000, "invalid YAML"),  # libyaml's own flow limit, or ours
+    ("a: [" + ", ".join(["x"] * 60_000) + "]", "more than 50,000 YAML values"),
+    ("seed: " + "9" * 5000, "an integer of 5,000 digits on line 1 (at most 20)"),
+    ("seed: 0x" + "f" * 100, "an integer of 102 digits"),
+], ids=["1-MiB", "deep-block", "deep-flow", "many-values", "5000-digits", "long-hex"])
+def test_yaml_text_is_bounded_before_it_is_built(text, problem):
+    from projection.mapping import parse_rules
+
+    for parse in (lambda t: Strategy.from_yaml(t, "pasted"), lambda t: parse_rules(t, "pasted")):
+        with pytest.raises(ProjectionError) as info:
+            parse(text)
+        assert str(info.value).startswith("pasted: ") and problem in str(info.value)
+
+
+def test_strategy_and_rules_files_are_read_safely(tmp_path, fifo):
+    from projection.inputs import read_text
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 1\n# réglage\n".encode("latin-1"))
+    with pytest.raises(ProjectionError, match=rf"^{latin1}: not UTF-8 text \(invalid byte at offset 11, line 2\)$"):
+        Strategy.load(latin1)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"seed: 1\n" + b"#" * (1 << 20))
+    with pytest.raises(ProjectionError, match=rf"^{big}: strategy of 1,048,584 bytes; at most 1,048,576"):
+        Strategy.load(big)
+    pipe = fifo(tmp_path / "pipe.yaml")
+    with pytest.raises(ProjectionError, match=rf"^{pipe}: not a regular file \(a FIFO\)"):
+        Strategy.load(pipe)
+    with pytest.raises(ProjectionError, match=rf"^{tmp_path}: not a regular file \(a folder\)"):
+        read_text(tmp_path, "rules")
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffseed: 3\n".encode())
+    assert Strategy.load(bom).seed == 3
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("seed: 9223372036854775808", "seed: Input should be less than 9223372036854775808"),
+    ("seed: -1", "seed: Input should be greater than or equal to 0"),
+    ("seed: true", "seed: Input should be a valid integer"),
+    ("seed: '7'", "seed: Input should be a valid integer"),
+    ("layers: [true, false]", "layers: entry 0 is a boolean: a teacher block is a whole number from 0"),
+    ("layers: [0, 1.0]", "layers: entry 1 is 1.0"),
+    ("layers: [0, -2]", "layers: entry 1 is -2"),
+    ("layers: [0, 99999999999]", "layers: entry 1 is too large"),
+    ("layers: widest", "layers: expected one of uniform, first, last or a list of teacher block indices, got 'widest'"),
+    ("layers: [" + ", ".join(["0"] * 1025) + "]", "layers: 1025 entries; a layer list has at most 1024"),
+], ids=["seed-2^63", "seed-negative", "seed-bool", "seed-string", "layers-bools", "layers-float", "layers-negative",
+        "layers-huge", "layers-word", "layers-too-long"])
+def test_strategy_numbers_are_strict(text, problem):
+    with pytest.raises(ProjectionError) as info:
+        Strategy.from_yaml(text, "s.yaml")
+    assert str(info.value) == f"s.yaml: {problem}" or str(info.value).startswith(f"s.yaml: {problem}")
+    assert Strategy(seed=2**63 - 1).seed == 2**63 - 1 and Strategy(layers=(2, 0)).layers == [2, 0]
+
+
+@pytest.mark.parametrize("fields,problem", [
+    ({"num_layers": 50_000}, "num_layers 50000 is more than the teacher's 3 blocks; a deeper student needs a "
+                             "strategy 'layers' list that repeats blocks"),
+    ({"dim": 65}, "dim 65 is more than the teacher's 64"),
+    ({"ffn_dim": 10**9}, "ffn_dim 1000000000 is more than the teacher's 48"),
+    ({"text_dim": 100_000}, "text_dim 100000 is more than 16384"),
+    ({"dim": True}, "'dim' must be a positive integer, got True"),
+    ({"dim": 32.0}, "'dim' must be a positive integer, got 32.0"),
+    ({"num_layers": "2"}, "'num_layers' must be a positive integer, got '2'"),
+    ({"num_layers": 0}, "'num_layers' must be a positive integer, got 0"),
+    ({"num_layer": 2}, "unknown field 'num_layer' (did you mean 'num_layers'?); the fields are layout, dim,"),
+    ({"colour": "red"}, "unknown field 'colour'; the fields are layout, dim, ffn_dim"),
+], ids=["50000-layers", "wider", "ffn-10^9", "text-dim", "bool", "float", "string", "zero", "typo", "unknown"])
+def test_student_config_is_checked_against_the_teacher_before_anything_is_built(tiny_wan, tmp_path, monkeypatch,
+                                                                                fields, problem):
+    import yaml
+
+    import projection.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the student was built before its config was checked")
+
+    monkeypatch.setattr(projection.models, "build_student", never)
+    student = {"layout": "wanlite", "dim": 32, "num_heads": 1, **fields}
+    with pytest.raises(ProjectionError, match="^student config: " + re.escape(problem)):
+        Projector.open(str(tiny_wan.original_dir), student)
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(student))
+    with pytest.raises(ProjectionError, match=f"^{path}: student config: " + re.escape(problem)):
+        Projector.open(str(tiny_wan.original_dir), str(path))
+
+
+def test_a_deeper_student_needs_a_layer_list_as_long(tiny_wan):
+    five = {"layout": "wanlite", "dim": 32, "num_heads": 1, "num_layers": 5}
+    p = Projector.open(str(tiny_wan.original_dir), five, strategy=Strategy(layers=[0, 0, 1, 2, 2]))
+    assert p.mapping.layers == [0, 0, 1, 2, 2]
+    with pytest.raises(ProjectionError, match="num_layers 6 is more than the teacher's 3 blocks; the strategy's "
+                                              "layer list has 5 entries"):
+        Projector.open(str(tiny_wan.original_dir), {**five, "num_layers": 6}, strategy=Strategy(layers=[0] * 5))
