@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime import setup_runtime
+
     args = build_parser().parse_args(argv)
+    setup_runtime()  # this program's process-wide settings (huge pages, allocator), before any tensor is made
     try:
         args.func(args)
     except BrokenPipeError:  # the reader left (`projection map --csv | head`): stop quietly, as `cat` does
