@@ -98,9 +98,9 @@ class Memory:
 
 
 def launch(root: Path, port: int, temp: Path, teacher: Path, student: Path, extra: dict[str, str]) -> subprocess.Popen:
-    """app.py on 127.0.0.1 with --root ROOT; its temporary folders go under TEMP (GRADIO_TEMP_DIR)."""
+    """app.py on 127.0.0.1 with --root ROOT; its temporary folders go under TEMP (GRADIO_TEMP_DIR and TMPDIR)."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(temp),
-           "PYTHONPATH": str(ROOT), **extra}
+           "TMPDIR": str(temp), "PYTHONPATH": str(ROOT), **extra}
     env.pop("THP_MEM_ALLOC_ENABLE", None)  # the app's own runtime setup decides
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--root", str(root), "--port", str(port),
                              "--teacher", str(teacher), "--student", str(student)],

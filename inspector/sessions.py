@@ -72,13 +72,15 @@ class Sessions:
             idle = [(o, s) for o, s in self.live.items() if now - s.last_used > self.idle_seconds]
         closed = []
         for owner, session in idle:
-            if session.lock.acquire(blocking=False):
-                try:
+            if not session.lock.acquire(blocking=False):
+                continue
+            try:
+                if now - session.last_used > self.idle_seconds:  # not touched by a request meanwhile
                     self._forget(owner, session)
                     session.close(f"it was idle for more than {self.idle_seconds / 60:g} minutes")
-                finally:
-                    session.lock.release()
-                closed.append(session)
+                    closed.append(session)
+            finally:
+                session.lock.release()
         return closed
 
     def close_all(self) -> None:

@@ -79,9 +79,11 @@ class SvdCache:
                 self.items.move_to_end(wanted)
                 return found
         found = svd_bases(w, wanted[2])  # outside the lock: other matrices' SVDs run meanwhile
+        if found[0].nbytes + found[1].nbytes > self.budget:  # larger than the whole cache: used once, not kept
+            return found
         with self.lock:
             self.items[wanted] = found
-            while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget and len(self.items) > 1:
+            while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget:
                 self.items.popitem(last=False)
         return found
 

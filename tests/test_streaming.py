@@ -126,6 +126,8 @@ def test_svd_cache_is_bounded():
     for i in range(5):
         cache.bases(f"k{i}", torch.randn(8, 8), 4, 4)
     assert [k for _, k, _, _ in cache.items] == ["k2", "k3", "k4"]
+    cache.bases("big", torch.randn(16, 16), 4, 4)  # larger than the whole budget: computed, not kept
+    assert [k for _, k, _, _ in cache.items] == ["k2", "k3", "k4"]
 
 
 def test_stream_modes_and_cache(tiny_wan):
