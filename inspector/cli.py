@@ -69,6 +69,8 @@ def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
     scratch = Scratch(os.environ.get("GRADIO_TEMP_DIR"))
     atexit.register(scratch.close)
     scratch.hold_gradio_cache()
+    for folder in scratch.removed:
+        print(f"removed {folder}: the temporary folder of an app that did not stop cleanly")
 
     from .app import AppConfig, build_app, launch
     from .sessions import Sessions

@@ -42,11 +42,9 @@ def test_fresh_values_are_torchs_own_initialisation():
         g = torch.Generator().manual_seed(7)
         for key in order:
             t = torch.empty(ref[key].shape)
-            if key == "out_proj.bias":  # drawn by torch, then zeroed: draw it to keep the stream aligned
+            if key == "out_proj.bias":  # torch draws it as a Linear bias, then zeroes it: draw the same to stay aligned
                 init_parameter_(nn.ModuleDict({"x": nn.Linear(8, 8)}), "x.bias", t, g)
-                t = init_parameter_(holder, f"{name}.{key}", t, g)
-            else:
-                t = init_parameter_(holder, f"{name}.{key}", t, g)
+            t = init_parameter_(holder, f"{name}.{key}", t, g)
             assert torch.equal(t, ref[key]), f"{name}.{key}"
         if name == "mha":
             assert torch.equal(init_parameter_(holder, "mha.in_proj_bias", torch.empty(24), g), ref["in_proj_bias"])
