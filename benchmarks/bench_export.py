@@ -43,6 +43,7 @@ from projection.anatomy import wan_tensors
 from projection.checkpoint import Checkpoint, read_safetensors_header
 from projection.errors import ProjectionError
 from projection.models import view_checkpoint
+from projection.runtime import setup_runtime
 
 GB = 1e9  # decimal, as the targets and the 5.7 GB teacher size are stated
 RESULT_TAG = "BENCH-RESULT "
@@ -212,6 +213,7 @@ class InMemoryCheckpoint(Checkpoint):
 
 
 def run_child(kind: str, strategy_name: str, teacher_dir: Path, out: Path, student: dict[str, Any]) -> Result:
+    setup_runtime()  # as the `projection` CLI does: huge pages, large buffers returned to the OS
     path = teacher_dir / TEACHER_FILE
     strategy = Strategy(**STRATEGIES[strategy_name]) if strategy_name else Strategy()
     extra: dict[str, Any] = {"torch_threads": torch.get_num_threads()}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from projection import Projector, export_student
 from projection.demo import WAN14B, write_shape_only_teacher
+from projection.runtime import setup_runtime
 
 STUDENT = {"layout": "wanlite", "dim": 1024, "num_layers": 16, "num_heads": 16, "ffn_dim": 4096}
 GB = 1e9
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--teacher-dir", type=Path, default=Path("/tmp/wan14b-shape"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-scale-out"))
     args = parser.parse_args()
+    setup_runtime()  # as the `projection` CLI does
     if not (args.teacher_dir / "diffusion_pytorch_model.safetensors").is_file():
         write_shape_only_teacher(args.teacher_dir, WAN14B)
     shutil.rmtree(args.out, ignore_errors=True)

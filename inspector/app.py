@@ -10,7 +10,8 @@ import json
 import math
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from projection import ProjectionError, Strategy
 from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 from projection.inputs import MAX_TEXT_BYTES, read_text
 from projection.mapping import rules_to_yaml
+from projection.runtime import setup_runtime
 
 from . import cards, charts, table
 from .paths import Roots, unique_export_name
-from .session import Session, histogram, use_interactive_threads
+from .session import Session, histogram
+from .sessions import Sessions
 from .units import human_bytes, percent
 
 MAX_BLOCKS = 48  # Gradio needs a fixed number of sliders: this many are created and shown as needed
@@ -36,6 +39,8 @@ SLIDER_CLASSES = ["block-slider"]
 STYLE = Path(__file__).with_name("style.css")
 STRATEGY_FIELDS = ("width", "heads", "head_dim", "ffn", "conv", "rescale")
 NO_EXPERT = "single model"
+INTERACTIVE_THREADS = 1  # see projection.runtime.setup_runtime
+EXPORTS_AT_ONCE = 2  # exports running at the same time (each holds a few tensor groups in flight); others queue
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,11 @@ def _progress(progress: gr.Progress, label: str) -> Callable[[int, int, str], No
 
 
 class Inspector:
-    """The screen. It holds component definitions and the app config, never a session's data."""
+    """The screen. It holds component definitions, the app config and the app's sessions (`Sessions`), never a
+    session's data: handlers get their session from gr.State."""
 
-    def __init__(self, config: AppConfig):
-        self.config = config
+    def __init__(self, config: AppConfig, sessions: Sessions):
+        self.config, self.sessions = config, sessions
         with gr.Blocks(title="Projection Inspector", analytics_enabled=False) as self.blocks:
             self._layout()
             self._wire()
@@ -90,7 +96,7 @@ class Inspector:
 
     def _layout(self) -> None:
         c = self.config
-        self.state = gr.State(None, delete_callback=lambda s: s.close() if s else None)
+        self.state = gr.State(None, delete_callback=lambda s: self.sessions.discard(s) if s else None)
         self.pending = gr.State(None)  # hub downloads Load found and the user has not confirmed yet
         with gr.Row(elem_id="top-bar"):  # one line: the title, then what the last update did
             gr.HTML('<div class="app-header"><h1>Projection Inspector</h1><p>Initialise a small student from a '
@@ -367,7 +373,9 @@ class Inspector:
             event(self.set_export_options, options, [self.cli, self.strategy_yaml], show_progress="hidden",
                   api_name="set_export_options" if i == 0 else None, api_visibility="public" if i == 0 else "private")
         self.export_btn.click(self.export, options, [self.export_msg, self.export_files, self.out_dir, self.cli,
-                                                     self.strategy_yaml], api_name="export")
+                                                     self.strategy_yaml], api_name="export",
+                              concurrency_limit=EXPORTS_AT_ONCE, concurrency_id="export")
+        self.blocks.unload(self.unload)  # the tab or API client went away: free its session now
 
     # ================================================================ handlers
 
@@ -375,11 +383,18 @@ class Inspector:
     def _session(state: Session | None) -> Session:
         if state is None:
             raise gr.Error("Load a teacher and a student first (Sources tab).", title="Nothing loaded")
+        if state.closed:
+            raise gr.Error(f"This session was closed to free memory: {state.closed}. Press Load (Sources tab) "
+                           "to start again.", title="Session closed")
+        state.last_used = time.monotonic()
         return state
+
+    def unload(self, request: gr.Request) -> None:
+        self.sessions.close(request.session_hash)
 
     def load(self, state: Session | None, teacher: str, expert: str, kind: str, student_path: str,
              student_heads: float | None, layout: str, dim: float, num_layers: float, num_heads: float, ffn_dim: float,
-             statuses: list[str], search: str, sort: str, key: str | None,
+             statuses: list[str], search: str, sort: str, key: str | None, request: gr.Request,
              progress: gr.Progress = gr.Progress()) -> dict:
         started = time.perf_counter()
         roots = self.config.roots
@@ -399,14 +414,12 @@ class Inspector:
                 return self._ask_download(downloads)
             progress(0.1, desc="reading headers")
             strategy = state.strategy if state is not None else self.config.strategy
-            session = Session.open(teacher_src, student, chosen_expert, strategy, num_heads=heads, check=roots.check)
+            session = self.sessions.open(request.session_hash, teacher_src, student, chosen_expert, strategy,
+                                         num_heads=heads, check=roots.check)
         except ProjectionError as exc:
             raise gr.Error(str(exc), title="Cannot load", duration=None) from exc
         if session.auto_energy:
             session.measure(progress=_progress(progress, "measuring retained energy"))
-        if state is not None:
-            with state.lock:  # let a request still using the old session finish first
-                state.close()
         session.out_dir = unique_export_name(session.projector.student.layout)
         # Open one entry's details at once, unless that means reading a large teacher's tensors before asked.
         s, key = session.strategy, _default_key(session) if session.auto_energy else None
@@ -575,8 +588,9 @@ class Inspector:
     def show_details(self, state: Session | None, key: str | None) -> tuple:
         if state is None or not key:
             return "", None, None
-        with state.lock:
-            return self._details(state, key)
+        s = self._session(state)
+        with s.lock:
+            return self._details(s, key)
 
     def spectra_choices(self, state: Session | None, layer: str, progress: gr.Progress = gr.Progress()) -> tuple:
         """A new layer: its matrices, and the first one's charts (never the previous layer's)."""
@@ -628,7 +642,7 @@ class Inspector:
 
     def save_strategy(self, state: Session | None) -> Any:
         s = self._session(state)
-        path = s.temp_dir / "strategy.yaml"
+        path = s.folder / "strategy.yaml"
         path.write_text(s.strategy.to_yaml())
         return gr.update(value=str(path), visible=True)
 
@@ -892,13 +906,26 @@ def _unmapped(s: Session, limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def build_app(config: AppConfig) -> gr.Blocks:
-    return Inspector(config).blocks
+def build_app(config: AppConfig, sessions: Sessions) -> gr.Blocks:
+    return Inspector(config, sessions).blocks
 
 
-def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any) -> Any:
-    """Launch with the app's theme and stylesheet (Gradio 6 takes them at launch)."""
-    use_interactive_threads()
+def launch(blocks: gr.Blocks, sessions: Sessions, host: str = "127.0.0.1", port: int | None = None,
+           **kwargs: Any) -> Any:
+    """Launch with the app's theme and stylesheet (Gradio 6 takes them at launch). While the server runs, idle
+    sessions are swept; when it stops, every session is closed and the scratch folder removed."""
+    setup_runtime(interactive_threads=INTERACTIVE_THREADS)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        sessions.start_sweeper()
+        try:
+            yield
+        finally:
+            sessions.close_all()
+            sessions.scratch.close()
+
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
-                         footer_links=["api"], show_error=True, max_file_size=MAX_TEXT_BYTES, **kwargs)
+                         footer_links=["api"], show_error=True, max_file_size=MAX_TEXT_BYTES,
+                         app_kwargs={"lifespan": lifespan}, **kwargs)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-hub", action=argparse.BooleanOptionalAction, default=None,
                    help="let the UI open hub ids ('org/name'), downloading them after the user confirms the size "
                         "(default: allowed when --host is a loopback address, refused otherwise)")
+    p.add_argument("--idle-minutes", type=float, default=30,
+                   help="close a session after this long without a request, freeing its memory (default 30)")
+    p.add_argument("--max-sessions", type=int, default=16,
+                   help="sessions held at once; a new one closes the least recently used idle one (default 16)")
     return p
 
 
@@ -58,10 +64,13 @@ def demo_folder(root: Path) -> Path:
 def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
     """Parse, prepare and launch; returns the running gr.Blocks (its `local_url` says where)."""
     args = build_parser().parse_args(argv)
+    if args.idle_minutes <= 0 or args.max_sessions < 1:
+        raise SystemExit("--idle-minutes must be positive and --max-sessions at least 1")
     from projection import ProjectionError, Strategy
+    from projection.pipeline import Caches
 
-    from .app import AppConfig, build_app, launch
     from .paths import Roots
+    from .scratch import Scratch
 
     root = Path(args.root).expanduser().resolve() if args.root else Path.cwd().resolve()
     if not root.is_dir():
@@ -71,6 +80,16 @@ def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
         strategy = Strategy.load(args.strategy) if args.strategy else Strategy()
     except ProjectionError as exc:
         raise SystemExit(f"--strategy: {exc}") from exc
+    # The app's temporary folder, Gradio's cache included (before Gradio is imported): removed when the app stops,
+    # or at the next start if it was killed.
+    scratch = Scratch(os.environ.get("GRADIO_TEMP_DIR"))
+    atexit.register(scratch.close)
+    scratch.hold_gradio_cache()
+    for folder in scratch.removed:
+        print(f"removed {folder}: the temporary folder of an app that did not stop cleanly")
+
+    from .app import AppConfig, build_app, launch
+    from .sessions import Sessions
     roots = Roots.create(root, [demo] if demo else [], trusted=[args.teacher or "", args.student or ""],
                          hub=hub_allowed(args.host, args.allow_hub))
     teacher = args.teacher or roots.display(demo / DEMO_TEACHER)
@@ -78,10 +97,13 @@ def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
     config = AppConfig(roots, teacher, student, args.expert or strategy.expert, strategy, demo)
     print(f"Projection Inspector: teacher {teacher}, student {student}; may open and write under {roots.describe()}"
           f"; hub ids {'allowed (downloads after confirmation)' if roots.hub else 'refused (--allow-hub to allow)'}")
-    blocks = build_app(config)
-    launch(blocks, args.host, args.port, **launch_kwargs)
+    sessions = Sessions(scratch, Caches(), idle_seconds=args.idle_minutes * 60, max_sessions=args.max_sessions)
+    blocks = build_app(config, sessions)
+    launch(blocks, sessions, args.host, args.port, **launch_kwargs)
     return blocks
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # SIGTERM stops the app as Ctrl-C does (the server closes, sessions and temporary files are removed).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     start(argv)

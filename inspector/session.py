@@ -2,18 +2,19 @@
 
 Every number here comes from the core (mapping, plan, projected entries, summaries, spectra); this module only
 decides *when* to ask (energies automatically for teachers that fit the tensor cache, on demand otherwise)
-and keeps each session's objects apart: nothing in it is global.
+and keeps each session's objects apart: nothing in it is global. Teacher tensors and SVD bases come from the
+app's shared `Caches`; what a session keeps for itself is bounded: projected tensors (`KEPT_BYTES`), the teacher
+statistics of the blocks it looked at, singular values (`SPECTRA_KEPT`) and energies (`MEASURES_KEPT`, numbers only).
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import tempfile
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,46 +26,17 @@ from projection.anatomy import SPACES, template_of
 from projection.checkpoint import PathCheck
 from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.measure import energy_by, layer_of
-from projection.pipeline import entry_rows
+from projection.pipeline import Caches, entry_rows
 from projection.plan import needs_stats
 from projection.project import Projected, pick_device
+from projection.runtime import heavy_work
 from projection.spectra import as_matrix, cumulative_energy, singular_values
 from projection.suggest import suggest_rules, with_suggestions
 
-CACHE_BYTES = 1 << 30  # teacher tensors kept between refreshes
-AUTO_ENERGY_BYTES = CACHE_BYTES  # a teacher that fits the cache is measured on every refresh
+AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
 MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
 Progress = Callable[[int, int, str], None]
-
-
-# Threads: a refresh is many small tensor operations, where intra-op threads cost more than they save (on a
-# busy 2-core machine, re-projecting the demo took 465 ms with 2 threads and 86 ms with 1). Work a user asks
-# for explicitly (a full-teacher pass, export, spectra, comparisons) runs on every core.
-INTERACTIVE_THREADS = 1
-ALL_THREADS = torch.get_num_threads()
-_heavy = 0
-_heavy_lock = threading.Lock()
-
-
-def use_interactive_threads() -> None:
-    torch.set_num_threads(INTERACTIVE_THREADS)
-
-
-@contextmanager
-def all_cores() -> Iterator[None]:
-    """Every core while any heavy operation runs (process-wide, as torch's setting is)."""
-    global _heavy
-    with _heavy_lock:
-        _heavy += 1
-        torch.set_num_threads(ALL_THREADS)
-    try:
-        yield
-    finally:
-        with _heavy_lock:
-            _heavy -= 1
-            if _heavy == 0:
-                torch.set_num_threads(INTERACTIVE_THREADS)
 
 
 @dataclass
@@ -116,37 +88,49 @@ class Session:
     projector: Projector
     teacher_source: str  # as resolved (absolute path or hub id)
     student_source: str | dict[str, Any]
+    folder: Path  # the session's own files (downloads, saved strategies), inside the app's scratch folder
     num_heads: int | None = None  # set by the user for a student checkpoint (a state dict does not record heads)
     lock: threading.Lock = field(default_factory=threading.Lock)
     measures: OrderedDict[str, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
     shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
     slider_error: int | None = None  # the slider showing why its value was rejected
     out_dir: str = ""  # the Export tab's folder, for the CLI command
-    temp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="inspector-")))
+    last_used: float = field(default_factory=time.monotonic)
+    closed: str | None = None  # why the session was closed, once it is
     _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None, strategy: Strategy,
-             rules: dict[str, Any] | None = None, num_heads: int | None = None,
-             check: PathCheck | None = None) -> Session:
-        """`check` sees every file the sources lead to before the core reads it (the app's --root)."""
+             rules: dict[str, Any] | None = None, *, folder: Path, caches: Caches | None = None,
+             num_heads: int | None = None, check: PathCheck | None = None) -> Session:
+        """folder: where the session keeps its files (removed on close); caches: the app's shared caches; `check`
+        sees every file the sources lead to before the core reads it (the app's --root)."""
         strategy = strategy.model_copy(update={"expert": expert})
+        caches = caches or Caches()
         try:
-            p = _mapped(Projector.open(teacher, student, expert=expert, strategy=strategy, rules=rules,
-                                       cache_bytes=CACHE_BYTES, num_heads=num_heads, check=check))
+            p = _mapped(Projector.open(teacher, student, expert=expert, strategy=strategy, rules=rules, caches=caches,
+                                       num_heads=num_heads, check=check))
         except ProjectionError as exc:
             if not isinstance(strategy.layers, list) or "layers:" not in str(exc):
                 raise
             # A layer list chosen for another student: fall back to the uniform stride.
-            p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, cache_bytes=CACHE_BYTES,
+            p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, caches=caches,
                                        strategy=strategy.model_copy(update={"layers": "uniform"}),
                                        num_heads=num_heads, check=check))
-        return cls(p, teacher, student, num_heads)
+        return cls(p, teacher, student, folder, num_heads)
 
-    def close(self) -> None:
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+    def close(self, why: str = "it was closed") -> None:
+        """Free what the session holds (its files, projected tensors, statistics, open teacher files); the
+        caches it shares stay. Call with the lock held, or when no request can use the session."""
+        if self.closed:
+            return
+        self.closed = why
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.measures.clear()
+        self._stacked_spectra.clear()
+        self.projector.release()
         if self.projector.teacher.checkpoint is not None:
             self.projector.teacher.checkpoint.close()
 
@@ -257,7 +241,7 @@ class Session:
             return self.measures[sig]
         if not (force or self.auto_energy):
             return None
-        with nullcontext() if self.auto_energy else all_cores():
+        with nullcontext() if self.auto_energy else heavy_work():
             results = list(self.projector.stream(progress=progress, tensors="numbers"))
         self.measures[sig] = Measured(sig, results, self.projector.summary(results))
         while len(self.measures) > MEASURES_KEPT:
@@ -343,7 +327,7 @@ class Session:
         return [(label, value) for label, value, _ in out]
 
     def spectrum(self, choice: str) -> Spectrum:
-        with all_cores():
+        with heavy_work():
             return self._spectrum(choice)
 
     def _spectrum(self, choice: str) -> Spectrum:
@@ -384,7 +368,7 @@ class Session:
         own = self.strategy
         out = {}
         try:
-            with all_cores():
+            with heavy_work():
                 for name, strategy in (("A", a), ("B", b)):
                     self.set_strategy(strategy)
                     out[name] = self.measure(force=True, progress=progress).summary
@@ -394,14 +378,14 @@ class Session:
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
         """The core's export (refuses existing folders); returns the report and copies to offer for download."""
-        with all_cores():
+        with heavy_work():
             report = export_student(self.projector, out, force=False, progress=progress)
         names = ["projection_report.json", "config.json", "strategy.yaml"]
         weights = report["provenance"]["weights"]
         if sum((out / w).stat().st_size for w in weights) <= SMALL_WEIGHTS_BYTES:
             index = report["provenance"]["weights_index"]
             names += weights + ([index] if index else [])
-        copies = self.temp_dir / out.name  # downloads come from the session's temp folder, not the root
+        copies = self.folder / out.name  # downloads come from the session's folder, not the root
         copies.mkdir(parents=True, exist_ok=True)
         return report, [Path(shutil.copy2(out / n, copies / n)) for n in names]
 

@@ -3,16 +3,9 @@
     from projection import Projector, Strategy, export_student
     p = Projector.open("Wan2.2-T2V-A14B", "student.yaml", expert="low")
     p.mapping.coverage(); export_student(p, "out/")
+
+Importing it changes no process-wide state; programs choose those settings in `projection.runtime`.
 """
-import os
-import sys
-
-if "torch" not in sys.modules:
-    # Tensors of 2 MiB and more on transparent huge pages: streaming a teacher allocates fresh pages all the
-    # time, and on a VM each 4 KiB page fault is dear (measured: exports 10-25% faster). Torch reads this
-    # once, at its first allocation; a user's own setting wins.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ProjectionError
 from .export import export_student

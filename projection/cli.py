@@ -309,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    from .runtime import setup_runtime
+
+    setup_runtime()  # this program's process-wide settings (huge pages, allocator), before any tensor is made
     try:
         with termination_raises():
             code = args.func(args)

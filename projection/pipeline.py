@@ -5,11 +5,14 @@ entries per plan), so moving a slider re-reads only the teacher blocks that beca
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Iterator, Literal
 
 import torch
@@ -29,62 +32,122 @@ Progress = Callable[[int, int, str], None]
 Tensors = Literal["keep", "yield", "numbers"]
 PLANS_KEPT = 8  # projected entries are cached for this many recent strategies + rules (sliders moved back)
 SPECTRA_KEPT = 256
+KEPT_BYTES = 64 << 20  # projected tensors kept for reuse (details, spectra); older ones keep only their numbers
 
 
 @dataclass
 class TensorCache:
-    """Least-recently-used teacher tensors, bounded in bytes (a 14B teacher streams, a demo stays in memory)."""
+    """Least-recently-used teacher tensors, bounded in bytes (a 14B teacher streams, a demo stays in memory).
 
-    read: Callable[[str], torch.Tensor]
+    One cache may serve many projectors at once (the app shares one among all its sessions): entries are keyed by
+    the teacher's fingerprint and the tensor's name, so projectors on one teacher share them and the budget bounds
+    them all together."""
+
     budget: int = 1 << 30
-    items: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
+    items: OrderedDict[tuple[str, str], torch.Tensor] = field(default_factory=OrderedDict)
     used: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
 
-    def __call__(self, key: str) -> torch.Tensor:
+    def get(self, teacher: str, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        t = self.read(key)
+            if (teacher, key) in self.items:
+                self.items.move_to_end((teacher, key))
+                return self.items[(teacher, key)]
+        t = read(key)
         size = t.numel() * t.element_size()
         if size <= self.budget:
             t = t.clone()  # own the memory: a memory-mapped view would keep the file pages pinned
             with self.lock:
-                if key not in self.items:
-                    self.items[key] = t
+                if (teacher, key) not in self.items:
+                    self.items[(teacher, key)] = t
                     self.used += size
                 while self.used > self.budget:
                     _, old = self.items.popitem(last=False)
                     self.used -= old.numel() * old.element_size()
         return t
 
+    def drop(self, teacher: str) -> None:
+        """Forget one teacher's tensors (its last user has gone)."""
+        with self.lock:
+            for k in [k for k in self.items if k[0] == teacher]:
+                old = self.items.pop(k)
+                self.used -= old.numel() * old.element_size()
+
+
+@dataclass
+class Caches:
+    """What projectors keep between refreshes and may share: teacher tensors and SVD bases, each within its byte
+    budget whatever the number of projectors using them."""
+
+    tensors: TensorCache = field(default_factory=TensorCache)
+    svd: SvdCache = field(default_factory=SvdCache)
+
+    @property
+    def budget(self) -> int:
+        return self.tensors.budget + self.svd.budget
+
+    @property
+    def used(self) -> int:
+        return self.tensors.used + self.svd.used
+
+    def drop(self, teacher: str) -> None:
+        self.tensors.drop(teacher)
+        self.svd.drop(teacher)
+
+
+def teacher_fingerprint(teacher: ModelView) -> str:
+    """Names a teacher's contents for shared caches: its files (links resolved) with device, inode, size and
+    modification time, and its expert; a file replaced on disk gets a new fingerprint."""
+    ckpt = teacher.checkpoint
+    if ckpt is None or not ckpt.files:
+        return f"unnamed-{uuid.uuid4().hex}"  # shares nothing
+    parts = [ckpt.format, str(ckpt.expert)]
+    for f in ckpt.files:
+        st = f.stat()
+        parts.append(f"{f.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
 
 class Projector:
     def __init__(self, teacher: ModelView, student: ModelView, strategy: Strategy | None = None,
-                 rules: dict[str, Rule] | None = None, cache_bytes: int = 0):
+                 rules: dict[str, Rule] | None = None, caches: Caches | None = None):
+        """caches: keep teacher tensors and SVD bases between refreshes (interactive use; may be shared with other
+        projectors); None streams the teacher (export) and keeps SVD bases for this projector only."""
         self.teacher, self.student = teacher, student
         self.strategy = strategy or Strategy()
         self.rules: dict[str, Rule] = dict(rules or {})
-        self.read = TensorCache(teacher.read, cache_bytes) if cache_bytes else teacher.read
+        self.fingerprint = teacher_fingerprint(teacher)
+        self.read = partial(caches.tensors.get, self.fingerprint, read=teacher.read) if caches else teacher.read
+        self.svd = (caches.svd if caches else SvdCache()).scoped(self.fingerprint)
         self.stats = TeacherStats(self.read, pick_device(self.strategy.device), teacher.prefetch)
         self._mapping: tuple[str, Mapping] | None = None
         self._plan: tuple[str, Plan] | None = None
         self._results: OrderedDict[str, dict[str, Projected]] = OrderedDict()  # plan signature -> entries
+        self._kept: OrderedDict[tuple[str, str], int] = OrderedDict()  # (plan, key) -> bytes of a kept tensor
+        self._kept_bytes = 0
         self._spectra: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self.svd = SvdCache()
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
              strategy: Strategy | None = None, rules: dict[str, Rule] | None = None,
-             cache_bytes: int = 0, num_heads: int | None = None, check: PathCheck | None = None) -> "Projector":
-        """cache_bytes > 0 keeps recently read teacher tensors (interactive use); 0 streams (export).
-        num_heads: the student's heads, for a checkpoint that does not record them (see `open_student`); `check`
+             caches: Caches | None = None, num_heads: int | None = None,
+             check: PathCheck | None = None) -> "Projector":
+        """num_heads: the student's heads, for a checkpoint that does not record them (see `open_student`); `check`
         sees every file the sources lead to before it is read (see open_checkpoint)."""
         strategy = strategy or Strategy()
         t = open_teacher(teacher, expert or strategy.expert, check)
         listed = len(strategy.layers) if isinstance(strategy.layers, list) else None  # may repeat blocks
-        return cls(t, open_student(student, t, num_heads, check, listed), strategy, rules, cache_bytes)
+        return cls(t, open_student(student, t, num_heads, check, listed), strategy, rules, caches)
+
+    def release(self) -> None:
+        """Drop everything this projector keeps for itself (projected entries, spectra, statistics, plan); what
+        it shares through `Caches` stays for the others."""
+        self._plan = None
+        self._results.clear()
+        self._kept.clear()
+        self._kept_bytes = 0
+        self._spectra.clear()
+        self.stats.cache.clear()
 
     @property
     def device(self) -> torch.device:
@@ -138,9 +201,26 @@ class Projector:
             if not usable[i]:
                 found = next(computed)
                 cache[entry.student_key] = found if tensors == "keep" else numbers_only(found)
+                if tensors == "keep":
+                    self._keep(sig, found)
             yield numbers_only(found) if tensors == "numbers" else found
         if progress:
             progress(len(entries), len(entries), "done")
+
+    def _keep(self, sig: str, found: Projected) -> None:
+        """Count a projected tensor kept for reuse; past KEPT_BYTES the oldest kept ones keep only their numbers."""
+        key = (sig, found.entry.student_key)
+        self._kept_bytes -= self._kept.pop(key, 0)
+        if found.tensor is None:
+            return
+        self._kept[key] = found.tensor.nbytes
+        self._kept_bytes += found.tensor.nbytes
+        while self._kept_bytes > KEPT_BYTES and len(self._kept) > 1:
+            (old_sig, old_key), size = self._kept.popitem(last=False)
+            self._kept_bytes -= size
+            entries = self._results.get(old_sig, {})
+            if old_key in entries:
+                entries[old_key] = numbers_only(entries[old_key])
 
     @staticmethod
     def _usable(found: Projected | None, tensors: Tensors) -> bool:

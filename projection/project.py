@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -55,25 +55,45 @@ def svd_project(w: torch.Tensor, rows: int, cols: int,
 @dataclass
 class SvdCache:
     """Singular vectors per teacher key, least recently used first out past `budget` bytes: the svd-per-matrix
-    comparator then costs one SVD per teacher matrix, not one per refresh."""
+    comparator then costs one SVD per teacher matrix, not one per refresh. `scoped(teacher)` gives a view for one
+    teacher that shares the entries, lock and budget, so many projectors can share one cache."""
 
     budget: int = 512 << 20
-    items: OrderedDict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=OrderedDict)
+    items: OrderedDict[tuple[str, str, bool, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
+    scope: str = ""  # the teacher's fingerprint
+
+    def scoped(self, scope: str) -> SvdCache:
+        return replace(self, scope=scope)
+
+    @property
+    def used(self) -> int:
+        with self.lock:
+            return sum(u.nbytes + vh.nbytes for u, vh in self.items.values())
 
     def bases(self, key: str, w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        wanted = (key, max(rows, cols) > min(w.shape))
+        # LAPACK's last bits depend on the thread count: bases made at another count (a single-threaded refresh)
+        # are not reused, so an export matches the same export from the CLI bit for bit.
+        wanted = (self.scope, key, max(rows, cols) > min(w.shape), torch.get_num_threads())
         with self.lock:
             found = self.items.get(wanted)
             if found is not None:
                 self.items.move_to_end(wanted)
                 return found
-        found = svd_bases(w, wanted[1])  # outside the lock: other matrices' SVDs run meanwhile
+        found = svd_bases(w, wanted[2])  # outside the lock: other matrices' SVDs run meanwhile
+        if found[0].nbytes + found[1].nbytes > self.budget:  # larger than the whole cache: used once, not kept
+            return found
         with self.lock:
             self.items[wanted] = found
-            while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget and len(self.items) > 1:
+            while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget:
                 self.items.popitem(last=False)
         return found
+
+    def drop(self, scope: str) -> None:
+        with self.lock:
+            for k in [k for k in self.items if k[0] == scope]:
+                del self.items[k]
 
 
 def is_run(idx: torch.Tensor) -> bool:

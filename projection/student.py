@@ -8,6 +8,8 @@ a same-config projection is a copy and the exported student reproduces the teach
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -75,8 +77,12 @@ def modulation(chunks: int, dim: int) -> nn.Parameter:
     """[1, chunks, dim] table; random only off the meta device (a random op on meta costs seconds of import)."""
     table = nn.Parameter(torch.empty(1, chunks, dim))
     if not table.is_meta:
-        nn.init.normal_(table, std=dim**-0.5)
+        init_modulation_(table)
     return table
+
+
+def init_modulation_(table: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return nn.init.normal_(table, std=table.shape[-1] ** -0.5, generator=generator)
 
 
 class Attention(nn.Module):
@@ -297,3 +303,42 @@ def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: 
 
 def count_params(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.state_dict().values())
+
+
+# ---------------------------------------------------------------- fresh values for keys nothing transfers to
+
+def key_seed(seed: int, key: str) -> int:
+    """A student key's own seed: the first 63 bits of sha256("{seed}/{key}") (stable across runs and machines)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little") >> 1
+
+
+def fresh_value(model: nn.Module, key: str, seed: int) -> torch.Tensor:
+    """A freshly initialised value of one student parameter (the model may live on 'meta'), drawn from its own
+    generator seeded with `key_seed(seed, key)`: the same on every run, in any thread, whatever else runs."""
+    generator = torch.Generator().manual_seed(key_seed(seed, key))
+    return init_parameter_(model, key, torch.empty(model.get_parameter(key).shape), generator)
+
+
+def init_parameter_(model: nn.Module, key: str, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill `t` as torch's own initialisation of the parameter's module fills it, drawing from `generator` (not
+    the global RNG)."""
+    owner_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    parent = model.get_submodule(owner_name.rpartition(".")[0]) if "." in owner_name else model
+    if isinstance(owner, nn.MultiheadAttention) and name == "in_proj_weight":
+        return nn.init.xavier_uniform_(t, generator=generator)
+    if isinstance(owner, nn.MultiheadAttention) and name == "in_proj_bias":
+        return nn.init.zeros_(t)
+    if isinstance(owner, (nn.Linear, nn.Conv2d)) and name == "weight":
+        return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    if isinstance(owner, (nn.Linear, nn.Conv2d)) and name == "bias":
+        if isinstance(parent, nn.MultiheadAttention):  # its out_proj bias starts at zero
+            return nn.init.zeros_(t)
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(owner.weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        return nn.init.uniform_(t, -bound, bound, generator=generator)
+    if isinstance(owner, (nn.LayerNorm, nn.RMSNorm)):
+        return nn.init.ones_(t) if name == "weight" else nn.init.zeros_(t)
+    if name == "modulation":
+        return init_modulation_(t, generator)
+    raise ProjectionError(f"student key '{key}': no initialisation rule for {type(owner).__name__}.{name}")

@@ -125,7 +125,9 @@ def test_svd_cache_is_bounded():
     cache = SvdCache(budget=3 * 2 * 8 * 8 * 8)  # room for three 8x8 pairs of float64 bases
     for i in range(5):
         cache.bases(f"k{i}", torch.randn(8, 8), 4, 4)
-    assert list(k for k, _ in cache.items) == ["k2", "k3", "k4"]
+    assert [k for _, k, _, _ in cache.items] == ["k2", "k3", "k4"]
+    cache.bases("big", torch.randn(16, 16), 4, 4)  # larger than the whole budget: computed, not kept
+    assert [k for _, k, _, _ in cache.items] == ["k2", "k3", "k4"]
 
 
 def test_stream_modes_and_cache(tiny_wan):
