@@ -127,7 +127,7 @@ def session(url: str, teacher: Path, student: Path, strategy: Strategy, dtype: s
     client = Client(url, verbose=False, download_files=False)
     result["client"] = client
     try:
-        client.predict(str(teacher), "single model", "file", str(student), "wanlite", 128, 4, 2, 384, *TABLE, None,
+        client.predict(str(teacher), "single model", "file", str(student), None, "wanlite", 128, 4, 2, 384, *TABLE, None,
                        api_name="/load")
         client.predict(strategy.to_yaml(), *TABLE, None, api_name="/apply_strategy_yaml")
         started = time.perf_counter()

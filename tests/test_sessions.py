@@ -175,8 +175,8 @@ def test_the_app_closes_idle_sessions_and_says_so(idle_app, demo_dir):
         return len(list(scratch.glob("session-*")))
 
     client = Client(blocks.local_url, verbose=False, download_files=False)
-    load = (str(demo_dir / "teacher-wan"), "single model", "file", str(demo_dir / "student-wanlite.yaml"), "wanlite",
-            128, 4, 2, 384, *TABLE, None)
+    load = (str(demo_dir / "teacher-wan"), "single model", "file", str(demo_dir / "student-wanlite.yaml"), None,
+            "wanlite", 128, 4, 2, 384, *TABLE, None)
     client.predict(*load, api_name="/load")
     assert sessions() == 1
     assert _wait(lambda: sessions() == 0, 30)  # 3 s without a request
