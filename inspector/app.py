@@ -103,7 +103,7 @@ class Inspector:
                     'large Wan teacher, and see exactly what each tensor takes from it.</p></div>',
                     elem_id="app-header")
             self.refresh_info = gr.HTML(elem_id="refresh-info")
-            self.energy_btn = gr.Button("Compute retained energy", visible=False, size="sm", scale=0,
+            self.energy_btn = gr.Button("Compute retained weight energy", visible=False, size="sm", scale=0,
                                         elem_id="energy-button")
         self.cards = gr.HTML(elem_id="cards")
         self.warning = gr.HTML(elem_id="warnings", visible=False)
@@ -788,7 +788,7 @@ class Inspector:
                          "(a weight statistic)")
         if d.index_choices is None:
             lines.append("_Index choices and the student tensor need teacher statistics: press “Compute retained "
-                         "energy”._")
+                         "weight energy”._")
         index_fig = None
         if d.index_choices is not None and e.status != "skipped":
             index_fig = plot(charts.index_choices([(c.label, c.kept, c.total) for c in d.index_choices]))

@@ -99,12 +99,12 @@ def _hline(y: float, color: str, dash: str, text: str, where: str = "left") -> t
     return shape, note
 
 
-NOT_MEASURED = "Not computed yet for this large teacher.<br>Press “Compute retained energy” (reads it once)."
+NOT_MEASURED = "Not computed yet for this large teacher.<br>Press “Compute retained weight energy” (reads it once)."
 
 
 def layer_energy(energy: dict[str, float] | None, layers: list[int], mean: float | None) -> Figure:
     """Retained energy per student layer ('top' = embeddings, time projection and head)."""
-    title = "Retained energy per student layer"
+    title = "Retained weight energy per student layer (a weight statistic)"
     if energy is None:
         return message(title, NOT_MEASURED)
     names = [n for n in ["top"] + [f"block {i}" for i in range(len(layers))] if n in energy]
@@ -127,7 +127,7 @@ def layer_energy(energy: dict[str, float] | None, layers: list[int], mean: float
 
 def energy_heatmap(grid: tuple[list[str], list[str], dict[tuple[str, str], float]] | None,
                    layers: list[int]) -> Figure:
-    title = "Retained energy: student block × matrix"
+    title = "Retained weight energy: student block × matrix"
     if grid is None:
         return message(title, NOT_MEASURED)
     rows, kinds, values = grid

@@ -13,18 +13,18 @@ from .units import percent
 
 STATUSES = tuple(STATUS_COLORS)
 COLUMNS = ["student key", "status", "teacher keys", "student shape", "teacher shapes", "params", "transform",
-           "retained energy", "reason"]
+           "retained weight energy", "reason"]
 SORTS = {
     "student order": None,
     "status": ("status", True),
     "student key": ("student key", True),
     "params (largest first)": ("params", False),
-    "retained energy (lowest first)": ("retained energy", True),
-    "retained energy (highest first)": ("retained energy", False),
+    "retained weight energy (lowest first)": ("retained weight energy", True),
+    "retained weight energy (highest first)": ("retained weight energy", False),
 }
 # Wide enough at 1280 px for "concatenated", "retained" and the longest part of a key between dots.
 WIDTHS = ["15%", "10%", "15%", "7%", "7%", "7%", "17%", "7%", "15%"]
-NUMBERS = ("params", "retained energy")
+NUMBERS = ("params", "retained weight energy")
 # Text columns are shown as HTML so that keys and shapes may wrap after a '.', '/' or '×' (never inside a name).
 DATATYPES = ["str" if column in NUMBERS else "html" for column in COLUMNS]
 
@@ -39,7 +39,7 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         "student key": r["student_key"], "status": r["status"], "teacher keys": "\n".join(r["teacher_keys"]),
         "student shape": _shape(r["student_shape"]), "teacher shapes": "\n".join(map(_shape, r["teacher_shapes"])),
         "params": r["params"], "transform": "; ".join(_steps(r)),
-        "retained energy": float("nan") if (e := r["retained_weight_energy"]) is None else e, "reason": r["reason"],
+        "retained weight energy": float("nan") if (e := r["retained_weight_energy"]) is None else e, "reason": r["reason"],
     } for r in rows]
     return pd.DataFrame(data, columns=COLUMNS)
 
@@ -85,7 +85,7 @@ def styled(df: pd.DataFrame) -> dict[str, Any]:
 def _display(column: str, value: Any) -> str:
     if column == "params":
         return f"{value:,}"
-    if column == "retained energy":
+    if column == "retained weight energy":
         return percent(value)
     return breakable(str(value))
 

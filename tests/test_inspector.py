@@ -126,7 +126,7 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     for r in results:
         row = table[r.entry.student_key]
         assert row["status"] == r.entry.status
-        assert row["retained energy"] == pytest.approx(r.energy, abs=1e-12)
+        assert row["retained weight energy"] == pytest.approx(r.energy, abs=1e-12)
     summary = p.summary(results)
     assert f"{100 * summary['retained_weight_energy']['mean']:.1f}%" in out["cards"]
     assert "Retained weight energy" in out["cards"] and "a weight statistic, not output quality" in out["cards"]
@@ -186,7 +186,7 @@ def test_slider_moves_a_block_and_reuses_cached_tensors(client, app, root):
     _, results = core(root, layers=[0, 3, 4, 6])
     table = rows(out)
     assert table["blocks.1.ffn.0.weight"]["teacher keys"] == "blocks.3.ffn.0.weight"
-    assert table["blocks.1.ffn.0.weight"]["retained energy"] == pytest.approx(
+    assert table["blocks.1.ffn.0.weight"]["retained weight energy"] == pytest.approx(
         next(r.energy for r in results if r.entry.student_key == "blocks.1.ffn.0.weight"), abs=1e-12)
     assert out["layer-method"] == "custom"
     # moving back reads nothing from the teacher: its tensors are cached
@@ -232,7 +232,7 @@ def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
                       rescale="variance", seed=3)
     table = rows(out)
     for r in results:
-        assert table[r.entry.student_key]["retained energy"] == pytest.approx(r.energy, abs=1e-12)
+        assert table[r.entry.student_key]["retained weight energy"] == pytest.approx(r.energy, abs=1e-12)
         steps = [s for s in r.entry.transforms if not s.startswith("from ")]  # the source has its own column
         assert table[r.entry.student_key]["transform"] == "; ".join(steps)
     assert f"{100 * p.summary(results)['retained_weight_energy']['mean']:.1f}%" in out["cards"]
@@ -455,11 +455,12 @@ def test_wan14b_headers_map_without_reading_tensors(client, app, root):
     assert len(table) > 400 and all(r["status"] != "skipped" for r in table.values())
     assert "read 0 B from the teacher" in out["refresh-info"]
     assert "not computed" in out["cards"]
-    assert all(r["retained energy"] is None or r["retained energy"] != r["retained energy"] for r in table.values())
+    energies = [r["retained weight energy"] for r in table.values()]
+    assert all(e is None or e != e for e in energies)  # not computed: None or NaN
     moved = call(client, app, "set_layers", *TABLE, None, *sliders(list(range(0, 40, 40 // 16))[:16]))
     assert "read 0 B from the teacher" in moved["refresh-info"]
     details = call(client, app, "details", "blocks.0.self_attn.norm_q.weight")
-    assert "Compute retained energy" in details["details"]
+    assert "Compute retained weight energy" in details["details"]
 
 
 def test_startup_imports_nothing_heavy_before_parsing():
