@@ -55,7 +55,7 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inspector-root")
     demo = write_demo(root / "demo")
     teacher = open_teacher(str(demo / "teacher-wan"))
-    fields = {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}
+    fields = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
     state = build_student(student_config("wanlite", fields, teacher.config)).state_dict()
     save_file(custom_names(state), str(root / "custom-student.safetensors"))
     return root
@@ -93,7 +93,7 @@ def call(client: Client, app, api: str, *args: Any) -> dict[str, Any]:
 
 
 def load(client: Client, app, teacher: str = TEACHER, student: str = WANLITE, kind: str = "file",
-         form: tuple = ("wanlite", 128, 4, 2, 384), heads: int | None = None) -> dict[str, Any]:
+         form: tuple = ("wanlite", 64, 4, 2, 256), heads: int | None = None) -> dict[str, Any]:
     return call(client, app, "load", teacher, "single model", kind, student, heads, *form, *TABLE, None)
 
 
@@ -163,7 +163,7 @@ def test_bad_paths_get_clear_messages(client, app, root):
     with pytest.raises(Exception, match="not a Wan checkpoint"):
         load(client, app, teacher="custom-student.safetensors")
     with pytest.raises(Exception, match="heads are kept whole"):
-        load(client, app, kind="form", form=("wanlite", 256, 4, 2, 384))
+        load(client, app, kind="form", form=("wanlite", 128, 4, 2, 384))  # 2 heads of 64: the teacher's are 32
 
 
 def test_student_from_the_form(client, app, root):
@@ -471,7 +471,7 @@ def test_cuda_is_refused_clearly_without_a_gpu(client, app):
 def test_student_sizes_are_checked_against_the_teacher_at_once(client, app):
     with pytest.raises(Exception, match="num_layers 20000 is more than the teacher's 8 blocks"):
         load(client, app, kind="form", form=("wanlite", 128, 20000, 2, 384))
-    with pytest.raises(Exception, match="dim 512 is more than the teacher's 256"):
+    with pytest.raises(Exception, match="dim 512 is more than the teacher's 128"):
         load(client, app, kind="form", form=("wanlite", 512, 4, 8, 384))
 
 

@@ -82,7 +82,7 @@ def test_selection_helpers():
 def test_each_option_changes_the_projection(demo_dir, field, values):
     key = {"width": "blocks.0.ffn.0.weight", "heads": "blocks.0.self_attn.v.weight",
            "head_dim": "blocks.0.self_attn.v.weight", "ffn": "blocks.0.ffn.2.weight"}[field]
-    student = {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 384, "num_layers": 2}  # 4x64 -> 2x32
+    student = {"layout": "wanlite", "dim": 32, "num_heads": 2, "ffn_dim": 384, "num_layers": 2}  # 4x32 -> 2x16
     tensors = [Projector.open(str(demo_dir / "teacher-wan"), student, strategy=Strategy(**{field: v}))
                .student_tensor(key) for v in values]
     for i in range(len(tensors)):
@@ -107,7 +107,7 @@ def test_magnitude_keeps_more_energy_than_first(demo_dir):
 
 
 def test_retained_energy_counts_what_does_not_transfer_as_zero(demo_dir):
-    """Breaking every ffn.0.weight (a sixth of the parameters) must cost that much energy, not move the mean by
+    """Breaking every ffn.0.weight (a fifth of the parameters) must cost that much energy, not move the mean by
     a tenth of a point: skipped parameters count as kept nothing, in the mean and per layer."""
     teacher, student = str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml")
     whole = Projector.open(teacher, student)
@@ -117,12 +117,12 @@ def test_retained_energy_counts_what_does_not_transfer_as_zero(demo_dir):
     assert len(lost) == 4 and all(r.entry.status == "skipped" for r in lost)
     total = sum(r.entry.params for r in results)
     share = sum(r.entry.params for r in lost) / total
-    assert 0.15 < share < 0.2
+    assert 0.18 < share < 0.23
     expected = sum(r.energy * r.entry.params for r in results if r.energy is not None) / total
     before = whole.summary(whole.project())["retained_weight_energy"]
     after = broken.summary(results)["retained_weight_energy"]
     assert after["mean"] == pytest.approx(expected, rel=1e-12)
-    assert before["mean"] - after["mean"] > 0.1  # ffn.0 kept ~75% of a sixth of the parameters
+    assert before["mean"] - after["mean"] > 0.1  # ffn.0 kept most of its energy in a fifth of the parameters
     block = [r for r in results if r.entry.student_block == 0]
     assert after["by_layer"]["block 0"] == pytest.approx(
         sum((r.energy or 0.0) * r.entry.params for r in block) / sum(r.entry.params for r in block), rel=1e-12)
