@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,7 +59,7 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, seeds: list[int], sam
     return digits.decode(latents)
 
 
-def prompt_accuracy(model: torch.nn.Module, classifier: DigitClassifier, sampler: Sampler = Sampler()) -> float:
+def prompt_accuracy_of(model: torch.nn.Module, classifier: DigitClassifier, sampler: Sampler = Sampler()) -> float:
     """Share of the model's samples that the classifier reads as the prompted digit."""
     labels = sampler.labels()
     return classifier.prompt_accuracy(generate(model, labels, list(range(len(labels))), sampler), labels)
@@ -74,9 +74,9 @@ def load_demo_classifier(assets: Path = ASSETS) -> DigitClassifier:
     return load_classifier(assets / "classifier.safetensors")
 
 
-def calibration_set(split: str = "val") -> dict[str, torch.Tensor]:
+def calibration_set(split: Literal["train", "val", "all"] = "val") -> dict[str, torch.Tensor]:
     """Latents, prompt states, their lengths and labels of one split of the digits."""
-    data = digits.load_digits(split)  # type: ignore[arg-type]
+    data = digits.load_digits(split)
     context, lengths = digits.prompt_states([digits.prompt(int(c)) for c in data.labels])
     return {"latents": digits.encode(data.images), "context": context, "context_lengths": lengths,
             "labels": data.labels}
@@ -169,7 +169,7 @@ def train_teacher(out: Path = ASSETS, config: dict[str, Any] = CONFIG, training:
     scores = {"val_loss_float32": history.val_loss[-1],
               "val_loss_shipped": validation_loss(shipped, val_latents, val_context, training.val_draws),
               "classifier_accuracy_on_real_val_images": classifier.prompt_accuracy(val.images, val.labels),
-              "prompt_accuracy": [{**asdict(s), "accuracy": prompt_accuracy(shipped, classifier, s)} for s in samplers]}
+              "prompt_accuracy": [{**asdict(s), "accuracy": prompt_accuracy_of(shipped, classifier, s)} for s in samplers]}
     log(f"shipped teacher: {json.dumps(scores)}")
     record = {
         "config": config, "training": training.to_dict(), "init_seed": INIT_SEED, "shipped_dtype": str(DTYPE),

@@ -81,8 +81,7 @@ def sample(model: nn.Module, context: torch.Tensor, seeds: Sequence[int], shape:
         raise ValueError(f"{len(seeds)} seeds for {len(context)} prompts: give one seed per prompt")
     if guidance != 1.0 and negative is None:
         raise ValueError("classifier-free guidance needs the empty prompt's states (negative)")
-    param = next(model.parameters())
-    device = param.device
+    device = next(model.parameters()).device
     x = seeded_noise(seeds, shape).to(device)
     ctx = context.to(device)
     if guidance != 1.0:

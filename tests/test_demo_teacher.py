@@ -84,9 +84,9 @@ def test_the_teacher_draws_the_prompted_digits(teacher):
     """A short sample run: 3 seeds per digit, 20 Euler steps, no guidance."""
     classifier = dt.load_demo_classifier()
     sampler = dt.Sampler(per_class=3)
-    assert dt.prompt_accuracy(teacher, classifier, sampler) >= 0.85
+    assert dt.prompt_accuracy_of(teacher, classifier, sampler) >= 0.85
     untrained = dt.init_teacher().eval()  # guards the metric: the same architecture, untrained, is near chance
-    assert dt.prompt_accuracy(untrained, classifier, sampler) < 0.4
+    assert dt.prompt_accuracy_of(untrained, classifier, sampler) < 0.4
 
 
 def test_write_demo_writes_the_trained_teacher_its_calibration_and_students(tmp_path):

@@ -254,11 +254,11 @@ def test_details_spectra_and_index_choices_come_from_the_core(client, app, root)
     sv = figure(spec, "sv-plot")["data"]
     teacher_sv = p.spectrum("blocks.2.self_attn.q.weight", "teacher")
     assert sv[0]["y"] == pytest.approx(teacher_sv.tolist(), rel=1e-9)
-    assert len(sv[1]["y"]) == 128
+    assert len(sv[1]["y"]) == 64  # the student's q: 64 x 64 of the teacher's 128 x 128
     curve = figure(spec, "cum-plot")
-    assert curve["data"][1]["x"] == [128]  # the student's kept rank is marked, as an upper bound
+    assert curve["data"][1]["x"] == [64]  # the student's kept rank is marked, as an upper bound
     label = curve["data"][1]["text"][0]
-    assert label.strip().startswith("upper bound at rank 128: ") and "basis-inconsistent" in label
+    assert label.strip().startswith("upper bound at rank 64: ") and "basis-inconsistent" in label
     assert "best possible" not in json.dumps(curve)
 
 
@@ -284,9 +284,9 @@ def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
     none = call(client, app, "apply_rules", "stem: no_such_teacher_key\n", *TABLE, None)
     assert "Applied: 0 of 123 student keys map" in none["rules-msg"] and "inline-error" in none["rules-msg"]
     good = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
-    # its heads are not recorded: inferred as the teacher's head dim (2 x 64, not the teacher's 4 heads), and said
-    assert "2 heads × 64" in good["cards"] and "heads inferred: 2 × 64" in good["cards"]
-    assert "heads inferred: 2 x 64; the checkpoint does not record heads" in good["warnings"]
+    # its heads are not recorded: inferred as the teacher's head dim (2 x 32, not the teacher's 4 heads), and said
+    assert "2 heads × 32" in good["cards"] and "heads inferred: 2 × 32" in good["cards"]
+    assert "heads inferred: 2 x 32; the checkpoint does not record heads" in good["warnings"]
     assert {r["status"] for r in rows(good).values()} == {"mapped"}
     assert "--rules rules.yaml" in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
 
