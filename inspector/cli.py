@@ -50,14 +50,19 @@ def hub_allowed(host: str, allow_hub: bool | None) -> bool:
 def demo_folder(root: Path) -> Path:
     """The demo under ROOT/demo, or in the user cache when ROOT is not writable (or holds another 'demo')."""
     from projection import ProjectionError
-    from projection.demo import write_demo
+    from projection.demo import demo_kind, write_demo
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "projection-inspector" / "demo"
+    older = None  # a demo of the other kind (the synthetic one of earlier versions): better than none
     for folder in (root / "demo", cache):
         try:
             return write_demo(folder)
         except (OSError, ProjectionError) as exc:
             print(f"demo: cannot use {folder}: {exc}", file=sys.stderr)
+            older = older or (folder if demo_kind(folder) else None)
+    if older is not None:
+        print(f"demo: opening the {demo_kind(older)} demo in {older}", file=sys.stderr)
+        return older
     raise SystemExit("cannot write the demo anywhere; pass --teacher and --student")
 
 

@@ -5,7 +5,7 @@
     projection map --teacher T --student S [--rules R] --suggest-rules
     projection export --teacher T --student S [--strategy F] --out DIR [--device D] [--dtype D] [--force]
     projection spectra --teacher T --key KEY [--json]
-    projection demo --out DIR
+    projection demo --out DIR [--synthetic] [--force]
 
 Errors are one line on stderr: exit 2 for bad input or a file that cannot be read or written, 1 for an
 unexpected error (a bug: `--debug` prints its traceback).
@@ -215,8 +215,9 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import write_demo
 
-    out = write_demo(args.out, force=args.force)
-    print(f"demo written to {out} (synthetic weights)")
+    out = write_demo(args.out, force=args.force, synthetic=args.synthetic)
+    print(f"demo written to {out} (" + ("synthetic weights: random, with trained-like spectra" if args.synthetic else
+          "a small Wan teacher trained on handwritten digits, with its calibration set") + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[debug], help="write the built-in demo teacher and students")
     p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--synthetic", action="store_true", help="the synthetic teacher instead (random weights with "
+                   "trained-like spectra, width 256: for spectra at a larger size)")
+    p.add_argument("--force", action="store_true", help="write over a demo folder of the other kind")
     p.set_defaults(func=cmd_demo)
     return parser
 

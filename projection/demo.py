@@ -1,9 +1,16 @@
-"""The built-in demo: a small, synthetic Wan-shaped teacher and two student configs.
+"""The built-in demo: a small Wan teacher trained on real data (the default), or a synthetic one, plus two
+student configs.
 
-The weights are random but shaped like trained ones: each matrix has decaying, heavy-tailed singular values
-(a power law with a few strong directions), and every space has per-index gains shared by all tensors that use
-it (some residual channels, heads and FFN neurons matter more than others), so charts and magnitude ranking
-behave as they do on real checkpoints. It is not a trained model.
+The trained teacher is a Wan (`WanModel` layout: patch (1, 2, 2), RoPE, qk-norm, cross-attention, modulation) of
+width 128, 8 blocks, 4 heads, trained with Wan's rectified-flow objective on scikit-learn's handwritten digits
+(`digits.py`: the data, its latent transform and prompts). Its weights ship in `demo_assets/` in the original and
+the sharded diffusers formats, with the digit classifier that scores samples and a calibration set of held-out
+latents; `python -m projection.demo train` reproduces them.
+
+The synthetic teacher (`write_demo(..., synthetic=True)`, `projection demo --synthetic`) is random weights shaped
+like trained ones, at a larger size: each matrix has decaying, heavy-tailed singular values (a power law with a
+few strong directions), and every space has per-index gains shared by all tensors that use it, so charts and
+magnitude ranking behave as on real checkpoints. It computes nothing meaningful.
 """
 from __future__ import annotations
 
@@ -15,14 +22,19 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from .anatomy import native_name, space_sizes, template_of, wan_tensors
+from .anatomy import space_sizes, template_of, wan_tensors
+from .demo_teacher import copy_demo_teacher, save_teacher
 from .errors import ProjectionError
 
-TEACHER = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
-           "text_dim": 512, "freq_dim": 256}
+# The trained teacher (demo_teacher.CONFIG: width 128, 8 blocks, 4 heads of 32, FFN 512) at half width and depth.
 STUDENTS = {
+    "student-wanlite.yaml": {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
+    "student-seed.yaml": {"layout": "seed", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
+}
+SYNTHETIC = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
+             "text_dim": 512, "freq_dim": 256}
+SYNTHETIC_STUDENTS = {
     "student-wanlite.yaml": {"layout": "wanlite", "dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4},
     "student-seed.yaml": {"layout": "seed", "dim": 128, "num_heads": 4, "ffn_dim": 512, "num_layers": 4},
 }
@@ -47,7 +59,7 @@ def _gains(size: int, g: torch.Generator, spread: float) -> torch.Tensor:
     return torch.exp(torch.randn(size, generator=g) * spread)
 
 
-def demo_state_dict(config: dict[str, Any] = TEACHER, seed: int = 0) -> dict[str, torch.Tensor]:
+def demo_state_dict(config: dict[str, Any] = SYNTHETIC, seed: int = 0) -> dict[str, torch.Tensor]:
     """Canonical (original Wan) names -> tensors."""
     g = torch.Generator().manual_seed(seed)
     sizes = space_sizes(config)
@@ -76,52 +88,56 @@ def demo_state_dict(config: dict[str, Any] = TEACHER, seed: int = 0) -> dict[str
     return state
 
 
-def write_demo(out: str | Path, force: bool = False) -> Path:
-    """Write the demo teacher (original and sharded diffusers formats) and student configs."""
+DEMO_KINDS = ("trained", "synthetic")
+MARKER = "demo.json"  # records which demo a folder holds
+
+
+def write_demo(out: str | Path, force: bool = False, synthetic: bool = False) -> Path:
+    """Write the demo into `out`: the trained teacher (original and sharded diffusers formats) and its calibration
+    set, or the synthetic teacher, plus student configs. A folder that already holds this demo is left as it is."""
     out = Path(out)
+    kind = "synthetic" if synthetic else "trained"
     if out.exists() and not out.is_dir():
         raise ProjectionError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
-        if (out / "teacher-wan" / "config.json").is_file():
+        held = demo_kind(out)
+        if held == kind:
             return out  # already there
+        if held is not None:
+            raise ProjectionError(f"{out}: holds the {held} demo; pass --force to write the {kind} one over it")
         raise ProjectionError(f"{out}: exists and is not a demo folder; choose another or pass --force")
-    state = demo_state_dict()
-    wan = out / "teacher-wan"
-    wan.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(wan / "diffusion_pytorch_model.safetensors"))
-    (wan / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "eps": 1e-6,
-                                                  "text_len": 512, "patch_size": [1, 2, 2], **TEACHER}, indent=1))
-    diff = out / "teacher-diffusers"
-    diff.mkdir(parents=True, exist_ok=True)
-    native = {native_name(k, "wan-diffusers"): v for k, v in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}, {}, {}]
-    for i, (k, v) in enumerate(native.items()):
-        shards[min(2, i * 3 // len(native))][k] = v
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-00003.safetensors"
-        save_file(shard, str(diff / name))
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    (diff / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (diff / "config.json").write_text(json.dumps(diffusers_config(TEACHER), indent=1))
-    for name, fields in STUDENTS.items():
+    out.mkdir(parents=True, exist_ok=True)
+    if synthetic:
+        save_teacher(demo_state_dict(), SYNTHETIC, out / "teacher-wan", out / "teacher-diffusers")
+        (out / "calibration.safetensors").unlink(missing_ok=True)  # the trained teacher's, if forced over it
+        students, about = SYNTHETIC_STUDENTS, (
+            "SYNTHETIC weights (random, with trained-like spectra), not a trained model.")
+    else:
+        copy_demo_teacher(out)
+        students, about = STUDENTS, (
+            "a small Wan teacher TRAINED on scikit-learn's handwritten digits (see the README's 'Demo teacher').\n"
+            "calibration.safetensors: held-out latents and prompt states (latents, context, context_lengths, labels).")
+    for name, fields in students.items():
         (out / name).write_text(yaml.safe_dump(fields, sort_keys=False))
     (out / "README.txt").write_text(
-        "Projection Inspector demo: SYNTHETIC weights (random, with trained-like spectra), not a trained model.\n"
+        f"Projection Inspector demo: {about}\n"
         "teacher-wan/: original Wan names, one safetensors file. teacher-diffusers/: the same weights under\n"
         "diffusers names, in 3 shards. student-*.yaml: student configs (reference 2D Wan, and the seeds' layout).\n")
+    (out / MARKER).write_text(json.dumps({"demo": kind}))
     return out
 
 
-def diffusers_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2],
-            "num_attention_heads": cfg["num_heads"], "attention_head_dim": cfg["dim"] // cfg["num_heads"],
-            "in_channels": cfg["in_dim"], "out_channels": cfg["out_dim"], "text_dim": cfg["text_dim"],
-            "freq_dim": cfg["freq_dim"], "ffn_dim": cfg["ffn_dim"], "num_layers": cfg["num_layers"],
-            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
-            "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+def demo_kind(folder: Path) -> str | None:
+    """Which demo a folder holds ('trained', 'synthetic'), or None. Demos written before the marker existed
+    were synthetic."""
+    try:
+        kind = json.loads((folder / MARKER).read_text()).get("demo")
+        return kind if kind in DEMO_KINDS else None
+    except (OSError, ValueError, AttributeError):
+        readme = folder / "README.txt"
+        if (folder / "teacher-wan" / "config.json").is_file() and readme.is_file() and "SYNTHETIC" in readme.read_text():
+            return "synthetic"
+        return None
 
 
 WAN14B = {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40, "in_dim": 16, "out_dim": 16,
@@ -146,3 +162,34 @@ def write_shape_only_teacher(folder: str | Path, config: dict[str, Any] = WAN14B
         f.truncate(8 + len(raw) + offset)
     (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **config}))
     return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m projection.demo train`: retrain the demo teacher and rewrite its shipped files."""
+    import argparse
+
+    from . import demo_teacher as dt
+
+    parser = argparse.ArgumentParser(prog="python -m projection.demo", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the demo teacher (seeded; about 25 minutes on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=dt.ASSETS, help=f"folder for the teacher, classifier, calibration "
+                   f"set and training.json (default: the package's {dt.ASSETS.name}/)")
+    p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[1] / "assets",
+                   help="folder for the PNGs (training curve, samples; default: the repository's assets/)")
+    p.add_argument("--steps", type=int, default=dt.TRAINING.steps, help="training steps (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the numbers depend on it; "
+                   "one thread is also the fastest on a shared machine)")
+    p.add_argument("--device", default="cpu", help="cpu (default, reproducible) or cuda")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    training = dt.TrainConfig(**{**dt.TRAINING.to_dict(), "steps": args.steps})
+    record = dt.train_teacher(args.out, training=training, device=args.device, log=lambda line: print(line, flush=True))
+    dt.plot_training(record, args.assets / "demo-teacher-training.png")
+    dt.plot_samples(dt.load_teacher(args.out), args.assets / "demo-teacher-samples.png")
+    print(f"wrote {args.out} and {args.assets}/demo-teacher-*.png in {record['wall_time_s']:.0f} s of training "
+          f"(load average {record['load_average_before'][0]:.2f} -> {record['load_average_after'][0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()

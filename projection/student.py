@@ -342,3 +342,29 @@ def init_parameter_(model: nn.Module, key: str, t: torch.Tensor, generator: torc
     if name == "modulation":
         return init_modulation_(t, generator)
     raise ProjectionError(f"student key '{key}': no initialisation rule for {type(owner).__name__}.{name}")
+
+
+def wan_state_dict(model: WanLite) -> dict[str, torch.Tensor]:
+    """A WanLite's weights as an original Wan checkpoint (canonical names; the patch conv as Conv3d [D, C, 1, 2, 2])."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state["patch_embedding.weight"] = state["patch_embedding.weight"].unsqueeze(2).contiguous()
+    return state
+
+
+def wanlite_from_teacher(source: str | Path, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32) -> WanLite:
+    """A Wan teacher (either format) as the WanLite of its own config: on one latent frame it computes the
+    teacher's function exactly. For teachers whose Conv3d patch is one frame deep (T2V); whole in memory."""
+    from .models import open_teacher
+
+    teacher = open_teacher(str(source))
+    config = teacher.config
+    patch = teacher.shapes["patch_embedding.weight"]
+    if len(patch) != 5 or patch[2] != 1:
+        raise ProjectionError(f"{source}: patch_embedding.weight is {list(patch)}; a Wan teacher with a temporal "
+                              "patch of 1 has [D, C, 1, 2, 2]")
+    model = build_student({"layout": "wanlite", **{k: config[k] for k in SIZES}}, "meta")
+    state = {k: teacher.read(k) for k in model.state_dict()}  # a missing key raises, naming it
+    state["patch_embedding.weight"] = state["patch_embedding.weight"].squeeze(2)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.to(device, dtype).eval()

@@ -95,9 +95,18 @@ def tiny_wan(tmp_path_factory) -> TinyWan:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
+    """The default demo: the trained teacher (width 128, 8 blocks, 4 heads; float16) and its students."""
     from projection.demo import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="session")
+def synthetic_demo_dir(tmp_path_factory) -> Path:
+    """The synthetic demo: random weights with trained-like spectra (width 256, 8 blocks, 4 heads)."""
+    from projection.demo import write_demo
+
+    return write_demo(tmp_path_factory.mktemp("synthetic") / "demo", synthetic=True)
 
 
 @pytest.fixture(scope="session")

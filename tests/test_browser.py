@@ -119,7 +119,8 @@ def test_statuses_are_shown_in_their_colours(page):
     page.get_by_text("blocks.0.attn.in_proj_weight").first.wait_for()
     check("concatenated")  # the seeds' layout: stacked q/k/v and skipped norms
     check("skipped")
-    assert "no faithful source" in page.locator('#mapping-table [role="gridcell"][data-col="8"]').first.inner_text()
+    reason = page.locator('#mapping-table [role="gridcell"][data-col="8"]').first.inner_text()
+    assert reason == "time-embedding hidden: the student has 256, more than the teacher's 128"  # time_embed.0
     show_only(page, None)
 
 

@@ -25,8 +25,8 @@ from projection.demo import demo_state_dict
 from projection.mapping import STATUSES
 from projection.student import load_student
 
-TEACHER = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
-           "text_dim": 512, "freq_dim": 256}  # the demo teacher
+TEACHER = {"dim": 128, "ffn_dim": 512, "num_heads": 4, "num_layers": 8, "in_dim": 4, "out_dim": 4,
+           "text_dim": 64, "freq_dim": 64}  # the demo teacher (trained, float16)
 TINY = {"dim": 64, "num_heads": 2, "ffn_dim": 48, "num_layers": 2, "in_dim": 4, "out_dim": 4, "text_dim": 24,
         "freq_dim": 16}
 TINY_STUDENT = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
@@ -63,7 +63,8 @@ def header_facts(files: list[Path]) -> tuple[int, int, int]:
             for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
                 s = h.get_slice(k)
                 n = math.prod(s.get_shape())
-                keys, params, nbytes = keys + 1, params + n, nbytes + n * 4
+                size = {"F16": 2, "BF16": 2, "F32": 4}[s.get_dtype()]
+                keys, params, nbytes = keys + 1, params + n, nbytes + n * size
     return keys, params, nbytes
 
 
@@ -74,7 +75,8 @@ def demo(tmp_path_factory) -> Path:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["demo", "--out", str(out)]) == 0
-    assert buf.getvalue() == f"demo written to {out} (synthetic weights)\n"
+    assert buf.getvalue() == (f"demo written to {out} (a small Wan teacher trained on handwritten digits, with its "
+                              "calibration set)\n")
     return out
 
 
@@ -110,9 +112,10 @@ def tiny_student(tmp_path) -> Path:
 
 
 def test_demo_command_writes_a_teacher_in_two_formats_and_student_configs(demo, capsys):
-    assert sorted(p.name for p in demo.iterdir()) == ["README.txt", "student-seed.yaml", "student-wanlite.yaml",
+    assert sorted(p.name for p in demo.iterdir()) == ["README.txt", "calibration.safetensors", "demo.json",
+                                                      "student-seed.yaml", "student-wanlite.yaml",
                                                       "teacher-diffusers", "teacher-wan"]
-    assert "SYNTHETIC" in (demo / "README.txt").read_text()
+    assert "TRAINED" in (demo / "README.txt").read_text()
     assert json.loads((demo / "teacher-wan" / "config.json").read_text())["_class_name"] == "WanModel"
     assert len(list((demo / "teacher-diffusers").glob("diffusion_pytorch_model-0000?-of-00003.safetensors"))) == 3
     assert yaml.safe_load((demo / "student-seed.yaml").read_text())["layout"] == "seed"
@@ -142,10 +145,10 @@ def test_inspect_text(demo, capsys):
     assert lines[2].startswith("family   wan-diffusers: Wan (diffusers WanTransformer3DModel names)")
     assert lines[3].startswith("config   ")
     config = dict(kv.split("=") for kv in lines[3].removeprefix("config   ").split(", "))
-    assert {k: int(config[k]) for k in TEACHER} == TEACHER and config["head_dim"] == "64"
+    assert {k: int(config[k]) for k in TEACHER} == TEACHER and config["head_dim"] == "32"
     assert lines[4] == f"keys     {keys}" and keys == 15 + 27 * 8
     assert lines[5] == f"params   {params:,}"
-    assert lines[6] == "dtypes   {'float32': 231}"
+    assert lines[6] == "dtypes   {'float16': 231}"
     assert lines[7] == f"size     {nbytes / 1e9:.3f} GB"
 
 
@@ -158,7 +161,7 @@ def test_inspect_json(demo, capsys):
     assert info["format"] == "safetensors" and info["family"] == "wan" and info["layout"] == "wan"
     assert info["files"] == [str(teacher / "diffusion_pytorch_model.safetensors")]
     assert (info["keys"], info["params"], info["bytes"]) == (keys, params, nbytes)
-    assert info["dtypes"] == {"float32": keys} and info["expert"] is None
+    assert info["dtypes"] == {"float16": keys} and info["expert"] is None
     assert {k: info["config"][k] for k in TEACHER} == TEACHER
 
 
@@ -213,7 +216,7 @@ def test_map_json_entries_and_coverage(demo, capsys):
             assert e["teacher_shapes"] == [list(teacher.tensors[k].shape) for k in e["teacher_keys"]]
     by_key = {e["student_key"]: e for e in entries}
     qkv = by_key["blocks.1.attn.in_proj_weight"]  # uniform layers: student block 1 <- teacher block 2
-    assert qkv["status"] == "concatenated" and qkv["student_shape"] == [384, 128]
+    assert qkv["status"] == "concatenated" and qkv["student_shape"] == [192, 64]
     assert qkv["teacher_keys"] == [f"blocks.2.self_attn.{p}.weight" for p in "qkv"]
     assert by_key["conv_out.bias"]["status"] == "skipped"
     moved = [e for e in entries if e["status"] != "skipped"]
@@ -292,7 +295,7 @@ def renamed_student(demo: Path, path: Path) -> Path:
     from projection.student import build_student, student_config
 
     teacher = open_teacher(str(demo / "teacher-wan"))
-    config = student_config("wanlite", {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}, teacher.config)
+    config = student_config("wanlite", {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}, teacher.config)
     names = [(r"^blocks\.", "layers."), (r"\.self_attn\.(q|k|v|o)\.", r".w\1."), (r"\.cross_attn\.", ".cross."),
              (r"\.ffn\.0\.", ".fc1."), (r"\.ffn\.2\.", ".fc2."), (r"^patch_embedding", "patchify"),
              (r"^head\.head", "final.linear"), (r"^head\.modulation", "final.adaln"), (r"^text_embedding", "text_in"),
@@ -469,11 +472,11 @@ def test_spectra_json_matches_an_independent_svd(demo, capsys):
     with safe_open(str(teacher / "diffusion_pytorch_model.safetensors"), "pt") as h:
         w = h.get_tensor("blocks.3.self_attn.q.weight")
     expected = torch.linalg.svdvals(w.double())
-    assert data["key"] == "blocks.3.self_attn.q.weight" and data["shape"] == [256, 256]
+    assert data["key"] == "blocks.3.self_attn.q.weight" and data["shape"] == [128, 128]
     s = torch.tensor(data["singular_values"], dtype=torch.float64)
     assert torch.allclose(s, expected, rtol=1e-9, atol=1e-12)
     curve = torch.tensor(data["cumulative_energy"], dtype=torch.float64)
-    assert len(curve) == 256 and (curve.diff() >= 0).all() and abs(curve[-1].item() - 1) < 1e-12
+    assert len(curve) == 128 and (curve.diff() >= 0).all() and abs(curve[-1].item() - 1) < 1e-12
     assert torch.allclose(curve, expected.square().cumsum(0) / expected.square().sum(), atol=1e-12)
 
 
@@ -485,7 +488,7 @@ def test_spectra_text_and_native_names(demo, capsys):
                    "--json")
     curve = torch.tensor(json.loads(js)["cumulative_energy"])
     lines = out.splitlines()
-    assert lines[0] == "blocks.3.self_attn.q.weight [256, 256]: 256 singular values"
+    assert lines[0] == "blocks.3.self_attn.q.weight [128, 128]: 128 singular values"
     for line, share in zip(lines[1:4], (0.5, 0.9, 0.99)):
         assert line == f"  rank for {share:.0%} of energy: {int((curve < share).sum()) + 1}"
     top = [float(v) for v in lines[4].removeprefix("  top 10: ").split(", ")]

@@ -166,28 +166,28 @@ def test_unwritable_destination_fails_before_projecting(tiny_wan, tmp_path):
 
 
 def test_a_custom_named_student_has_one_config_its_own_heads_and_projects_as_its_config_twin(demo_dir, tmp_path):
-    """The demo's reference student (2 heads of 64) under other names, as a bare state dict: its config is worked
+    """The demo's reference student (2 heads of 32) under other names, as a bare state dict: its config is worked
     out from what the rules map (never the teacher's), its heads keep the teacher's head dim (not the teacher's 4
-    heads of 32), and the same config everywhere: summary, report, config.json."""
+    heads, of 16), and the same config everywhere: summary, report, config.json."""
     from conftest import CUSTOM_RULES, custom_names
     from safetensors.torch import save_file
 
     from projection import parse_rules
 
     teacher = str(demo_dir / "teacher-wan")
-    twin = Projector.open(teacher, {"layout": "wanlite", "dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4})
+    twin = Projector.open(teacher, {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4})
     save_file(custom_names(build_student(twin.student.config).state_dict()), str(tmp_path / "custom.safetensors"))
     p = Projector.open(teacher, str(tmp_path / "custom.safetensors"), rules=parse_rules(CUSTOM_RULES))
     config = p.student_config
     assert {**config, "layout": "wanlite"} == twin.student.config
     assert p.heads_inferred
-    for r in twin.project():  # the same tensors: RoPE pairs chosen for heads of 64
+    for r in twin.project():  # the same tensors: RoPE pairs chosen for heads of 32
         renamed = next(iter(custom_names({r.entry.student_key: r.tensor})))
         assert torch.equal(p.student_tensor(renamed), r.tensor), renamed
     report = export_student(p, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == {**config, "dtype": "float32"}
     assert report["student"]["config"] == config and report["student"]["heads_inferred"] is True
-    assert any("heads inferred: 2 x 64" in w for w in report["warnings"])
+    assert any("heads inferred: 2 x 32" in w for w in report["warnings"])
 
 
 def test_a_diffusers_named_student_is_filled_and_stays_loadable_by_diffusers(tiny_wan, tmp_path):

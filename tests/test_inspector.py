@@ -55,7 +55,7 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inspector-root")
     demo = write_demo(root / "demo")
     teacher = open_teacher(str(demo / "teacher-wan"))
-    fields = {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}
+    fields = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
     state = build_student(student_config("wanlite", fields, teacher.config)).state_dict()
     save_file(custom_names(state), str(root / "custom-student.safetensors"))
     return root
@@ -93,7 +93,7 @@ def call(client: Client, app, api: str, *args: Any) -> dict[str, Any]:
 
 
 def load(client: Client, app, teacher: str = TEACHER, student: str = WANLITE, kind: str = "file",
-         form: tuple = ("wanlite", 128, 4, 2, 384), heads: int | None = None) -> dict[str, Any]:
+         form: tuple = ("wanlite", 64, 4, 2, 256), heads: int | None = None) -> dict[str, Any]:
     return call(client, app, "load", teacher, "single model", kind, student, heads, *form, *TABLE, None)
 
 
@@ -163,7 +163,7 @@ def test_bad_paths_get_clear_messages(client, app, root):
     with pytest.raises(Exception, match="not a Wan checkpoint"):
         load(client, app, teacher="custom-student.safetensors")
     with pytest.raises(Exception, match="heads are kept whole"):
-        load(client, app, kind="form", form=("wanlite", 256, 4, 2, 384))
+        load(client, app, kind="form", form=("wanlite", 128, 4, 2, 384))  # 2 heads of 64: the teacher's are 32
 
 
 def test_student_from_the_form(client, app, root):
@@ -276,11 +276,11 @@ def test_details_spectra_and_index_choices_come_from_the_core(client, app, root)
     sv = figure(spec, "sv-plot")["data"]
     teacher_sv = p.spectrum("blocks.2.self_attn.q.weight", "teacher")
     assert sv[0]["y"] == pytest.approx(teacher_sv.tolist(), rel=1e-9)
-    assert len(sv[1]["y"]) == 128
+    assert len(sv[1]["y"]) == 64  # the student's q: 64 x 64 of the teacher's 128 x 128
     curve = figure(spec, "cum-plot")
-    assert curve["data"][1]["x"] == [128]  # the student's kept rank is marked, as an upper bound
+    assert curve["data"][1]["x"] == [64]  # the student's kept rank is marked, as an upper bound
     label = curve["data"][1]["text"][0]
-    assert label.strip().startswith("upper bound at rank 128: ") and "basis-inconsistent" in label
+    assert label.strip().startswith("upper bound at rank 64: ") and "basis-inconsistent" in label
     assert "best possible" not in json.dumps(curve)
 
 
@@ -306,9 +306,9 @@ def test_rules_bring_a_zero_transfer_student_to_full_coverage(client, app):
     none = call(client, app, "apply_rules", "stem: no_such_teacher_key\n", *TABLE, None)
     assert "Applied: 0 of 123 student keys map" in none["rules-msg"] and "inline-error" in none["rules-msg"]
     good = call(client, app, "apply_rules", CUSTOM_RULES, *TABLE, None)
-    # its heads are not recorded: inferred as the teacher's head dim (2 x 64, not the teacher's 4 heads), and said
-    assert "2 heads × 64" in good["cards"] and "heads inferred: 2 × 64" in good["cards"]
-    assert "heads inferred: 2 x 64; the checkpoint does not record heads" in good["warnings"]
+    # its heads are not recorded: inferred as the teacher's head dim (2 x 32, not the teacher's 4 heads), and said
+    assert "2 heads × 32" in good["cards"] and "heads inferred: 2 × 32" in good["cards"]
+    assert "heads inferred: 2 x 32; the checkpoint does not record heads" in good["warnings"]
     assert {r["status"] for r in rows(good).values()} == {"mapped"}
     assert '--rules "$inputs/rules.yaml"' in good["cli"] and "layers.{i}.attn: blocks.{i}.self_attn" in good["cli"]
 
@@ -498,7 +498,7 @@ def test_cuda_is_refused_clearly_without_a_gpu(client, app):
 def test_student_sizes_are_checked_against_the_teacher_at_once(client, app):
     with pytest.raises(Exception, match="num_layers 20000 is more than the teacher's 8 blocks"):
         load(client, app, kind="form", form=("wanlite", 128, 20000, 2, 384))
-    with pytest.raises(Exception, match="dim 512 is more than the teacher's 256"):
+    with pytest.raises(Exception, match="dim 512 is more than the teacher's 128"):
         load(client, app, kind="form", form=("wanlite", 512, 4, 8, 384))
 
 

@@ -294,7 +294,7 @@ def custom_student(demo_dir, folder, names) -> str:
     from projection.student import build_student, student_config
 
     teacher = open_teacher(str(demo_dir / "teacher-wan"))
-    fields = {"dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4}
+    fields = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
     state = build_student(student_config("wanlite", fields, teacher.config)).state_dict()
     renamed = {}
     for key, value in state.items():

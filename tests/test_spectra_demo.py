@@ -48,7 +48,8 @@ def test_student_spectrum_is_bounded_by_the_teacher(tiny_wan):
     assert p.spectrum("blocks.1.ffn.0.weight") is t  # cached
 
 
-def test_demo_is_wan_shaped_in_both_formats_with_trained_like_spectra(demo_dir):
+def test_synthetic_demo_is_wan_shaped_in_both_formats_with_trained_like_spectra(synthetic_demo_dir):
+    demo_dir = synthetic_demo_dir
     wan = open_checkpoint(demo_dir / "teacher-wan")
     diff = open_checkpoint(demo_dir / "teacher-diffusers")
     assert diff.format == "sharded-safetensors" and len(diff.files) == 3

@@ -82,7 +82,7 @@ def test_selection_helpers():
 def test_each_option_changes_the_projection(demo_dir, field, values):
     key = {"width": "blocks.0.ffn.0.weight", "heads": "blocks.0.self_attn.v.weight",
            "head_dim": "blocks.0.self_attn.v.weight", "ffn": "blocks.0.ffn.2.weight"}[field]
-    student = {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 384, "num_layers": 2}  # 4x64 -> 2x32
+    student = {"layout": "wanlite", "dim": 32, "num_heads": 2, "ffn_dim": 384, "num_layers": 2}  # 4x32 -> 2x16
     tensors = [Projector.open(str(demo_dir / "teacher-wan"), student, strategy=Strategy(**{field: v}))
                .student_tensor(key) for v in values]
     for i in range(len(tensors)):
@@ -97,17 +97,22 @@ def test_width_first_keeps_the_first_channels(tiny_wan):
     assert torch.equal(p.student_tensor("blocks.1.ffn.0.weight"), t[:24, :32])
 
 
-def test_magnitude_keeps_more_energy_than_first(demo_dir):
+@pytest.mark.parametrize("demo, margin", [
+    ("synthetic_demo_dir", 0.1),  # built with strong and weak channels, heads and neurons
+    ("demo_dir", 0.01),  # trained: its channels matter more evenly (measured: 28.4% vs 26.6%)
+])
+def test_magnitude_keeps_more_energy_than_first(request, demo, margin):
+    demo_dir = request.getfixturevalue(demo)
     energy = {}
     for width in ("magnitude", "first"):
         p = Projector.open(str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml"),
                            strategy=Strategy(width=width, heads=width, ffn=width))
         energy[width] = p.summary(p.project())["retained_weight_energy"]["mean"]
-    assert energy["magnitude"] > energy["first"] + 0.1
+    assert energy["magnitude"] > energy["first"] + margin
 
 
 def test_retained_energy_counts_what_does_not_transfer_as_zero(demo_dir):
-    """Breaking every ffn.0.weight (a sixth of the parameters) must cost that much energy, not move the mean by
+    """Breaking every ffn.0.weight (a fifth of the parameters) must cost that much energy, not move the mean by
     a tenth of a point: skipped parameters count as kept nothing, in the mean and per layer."""
     teacher, student = str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml")
     whole = Projector.open(teacher, student)
@@ -117,16 +122,23 @@ def test_retained_energy_counts_what_does_not_transfer_as_zero(demo_dir):
     assert len(lost) == 4 and all(r.entry.status == "skipped" for r in lost)
     total = sum(r.entry.params for r in results)
     share = sum(r.entry.params for r in lost) / total
-    assert 0.15 < share < 0.2
+    assert 0.18 < share < 0.23
     expected = sum(r.energy * r.entry.params for r in results if r.energy is not None) / total
-    before = whole.summary(whole.project())["retained_weight_energy"]
+    intact = {r.entry.student_key: r for r in whole.project()}
+    before = whole.summary(list(intact.values()))["retained_weight_energy"]
     after = broken.summary(results)["retained_weight_energy"]
     assert after["mean"] == pytest.approx(expected, rel=1e-12)
-    assert before["mean"] - after["mean"] > 0.1  # ffn.0 kept ~75% of a sixth of the parameters
+    # The mean drops by what ffn.0 kept, weighted by its fifth of the parameters (within 5%: without ffn.0 the
+    # residual and FFN rankings change a little, and so does what the other tensors keep)
+    drop = sum(intact[r.entry.student_key].energy * r.entry.params for r in lost) / total
+    assert drop > 0.04 and before["mean"] - after["mean"] == pytest.approx(drop, rel=0.05)
     block = [r for r in results if r.entry.student_block == 0]
+    block_params = sum(r.entry.params for r in block)
     assert after["by_layer"]["block 0"] == pytest.approx(
-        sum((r.energy or 0.0) * r.entry.params for r in block) / sum(r.entry.params for r in block), rel=1e-12)
-    assert after["by_layer"]["block 0"] < before["by_layer"]["block 0"] - 0.1
+        sum((r.energy or 0.0) * r.entry.params for r in block) / block_params, rel=1e-12)
+    lost0 = next(r for r in lost if r.entry.student_block == 0)
+    assert before["by_layer"]["block 0"] - after["by_layer"]["block 0"] == pytest.approx(
+        intact[lost0.entry.student_key].energy * lost0.entry.params / block_params, rel=0.05)
     assert after["by_kind"]["ffn.0.weight"] == 0.0
     assert "weight statistic" in after["meaning"] and "count as 0" in after["meaning"]
 
