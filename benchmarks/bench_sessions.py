@@ -58,7 +58,7 @@ FULL_JOBS: list[tuple[str, dict[str, Any], str]] = [
     ("wanlite-768.yaml", {"conv": "center", "head_dim": "first", "seed": 3}, "bfloat16"),
     ("seed-1024.yaml", {"layers": "first", "ffn": "first", "seed": 4}, "float32"),
 ]
-SMALL_STUDENTS = {"wanlite.yaml": {"layout": "wanlite", "dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4},
+SMALL_STUDENTS = {"wanlite.yaml": {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
                   "seed.yaml": {"layout": "seed", "dim": 128, "num_heads": 4, "ffn_dim": 512, "num_layers": 4}}
 SMALL_JOBS: list[tuple[str, dict[str, Any], str]] = [
     ("wanlite.yaml", {}, "float32"),
