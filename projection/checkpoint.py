@@ -71,12 +71,6 @@ def within(folder: Path, what: str) -> PathCheck:
     return check
 
 
-def _shown(value: Any, limit: int = 80) -> str:
-    """A value from a file, quoted on one line and shortened: for naming what is at fault."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -310,7 +304,7 @@ def _shard(index: Path, name: str) -> Path:
     the same). Checked on the name, before any link is followed: a hub snapshot's shards are links to its blobs."""
     parts = PureWindowsPath(name)  # either separator: also refuses ..\x, C:x and \\server\x
     if parts.drive or parts.root or ".." in parts.parts or "\0" in name or not name.endswith(".safetensors"):
-        raise ProjectionError(f"{index}: shard {_shown(name)} is not a .safetensors file inside the index's folder "
+        raise ProjectionError(f"{index}: shard {clip(repr(name), 80)} is not a .safetensors file inside the index's folder "
                               f"(shards are relative paths without '..')")
     return index.parent / name
 
@@ -336,7 +330,7 @@ def _open_index(index: Path, check: PathCheck | None = None) -> tuple[list[Path]
         infos.update(_safetensors_infos(f))
     absent = [k for k in weight_map if k not in infos]
     if absent:
-        raise ProjectionError(f"{index}: {len(absent)} key(s) listed but not in their shard, e.g. {_shown(absent[0])}")
+        raise ProjectionError(f"{index}: {len(absent)} key(s) listed but not in their shard, e.g. {clip(repr(absent[0]), 80)}")
     return files, infos
 
 
