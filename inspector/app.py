@@ -27,8 +27,10 @@ from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub
 from projection.inputs import MAX_TEXT_BYTES, read_text
 from projection.mapping import rules_to_yaml
 from projection.runtime import setup_runtime
+from projection.strategy import LAYER_METHODS
 
 from . import cards, charts, table
+from .gallery import GalleryView
 from .paths import Roots, unique_export_name
 from .session import Session, histogram
 from .sessions import Sessions
@@ -120,6 +122,8 @@ class Inspector:
                 self._spectra_tab()
             with gr.Tab("Strategy", id="strategy"):
                 self._strategy_tab(c.strategy)
+            with gr.Tab("Gallery", id="gallery"):
+                self.gallery = GalleryView(self.state, self.a_yaml, self.b_yaml, self._session)
             with gr.Tab("Export", id="export"):
                 self._export_tab(c.strategy)
 
@@ -207,9 +211,10 @@ class Inspector:
 
     def _layers_tab(self) -> None:
         with gr.Row(elem_id="sliders"):  # the method, then a slider per student block: drag, arrow keys or type
-            self.method = gr.Radio(["uniform", "first", "last", "custom"], value="uniform", elem_id="layer-method",
+            self.method = gr.Radio([*LAYER_METHODS, "custom"], value="uniform", elem_id="layer-method",
                                    label="Teacher block per student block", scale=0, min_width=430,
-                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept")
+                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept; influence: the most "
+                                        "influential on a calibration set")
             self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
                                       min_width=120, buttons=[], elem_classes=SLIDER_CLASSES)
                             for i in range(MAX_BLOCKS)]
@@ -246,8 +251,10 @@ class Inspector:
                     self.upload_btn = gr.UploadButton("Load…", file_types=[".yaml", ".yml"], size="md")
                 self.strategy_msg = gr.HTML(elem_id="strategy-msg")
                 self.strategy_file = gr.File(label="strategy.yaml", visible=False)
-        gr.Markdown("### A/B comparison\nTwo strategies on the same teacher, student and rules: coverage and "
-                    "retained weight energy per layer (a weight statistic, not output quality; a basis-inconsistent "
+        gr.Markdown("### A/B comparison\nTwo strategies on the same teacher, student and rules. First what each "
+                    "student computes (on the demo: its velocity error relative to the teacher at step 0, and the "
+                    "prompt accuracy of its samples; the Gallery tab draws them), then coverage, then retained "
+                    "weight energy per layer: a weight statistic, not output quality (a basis-inconsistent "
                     "strategy's energy is not comparable).")
         with gr.Row():
             with gr.Column():
@@ -364,6 +371,7 @@ class Inspector:
         self.save_btn.click(self.save_strategy, self.state, self.strategy_file, api_name="save_strategy")
         self.a_btn.click(self.current_strategy, self.state, self.a_yaml, api_visibility="private")
         self.b_btn.click(self.current_strategy, self.state, self.b_yaml, api_visibility="private")
+        self.gallery.wire()
         self.compare_btn.click(self.compare, [self.state, self.a_yaml, self.b_yaml],
                                [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
                                api_name="compare")
@@ -661,6 +669,7 @@ class Inspector:
                 result = s.compare(a, b, _progress(progress, "projecting"))
             except ProjectionError as exc:
                 return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
+            function = None if s.function_unavailable() else [s.gallery_row(x) for x in (a, b)]
         ra, rb = result["A"], result["B"]
         ea, eb = ra["retained_weight_energy"], rb["retained_weight_energy"]
         consistent = (ra["basis_consistent"], rb["basis_consistent"])
@@ -675,8 +684,18 @@ class Inspector:
                     else "not comparable")  # energies in different bases are no contest (the chart says why)
             return {"measure": measure, "A": percent(x), "B": percent(y), "B − A": diff}
 
-        frame = pd.DataFrame([row(*r) for r in coverage] + [row(*r, all(consistent)) for r in energy])
+        energy = [(f"{name} (weight statistic)", x, y) for name, x, y in energy]
+        measured = []
+        if function is not None:  # what the student computes leads; weight statistics follow
+            fa, fb = function
+            measured = [{"measure": "velocity error vs teacher, step 0 (lower is better)",
+                         "A": f"{fa.velocity_error:.3f}", "B": f"{fb.velocity_error:.3f}",
+                         "B − A": f"{fb.velocity_error - fa.velocity_error:+.3f}"},
+                        row(f"prompt accuracy of {fa.scored} samples", fa.prompt_accuracy, fb.prompt_accuracy)]
+        frame = pd.DataFrame(measured + [row(*r) for r in coverage] + [row(*r, all(consistent)) for r in energy])
         notes = [f"{side}: {w}" for side, r in (("A", ra), ("B", rb)) for w in r["warnings"]]
+        if function is None:
+            notes.append(f"Function not measured: {s.function_unavailable()}")
         return (frame, plot(charts.compare(ea["by_layer"], eb["by_layer"], consistent)),
                 cards.inline_error("\n".join(notes)) if notes else "", gr.update(visible=True))
 

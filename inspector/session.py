@@ -8,6 +8,7 @@ statistics of the blocks it looked at, singular values (`SPECTRA_KEPT`) and ener
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -21,7 +22,11 @@ from typing import Any
 
 import torch
 
-from projection import ProjectionError, Projector, Strategy, export_student, parse_rules
+from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
+from projection import demo_teacher
+from projection.student import random_student
+from projection.calibration import demo_calibration
+from projection.gallery import GalleryRow, demo_space, draw_row
 from projection.anatomy import SPACES, template_of
 from projection.checkpoint import PathCheck
 from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
@@ -36,6 +41,10 @@ from projection.suggest import suggest_rules, with_suggestions
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
 MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
+GALLERY_KEPT = 16  # gallery rows a session remembers (a few kB each)
+GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
+TEACHER = "teacher"
+RANDOM = "random"
 Progress = Callable[[int, int, str], None]
 
 
@@ -98,6 +107,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     closed: str | None = None  # why the session was closed, once it is
     _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
+    gallery: OrderedDict[str, GalleryRow] = field(default_factory=OrderedDict)  # by what drew them, newest last
+    _teacher_module: torch.nn.Module | None = None
 
     # ------------------------------------------------------------ opening
 
@@ -130,6 +141,8 @@ class Session:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.measures.clear()
         self._stacked_spectra.clear()
+        self.gallery.clear()
+        self._teacher_module = None
         self.projector.release()
         if self.projector.teacher.checkpoint is not None:
             self.projector.teacher.checkpoint.close()
@@ -185,7 +198,19 @@ class Session:
     def set_strategy(self, strategy: Strategy) -> None:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
         pick_device(strategy.device)  # the core refuses cuda where there is none
+        if strategy.needs_activations and self.projector.activations is None:
+            self.calibrate()
         self._remap(strategy=strategy)
+
+    def calibrate(self) -> None:
+        """Activation choices rank on a calibration set: the demo's held-out digits for teachers in its latent
+        space (measured once, then cached on disk); other teachers need the CLI's --calibration for now."""
+        if not demo_space(self.projector.teacher.config):
+            raise ProjectionError("activation and influence rank by the teacher's activations on a calibration set; "
+                                  "in the app that is the demo's held-out set, for teachers in its latent space. For "
+                                  "this teacher use the CLI: projection export ... --calibration FILE")
+        with heavy_work():
+            self.projector.calibrate(demo_calibration())
 
     def update_strategy(self, **fields: Any) -> None:
         self.set_strategy(Strategy.checked({**self.strategy.model_dump(), **fields}))  # validated, as files are
@@ -375,6 +400,62 @@ class Session:
         finally:
             self.projector.strategy = own
         return out
+
+    # ------------------------------------------------------------ function: what the student computes
+
+    def function_unavailable(self) -> str | None:
+        """Why samples and velocity errors cannot be measured here, or None when they can."""
+        teacher, student = self.projector.teacher, self.projector.student_config
+        if not demo_space(teacher.config) or not demo_space(student):
+            return ("Samples and velocity errors are measured on the demo's latent space (4-channel 8x8 digits "
+                    "and their prompts) for now; other teachers need a calibration set and the streamed teacher "
+                    "forward.")
+        if self.teacher_bytes > AUTO_ENERGY_BYTES:
+            return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
+        if student.get("layout") not in ("wanlite", "seed"):
+            return f"the student's layout '{student.get('layout')}' has no runnable module here"
+        return None
+
+    def teacher_module(self) -> torch.nn.Module:
+        if self._teacher_module is None:
+            from projection.student import wanlite_from_teacher
+
+            self._teacher_module = wanlite_from_teacher(self.teacher_source)
+        return self._teacher_module
+
+    def gallery_row(self, which: Strategy | str) -> GalleryRow:
+        """The samples and scores of the teacher (TEACHER), a random student of this shape (RANDOM, seeded by the
+        session's strategy seed), or the student projected with a strategy (same sources and rules); cached."""
+        why = self.function_unavailable()
+        if why:
+            raise ProjectionError(why)
+        key = which if isinstance(which, str) else json.dumps([which.model_dump(exclude={"dtype", "device"}),
+                                                               self.projector.rules], sort_keys=True)
+        if key in self.gallery:
+            self.gallery.move_to_end(key)
+            return self.gallery[key]
+        teacher = self.teacher_module()
+        classifier = demo_teacher.load_demo_classifier()
+        calibration = demo_teacher.load_calibration()
+        with heavy_work():
+            if which == TEACHER:
+                row = draw_row("teacher", teacher, classifier, GALLERY_SAMPLER)
+            elif which == RANDOM:
+                model = random_student(self.projector.student_config, self.strategy.seed)
+                row = draw_row("random init", model, classifier, GALLERY_SAMPLER, teacher, calibration)
+            else:
+                own = self.strategy
+                try:
+                    self.set_strategy(which)
+                    model = projected_student(self.projector)
+                finally:
+                    self.projector.strategy = own
+                row = draw_row(which.width if not which.basis_consistent else "projected", model, classifier,
+                               GALLERY_SAMPLER, teacher, calibration)
+        self.gallery[key] = row
+        while len(self.gallery) > GALLERY_KEPT:
+            self.gallery.popitem(last=False)
+        return row
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
         """The core's export (refuses existing folders); returns the report and copies to offer for download."""

@@ -8,7 +8,7 @@ Importing it changes no process-wide state; programs choose those settings in `p
 """
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ProjectionError
-from .export import export_student
+from .export import export_student, projected_student
 from .mapping import Mapping, build_mapping, parse_rules, preset_rules
 from .models import ModelView, open_student, open_teacher
 from .pipeline import Projector
@@ -18,5 +18,5 @@ from .student import SeedStudent, WanLite, build_student, load_student
 __all__ = [
     "Checkpoint", "Mapping", "ModelView", "ProjectionError", "Projector", "SeedStudent", "Strategy", "WanLite",
     "build_mapping", "build_student", "export_student", "load_student", "open_checkpoint", "open_student",
-    "open_teacher", "parse_rules", "preset_rules",
+    "open_teacher", "parse_rules", "preset_rules", "projected_student",
 ]

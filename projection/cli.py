@@ -21,6 +21,7 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import ProjectionError
@@ -50,8 +51,11 @@ def _read_rules(args: argparse.Namespace) -> tuple[str, dict | None]:
 def _projector(args: argparse.Namespace):
     from .pipeline import Projector
 
-    return Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
-                          num_heads=args.num_heads)
+    p = Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
+                       num_heads=args.num_heads)
+    if p.strategy.needs_activations and getattr(args, "calibration", None) is not None:
+        p.calibrate(_calibration(args, p))  # activation choices rank on it (statistics cached on disk)
+    return p
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -181,16 +185,73 @@ def cmd_suggest_rules(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_student
+    from .student import load_student
 
     p = _projector(args)
     inputs = [f for f in (args.strategy, args.rules) if f]
-    report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs)
+    measure = None
+    if args.calibration is not None:
+        from .fidelity import student_fidelity
+
+        calibration = _calibration(args, p)
+        if args.calibration not in ("demo", "synthetic"):
+            inputs.append(args.calibration)  # --force never replaces it
+        measure = lambda folder: student_fidelity(p, calibration, load_student(folder), args.draws,  # noqa: E731
+                                                  device=p.device)
+    report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs, measure=measure)
     cov = report["coverage"]
     print(f"wrote {args.out}: {cov['keys']['transferred']}/{cov['keys']['total']} keys, "
           f"{cov['params']['rate']:.1%} of parameters from the teacher, retained weight energy "
-          f"{_percent(report['retained_weight_energy']['mean'])}, {report['provenance']['seconds']} s")
+          f"{_percent(report['retained_weight_energy']['mean'])} (a weight statistic), "
+          f"{report['provenance']['seconds']} s")
+    if "function" in report:
+        _print_fidelity(report["function"])
     for w in report["warnings"]:
         print(f"WARNING: {w}")
+
+
+def _calibration(args: argparse.Namespace, p):
+    from .calibration import open_calibration
+    from .gallery import demo_space
+
+    if args.calibration is None:
+        if not demo_space(p.teacher.config):
+            raise ProjectionError(f"{args.teacher}: give --calibration: a .safetensors file of latents and context, "
+                                  "or 'synthetic' (Gaussian inputs); 'demo' fits only the demo teacher")
+        args.calibration = "demo"
+    found = open_calibration(args.calibration, p.teacher.config)
+    return found.subset(args.samples) if args.samples else found
+
+
+def _print_fidelity(function: dict) -> None:
+    """The student's function next to the teacher's, with two reference students for scale."""
+    print(f"fidelity on {function['calibration']}, {function['noise_draws']} noise draws per latent, levels "
+          f"s in [{function['noise_levels'][0]:g}, {function['noise_levels'][1]:g}]:")
+    students = function["students"]
+    bands = [f"s {b['s_low']:.2f}-{b['s_high']:.2f}" for b in next(iter(students.values()))["by_level"]]
+    line = "  {:<16} {:>15} {:>7}" + " {:>13}" * len(bands)
+    print(line.format("", "velocity error", "cosine", *bands))
+    for name, f in students.items():
+        print(line.format(name, f"{f['relative_error']:.4f}", f"{f['cosine']:.3f}",
+                          *(f"{b['relative_error']:.4f}" for b in f["by_level"])))
+    if function["calibration_synthetic"]:
+        print("WARNING: synthetic calibration (Gaussian inputs): these numbers say little about real inputs")
+
+
+def cmd_fidelity(args: argparse.Namespace) -> None:
+    """How close the student's velocity is to the teacher's on a calibration set (the teacher streams)."""
+    from .fidelity import student_fidelity
+    from .student import load_student
+
+    folder = Path(args.student)
+    exported = folder.is_dir() and (folder / "projection_report.json").is_file()
+    student = load_student(folder) if exported else None  # its own weights, not a new projection
+    p = _projector(args)
+    result = student_fidelity(p, _calibration(args, p), student, args.draws, device=p.device)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_fidelity(result)
 
 
 def cmd_spectra(args: argparse.Namespace) -> None:
@@ -255,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"compute each entry's retained weight energy (default: for teachers up to "
                         f"{MEASURE_BYTES >> 30} GiB, which are read once)")
     p.set_defaults(func=cmd_map)
+    maps = p
 
-    p = sub.add_parser("export", parents=[debug], help="project and write the student folder")
+    p = export = sub.add_parser("export", parents=[debug], help="project and write the student folder")
     pair(p)
     p.add_argument("--rules")
     p.add_argument("--out", required=True)
@@ -265,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a previous export in --out (only that: never "
                    "other files or an input of this run)")
     p.set_defaults(func=cmd_export)
+
+    def calibrated(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--calibration", help="calibration set: a .safetensors file (latents, context), 'demo' (the "
+                       "demo teacher's held-out digits; the default for it) or 'synthetic' (Gaussian inputs)")
+        p.add_argument("--draws", type=int, default=4, help="noise draws per latent (default %(default)s)")
+        p.add_argument("--samples", type=int, help="use the first N latents of the set")
+
+    calibrated(export)
+    calibrated(maps)
+
+    p = sub.add_parser("fidelity", parents=[debug], help="the student's velocity against the teacher's, on a "
+                       "calibration set (with random init and svd-per-matrix for scale)")
+    pair(p)
+    p.add_argument("--rules")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    calibrated(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("spectra", parents=[debug], help="singular values of one teacher matrix")
     p.add_argument("--teacher", required=True)

@@ -24,9 +24,10 @@ import uuid
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from .errors import ProjectionError
 from .pipeline import Progress, Projector, entry_rows, numbers_only
@@ -135,6 +136,22 @@ def initial_values(projector: Projector, keys: set[str]) -> dict[str, torch.Tens
         return {c: student.read(c) for c in keys}
     model = build_student(student.config, "meta") if keys else None
     return {k: fresh_value(model, k, projector.strategy.seed) for k in keys}
+
+
+def projected_student(projector: Projector, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The projected student as a runnable module in memory (what `export_student` writes, without the files):
+    for running, sampling and training it. Only runnable layouts (wanlite, seed)."""
+    keys = projector.mapping.coverage()["keys"]
+    if keys["transferred"] == 0:
+        raise ProjectionError(f"{projector.student.source}: nothing transfers: none of the student's "
+                              f"{keys['total']} keys maps to a teacher key")
+    model = build_student(projector.student_config, "meta")
+    skipped = {e.student_key for e in projector.mapping.entries if e.status == "skipped"}
+    state = initial_values(projector, skipped)
+    state.update({r.entry.student_key: r.tensor for r in projector.stream(tensors="yield") if r.tensor is not None})
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.to(device, dtype).eval()
 
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -378,10 +395,13 @@ def _version() -> str:
 
 
 def export_student(projector: Projector, out: str | Path, force: bool = False, progress: Progress | None = None,
-                   max_shard_bytes: int = MAX_SHARD_BYTES, inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
+                   max_shard_bytes: int = MAX_SHARD_BYTES, inputs: Iterable[str | Path] = (),
+                   measure: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Project every entry by streaming and write the student folder. Returns the report.
 
-    inputs: files this run read besides the teacher and student (strategy, rules), which --force never replaces."""
+    inputs: files this run read besides the teacher and student (strategy, rules), which --force never replaces.
+    measure: called with the written (not yet published) student folder; what it returns is the report's
+    `function` (e.g. `fidelity.student_fidelity` on a calibration set)."""
     out = Path(out).expanduser()
     teacher = projector.teacher
     check_folder_name(out)
@@ -444,6 +464,8 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
                 "weights": files, "weights_index": writer.index,
             },
         }
+        if measure is not None:
+            report = {"function": measure(staged), **report}  # what the student computes leads the report
         write_file(staged / "projection_report.json", json.dumps(report, indent=1, default=str))
         # forced: swap in one step where the system can (the replaced export lands in tmp); otherwise move the old
         # one into tmp first. Either way it is deleted only once the new one is in place.

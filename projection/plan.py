@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -148,9 +148,16 @@ def _method(kind: str, mapping: Mapping) -> str:
     return "magnitude" if s.head_dim == "frequency" else s.head_dim  # dims (rope has its own rule)
 
 
-def make_plan(mapping: Mapping, stats: TeacherStats | None = None) -> Plan:
+class ActivationScores(Protocol):
+    def score(self, space: str, block: int | None) -> torch.Tensor | None: ...
+
+
+def make_plan(mapping: Mapping, stats: TeacherStats | None = None,
+              activations: ActivationScores | None = None) -> Plan:
     """Choose every index set. Reads teacher tensors only for magnitude ranking (through `stats`, one read
-    per tensor whatever the number of spaces it ranks)."""
+    per tensor whatever the number of spaces it ranks). `activation` ranks by `activations` (the teacher's, on a
+    calibration set) where they score the space (residual, heads, v/o dims, FFN neurons), else by magnitude
+    (text and time hiddens, the context, cross-attention q/k dims)."""
     t_sizes, s_sizes = mapping.teacher_sizes, mapping.student_sizes
     users: dict[SpaceKey, list[Part]] = {}
     for entry in mapping.entries:
@@ -169,8 +176,13 @@ def make_plan(mapping: Mapping, stats: TeacherStats | None = None) -> Plan:
         if k == n:
             index[(space, block)] = torch.arange(n)
         elif kind == "rope":
-            index[(space, block)] = keep_rope_pairs(n, k, mapping.strategy.head_dim)
-        elif (method := _method(kind, mapping)) == "magnitude":
+            rope = mapping.strategy.head_dim
+            index[(space, block)] = keep_rope_pairs(n, k, "frequency" if rope == "activation" else rope)
+        elif (method := _method(kind, mapping)) == "activation" and activations is None:
+            raise ValueError("activation ranking needs the teacher's activations (pass activations)")
+        elif method == "activation" and (score := activations.score(space, block)) is not None:
+            index[(space, block)] = keep_top(score, k)
+        elif method in ("magnitude", "activation"):
             ranked[(space, block)] = _ranking_parts(space, block, parts, users)
         else:
             index[(space, block)] = (keep_first if method == "first" else keep_uniform)(n, k)
@@ -198,8 +210,8 @@ def _ranking_parts(space: str, block: int | None, parts: list[Part], users: dict
 
 def needs_stats(mapping: Mapping) -> bool:
     s = mapping.strategy
-    methods = {s.width, s.heads, s.ffn} | ({"magnitude"} if s.head_dim == "frequency" else set())
-    return "magnitude" in methods
+    methods = {s.width, s.heads, s.ffn} | ({"magnitude"} if s.head_dim in ("frequency", "activation") else set())
+    return bool(methods & {"magnitude", "activation"})  # activation falls back to magnitude where it has no score
 
 
 def flat_index(axis: tuple[str, ...], block: int | None, plan: Plan, sizes: dict[str, int]) -> torch.Tensor | None:

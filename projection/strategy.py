@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ProjectionError
 from .inputs import load_yaml, read_text
 
-Rank = Literal["magnitude", "uniform", "first"]
-LAYER_METHODS = ("uniform", "first", "last")
+Rank = Literal["magnitude", "activation", "uniform", "first"]
+LAYER_METHODS = ("uniform", "first", "last", "influence")
 MAX_LAYER_LIST = 1024  # entries of an explicit layer list: the deepest student it can ask for
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (a torch generator's int64)
 
@@ -19,17 +19,21 @@ SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (a torch generator's int64)
 class Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    layers: Union[Literal["uniform", "first", "last"], list[int]] = Field(
+    layers: Union[Literal["uniform", "first", "last", "influence"], list[int]] = Field(
         "uniform", description="teacher block per student block: uniform (evenly spaced, the first and last "
-                               "blocks included: round(i*(T-1)/(S-1))), first N, last N, or a list")
-    width: Literal["magnitude", "uniform", "first", "svd-per-matrix"] = Field(
-        "magnitude", description="residual (and every other free) width: one shared index set; "
-                                 "svd-per-matrix is the seeds' basis-inconsistent comparator")
+                               "blocks included: round(i*(T-1)/(S-1))), first N, last N, influence (the N most "
+                               "influential on a calibration set, in order), or a list")
+    width: Literal["magnitude", "activation", "uniform", "first", "svd-per-matrix"] = Field(
+        "magnitude", description="residual (and every other free) width: one shared index set; activation ranks "
+                                 "by the teacher's activations on a calibration set; svd-per-matrix is the seeds' "
+                                 "basis-inconsistent comparator")
     heads: Rank = Field("magnitude", description="which whole heads to keep")
-    head_dim: Literal["frequency", "first", "uniform"] = Field(
+    head_dim: Literal["frequency", "activation", "first", "uniform"] = Field(
         "frequency", description="within a head: q/k RoPE pairs by nearest frequency inside each t/h/w band, "
-                                 "v/o and cross-attention dims by magnitude; or first/uniform")
-    ffn: Rank = Field("magnitude", description="FFN neurons: |ffn.0 row| x |ffn.2 column|")
+                                 "v/o and cross-attention dims by magnitude (activation: v/o dims by the "
+                                 "attention output's activations); or first/uniform")
+    ffn: Rank = Field("magnitude", description="FFN neurons: |ffn.0 row| x |ffn.2 column|, or activation: "
+                                               "the GELU output's energy on a calibration set")
     conv: Literal["center", "mean", "sum"] = Field("sum", description="Conv3d -> Conv2d temporal collapse")
     rescale: Literal["none", "variance"] = Field(
         "none", description="variance: scale each matrix by sqrt(teacher_in / student_in) of its input axis")
@@ -55,6 +59,11 @@ class Strategy(BaseModel):
                          else f"{block!r:.60}")
                 raise ValueError(f"entry {i} is {shown}: a teacher block is a whole number from 0")
         return list(value)
+
+    @property
+    def needs_activations(self) -> bool:
+        """Some choice ranks by the teacher's activations (a calibration set must be given)."""
+        return self.layers == "influence" or "activation" in (self.width, self.heads, self.ffn, self.head_dim)
 
     @property
     def basis_consistent(self) -> bool:

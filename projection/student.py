@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,17 @@ class Head(nn.Module):
         return self.head((self.norm(x) * (1 + scale) + shift).to(self.head.weight.dtype))
 
 
+@dataclass
+class Embedded:
+    """A batch as Wan's blocks read it."""
+    tokens: torch.Tensor  # [B, N, D] patch tokens (the residual stream before block 0)
+    e: torch.Tensor  # [B, D] time embedding (the head's modulation)
+    e0: torch.Tensor  # [B, 6, D] time projection (each block's modulation)
+    ctx: torch.Tensor  # [B, L, D] embedded text context
+    freqs: torch.Tensor  # [N, head_dim / 2] RoPE rotations
+    grid: tuple[int, int]  # patch rows, columns
+
+
 class WanLite(nn.Module):
     """The 2D Wan student: forward(x [B, Cin, H, W], t [B], context [B, L, text_dim]) -> [B, Cout, H, W].
 
@@ -155,22 +167,32 @@ class WanLite(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, ffn_dim, num_heads) for _ in range(num_layers))
         self.head = Head(dim, out_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
+    def embed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> Embedded:
+        """What every block reads: patch tokens, time embeddings, text context and RoPE rotations."""
+        _, _, h, w = x.shape
         check_patches(h, w, 2)
         dtype = self.patch_embedding.weight.dtype
         x = self.patch_embedding(x.to(dtype))
-        gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
+        grid = (x.shape[-2], x.shape[-1])
         e = self.time_embedding(sinusoid(t, self.freq_dim).to(dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.dim))
         ctx = self.text_embedding(context.to(dtype))
-        freqs = rope_2d(self.dim // self.num_heads, gh, gw, x.device)
-        for block in self.blocks:
-            x = block(x, e0, ctx, freqs)
+        freqs = rope_2d(self.dim // self.num_heads, *grid, x.device)
+        return Embedded(x.flatten(2).transpose(1, 2), e, e0, ctx, freqs, grid)
+
+    def unpatchify(self, x: torch.Tensor, e: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The head on the last block's tokens, back to [B, Cout, H, W]."""
+        gh, gw = grid
         x = self.head(x, e)  # [B, N, 4 * Cout], laid out (ph, pw, c)
-        x = x.reshape(b, gh, gw, 2, 2, self.out_dim).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, self.out_dim, gh * 2, gw * 2)
+        x = x.reshape(len(x), gh, gw, 2, 2, self.out_dim).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(len(x), self.out_dim, gh * 2, gw * 2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        inp = self.embed(x, t, context)
+        x = inp.tokens
+        for block in self.blocks:
+            x = block(x, inp.e0, inp.ctx, inp.freqs)
+        return self.unpatchify(x, inp.e, inp.grid)
 
 
 class SeedBlock(nn.Module):
@@ -277,6 +299,14 @@ def build_student(config: dict[str, Any], device: str | torch.device = "cpu") ->
     cls = {"wanlite": WanLite, "seed": SeedStudent}[layout]
     with torch.device(device):
         return cls(**kwargs)
+
+
+def random_student(config: dict[str, Any], seed: int) -> nn.Module:
+    """A freshly initialized student of a config (torch's default init), seeded without touching the global RNG:
+    the baseline a projection is measured against."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_student({"layout": "wanlite", **config})
 
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:

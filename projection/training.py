@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sampling import flow_loss, validation_loss
+from .sampling import TIMESTEPS, add_noise, flow_loss, validation_loss
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,12 @@ class History:
 
 def train_flow(model: nn.Module, latents: torch.Tensor, context: torch.Tensor, empty: torch.Tensor,
                val_latents: torch.Tensor, val_context: torch.Tensor, config: TrainConfig = TrainConfig(),
-               on_eval: Callable[[int, History], None] | None = None) -> History:
+               on_eval: Callable[[int, History], None] | None = None, teacher: nn.Module | None = None) -> History:
     """Train `model` in place on (latents [N, C, H, W], context [N, L, T]); `empty` [1, L, T] is the empty
-    prompt's states. Validation loss (`sampling.validation_loss`) is taken at step 0, every `eval_every` steps
-    and at the end; `on_eval(step, history)` is called after each."""
+    prompt's states. Validation loss (`sampling.validation_loss`: the denoising loss, whatever the objective) is
+    taken at step 0, every `eval_every` steps and at the end; `on_eval(step, history)` is called after each.
+
+    teacher: distillation: the target is the teacher's velocity at the same x_s (else Wan's v = eps - x0)."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -93,7 +95,14 @@ def train_flow(model: nn.Module, latents: torch.Tensor, context: torch.Tensor, e
         ctx[torch.rand(len(idx), generator=g) < config.drop_prompt] = empty
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss = flow_loss(model, x0.to(device), ctx.to(device), eps.to(device), s.to(device))
+        x0, ctx, eps, s = x0.to(device), ctx.to(device), eps.to(device), s.to(device)
+        if teacher is None:
+            loss = flow_loss(model, x0, ctx, eps, s)
+        else:
+            x = add_noise(x0, eps, s)
+            with torch.no_grad():
+                target = teacher(x, TIMESTEPS * s, ctx).float()
+            loss = (model(x, TIMESTEPS * s, ctx).float() - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:

@@ -343,3 +343,24 @@ def test_each_tab_starts_on_the_first_screen(browser, app, tmp_path, width, heig
         check_chart_text(page, "cum-plot")
     finally:
         page.close()
+
+
+def test_gallery_draws_every_row_with_its_prompt_accuracy(page, tmp_path):
+    """The stakeholder's view: the teacher, both strategies' students and a random student, one picture each,
+    the prompt accuracy in each row's caption and in the table beside them."""
+    page.get_by_role("tab", name="Gallery").click()
+    page.locator("#gallery-draw").click()
+    table = page.locator("#gallery-table")
+    table.get_by_text("Random init, same shape").wait_for(timeout=4 * TIMEOUT)
+    for name, title in (("teacher", "Teacher"), ("a", "Student, strategy A"), ("b", "Student, strategy B"),
+                        ("random", "Random init, same shape")):
+        row = page.locator(f"#gallery-{name}")
+        row.locator("img").wait_for()
+        caption = row.get_by_text(title).first.inner_text()
+        assert "% of 100" in caption
+        assert ("velocity error" in caption) == (name != "teacher")
+        width = row.locator("img").evaluate("img => img.naturalWidth")
+        assert width > 100  # a strip of ten digits, not an empty placeholder
+    teacher = page.locator("#gallery-teacher").get_by_text("Teacher: prompt accuracy").inner_text()
+    assert float(teacher.split("accuracy ")[1].split("%")[0]) >= 90
+    page.screenshot(path=tmp_path / "gallery.png", full_page=True)

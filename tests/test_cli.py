@@ -414,7 +414,7 @@ def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path,
     assert code == 0
     assert out.startswith(f"wrote {out_dir}: 34/58 keys")
     exported = json.loads((out_dir / "projection_report.json").read_text())["retained_weight_energy"]["mean"]
-    assert f"retained weight energy {100 * exported:.1f}%, " in out  # the app's format, not 0.617
+    assert f"retained weight energy {100 * exported:.1f}% (a weight statistic), " in out  # the app's format
     assert "[58/58]" in err
     assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors",
                                                         "projection_report.json", "strategy.yaml"]
@@ -655,3 +655,61 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(demo, cap
         assert err.rstrip("\n").rsplit("\n", 1)[-1] == line
     code, out, err = run(capsys, "spectra", "--teacher", demo / "missing", "--key", "k", "--debug")  # named: too
     assert code == 2 and "Traceback" in err and err.rstrip("\n").rsplit("\n", 1)[-1].startswith("error: ")
+
+
+# ------------------------------------------------------------------ fidelity
+
+
+def test_fidelity_reports_the_student_against_random_and_svd(capsys, demo_dir, tmp_path):
+    teacher, student = demo_dir / "teacher-wan", demo_dir / "student-wanlite.yaml"
+    code, out, _ = run(capsys, "fidelity", "--teacher", teacher, "--student", student, "--samples", 32, "--draws", 2,
+                       "--json")
+    assert code == 0
+    found = json.loads(out)
+    assert not found["calibration_synthetic"] and found["noise_levels"] == [0.0, 1.0]
+    errors = {name: f["relative_error"] for name, f in found["students"].items()}
+    assert list(errors) == ["student", "random init", "svd-per-matrix"]
+    assert errors["student"] < errors["random init"] < 2 < 10 < errors["svd-per-matrix"]
+    # export --calibration records the same table first in the report, measured on the exported weights
+    code, out, _ = run(capsys, "export", "--teacher", teacher, "--student", student, "--out", tmp_path / "s",
+                       "--calibration", "demo", "--samples", 32, "--draws", 2)
+    assert code == 0 and "velocity error" in out and "(a weight statistic)" in out
+    report = json.loads((tmp_path / "s" / "projection_report.json").read_text())
+    assert next(iter(report)) == "function"
+    assert report["function"]["students"]["student"]["relative_error"] == pytest.approx(errors["student"], rel=1e-6)
+    # an exported student is measured as it is (its own weights), not projected again
+    code, out, _ = run(capsys, "fidelity", "--teacher", demo_dir / "teacher-diffusers", "--student", tmp_path / "s",
+                       "--samples", 32, "--draws", 2, "--json")
+    assert json.loads(out)["students"]["student"]["relative_error"] == pytest.approx(errors["student"], rel=1e-4)
+
+
+def test_fidelity_says_which_calibration_a_teacher_needs(capsys, tiny_wan, demo_dir, tmp_path):
+    shallow = tmp_path / "shallow.yaml"
+    shallow.write_text("layout: wanlite\nnum_layers: 2\n")
+    assert_error(*run(capsys, "fidelity", "--teacher", tiny_wan.original_dir, "--student", shallow),
+                 "give --calibration")
+    assert_error(*run(capsys, "fidelity", "--teacher", tiny_wan.original_dir, "--student", shallow,
+                      "--calibration", "demo"), "tensor 'context' has width 64; the teacher's text_dim is 24")
+    code, out, _ = run(capsys, "fidelity", "--teacher", tiny_wan.original_dir, "--student", shallow,
+                       "--calibration", "synthetic", "--draws", 1)
+    assert code == 0 and "random init" in out
+    student = demo_dir / "student-wanlite.yaml"
+    code, out, _ = run(capsys, "fidelity", "--teacher", demo_dir / "teacher-wan", "--student", student,
+                       "--calibration", "synthetic", "--draws", 1)
+    assert code == 0 and "SYNTHETIC calibration" in out and "WARNING: synthetic calibration" in out
+
+
+def test_activation_strategies_need_and_use_a_calibration_set(capsys, demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    strategy = tmp_path / "act.yaml"
+    strategy.write_text("width: activation\nffn: activation\nlayers: influence\n")
+    base = ["--teacher", demo_dir / "teacher-wan", "--student", demo_dir / "student-wanlite.yaml", "--strategy", strategy]
+    assert_error(*run(capsys, "map", *base), "layers: influence ranks by the teacher's activations",
+                 "give a calibration set")
+    code, out, _ = run(capsys, "map", *base, "--calibration", "demo", "--json")
+    assert code == 0 and json.loads(out)["layers"] != [0, 2, 5, 7]
+    code, out, _ = run(capsys, "export", *base, "--calibration", "demo", "--draws", 1, "--out", tmp_path / "s")
+    report = json.loads((tmp_path / "s" / "projection_report.json").read_text())
+    assert code == 0 and "held-out" in report["activations_from"] and "2 noise draws" in report["activations_from"]
+    assert report["layers"] == json.loads(run(capsys, "map", *base, "--calibration", "demo", "--json")[1])["layers"]
+    assert list((tmp_path / "cache" / "activations").glob("*.safetensors"))  # cached outside the teacher's folder

@@ -239,6 +239,25 @@ def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
     assert "seed: 3" in out["strategy-yaml"] and "rescale: variance" in out["cli"]
 
 
+def test_activation_choices_rank_on_the_demos_calibration_set(client, app, root, tmp_path, monkeypatch):
+    from projection.calibration import demo_calibration
+
+    load(client, app)
+    out = call(client, app, "set_strategy", "influence", "activation", "activation", "activation", "activation",
+               "sum", "none", 0, *TABLE, None)
+    p = Projector.open(str(root / TEACHER), str(root / WANLITE),
+                       strategy=Strategy(layers="influence", width="activation", heads="activation",
+                                         head_dim="activation", ffn="activation"))
+    p.calibrate(demo_calibration())
+    results = p.project()
+    assert "layers: influence" in out["strategy-yaml"] and "width: activation" in out["strategy-yaml"]
+    layers = [f"S{i} ← T{t}" for i, t in enumerate(p.mapping.layers)]
+    assert figure(out, "layer-energy")["data"][0]["x"][1:] == layers
+    table = rows(out)
+    for r in results:
+        assert table[r.entry.student_key]["retained weight energy"] == pytest.approx(r.energy, abs=1e-12)
+
+
 def test_basis_inconsistent_strategy_warns_loudly(client, app):
     load(client, app)
     out = call(client, app, "set_strategy", "uniform", "svd-per-matrix", "magnitude", "frequency", "magnitude",
@@ -356,8 +375,14 @@ def test_ab_comparison(client, app, root):
     measures = {r[0]: r for r in out["compare-table"]["data"]}
     _, ra = core(root)
     mean_a = Projector.open(str(root / TEACHER), str(root / WANLITE)).summary(ra)["retained_weight_energy"]["mean"]
-    assert measures["retained weight energy"][1] == f"{100 * mean_a:.1f}%"
+    assert measures["retained weight energy (weight statistic)"][1] == f"{100 * mean_a:.1f}%"
     assert "basis-inconsistent" in out["compare-msg"]
+    # what the students compute leads the table; the weight statistics follow, labelled as such
+    names = [r[0] for r in out["compare-table"]["data"]]
+    assert names[:2] == ["velocity error vs teacher, step 0 (lower is better)", "prompt accuracy of 100 samples"]
+    error_a, error_b = (float(x) for x in measures[names[0]][1:3])
+    assert 0.5 < error_a < 1.5 and error_b > 10 * error_a  # the seeds' method: far worse, whatever its energy
+    assert all("weight" in n for n in names if "energy" in n)
     # svd-per-matrix keeps more weight energy, but in a basis of its own: no "win" for B, in table or chart
     assert measures["keys transferred"][3] == "+0.0 pt"
     assert all(r[3] == "not comparable" for m, r in measures.items() if "energy" in m)
@@ -374,7 +399,44 @@ def test_ab_comparison(client, app, root):
     assert [t["name"] for t in figure(calm, "compare-plot")["data"]] == ["strategy A", "strategy B"]
     assert not figure(calm, "compare-plot")["layout"].get("annotations")
     assert re.fullmatch(r"[+-]\d+\.\d pt", {r[0]: r for r in calm["compare-table"]["data"]}
-                        ["retained weight energy"][3])
+                        ["retained weight energy (weight statistic)"][3])
+
+
+def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client, app, root):
+    from projection import demo_teacher, projected_student
+    from projection.fidelity import velocity_fidelity
+
+    load(client, app)
+    a, b = Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml()
+    out = call(client, app, "gallery", a, b)
+    assert out["gallery-msg"] == ""
+    for name in ("teacher", "a", "b", "random"):
+        picture = out[f"gallery-{name}"]
+        assert Path(picture["path"] if isinstance(picture, dict) else picture).stat().st_size > 100
+    table = {r[0]: dict(zip(out["gallery-table"]["headers"], r)) for r in out["gallery-table"]["data"]}
+    assert list(table) == ["Teacher", "Student, strategy A (default strategy)",
+                           "Student, strategy B (width svd-per-matrix)", "Random init, same shape"]
+    accuracy = {k: float(r["prompt accuracy"].rstrip("%")) for k, r in table.items()}
+    assert accuracy["Teacher"] >= 90 and accuracy["Random init, same shape"] <= 40
+    assert table["Teacher"]["velocity error vs teacher (step 0)"] == "—"
+    # the student's velocity error is the core's, on the demo's held-out latents
+    calibration = demo_teacher.load_calibration()
+    student = projected_student(Projector.open(str(root / TEACHER), str(root / WANLITE)))
+    expected = velocity_fidelity(student, demo_teacher.load_teacher(), calibration["latents"],
+                                 calibration["context"]).relative_error
+    a_row, b_row = table["Student, strategy A (default strategy)"], table["Student, strategy B (width svd-per-matrix)"]
+    assert a_row["velocity error vs teacher (step 0)"] == f"{expected:.3f}"
+    assert float(b_row["velocity error vs teacher (step 0)"]) > 10 * expected
+    bad = call(client, app, "gallery", "width: widest\n", b)
+    assert "inline-error" in bad["gallery-msg"] and "strategy A" in bad["gallery-msg"]
+
+
+def test_gallery_says_why_it_cannot_run_on_other_teachers(client, app, root):
+    synthetic = write_demo(root / "synthetic", synthetic=True)
+    load(client, app, teacher="synthetic/teacher-wan", student="synthetic/student-wanlite.yaml")
+    out = call(client, app, "gallery", Strategy().to_yaml(), Strategy().to_yaml())
+    assert "inline-error" in out["gallery-msg"] and "latent space (4-channel 8x8 digits" in out["gallery-msg"]
+    assert synthetic.is_dir()
 
 
 # ------------------------------------------------------------------ export

@@ -1,0 +1,83 @@
+"""The Gallery view: the same prompts and noise seeds drawn by the teacher, the students of strategies A and B
+(the Strategy tab's A/B editors) and a random student of the same shape, each row with its prompt accuracy and
+its velocity error relative to the teacher. Rows are cached per strategy in the session."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gradio as gr
+import pandas as pd
+
+from projection import ProjectionError, Strategy
+from projection.gallery import GalleryRow, strip
+
+from . import cards
+from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
+from .units import percent
+
+ROWS = (("teacher", "Teacher"), ("a", "Student, strategy A"), ("b", "Student, strategy B"),
+        ("random", "Random init, same shape"))
+INTRO = (f"### What each choice draws\nPrompts 'a handwritten digit 0' … '9', one noise seed per column, "
+         f"{GALLERY_SAMPLER.steps} Euler steps, no guidance: the same for every row. **Prompt accuracy**: the share "
+         f"of {10 * GALLERY_SAMPLER.per_class} samples per row (seeds 0–{10 * GALLERY_SAMPLER.per_class - 1}) that "
+         "the demo's digit classifier reads as the prompted digit. **Velocity error**: ‖v_student − v_teacher‖² / "
+         "‖v_teacher‖² on the demo's held-out latents at step 0 (0 is the teacher's function; a random student "
+         "is near 1). Students are projected, not trained. Strategies A and B are edited in the Strategy tab.")
+
+
+def strategy_label(strategy: Strategy) -> str:
+    """What sets a strategy apart from the default (projection fields only), e.g. 'width svd-per-matrix'."""
+    default, fields = Strategy().model_dump(), strategy.model_dump(exclude={"dtype", "device", "expert", "seed"})
+    changed = [f"{k} {v}" for k, v in fields.items() if v != default[k]]
+    return ", ".join(changed) or "default strategy"
+
+
+def caption(title: str, row: GalleryRow) -> str:
+    error = "" if row.velocity_error is None else f" · velocity error {row.velocity_error:.2f}"
+    return f"{title}: prompt accuracy {percent(row.prompt_accuracy)} of {row.scored}{error}"
+
+
+def table(rows: list[tuple[str, GalleryRow]]) -> pd.DataFrame:
+    return pd.DataFrame([{"model": title, "prompt accuracy": percent(r.prompt_accuracy), "samples": r.scored,
+                          "velocity error vs teacher (step 0)": "—" if r.velocity_error is None
+                          else f"{r.velocity_error:.3f}"} for title, r in rows])
+
+
+class GalleryView:
+    """Built inside a gr.Tab; `session` turns the gr.State value into a live session (or raises gr.Error)."""
+
+    def __init__(self, state: gr.State, a_yaml: gr.Code, b_yaml: gr.Code, session: Callable[[Session | None], Session]):
+        self.state, self.a_yaml, self.b_yaml, self.session = state, a_yaml, b_yaml, session
+        gr.Markdown(INTRO, elem_classes="note")
+        with gr.Row(equal_height=True):
+            self.draw_btn = gr.Button("Draw samples", variant="primary", scale=0, min_width=200, elem_id="gallery-draw")
+            self.msg = gr.HTML(elem_id="gallery-msg")
+        self.images = {name: gr.Image(label=title, interactive=False, buttons=[], height=90,
+                                      elem_id=f"gallery-{name}", format="png") for name, title in ROWS}
+        self.table = gr.Dataframe(interactive=False, show_label=False, elem_id="gallery-table")
+
+    def wire(self) -> None:
+        self.draw_btn.click(self.draw, [self.state, self.a_yaml, self.b_yaml],
+                            [self.msg, *self.images.values(), self.table], api_name="gallery")
+
+    def draw(self, state: Session | None, a_text: str, b_text: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        s = self.session(state)
+        skip = (gr.skip(),) * (len(ROWS) + 1)
+        try:
+            which = {"teacher": TEACHER, "a": Strategy.from_yaml(a_text, "strategy A"),
+                     "b": Strategy.from_yaml(b_text, "strategy B"), "random": RANDOM}
+        except ProjectionError as exc:
+            return (cards.inline_error(str(exc)), *skip)
+        drawn = []
+        with s.lock:
+            try:
+                for i, (name, title) in enumerate(ROWS):
+                    progress((i, len(ROWS)), desc=f"sampling: {title}")
+                    drawn.append((name, title, s.gallery_row(which[name])))
+            except ProjectionError as exc:
+                return (cards.inline_error(str(exc)), *skip)
+        titles = [f"{title} ({strategy_label(which[name])})" if name in ("a", "b") else title
+                  for name, title, _ in drawn]
+        images = [gr.update(value=strip(row.images).numpy(), label=caption(title, row))
+                  for title, (_, _, row) in zip(titles, drawn)]
+        return ("", *images, table([(title, row) for title, (_, _, row) in zip(titles, drawn)]))

@@ -1,0 +1,111 @@
+"""Fidelity: how close a student's function is to the teacher's, on the same inputs.
+
+On calibration latents x0 with fixed noise (`sampling.validation_noise`: the same eps and levels for every model),
+both models predict the velocity at x_s; the student's error is measured against the teacher's prediction:
+
+    relative error = sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2     (0: the teacher's function;
+    cosine         = <v_student, v_teacher> / (||v_student|| ||v_teacher||)      ~1 for any unrelated model)
+
+summed over samples and noise draws, overall and per noise-level band (draw k covers s in [k/draws, (k+1)/draws)).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import Calibration
+from .export import projected_student
+from .forward import StreamedTeacher, predict
+from .pipeline import Projector
+from .strategy import Strategy
+from .student import random_student
+from .sampling import TIMESTEPS, add_noise, validation_noise
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    relative_error: float
+    cosine: float
+    by_level: list[dict[str, float]]  # per band of noise levels: s_low, s_high, relative_error, cosine
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> float:
+    return float(num) / float(den) if den > 0 else float("nan")
+
+
+def noised_set(latents: torch.Tensor, context: torch.Tensor, draws: int, seed: int = 0,
+               band: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_s, t, context) for every latent and noise draw, draw-major: [draws * N, ...] (`validation_noise`, its
+    levels mapped into `band`, e.g. the levels one expert serves)."""
+    eps, s = validation_noise(len(latents), draws, latents.shape[1:], seed)
+    s = band[0] + (band[1] - band[0]) * s
+    x = torch.cat([add_noise(latents, eps[k], s[k]) for k in range(draws)])
+    return x, TIMESTEPS * s.reshape(-1), context.repeat(draws, *[1] * (context.dim() - 1))
+
+
+def compare(v_student: torch.Tensor, v_teacher: torch.Tensor, draws: int,
+            band: tuple[float, float] = (0.0, 1.0)) -> Fidelity:
+    """Fidelity of draw-major velocities [draws * N, ...] (float64 sums; level band k = draw k's noise levels)."""
+    vs, vt = (v.double().reshape(draws, -1) for v in (v_student, v_teacher))
+    sums = torch.stack([(vs - vt).pow(2).sum(1), vt.pow(2).sum(1), (vs * vt).sum(1), vs.pow(2).sum(1)], 1)
+    lo, width = band[0], (band[1] - band[0]) / draws
+    bands = [{"s_low": lo + k * width, "s_high": lo + (k + 1) * width, "relative_error": _ratio(d, t),
+              "cosine": _ratio(st, (t * ss).sqrt())} for k, (d, t, st, ss) in enumerate(sums)]
+    d, t, st, ss = sums.sum(0)
+    return Fidelity(_ratio(d, t), _ratio(st, (t * ss).sqrt()), bands)
+
+
+def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
+                      context: torch.Tensor, draws: int = 4, seed: int = 0) -> Fidelity:
+    """The student's velocity against the teacher's on (latents [N, C, H, W], context [N, L, T]), `draws` fixed
+    noise draws per latent. A streamed teacher runs the whole set in one pass over its blocks."""
+    x, t, ctx = noised_set(latents, context, draws, seed)
+    return compare(predict(student, x, t, ctx), predict(teacher, x, t, ctx), draws)
+
+
+EXPERT_BANDS = {"high": (0.875, 1.0), "low": (0.0, 0.875)}  # Wan2.2 T2V-A14B: boundary 0.875 (I2V: 0.900)
+I2V_BOUNDARY = 0.9
+
+
+def expert_band(expert: str | None, in_dim: int | None = None) -> tuple[float, float]:
+    """The noise levels s a Wan 2.2 expert serves (`../shared/wan-reference.md` 8): all of [0, 1] for one model."""
+    if expert is None:
+        return (0.0, 1.0)
+    boundary = I2V_BOUNDARY if in_dim == 36 else 0.875  # I2V-A14B reads 36 channels
+    return (boundary, 1.0) if expert == "high" else (0.0, boundary)
+
+
+def fidelity_table(students: dict[str, nn.Module], teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
+                   context: torch.Tensor, draws: int = 4, seed: int = 0,
+                   band: tuple[float, float] = (0.0, 1.0)) -> dict[str, Fidelity]:
+    """Several students against one teacher on the same noised set; a streamed teacher runs once."""
+    x, t, ctx = noised_set(latents, context, draws, seed, band)
+    reference = predict(teacher, x, t, ctx)
+    return {name: compare(predict(model, x, t, ctx), reference, draws, band) for name, model in students.items()}
+
+
+def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
+                     draws: int = 4, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The fidelity of a student (`student`, else the projector's projection) and, for scale, of two reference
+    students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
+    streams (one block in memory); the noise levels are those its expert serves."""
+    teacher = StreamedTeacher(projector.teacher, device)
+    reference = Strategy(width="svd-per-matrix", layers=projector.mapping.layers, seed=projector.strategy.seed)
+    svd = Projector(projector.teacher, projector.student, reference, projector.rules)
+    students = {"student": (student or projected_student(projector)).to(device).float(),
+                "random init": random_student(projector.student_config, projector.strategy.seed).to(device),
+                "svd-per-matrix": projected_student(svd, device)}
+    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
+    band = expert_band(expert, projector.teacher.config.get("in_dim"))
+    table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
+    return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
+            "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
+            "meaning": "relative_error = sum |v_student - v_teacher|^2 / sum |v_teacher|^2 of the velocity on the "
+                       "calibration latents at fixed noise (0: the teacher's function)",
+            "students": {name: f.to_dict() for name, f in table.items()}}

@@ -1,0 +1,123 @@
+"""Function measurements: fidelity against the teacher, the in-memory projected student, distillation, the
+gallery's rows, and a short convergence run (the benchmark's code path on the demo teacher, tens of steps)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from projection import Projector, Strategy, demo_teacher as dt, digits, export_student, load_student, projected_student
+from projection import convergence as cv
+from projection.fidelity import velocity_fidelity
+from projection.gallery import draw_row, strip
+from projection.student import random_student
+from projection.training import TrainConfig, train_flow
+
+TEACHER = str(dt.ASSETS / "teacher-wan")
+HALF = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return dt.load_teacher()
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, val = digits.load_digits("train"), digits.load_digits("val")
+    # a small validation subset keeps the short runs short; the data order is the trainer's
+    return cv.Data(digits.encode(train.images), digits.label_states(train.labels), digits.encode(val.images[:64]),
+                   digits.label_states(val.labels[:64]), digits.empty_states())
+
+
+def test_the_in_memory_student_is_the_exported_one(tmp_path):
+    p = Projector.open(TEACHER, {"layout": "wanlite", **HALF})
+    export_student(p, tmp_path / "student")
+    exported = load_student(tmp_path / "student").state_dict()
+    memory = projected_student(p).state_dict()
+    assert memory.keys() == exported.keys()
+    assert all(torch.equal(memory[k], exported[k]) for k in memory)
+
+
+def test_fidelity_is_zero_for_the_teachers_own_config_and_near_one_for_random(teacher, data):
+    same = projected_student(Projector.open(TEACHER, {"layout": "wanlite"}))
+    exact = velocity_fidelity(same, teacher, data.val_latents, data.val_context, draws=2)
+    assert exact.relative_error < 1e-6 and exact.cosine > 1 - 1e-6
+    assert [b["s_low"] for b in exact.by_level] == [0.0, 0.5]
+    rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config, seed=0)
+    far = velocity_fidelity(rand, teacher, data.val_latents, data.val_context, draws=2)
+    assert 0.5 < far.relative_error < 2 and abs(far.cosine) < 0.5
+
+
+def test_a_deeper_cut_is_further_from_the_teacher(teacher, data):
+    """Fidelity orders students as their function does: dropping half the blocks costs more than none."""
+    errors = [velocity_fidelity(projected_student(Projector.open(TEACHER, {"layout": "wanlite", "num_layers": n})),
+                                teacher, data.val_latents, data.val_context, draws=1).relative_error for n in (8, 6, 4)]
+    assert errors[0] < 1e-6 < errors[1] < errors[2]
+
+
+def test_random_students_are_seeded_without_touching_the_global_rng():
+    cfg = Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config
+    state = torch.random.get_rng_state()
+    a, b, c = (random_student(cfg, s).state_dict() for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["head.head.weight"], c["head.head.weight"])
+
+
+def test_distillation_targets_the_teachers_velocity(teacher, data):
+    """A student that is the teacher has zero distillation loss; on the denoising objective the same student has
+    the teacher's own (non-zero) loss."""
+    config = TrainConfig(steps=1, batch=32, lr=1e-3, warmup=1, eval_every=1, val_draws=1)
+    losses = {}
+    for objective, target in (("distill", teacher), ("denoise", None)):
+        copy = projected_student(Projector.open(TEACHER, {"layout": "wanlite"}))
+        history = train_flow(copy, data.latents, data.context, data.empty, data.val_latents, data.val_context,
+                             config, teacher=target)
+        losses[objective] = history.train_loss[1]  # the first step's training loss
+    assert losses["distill"] < 1e-10 and losses["denoise"] > 0.05
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    assert cv.steps_to_reach([0, 10, 20], [2.0, 1.0, 0.5], 0.75) == 15
+    assert cv.steps_to_reach([0, 10, 20], [0.5, 0.4, 0.3], 1.0) == 0
+    assert cv.steps_to_reach([0, 10, 20], [2.0, 1.0, 0.9], 0.5) is None
+
+
+def test_a_short_convergence_run_scores_every_arm_on_the_same_data(teacher, data):
+    training = TrainConfig(steps=12, batch=16, lr=1e-3, warmup=2, eval_every=4, val_draws=1)
+    arms = [cv.Arm("random", None, 2e-3), cv.Arm("default", {}), cv.Arm("svd", {"width": "svd-per-matrix"})]
+    results = [cv.train_run(TEACHER, teacher, data, cv.Run(HALF, a, seed, "denoise", "half"), training)
+               for a in arms for seed in (0, 1)]
+    again = cv.train_run(TEACHER, teacher, data, cv.Run(HALF, arms[1], 0, "denoise", "half"), training)
+    assert again.history["val_loss"] == results[2].history["val_loss"]  # seeded: the same run twice
+    by = {(r.run.arm.name, r.run.seed): r for r in results}
+    assert by[("default", 0)].val_loss_0 == by[("default", 1)].val_loss_0  # projection: no seed in the init
+    assert by[("random", 0)].val_loss_0 != by[("random", 1)].val_loss_0
+    assert by[("svd", 0)].error_0 > 10 > 1.5 > by[("default", 0)].error_0  # the seeds' method breaks function
+    assert all(r.history["steps"] == [0, 4, 8, 12] for r in results)
+    rows = {r["arm"]: r for r in cv.table(results, baseline="random")}
+    assert rows["random"]["speedup"]["mean"] == pytest.approx(1.0, abs=0.35)
+    assert rows["random"]["seeds"] == [0, 1] and rows["random"]["final_val_loss"]["n"] == 2
+    svd = rows["svd"]
+    assert svd["not_reached"] == 2 and svd["speedup"] is None
+    for r in rows.values():
+        assert r["final_val_loss"]["min"] <= r["final_val_loss"]["mean"] <= r["final_val_loss"]["max"]
+        steps = [s for s in r["steps_to_random"] if s is not None]
+        assert all(0 <= s <= 12 for s in steps)
+
+
+def test_gallery_rows_score_the_teacher_high_and_show_one_digit_per_column(teacher, data):
+    classifier = dt.load_demo_classifier()
+    sampler = dt.Sampler(per_class=2)
+    row = draw_row("teacher", teacher, classifier, sampler)
+    assert row.images.shape == (10, 8, 8) and row.scored == 20 and row.velocity_error is None
+    assert row.prompt_accuracy >= 0.8
+    rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config, 0)
+    calibration = {"latents": data.val_latents, "context": data.val_context}
+    other = draw_row("random", rand, classifier, sampler, teacher, calibration)
+    assert other.prompt_accuracy <= 0.4 and 0.5 < other.velocity_error < 2
+    picture = strip(row.images, scale=3, gap=1)
+    assert picture.dtype == torch.uint8 and tuple(picture.shape) == (24, 10 * 25 - 1)
+    assert picture[:, 24].eq(255).all()  # the gap between two digits is white
+    assert math.isclose(picture[:, :24].float().mean().item() / 255, 1 - row.images[0].mean().item(), abs_tol=1e-2)
