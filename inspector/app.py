@@ -212,9 +212,9 @@ class Inspector:
     def _layers_tab(self) -> None:
         with gr.Row(elem_id="sliders"):  # the method, then a slider per student block: drag, arrow keys or type
             self.method = gr.Radio([*LAYER_METHODS, "custom"], value="uniform", elem_id="layer-method",
-                                   label="Teacher block per student block", scale=0, min_width=430,
-                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept; influence: the most "
-                                        "influential on a calibration set")
+                                   label="Teacher block per student block", scale=0, min_width=560,
+                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept; influence: the "
+                                        "most influential")
             self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
                                       min_width=120, buttons=[], elem_classes=SLIDER_CLASSES)
                             for i in range(MAX_BLOCKS)]
@@ -748,7 +748,7 @@ class Inspector:
         unused = s.unused_teacher_keys()
         out: dict = {
             self.state: s,
-            self.cards: cards.summary_cards(summary, note),
+            self.cards: cards.summary_cards(summary, note, s.step0_error() if s.plan_ready else None),
             self.warning: gr.update(value=cards.warnings_banner(summary["warnings"]), visible=bool(summary["warnings"])),
             self.energy_btn: gr.update(visible=not measured),
             self.legend: table.legend(summary["counts"]),

@@ -71,7 +71,19 @@ def metric_card(title: str, value: str, detail: str, tone: str = "", hint: str =
             f'<div class="metric">{value}</div><div class="card-line">{detail}</div></div>')
 
 
-def summary_cards(summary: dict[str, Any], energy_note: str) -> str:
+def function_card(step0: tuple[float, float] | None) -> str:
+    """What the student computes, first: its velocity error against the teacher before training."""
+    if step0 is None:
+        return ""
+    error, random = step0
+    tone = "good" if error < 0.5 else ("bad" if error >= random else "")
+    return metric_card("Velocity error", f"{error:.2f}", f"vs the teacher, step 0; random init {random:.2f}", tone,
+                       hint="sum |v_student - v_teacher|^2 / sum |v_teacher|^2 on 64 of the demo's held-out latents "
+                            "at fixed noise (2 draws each), before any training; 0 is the teacher's function. The "
+                            "Gallery tab draws the samples.")
+
+
+def summary_cards(summary: dict[str, Any], energy_note: str, step0: tuple[float, float] | None = None) -> str:
     keys, params = summary["coverage"]["keys"], summary["coverage"]["params"]
     tone = "bad" if keys["transferred"] == 0 else ("good" if keys["rate"] == 1 else "")
     energy = summary.get("retained_weight_energy")
@@ -79,10 +91,11 @@ def summary_cards(summary: dict[str, Any], energy_note: str) -> str:
     cards = [
         model_card("teacher", summary["teacher"]),
         model_card("student", summary["student"]),
+        function_card(step0),
         metric_card("Keys transferred", percent(keys["rate"], 0),
-                    f'{keys["transferred"]} of {keys["total"]} student keys' + _status_bar(summary["counts"]), tone),
-        metric_card("Params transferred", percent(params["rate"], 0),
-                    f'{human_count(params["transferred"])} of {human_count(params["total"])}', tone),
+                    f'{keys["transferred"]} of {keys["total"]} student keys · {percent(params["rate"], 0)} of params'
+                    + _status_bar(summary["counts"]), tone,
+                    hint=f'{human_count(params["transferred"])} of {human_count(params["total"])} parameters'),
         metric_card("Retained weight energy", percent(mean) if mean is not None else "—", energy_note,
                     hint=energy["meaning"] if energy else ""),
     ]

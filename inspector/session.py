@@ -26,6 +26,7 @@ from projection import ProjectionError, Projector, Strategy, export_student, par
 from projection import demo_teacher
 from projection.student import random_student
 from projection.calibration import demo_calibration
+from projection.fidelity import fidelity_table
 from projection.gallery import GalleryRow, demo_space, draw_row
 from projection.anatomy import SPACES, template_of
 from projection.checkpoint import PathCheck
@@ -41,7 +42,8 @@ from projection.suggest import suggest_rules, with_suggestions
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
 MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
-GALLERY_KEPT = 16  # gallery rows a session remembers (a few kB each)
+GALLERY_KEPT = 16  # gallery rows (and step-0 errors) a session remembers (a few kB each)
+QUICK_LATENTS = 64  # held-out latents behind the summary card's step-0 velocity error (2 noise draws each)
 GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
 TEACHER = "teacher"
 RANDOM = "random"
@@ -109,6 +111,7 @@ class Session:
     _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
     gallery: OrderedDict[str, GalleryRow] = field(default_factory=OrderedDict)  # by what drew them, newest last
     _teacher_module: torch.nn.Module | None = None
+    _step0: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ opening
 
@@ -198,7 +201,7 @@ class Session:
     def set_strategy(self, strategy: Strategy) -> None:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
         pick_device(strategy.device)  # the core refuses cuda where there is none
-        if strategy.needs_activations and self.projector.activations is None:
+        if strategy.needs_calibration and self.projector.calibration is None:
             self.calibrate()
         self._remap(strategy=strategy)
 
@@ -415,6 +418,25 @@ class Session:
         if student.get("layout") not in ("wanlite", "seed"):
             return f"the student's layout '{student.get('layout')}' has no runnable module here"
         return None
+
+    def step0_error(self) -> tuple[float, float] | None:
+        """(the student's velocity error vs the teacher, a random student's) on the first QUICK_LATENTS held-out
+        demo latents at step 0, for the summary card; None where function cannot be measured here. Cached per
+        strategy and rules."""
+        if self.function_unavailable():
+            return None
+        key = "step0:" + json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules],
+                                    sort_keys=True)
+        if key not in self._step0:
+            held_out = demo_calibration().subset(QUICK_LATENTS)
+            teacher = self.teacher_module()
+            students = {"student": projected_student(self.projector),
+                        "random": random_student(self.projector.student_config, self.strategy.seed)}
+            found = fidelity_table(students, teacher, held_out.latents, held_out.context, draws=2)
+            self._step0[key] = (found["student"].relative_error, found["random"].relative_error)
+            while len(self._step0) > GALLERY_KEPT:
+                self._step0.pop(next(iter(self._step0)))
+        return self._step0[key]
 
     def teacher_module(self) -> torch.nn.Module:
         if self._teacher_module is None:

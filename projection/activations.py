@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .calibration import Calibration
@@ -147,7 +148,7 @@ def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calib
     if not fingerprint.startswith("unnamed-") and path.is_file():
         try:
             return Activations.from_tensors(load_file(str(path)), about, key)
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
             pass  # a damaged cache entry: measure again
     found = collect(teacher, calibration, draws, seed, band, device, key, progress)
     if not fingerprint.startswith("unnamed-"):

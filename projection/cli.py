@@ -53,7 +53,7 @@ def _projector(args: argparse.Namespace):
 
     p = Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
                        num_heads=args.num_heads)
-    if p.strategy.needs_activations and getattr(args, "calibration", None) is not None:
+    if p.strategy.needs_calibration and getattr(args, "calibration", None) is not None:
         p.calibrate(_calibration(args, p))  # activation choices rank on it (statistics cached on disk)
     return p
 

@@ -91,7 +91,7 @@ def initial_student(teacher: str, run: Run, calibration: Calibration | None = No
                                strategy=Strategy.checked(run.arm.strategy or {}, f"arm {run.arm.name}"))
     if run.arm.random:
         return random_student(projector.student_config, run.seed)
-    if projector.strategy.needs_activations and calibration is not None:
+    if projector.strategy.needs_calibration and calibration is not None:
         projector.calibrate(calibration)
     return projected_student(projector)
 

@@ -151,7 +151,15 @@ def projected_student(projector: Projector, device: str | torch.device = "cpu",
     state = initial_values(projector, skipped)
     state.update({r.entry.student_key: r.tensor for r in projector.stream(tensors="yield") if r.tensor is not None})
     model.load_state_dict(state, assign=True, strict=True)
-    return model.to(device, dtype).eval()
+    model = model.to(device, torch.float32).eval()
+    if projector.strategy.fit == "least-squares":
+        from .fit import fit_student
+
+        if projector.calibration is None:
+            raise ProjectionError("fit: least-squares refits on a calibration set: give one (CLI: --calibration "
+                                  "FILE|demo|synthetic)")
+        fit_student(projector, model, projector.calibration, device=device)
+    return model.to(device, dtype)
 
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -436,12 +444,14 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
         stem = "diffusion_pytorch_model" if student.family == "wan-diffusers" else "model"  # diffusers' file names
+        fitted = projected_student(projector).state_dict() if strategy.fit != "none" else {}  # in memory
         with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem) as writer:
             for key, t in initial_values(projector, skipped).items():
                 writer.write(key, t)
             for r in projector.stream(progress=progress, tensors="yield"):
                 if r.tensor is not None:
-                    writer.write(student.native.get(r.entry.student_key, r.entry.student_key), r.tensor)
+                    t = fitted.get(r.entry.student_key, r.tensor)
+                    writer.write(student.native.get(r.entry.student_key, r.entry.student_key), t)
                 results.append(numbers_only(r))
         if writer.missing:
             raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")

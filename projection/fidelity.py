@@ -4,9 +4,11 @@ On calibration latents x0 with fixed noise (`sampling.validation_noise`: the sam
 both models predict the velocity at x_s; the student's error is measured against the teacher's prediction:
 
     relative error = sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2     (0: the teacher's function;
-    cosine         = <v_student, v_teacher> / (||v_student|| ||v_teacher||)      ~1 for any unrelated model)
+                                                                             about 1 for an unrelated model)
+    cosine         = <v_student, v_teacher> / (||v_student|| ||v_teacher||)   (1: the teacher's direction)
 
-summed over samples and noise draws, overall and per noise-level band (draw k covers s in [k/draws, (k+1)/draws)).
+summed over samples and noise draws, overall and per noise-level band (draw k covers s in [k/draws, (k+1)/draws)
+of the levels requested: all of [0, 1], or the band one Wan 2.2 expert serves).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from .calibration import Calibration
 from .export import projected_student
 from .forward import StreamedTeacher, predict
 from .pipeline import Projector
+from .sampling import TIMESTEPS, add_noise, validation_noise
 from .strategy import Strategy
 from .student import random_student
-from .sampling import TIMESTEPS, add_noise, validation_noise
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,14 @@ def compare(v_student: torch.Tensor, v_teacher: torch.Tensor, draws: int,
     return Fidelity(_ratio(d, t), _ratio(st, (t * ss).sqrt()), bands)
 
 
-def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
-                      context: torch.Tensor, draws: int = 4, seed: int = 0) -> Fidelity:
-    """The student's velocity against the teacher's on (latents [N, C, H, W], context [N, L, T]), `draws` fixed
-    noise draws per latent. A streamed teacher runs the whole set in one pass over its blocks."""
-    x, t, ctx = noised_set(latents, context, draws, seed)
-    return compare(predict(student, x, t, ctx), predict(teacher, x, t, ctx), draws)
-
-
-EXPERT_BANDS = {"high": (0.875, 1.0), "low": (0.0, 0.875)}  # Wan2.2 T2V-A14B: boundary 0.875 (I2V: 0.900)
-I2V_BOUNDARY = 0.9
+I2V_BOUNDARY, T2V_BOUNDARY = 0.9, 0.875  # Wan2.2 A14B: the high-noise expert serves s >= boundary
 
 
 def expert_band(expert: str | None, in_dim: int | None = None) -> tuple[float, float]:
     """The noise levels s a Wan 2.2 expert serves (`../shared/wan-reference.md` 8): all of [0, 1] for one model."""
     if expert is None:
         return (0.0, 1.0)
-    boundary = I2V_BOUNDARY if in_dim == 36 else 0.875  # I2V-A14B reads 36 channels
+    boundary = I2V_BOUNDARY if in_dim == 36 else T2V_BOUNDARY  # I2V-A14B reads 36 channels
     return (boundary, 1.0) if expert == "high" else (0.0, boundary)
 
 
@@ -88,6 +81,12 @@ def fidelity_table(students: dict[str, nn.Module], teacher: nn.Module | Streamed
     x, t, ctx = noised_set(latents, context, draws, seed, band)
     reference = predict(teacher, x, t, ctx)
     return {name: compare(predict(model, x, t, ctx), reference, draws, band) for name, model in students.items()}
+
+
+def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
+                      context: torch.Tensor, draws: int = 4, seed: int = 0) -> Fidelity:
+    """One student's fidelity on (latents [N, C, H, W], context [N, L, T]), `draws` fixed noise draws per latent."""
+    return fidelity_table({"student": student}, teacher, latents, context, draws, seed)["student"]
 
 
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,

@@ -128,6 +128,7 @@ class Projector:
         self._kept_bytes = 0
         self._spectra: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self.activations: Any = None  # activations.Activations on a calibration set (see `calibrate`)
+        self.calibration: Any = None  # calibration.Calibration given to `calibrate` (fitting runs on it)
 
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
@@ -160,6 +161,7 @@ class Projector:
 
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
         band = expert_band(expert, self.teacher.config.get("in_dim"))
+        self.calibration = calibration
         self.activations = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band,
                                                self.device, cache, progress)
         return self.activations

@@ -34,6 +34,9 @@ class Strategy(BaseModel):
                                  "attention output's activations); or first/uniform")
     ffn: Rank = Field("magnitude", description="FFN neurons: |ffn.0 row| x |ffn.2 column|, or activation: "
                                                "the GELU output's energy on a calibration set")
+    fit: Literal["none", "least-squares"] = Field(
+        "none", description="least-squares: refit every block matrix on a calibration set to reproduce the "
+                            "teacher's outputs on the kept indices, on the student's own inputs (ridge, float64)")
     conv: Literal["center", "mean", "sum"] = Field("sum", description="Conv3d -> Conv2d temporal collapse")
     rescale: Literal["none", "variance"] = Field(
         "none", description="variance: scale each matrix by sqrt(teacher_in / student_in) of its input axis")
@@ -64,6 +67,10 @@ class Strategy(BaseModel):
     def needs_activations(self) -> bool:
         """Some choice ranks by the teacher's activations (a calibration set must be given)."""
         return self.layers == "influence" or "activation" in (self.width, self.heads, self.ffn, self.head_dim)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_activations or self.fit != "none"
 
     @property
     def basis_consistent(self) -> bool:
