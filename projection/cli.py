@@ -206,6 +206,9 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{report['provenance']['seconds']} s")
     if "function" in report:
         _print_fidelity(report["function"])
+    else:
+        print("function: not measured; --calibration FILE|demo|synthetic measures the student's velocity error "
+              "against the teacher (and records it in projection_report.json)")
     for w in report["warnings"]:
         print(f"WARNING: {w}")
 

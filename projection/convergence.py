@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from statistics import mean
 from typing import Any, Literal
 
@@ -28,7 +28,6 @@ from .calibration import Calibration
 from .export import projected_student
 from .fidelity import velocity_fidelity
 from .pipeline import Projector
-from .sampling import validation_loss
 from .strategy import Strategy
 from .student import random_student
 from .training import TrainConfig, train_flow
@@ -78,7 +77,6 @@ class Result:
     final_val_loss: float
     seconds: float
     prompt_accuracy: float | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

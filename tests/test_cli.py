@@ -415,6 +415,7 @@ def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path,
     assert out.startswith(f"wrote {out_dir}: 34/58 keys")
     exported = json.loads((out_dir / "projection_report.json").read_text())["retained_weight_energy"]["mean"]
     assert f"retained weight energy {100 * exported:.1f}% (a weight statistic), " in out  # the app's format
+    assert "function: not measured; --calibration" in out
     assert "[58/58]" in err
     assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors",
                                                         "projection_report.json", "strategy.yaml"]

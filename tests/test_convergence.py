@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from projection import Projector, Strategy, demo_teacher as dt, digits, export_student, load_student, projected_student
+from projection import Projector, demo_teacher as dt, digits, export_student, load_student, projected_student
 from projection import convergence as cv
 from projection.fidelity import velocity_fidelity
 from projection.gallery import draw_row, strip
