@@ -4,7 +4,7 @@ Every arm of a student shape trains with the same data order, noise, optimizer (
 and number of steps; only the initialization (and, for random init, the learning rate of a small sweep) differs.
 See `projection/convergence.py` for the columns.
 
-    python benchmarks/bench_convergence.py            # the full grid (about 40 min on 2 cores, 2 workers)
+    python benchmarks/bench_convergence.py            # the full grid (40 runs, about 70 min on 2 cores, 2 workers)
     python benchmarks/bench_convergence.py --report   # tables (markdown) and assets/convergence.png from results
 
 Results go to benchmarks/results/convergence.jsonl, one line per finished run; a rerun skips finished runs.
@@ -220,6 +220,7 @@ def report(path: Path, plot: Path | None) -> str:
         cell = lambda v: " / ".join(f"{x:.4f}" for x in v)  # noqa: E731  seed 0 / seed 1
         out.append(f"| {label} | " + " | ".join(f"**{cell(found[lr])}**" if lr == (rate if is_random else projected)
                                                 else cell(found[lr]) if lr in found else "—" for lr in SWEEP) + " |")
+    out.append(same_rate(results))
     shown = chosen(results)
     for objective in ("denoise", "distill"):
         for shape in SHAPES:
@@ -247,32 +248,76 @@ def report(path: Path, plot: Path | None) -> str:
     return "\n".join(out)
 
 
+def same_rate(results: list[dict[str, Any]]) -> str:
+    """The default's speedup over random init when both train at the same rate (seed 0): the comparison an
+    untuned baseline gives, next to the tuned one above."""
+    runs = {(d["run"]["arm"]["strategy"] is None, d["run"]["arm"]["lr"]): d for d in results
+            if d["run"]["shape"] == HEADLINE and d["run"]["objective"] == "denoise" and d["run"]["seed"] == 0
+            and (d["run"]["arm"]["strategy"] is None or d["run"]["arm"]["name"] == "default")}
+    cells = []
+    for lr in PROJECTED_SWEEP:
+        if (True, lr) in runs and (False, lr) in runs:
+            h = runs[(False, lr)]["history"]
+            steps = cv.steps_to_reach(h["steps"], h["val_loss"], runs[(True, lr)]["final_val_loss"])
+            cells.append(f"{h['steps'][-1] / steps:.1f}x" if steps else "<1x")
+        else:
+            cells.append("—")
+    return ("| default's speedup over random init at the same rate | — | " + " | ".join(cells) + " | — |")
+
+
+KEY_ARMS = ["default", "width: svd-per-matrix (the seeds' method)", "naive truncation (first everywhere)",
+            "activation + influence", "activation + influence + least-squares"]
+
+
 def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """Three panels: the headline student's validation loss (denoising; key arms, both seeds), every arm's loss
+    relative to random init's at the same step (seed 0), and the distillation runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(HEADLINE, "denoise"), (HEADLINE, "distill")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
-    for ax, (shape, objective) in zip(axes, panels):
+    def runs(objective: str, seed: int | None = None) -> dict[str, list[dict]]:
         groups: dict[str, list[dict]] = {}
         for d in results:
             r = d["run"]
-            if r["shape"] == shape and r["objective"] == objective:
+            if r["shape"] == HEADLINE and r["objective"] == objective and (seed is None or r["seed"] == seed):
                 groups.setdefault(r["arm"]["name"], []).append(d)
-        for name, members in sorted(groups.items()):
-            for i, d in enumerate(members):
+        return groups
+
+    names = sorted({d["run"]["arm"]["name"] for d in results if d["run"]["shape"] == HEADLINE})
+    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    for ax, objective in ((axes[0], "denoise"), (axes[2], "distill")):
+        for name, members in sorted(runs(objective).items()):
+            if name not in KEY_ARMS and members[0]["run"]["arm"]["strategy"] is not None:
+                continue
+            for i, d in enumerate(sorted(members, key=lambda d: d["run"]["seed"])):
                 h = d["history"]
-                ax.plot(h["steps"], h["val_loss"], color=None if i == 0 else ax.lines[-1].get_color(),
-                        alpha=1 if i == 0 else 0.5, lw=1.4, label=name if i == 0 else None,
-                        ls="--" if d["run"]["arm"]["strategy"] is None else "-")
-        ax.set(xlabel="training step", yscale="log", title=f"{shape}: {objective}")
+                ax.plot(h["steps"], h["val_loss"], color=colors[name], alpha=1 if i == 0 else 0.45, lw=1.4,
+                        label=name if i == 0 else None, ls="--" if d["run"]["arm"]["strategy"] is None else "-")
+        ax.set(xlabel="training step", yscale="log", ylim=(0.28, 1.2),
+               title=f"{'denoising' if objective == 'denoise' else 'distillation'}: validation loss")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("validation loss (denoising, fixed noise)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Students of the trained demo teacher: the same data order, optimizer and steps for every "
-                 "init (dashed: random init; faint: second seed)", fontsize=9)
+    axes[0].legend(fontsize=7, title="svd-per-matrix starts at 146 (off the scale)", title_fontsize=7)
+    seed0 = runs("denoise", 0)
+    base = next((m[0] for n, m in seed0.items() if m[0]["run"]["arm"]["strategy"] is None), None)
+    if base is not None:
+        ref = dict(zip(base["history"]["steps"], base["history"]["val_loss"]))
+        for name, members in sorted(seed0.items()):
+            if members[0]["run"]["arm"]["strategy"] is None:
+                continue
+            h = members[0]["history"]
+            axes[1].plot(h["steps"], [v / ref[s] for s, v in zip(h["steps"], h["val_loss"])], color=colors[name],
+                         lw=1.2, label=name)
+        axes[1].axhline(1, color="k", ls="--", lw=1)
+        axes[1].set(xlabel="training step", ylim=(0.8, 1.3), ylabel="loss / random init's loss at the same step",
+                    title="every init against random init (seed 0)")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(fontsize=6)
+    fig.suptitle(f"Students ({HEADLINE}) of the trained demo teacher: the same data order, optimizer and steps for "
+                 "every init; dashed: random init (its best rate); faint: seed 1", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -22,13 +22,11 @@ from typing import Any
 
 import torch
 
-from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
-from projection import demo_teacher
-from projection.student import random_student
+from projection import ProjectionError, Projector, Strategy, demo_teacher, export_student, parse_rules, projected_student
+from projection.anatomy import SPACES, template_of
 from projection.calibration import demo_calibration
 from projection.fidelity import fidelity_table
 from projection.gallery import GalleryRow, demo_space, draw_row
-from projection.anatomy import SPACES, template_of
 from projection.checkpoint import PathCheck
 from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.measure import energy_by, layer_of
@@ -37,6 +35,7 @@ from projection.plan import needs_stats
 from projection.project import Projected, pick_device
 from projection.runtime import heavy_work
 from projection.spectra import as_matrix, cumulative_energy, singular_values
+from projection.student import random_student
 from projection.suggest import suggest_rules, with_suggestions
 
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
@@ -209,9 +208,9 @@ class Session:
         """Activation choices rank on a calibration set: the demo's held-out digits for teachers in its latent
         space (measured once, then cached on disk); other teachers need the CLI's --calibration for now."""
         if not demo_space(self.projector.teacher.config):
-            raise ProjectionError("activation and influence rank by the teacher's activations on a calibration set; "
-                                  "in the app that is the demo's held-out set, for teachers in its latent space. For "
-                                  "this teacher use the CLI: projection export ... --calibration FILE")
+            raise ProjectionError("activation, influence and least-squares choices run the teacher on a calibration "
+                                  "set; in the app that is the demo's held-out set, for teachers in its latent space. "
+                                  "For this teacher use the CLI: projection export ... --calibration FILE")
         with heavy_work():
             self.projector.calibrate(demo_calibration())
 
@@ -451,14 +450,14 @@ class Session:
         why = self.function_unavailable()
         if why:
             raise ProjectionError(why)
-        key = which if isinstance(which, str) else json.dumps([which.model_dump(exclude={"dtype", "device"}),
-                                                               self.projector.rules], sort_keys=True)
+        key = (f"{which}:{self.strategy.seed}" if isinstance(which, str) else
+               json.dumps([which.model_dump(exclude={"dtype", "device"}), self.projector.rules], sort_keys=True))
         if key in self.gallery:
             self.gallery.move_to_end(key)
             return self.gallery[key]
         teacher = self.teacher_module()
         classifier = demo_teacher.load_demo_classifier()
-        calibration = demo_teacher.load_calibration()
+        calibration = demo_calibration()
         with heavy_work():
             if which == TEACHER:
                 row = draw_row("teacher", teacher, classifier, GALLERY_SAMPLER)

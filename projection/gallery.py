@@ -7,7 +7,6 @@ run on other teachers needs the streamed teacher forward (not in memory) and a c
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from . import digits
+from .calibration import Calibration
 from .classifier import DigitClassifier
 from .demo_teacher import Sampler, generate
 from .fidelity import velocity_fidelity
@@ -36,7 +36,7 @@ class GalleryRow:
 
 
 def draw_row(name: str, model: nn.Module, classifier: DigitClassifier, sampler: Sampler,
-             teacher: nn.Module | None = None, calibration: Mapping[str, torch.Tensor] | None = None) -> GalleryRow:
+             teacher: nn.Module | None = None, calibration: Calibration | None = None) -> GalleryRow:
     """One model's row: per digit, the sample of seed 0 is shown; all `sampler.per_class` seeds per digit are
     scored. The teacher's row has no velocity error; a student's is measured on `calibration` (latents, context)."""
     labels = sampler.labels()
@@ -45,7 +45,7 @@ def draw_row(name: str, model: nn.Module, classifier: DigitClassifier, sampler: 
     shown = images[: digits.NUM_CLASSES].clamp(0, 1)  # seeds 0..9 are digits 0..9
     error = None
     if teacher is not None and calibration is not None:
-        error = velocity_fidelity(model, teacher, calibration["latents"], calibration["context"]).relative_error
+        error = velocity_fidelity(model, teacher, calibration.latents, calibration.context).relative_error
     return GalleryRow(name, shown, accuracy, len(labels), error)
 
 

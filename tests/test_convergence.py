@@ -9,6 +9,7 @@ import torch
 
 from projection import Projector, demo_teacher as dt, digits, export_student, load_student, projected_student
 from projection import convergence as cv
+from projection.calibration import Calibration
 from projection.fidelity import velocity_fidelity
 from projection.gallery import draw_row, strip
 from projection.student import random_student
@@ -114,8 +115,7 @@ def test_gallery_rows_score_the_teacher_high_and_show_one_digit_per_column(teach
     assert row.images.shape == (10, 8, 8) and row.scored == 20 and row.velocity_error is None
     assert row.prompt_accuracy >= 0.8
     rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config, 0)
-    calibration = {"latents": data.val_latents, "context": data.val_context}
-    other = draw_row("random", rand, classifier, sampler, teacher, calibration)
+    other = draw_row("random", rand, classifier, sampler, teacher, Calibration(data.val_latents, data.val_context, "val"))
     assert other.prompt_accuracy <= 0.4 and 0.5 < other.velocity_error < 2
     picture = strip(row.images, scale=3, gap=1)
     assert picture.dtype == torch.uint8 and tuple(picture.shape) == (24, 10 * 25 - 1)

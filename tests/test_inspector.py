@@ -404,6 +404,7 @@ def test_ab_comparison(client, app, root):
 
 def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client, app, root):
     from projection import demo_teacher, projected_student
+    from projection.calibration import demo_calibration
     from projection.fidelity import velocity_fidelity
 
     load(client, app)
@@ -420,10 +421,10 @@ def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client
     assert accuracy["Teacher"] >= 90 and accuracy["Random init, same shape"] <= 40
     assert table["Teacher"]["velocity error vs teacher (step 0)"] == "—"
     # the student's velocity error is the core's, on the demo's held-out latents
-    calibration = demo_teacher.load_calibration()
+    calibration = demo_calibration()
     student = projected_student(Projector.open(str(root / TEACHER), str(root / WANLITE)))
-    expected = velocity_fidelity(student, demo_teacher.load_teacher(), calibration["latents"],
-                                 calibration["context"]).relative_error
+    expected = velocity_fidelity(student, demo_teacher.load_teacher(), calibration.latents,
+                                 calibration.context).relative_error
     a_row, b_row = table["Student, strategy A (default strategy)"], table["Student, strategy B (width svd-per-matrix)"]
     assert a_row["velocity error vs teacher (step 0)"] == f"{expected:.3f}"
     assert float(b_row["velocity error vs teacher (step 0)"]) > 10 * expected
