@@ -89,6 +89,11 @@ def cache_key(fingerprint: str, calibration: Calibration, draws: int, seed: int,
     return hashlib.sha256(request.encode()).hexdigest()[:32]
 
 
+def describe(calibration: Calibration, draws: int, band: tuple[float, float]) -> str:
+    """What the statistics were measured on, as reports show it."""
+    return f"{calibration.label}; {draws} noise draws per latent, s in [{band[0]:g}, {band[1]:g}]"
+
+
 def _share(profile: torch.Tensor) -> torch.Tensor:
     return profile / max(profile.sum().item(), 1e-300)
 
@@ -132,8 +137,7 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
         resid += _share(energy)
     sums[("resid", None)] = resid
     influence = [cos_sum[b] / count[b] for b in range(int(cfg["num_layers"]))]
-    about = f"{calibration.label}; {draws} noise draws per latent, s in [{band[0]:g}, {band[1]:g}]"
-    return Activations(sums, influence, about, key)
+    return Activations(sums, influence, describe(calibration, draws, band), key)
 
 
 def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 2,
@@ -142,7 +146,7 @@ def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calib
                         ) -> Activations:
     """`collect`, through the on-disk cache (written atomically; an unreadable entry is recomputed)."""
     key = cache_key(fingerprint, calibration, draws, seed, band)
-    about = f"{calibration.label}; {draws} noise draws per latent, s in [{band[0]:g}, {band[1]:g}]"
+    about = describe(calibration, draws, band)
     folder = cache_dir() if cache is None else cache
     path = folder / "activations" / f"{key}.safetensors"
     if not fingerprint.startswith("unnamed-") and path.is_file():
