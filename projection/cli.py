@@ -193,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.calibration is not None:
         from .fidelity import student_fidelity
 
-        calibration = _calibration(args, p)
+        calibration = p.calibration or _calibration(args, p)  # read once: _projector may have read it
         if args.calibration not in ("demo", "synthetic"):
             inputs.append(args.calibration)  # --force never replaces it
         measure = lambda folder: student_fidelity(p, calibration, load_student(folder), args.draws,  # noqa: E731
@@ -250,7 +250,7 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     exported = folder.is_dir() and (folder / "projection_report.json").is_file()
     student = load_student(folder) if exported else None  # its own weights, not a new projection
     p = _projector(args)
-    result = student_fidelity(p, _calibration(args, p), student, args.draws, device=p.device)
+    result = student_fidelity(p, p.calibration or _calibration(args, p), student, args.draws, device=p.device)
     if args.json:
         _print_json(result)
     else:

@@ -448,9 +448,10 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem) as writer:
             for key, t in initial_values(projector, skipped).items():
                 writer.write(key, t)
-            for r in projector.stream(progress=progress, tensors="yield"):
+            # fitted: the projection already ran (its numbers are cached), so only the numbers are asked for
+            for r in projector.stream(progress=progress, tensors="numbers" if fitted else "yield"):
                 if r.tensor is not None:
-                    t = fitted.get(r.entry.student_key, r.tensor)
+                    t = fitted[r.entry.student_key] if fitted else r.tensor
                     writer.write(student.native.get(r.entry.student_key, r.entry.student_key), t)
                 results.append(numbers_only(r))
         if writer.missing:

@@ -65,7 +65,7 @@ def ridge(m: Moments, lam: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class FitReport:
     """Per student block and layer: the relative error of the layer's output against the teacher's (on the kept
-    indices) before and after the fit, on the fitting inputs."""
+    indices) before the fit, on the fitting inputs."""
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
 
 

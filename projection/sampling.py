@@ -28,10 +28,16 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(model: nn.Module, x0: torch.Tensor, context: torch.Tensor, eps: torch.Tensor,
-              s: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the model's velocity at x_s (Wan's training objective), a scalar."""
-    v = model(add_noise(x0, eps, s), TIMESTEPS * s, context)
-    return (v.float() - velocity_target(x0, eps).float()).pow(2).mean()
+              s: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
+    """Mean squared error of the model's velocity at x_s, a scalar: against Wan's target v = eps - x0, or, for
+    distillation, against the teacher's velocity at the same x_s."""
+    x, t = add_noise(x0, eps, s), TIMESTEPS * s
+    if teacher is None:
+        target = velocity_target(x0, eps)
+    else:
+        with torch.no_grad():
+            target = teacher(x, t, context)
+    return (model(x, t, context).float() - target.float()).pow(2).mean()
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sampling import TIMESTEPS, add_noise, flow_loss, validation_loss
+from .sampling import flow_loss, validation_loss
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,7 @@ def train_flow(model: nn.Module, latents: torch.Tensor, context: torch.Tensor, e
         ctx[torch.rand(len(idx), generator=g) < config.drop_prompt] = empty
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, config)
-        x0, ctx, eps, s = x0.to(device), ctx.to(device), eps.to(device), s.to(device)
-        if teacher is None:
-            loss = flow_loss(model, x0, ctx, eps, s)
-        else:
-            x = add_noise(x0, eps, s)
-            with torch.no_grad():
-                target = teacher(x, TIMESTEPS * s, ctx).float()
-            loss = (model(x, TIMESTEPS * s, ctx).float() - target).pow(2).mean()
+        loss = flow_loss(model, x0.to(device), ctx.to(device), eps.to(device), s.to(device), teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
