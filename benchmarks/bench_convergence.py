@@ -60,6 +60,10 @@ ARMS = {  # name -> strategy fields
     "activation + influence": {**ACTIVATION, "layers": "influence"},
     "fit: least-squares": {"fit": "least-squares"},
     "activation + influence + least-squares": {**ACTIVATION, "layers": "influence", "fit": "least-squares"},
+    "ffn: wanda": {"ffn": "wanda"},
+    "compensate: mean": {"compensate": "mean"},
+    "all: activation, ffn wanda, influence, least-squares, compensate": {
+        **ACTIVATION, "ffn": "wanda", "layers": "influence", "fit": "least-squares", "compensate": "mean"},
 }
 SEEDED = ["default", "width: svd-per-matrix (the seeds' method)", "activation + influence",
           "activation + influence + least-squares"]  # the headline rows: every seed (random init too)

@@ -30,6 +30,7 @@ from projection.runtime import setup_runtime
 from projection.strategy import LAYER_METHODS
 
 from . import cards, charts, table
+from .function import FunctionView
 from .gallery import GalleryView
 from .paths import Roots, unique_export_name
 from .session import Session, histogram
@@ -124,6 +125,8 @@ class Inspector:
                 self._strategy_tab(c.strategy)
             with gr.Tab("Gallery", id="gallery"):
                 self.gallery = GalleryView(self.state, self.a_yaml, self.b_yaml, self._session)
+            with gr.Tab("Function", id="function"):
+                self.function = FunctionView(self.state, self._session, c.roots)
             with gr.Tab("Export", id="export"):
                 self._export_tab(c.strategy)
 
@@ -372,6 +375,7 @@ class Inspector:
         self.a_btn.click(self.current_strategy, self.state, self.a_yaml, api_visibility="private")
         self.b_btn.click(self.current_strategy, self.state, self.b_yaml, api_visibility="private")
         self.gallery.wire()
+        self.function.wire().success(self.redraw, [self.state, *t], self._view, api_visibility="private")
         self.compare_btn.click(self.compare, [self.state, self.a_yaml, self.b_yaml],
                                [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
                                api_name="compare")
@@ -551,6 +555,11 @@ class Inspector:
             if (value is None or value == "") and self.sliders[i] not in out:
                 out[self.sliders[i]] = gr.update(value=s.mapping.layers[i])
         return out
+
+    def redraw(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None) -> dict:
+        """The view again after something the session measured (the Function tab's influence, an activation
+        strategy's new ranking)."""
+        return self._refresh(state, (statuses, search, sort, key), lambda s: None)
 
     def measure(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
                 progress: gr.Progress = gr.Progress()) -> dict:
@@ -756,7 +765,7 @@ class Inspector:
             self.unused_box: gr.update(label=f"Unused teacher keys ({len(unused)})"),
             self.unused: table.unused_frame(unused),
             self.unmapped: _unmapped(s),
-            self.layer_map: plot(charts.layer_map(layers, s.teacher_blocks)),
+            self.layer_map: plot(charts.layer_map(layers, s.teacher_blocks, s.block_influence())),
             self.layer_energy: plot(charts.layer_energy(energy and energy["by_layer"], layers,
                                                         energy and energy["mean"])),
             self.heatmap: plot(charts.energy_heatmap(s.energy_grid(), layers)),

@@ -51,8 +51,11 @@ def block_label(i: int, layers: list[int]) -> str:
     return f"S{i} ← T{layers[i]}"
 
 
-def layer_map(layers: list[int], teacher_blocks: int) -> Figure:
-    """Teacher blocks on top, student blocks below, a line from each student block to its source."""
+def layer_map(layers: list[int], teacher_blocks: int,
+              influence: tuple[list[float], list[float] | None, str] | None = None) -> Figure:
+    """Teacher blocks on top, student blocks below, a line from each student block to its source. `influence`:
+    (1 - cos(h_in, h_out) per teacher block, the velocity error with each removed or None, what they were measured
+    on), drawn as bars above the teacher blocks."""
     title = "Teacher → student blocks"
     n = len(layers)
     if not n or not teacher_blocks:
@@ -83,10 +86,30 @@ def layer_map(layers: list[int], teacher_blocks: int) -> Figure:
              "hovertemplate": "student block %{customdata[0]} ← teacher block %{customdata[1]}<extra></extra>"},
     ]
     note = f"{len(used)} of {teacher_blocks} teacher blocks used; grey ones feed no student block"
+    top = 1.45
+    if influence is not None and len(influence[0]) == teacher_blocks:
+        data.append(_influence_bars(*influence))
+        note = f"{len(used)} of {teacher_blocks} teacher blocks used (grey: unused); bars: block influence"
+        top = INFLUENCE_BASE + INFLUENCE_HEIGHT + 0.05
     return figure(data, subtitled(title, note), LAYER_CHART_HEIGHT, showlegend=False,
-                  yaxis={"tickvals": [0, 1], "ticktext": ["student", "teacher"], "range": [-0.45, 1.45], "showgrid": False,
+                  yaxis={"tickvals": [0, 1], "ticktext": ["student", "teacher"], "range": [-0.45, top], "showgrid": False,
                              "zeroline": False, "showline": False, "tickfont": {"size": 15}},
                   xaxis={"visible": False, "range": [-0.8, span + 0.8]}, margin={"t": 72, "b": 20})
+
+
+INFLUENCE_BASE, INFLUENCE_HEIGHT = 1.3, 0.55  # where the influence bars sit above the teacher row (y units)
+
+
+def _influence_bars(influence: list[float], removal: list[float] | None, about: str) -> dict[str, Any]:
+    """Bars scaled to the most influential block; the hover gives the measured values."""
+    peak = max(max(influence), 1e-12)
+    removed = removal or [None] * len(influence)
+    hover = [f"teacher block {b}<br>influence 1 − cos(h_in, h_out): {x:.4f}"
+             + ("" if r is None else f"<br>teacher's velocity error with it removed: {r:.4f}") + f"<br>on {about}"
+             for b, (x, r) in enumerate(zip(influence, removed))]
+    return {"type": "bar", "x": list(range(len(influence))), "y": [INFLUENCE_HEIGHT * x / peak for x in influence],
+            "base": INFLUENCE_BASE, "width": 0.6, "name": "influence", "marker": {"color": TEACHER, "opacity": 0.55},
+            "hovertext": hover, "hoverinfo": "text", "customdata": influence}
 
 
 def _hline(y: float, color: str, dash: str, text: str, where: str = "left") -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ statistics of the blocks it looked at, singular values (`SPECTRA_KEPT`) and ener
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import threading
@@ -24,8 +25,9 @@ import torch
 
 from projection import ProjectionError, Projector, Strategy, demo_teacher, export_student, parse_rules, projected_student
 from projection.anatomy import SPACES, template_of
-from projection.calibration import demo_calibration
+from projection.calibration import Calibration, demo_calibration
 from projection.fidelity import fidelity_table
+from projection.function import function_report
 from projection.gallery import GalleryRow, demo_space, draw_row
 from projection.checkpoint import PathCheck
 from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
@@ -38,10 +40,13 @@ from projection.spectra import as_matrix, cumulative_energy, singular_values
 from projection.student import random_student
 from projection.suggest import suggest_rules, with_suggestions
 
+from .units import human_bytes
+
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
 MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
 GALLERY_KEPT = 16  # gallery rows (and step-0 errors) a session remembers (a few kB each)
+MAX_FUNCTION_STUDENT_BYTES = 8 << 30  # the Function view holds three students of this size in memory
 QUICK_LATENTS = 64  # held-out latents behind the summary card's step-0 velocity error (2 noise draws each)
 GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
 TEACHER = "teacher"
@@ -111,6 +116,8 @@ class Session:
     gallery: OrderedDict[str, GalleryRow] = field(default_factory=OrderedDict)  # by what drew them, newest last
     _teacher_module: torch.nn.Module | None = None
     _step0: dict[str, tuple[float, float]] = field(default_factory=dict)
+    function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
+    _function_on: str | None = None  # the activations key it was measured with
 
     # ------------------------------------------------------------ opening
 
@@ -204,15 +211,15 @@ class Session:
             self.calibrate()
         self._remap(strategy=strategy)
 
-    def calibrate(self) -> None:
-        """Activation choices rank on a calibration set: the demo's held-out digits for teachers in its latent
-        space (measured once, then cached on disk); other teachers need the CLI's --calibration for now."""
-        if not demo_space(self.projector.teacher.config):
-            raise ProjectionError("activation, influence and least-squares choices run the teacher on a calibration "
-                                  "set; in the app that is the demo's held-out set, for teachers in its latent space. "
-                                  "For this teacher use the CLI: projection export ... --calibration FILE")
+    def calibrate(self, calibration: Calibration | None = None, progress: Progress | None = None) -> None:
+        """Activation choices rank on a calibration set: the one given (the Function tab's), else the demo's
+        held-out digits for teachers in its latent space (measured once, then cached on disk)."""
+        if calibration is None and not demo_space(self.projector.teacher.config):
+            raise ProjectionError("activation, influence, wanda, compensation and least-squares choices run the "
+                                  "teacher on a calibration set: choose one in the Function tab (a file under the "
+                                  "app's root, or synthetic) and press Measure")
         with heavy_work():
-            self.projector.calibrate(demo_calibration())
+            self.projector.calibrate(calibration or demo_calibration(), progress=progress)
 
     def update_strategy(self, **fields: Any) -> None:
         self.set_strategy(Strategy.checked({**self.strategy.model_dump(), **fields}))  # validated, as files are
@@ -418,14 +425,49 @@ class Session:
             return f"the student's layout '{student.get('layout')}' has no runnable module here"
         return None
 
+    def function_problem(self) -> str | None:
+        """Why the Function view cannot measure this pair, or None when it can."""
+        student = self.projector.student_config
+        if student.get("layout") not in ("wanlite", "seed"):
+            return (f"the student's layout '{student.get('layout')}' has no runnable module here: measure an exported "
+                    "student with the CLI (projection fidelity --student FOLDER)")
+        size = 4 * sum(math.prod(shape) for shape in self.projector.student.shapes.values())
+        if size > MAX_FUNCTION_STUDENT_BYTES:
+            return (f"the student is {human_bytes(size)} in float32; the app runs students up to "
+                    f"{human_bytes(MAX_FUNCTION_STUDENT_BYTES)} (three of them: the student and two references)")
+        return None
+
+    def measure_function(self, calibration: Calibration, progress: Progress | None = None) -> dict[str, Any]:
+        """The core's function report on `calibration`, which also becomes the set activation choices rank on.
+        The last report is kept (numbers only) for the Layers tab's influence bars."""
+        why = self.function_problem()
+        if why:
+            raise ProjectionError(why)
+        with heavy_work():
+            self.function = function_report(self.projector, calibration, progress=progress)
+        self._function_on = self.projector.activations.key
+        return self.function
+
+    def block_influence(self) -> tuple[list[float], list[float] | None, str] | None:
+        """(influence per teacher block, removal effect per block or None, what they were measured on) once the
+        teacher has been run on a calibration set."""
+        acts = self.projector.activations
+        if acts is None:
+            return None
+        removal = None
+        if self.function is not None and self._function_on == acts.key:
+            removal = [b["removal_error"] for b in self.function["teacher_blocks"]]
+        return acts.influence, removal, acts.about
+
     def step0_error(self) -> tuple[float, float] | None:
         """(the student's velocity error vs the teacher, a random student's) on the first QUICK_LATENTS held-out
         demo latents at step 0, for the summary card; None where function cannot be measured here. Cached per
-        strategy and rules."""
+        strategy, rules and calibration set."""
         if self.function_unavailable():
             return None
-        key = "step0:" + json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules],
-                                    sort_keys=True)
+        acts = self.projector.activations if self.strategy.needs_calibration else None
+        key = "step0:" + json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
+                                     acts and acts.key], sort_keys=True)
         if key not in self._step0:
             held_out = demo_calibration().subset(QUICK_LATENTS)
             teacher = self.teacher_module()

@@ -8,7 +8,13 @@ Per teacher block b, over every calibration latent, noise draw and token (float6
   sa_heads, ca_heads   energy of each head's attention output (the input of `o`), per block
   sa_vo, ca_vo   energy of each head dim of that output, summed over heads, per block
   ffn            energy of each FFN neuron's GELU output (the input of `ffn.2`), per block
+  ffn_wanda      that energy times the squared norm of the neuron's `ffn.2` column: the energy the neuron writes
+                 (Wanda's |W| x ||x||, for whole neurons)
+  update         the block's mean update of the residual stream, mean(h_out - h_in) per channel (for folding a
+                 dropped block's mean contribution into the student: `compensate: mean`)
   influence      1 - cos(h_in, h_out) of the block's residual stream, averaged over tokens
+
+`removal_effects` measures, separately, the exact effect of removing each block alone on the teacher's output.
 
 Statistics are cached on disk (a user cache folder, never the teacher's), keyed by the teacher's content
 fingerprint, the calibration set's contents and the noise request, so the app and the CLI reuse them.
@@ -19,6 +25,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +36,15 @@ from safetensors.torch import load_file, save_file
 from .calibration import Calibration
 from .errors import ProjectionError
 from .fidelity import noised_set
-from .forward import StreamedTeacher
+from .forward import StreamedTeacher, build_block
 from .models import ModelView
 
 READERS = {"self_attn.q": "resid", "cross_attn.q": "resid", "ffn.0": "resid"}  # inputs: normalized residual
 OUTPUTS = {"self_attn.o": "sa", "cross_attn.o": "ca"}  # inputs: attention outputs [.., heads x head dim]
 NEURONS = "ffn.2"  # input: the GELU output
-CACHE_VERSION = "1"
+SCORED = ("resid", "sa_heads", "sa_vo", "ca_heads", "ca_vo", "ffn")  # the spaces activations rank
+CACHE_VERSION = "2"
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,47 +136,142 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
         cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
         cos_sum[block] = cos_sum.get(block, 0.0) + (1 - cos).sum().item()
         count[block] = count.get(block, 0) + cos.numel()
+        add(("update", block), (x_out.double() - x_in.double()).flatten(0, -2).sum(0).cpu())
         if progress:
             progress(block, int(cfg["num_layers"]), f"teacher block {block}")
 
+    def on_weights(block: int, module: torch.nn.Module) -> None:
+        columns[block] = module.get_submodule(NEURONS).weight.double().pow(2).sum(0).cpu()
+
+    columns: dict[int, torch.Tensor] = {}
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
-    StreamedTeacher(teacher, device)(x, t, ctx, on_block, on_input, tuple([*READERS, *OUTPUTS, NEURONS]))
+    StreamedTeacher(teacher, device)(x, t, ctx, on_block, on_input, tuple([*READERS, *OUTPUTS, NEURONS]), on_weights)
     resid = torch.zeros(dim, dtype=torch.float64)
     for energy in readers.values():
         resid += _share(energy)
     sums[("resid", None)] = resid
-    influence = [cos_sum[b] / count[b] for b in range(int(cfg["num_layers"]))]
+    depth = int(cfg["num_layers"])
+    for b in range(depth):
+        sums[("ffn_wanda", b)] = sums[("ffn", b)] * columns[b]
+        sums[("update", b)] = sums[("update", b)] / count[b]
+    influence = [cos_sum[b] / count[b] for b in range(depth)]
     return Activations(sums, influence, describe(calibration, draws, band), key)
+
+
+def _cached(fingerprint: str, path: Path, load: Callable[[Path], T], compute: Callable[[], T],
+            save: Callable[[T, Path], None]) -> T:
+    """`compute()` through an on-disk cache entry (written atomically; an unreadable entry is computed again; an
+    unnamed teacher, one without files, is never cached)."""
+    named = not fingerprint.startswith("unnamed-")
+    if named and path.is_file():
+        try:
+            return load(path)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError):
+            pass  # a damaged cache entry: measure again
+    found = compute()
+    if named:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            save(found, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # no cache folder: the result is still returned
+    return found
 
 
 def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 2,
                         seed: int = 0, band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
                         cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
                         ) -> Activations:
-    """`collect`, through the on-disk cache (written atomically; an unreadable entry is recomputed)."""
+    """`collect`, through the on-disk cache."""
     key = cache_key(fingerprint, calibration, draws, seed, band)
     about = describe(calibration, draws, band)
-    folder = cache_dir() if cache is None else cache
-    path = folder / "activations" / f"{key}.safetensors"
-    if not fingerprint.startswith("unnamed-") and path.is_file():
-        try:
-            return Activations.from_tensors(load_file(str(path)), about, key)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
-            pass  # a damaged cache entry: measure again
-    found = collect(teacher, calibration, draws, seed, band, device, key, progress)
-    if not fingerprint.startswith("unnamed-"):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            save_file(found.to_tensors(), str(tmp), {"about": about})
-            os.replace(tmp, path)
-        except OSError:
-            pass  # no cache folder: the statistics are still returned
-    return found
+    path = (cache_dir() if cache is None else cache) / "activations" / f"{key}.safetensors"
+    return _cached(fingerprint, path, lambda f: Activations.from_tensors(load_file(str(f)), about, key),
+                   lambda: collect(teacher, calibration, draws, seed, band, device, key, progress),
+                   lambda found, f: save_file(found.to_tensors(), str(f), {"about": about}))
+
+
+MAX_REMOVAL_BYTES = 8 << 30  # the residual streams `removal_effects` holds at once
+
+
+def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1, seed: int = 0,
+                    band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                    progress: Callable[[int, int, str], None] | None = None) -> list[float]:
+    """The exact effect of removing each teacher block alone on the teacher's output: for every block b,
+    sum ||v_without_b - v||^2 / sum ||v||^2 on the noised calibration set.
+
+    One pass over the blocks, each block's weights read once: the stream without block b leaves the teacher's at
+    b, and every later block also runs on it (L(L+1)/2 block evaluations; L+1 residual streams held at once,
+    bounded by MAX_REMOVAL_BYTES before anything runs)."""
+    cfg = teacher.config
+    depth, dim = int(cfg["num_layers"]), int(cfg["dim"])
+    x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
+    need = (depth + 1) * len(x) * (x.shape[-2] // 2) * (x.shape[-1] // 2) * dim * 4
+    if need > MAX_REMOVAL_BYTES:
+        raise ProjectionError(f"{calibration.label}: removing each of {depth} blocks in turn holds {need:,} bytes "
+                              f"of residual streams at once (at most {MAX_REMOVAL_BYTES:,}): use fewer or smaller "
+                              "latents")
+    streamed = StreamedTeacher(teacher, device)
+    steps = range(0, len(x), streamed.micro_batch)
+    with torch.no_grad():
+        parts = [streamed.shell.embed(x[i:i + streamed.micro_batch].to(streamed.device),
+                                      t[i:i + streamed.micro_batch].to(streamed.device),
+                                      ctx[i:i + streamed.micro_batch].to(streamed.device)) for i in steps]
+        main = [p.tokens for p in parts]
+        without: dict[int, list[torch.Tensor]] = {}
+        for b in range(depth):
+            block = build_block(teacher, b, streamed.device, streamed.dtype)
+            for k, hidden in without.items():
+                without[k] = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(hidden, parts)]
+            without[b] = main  # the teacher without block b: block b's input goes on
+            main = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(main, parts)]
+            del block
+            if progress:
+                progress(b, depth, f"teacher block {b} (each block removed in turn)")
+
+        def velocity(hidden: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([streamed.shell.unpatchify(h, p.e, p.grid).double().cpu() for h, p in zip(hidden, parts)])
+
+        v = velocity(main)
+        total = v.pow(2).sum().item()
+        return [(velocity(without[b]) - v).pow(2).sum().item() / max(total, 1e-300) for b in range(depth)]
+
+
+def teacher_removal(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 1, seed: int = 0,
+                    band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                    cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
+                    ) -> list[float]:
+    """`removal_effects`, through the on-disk cache."""
+    key = cache_key(fingerprint, calibration, draws, seed, band)
+    path = (cache_dir() if cache is None else cache) / "activations" / f"{key}-removal.json"
+    return _cached(fingerprint, path, lambda f: [float(e) for e in json.loads(f.read_text())["removal"]],
+                   lambda: removal_effects(teacher, calibration, draws, seed, band, device, progress),
+                   lambda found, f: f.write_text(json.dumps({"removal": found})))
 
 
 def require(activations: Activations | None, what: str) -> Activations:
     if activations is None:
         raise ProjectionError(f"{what} ranks by the teacher's activations: give a calibration set (CLI: --calibration "
-                              "FILE|demo|synthetic; the app: teachers in the demo's latent space)")
+                              "FILE|demo|synthetic; the app: its Function tab)")
     return activations
+
+
+def ranking_agreement(projector) -> dict[str, tuple[float, float]]:
+    """How far the weights and the activations agree on what to keep: per space, the overlap of the magnitude
+    plan's and the activation plan's index sets (`plan.overlap`), under the projector's layers and rules. Needs
+    the projector calibrated; its own strategy is restored afterwards."""
+    from .plan import overlap
+
+    require(projector.activations, "the weight/activation agreement")
+    own, layers = projector.strategy, projector.mapping.layers
+    plans = []
+    try:
+        for method, rope in (("magnitude", "frequency"), ("activation", "activation")):
+            projector.strategy = own.model_copy(update={"width": method, "heads": method, "ffn": method,
+                                                        "head_dim": rope, "layers": layers})
+            plans.append(projector.plan())
+    finally:
+        projector.strategy = own
+    return {space: v for space, v in overlap(*plans).items() if space in SCORED}

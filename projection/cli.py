@@ -237,6 +237,14 @@ def _print_fidelity(function: dict) -> None:
     for name, f in students.items():
         print(line.format(name, f"{f['relative_error']:.4f}", f"{f['cosine']:.3f}",
                           *(f"{b['relative_error']:.4f}" for b in f["by_level"])))
+    if function.get("blocks"):
+        print("per student block: relative error of its output against the teacher block it came from, on the kept "
+              "residual channels:")
+        rows = function["blocks"]
+        line = "  {:<16}" + " {:>9}" * len(rows["student"])
+        print(line.format("", *(f"S{r['block']}<-T{r['teacher_block']}" for r in rows["student"])))
+        for name, found in rows.items():
+            print(line.format(name, *(f"{r['relative_error']:.4f}" for r in found)))
     if function["calibration_synthetic"]:
         print("WARNING: synthetic calibration (Gaussian inputs): these numbers say little about real inputs")
 

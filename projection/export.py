@@ -159,6 +159,10 @@ def projected_student(projector: Projector, device: str | torch.device = "cpu",
             raise ProjectionError("fit: least-squares refits on a calibration set: give one (CLI: --calibration "
                                   "FILE|demo|synthetic)")
         fit_student(projector, model, projector.calibration, device=device)
+    if projector.strategy.compensate == "mean":
+        from .fit import compensate_dropped
+
+        compensate_dropped(projector, model)  # after the fit, which solves every bias without the dropped blocks
     return model.to(device, dtype)
 
 
@@ -444,7 +448,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
         stem = "diffusion_pytorch_model" if student.family == "wan-diffusers" else "model"  # diffusers' file names
-        fitted = projected_student(projector).state_dict() if strategy.fit != "none" else {}  # in memory
+        fitted = projected_student(projector).state_dict() if strategy.refits else {}  # in memory
         with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem) as writer:
             for key, t in initial_values(projector, skipped).items():
                 writer.write(key, t)

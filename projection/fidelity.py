@@ -9,6 +9,10 @@ both models predict the velocity at x_s; the student's error is measured against
 
 summed over samples and noise draws, overall and per noise-level band (draw k covers s in [k/draws, (k+1)/draws)
 of the levels requested: all of [0, 1], or the band one Wan 2.2 expert serves).
+
+Per block (`block_fidelity`): student block i's output against the output of the teacher block it came from, on
+the residual channels the student keeps, each model on its own stream (so earlier blocks' errors carry over, as
+they do when the student runs).
 """
 from __future__ import annotations
 
@@ -20,11 +24,11 @@ from torch import nn
 
 from .calibration import Calibration
 from .export import projected_student
-from .forward import StreamedTeacher, predict
+from .forward import StreamedTeacher, TeacherCursor, predict
 from .pipeline import Projector
 from .sampling import TIMESTEPS, add_noise, validation_noise
 from .strategy import Strategy
-from .student import random_student
+from .student import WanLite, random_student
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,37 @@ def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, 
     return fidelity_table({"student": student}, teacher, latents, context, draws, seed)["student"]
 
 
+@torch.no_grad()
+def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents: torch.Tensor,
+                   context: torch.Tensor, draws: int = 2, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
+                   device: str | torch.device = "cpu") -> dict[str, list[dict[str, float]]]:
+    """Per student block, for students of the projector's shape: relative error of the block's output against
+    teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's residual stream). The
+    teacher streams once (again from the start only where the layer list goes back)."""
+    x, t, ctx = noised_set(latents, context, draws, seed, band)
+    cursor = TeacherCursor(StreamedTeacher(projector.teacher, device), x, t, ctx)
+    kept = projector.plan().indices("resid", None)
+    embedded = {name: [m.embed(x[c].to(cursor.teacher.device), t[c].to(cursor.teacher.device),
+                               ctx[c].to(cursor.teacher.device)) for c in cursor.chunks] for name, m in students.items()}
+    streams = {name: [e.tokens for e in parts] for name, parts in embedded.items()}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in students}
+    for i, b in enumerate(projector.mapping.layers):
+        block = cursor.block(b)
+        cursor.hidden = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(cursor.hidden, cursor.parts)]
+        cursor.done(b)
+        del block
+        target = [(h if kept is None else h[..., kept.to(h.device)]).double() for h in cursor.hidden]
+        total = sum(y.pow(2).sum().item() for y in target)
+        for name, model in students.items():
+            streams[name] = [model.blocks[i](h, e.e0, e.ctx, e.freqs) for h, e in zip(streams[name], embedded[name])]
+            error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
+            rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
+    return rows
+
+
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
-                     draws: int = 4, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+                     draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
+                     blocks: bool = True) -> dict[str, Any]:
     """The fidelity of a student (`student`, else the projector's projection) and, for scale, of two reference
     students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
     streams (one block in memory); the noise levels are those its expert serves."""
@@ -103,8 +136,13 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
     expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
     band = expert_band(expert, projector.teacher.config.get("in_dim"))
     table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
+    per_block = (block_fidelity(projector, students, calibration.latents, calibration.context, draws, seed, band,
+                                device) if blocks and isinstance(students["student"], WanLite) else None)
     return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
             "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
             "meaning": "relative_error = sum |v_student - v_teacher|^2 / sum |v_teacher|^2 of the velocity on the "
                        "calibration latents at fixed noise (0: the teacher's function)",
-            "students": {name: f.to_dict() for name, f in table.items()}}
+            "students": {name: f.to_dict() for name, f in table.items()},
+            "blocks_meaning": "per student block: |h_student - h_teacher[kept]|^2 / |h_teacher[kept]|^2 of its output "
+                              "against the teacher block it came from, on the kept residual channels",
+            "blocks": per_block}

@@ -11,6 +11,11 @@ x_s: the student layer's own input; y_t[kept]: the teacher layer's output on the
 covariance of the centered inputs (so lambda is relative to the inputs' scale; the bias is not regularized). The
 sums are accumulated over micro-batches (never all activations at once). The block is then run again with the
 fitted weights to give the next block its input.
+
+`compensate: mean` (bias compensation for dropped blocks): a dropped teacher block's mean update of the residual
+stream on the calibration set, mean(h_out - h_in) on the kept residual channels, is added to the bias of the
+cross-attention output of the next kept block (the student's last block for blocks after every kept one). That
+output joins the residual stream without a gate, so the constant arrives as it is, at every timestep.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from torch import nn
 
 from .calibration import Calibration
 from .fidelity import noised_set
-from .forward import StreamedTeacher, build_block
+from .forward import StreamedTeacher, TeacherCursor
+from .errors import ProjectionError
 from .plan import flat_index
 
 LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
@@ -83,33 +89,26 @@ def fit_student(projector, student: nn.Module, calibration: Calibration, draws: 
                 lam: float = RIDGE, device: str | torch.device = "cpu", micro_batch: int = 32) -> FitReport:
     """Refit `student` (a WanLite projected by `projector`) in place; see the module's docstring."""
     device = torch.device(device)
-    teacher = StreamedTeacher(projector.teacher, device, micro_batch=micro_batch)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
-    chunks = [slice(i, i + micro_batch) for i in range(0, len(x), micro_batch)]
-    t_in = [teacher.shell.embed(x[c].to(device), t[c].to(device), ctx[c].to(device)) for c in chunks]
-    s_in = [student.embed(x[c].to(device), t[c].to(device), ctx[c].to(device)) for c in chunks]
-    t_hidden, s_hidden = [p.tokens for p in t_in], [p.tokens.float() for p in s_in]
+    cursor = TeacherCursor(StreamedTeacher(projector.teacher, device, micro_batch=micro_batch), x, t, ctx)
+    t_in = cursor.parts
+    s_in = [student.embed(x[c].to(device), t[c].to(device), ctx[c].to(device)) for c in cursor.chunks]
+    s_hidden = [p.tokens.float() for p in s_in]
     report = FitReport()
-    at = 0  # the teacher block the teacher stream has reached
     for i, b in enumerate(projector.mapping.layers):
-        if b < at:  # a repeated or reordered block: restart the teacher stream from the embeddings
-            t_hidden, at = [p.tokens for p in t_in], 0
-        for skipped in range(at, b):
-            block = build_block(projector.teacher, skipped, device, teacher.dtype)
-            t_hidden = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(t_hidden, t_in)]
-        t_block = build_block(projector.teacher, b, device, teacher.dtype)
+        t_block = cursor.block(b)
         s_block = student.blocks[i]
         kept = {name: _kept_rows(projector, f"blocks.{i}.{name}.weight") for name in LINEARS}
         moments = {name: Moments() for name in LINEARS}
         before = {name: [0.0, 0.0] for name in LINEARS}
-        for j in range(len(chunks)):
+        for j in range(len(cursor.chunks)):
             targets, inputs = {}, {}
             hooks = [t_block.get_submodule(n).register_forward_hook(
                 lambda m, a, out, n=n: targets.__setitem__(n, out if kept[n] is None else out[..., kept[n]]))
                 for n in LINEARS]
             hooks += [s_block.get_submodule(n).register_forward_hook(
                 lambda m, a, out, n=n: inputs.__setitem__(n, (a[0], out))) for n in LINEARS]
-            t_out = t_block(t_hidden[j], t_in[j].e0, t_in[j].ctx, t_in[j].freqs)
+            t_out = t_block(cursor.hidden[j], t_in[j].e0, t_in[j].ctx, t_in[j].freqs)
             s_block(s_hidden[j], s_in[j].e0, s_in[j].ctx, s_in[j].freqs)
             for h in hooks:
                 h.remove()
@@ -118,7 +117,7 @@ def fit_student(projector, student: nn.Module, calibration: Calibration, draws: 
                 moments[n].add(xs, targets[n])
                 before[n][0] += (ys.double() - targets[n].double()).pow(2).sum().item()
                 before[n][1] += targets[n].double().pow(2).sum().item()
-            t_hidden[j] = t_out
+            cursor.hidden[j] = t_out
         for n in LINEARS:
             layer = s_block.get_submodule(n)
             w, bias = ridge(moments[n], lam)
@@ -126,6 +125,37 @@ def fit_student(projector, student: nn.Module, calibration: Calibration, draws: 
             layer.bias.copy_(bias.to(layer.bias.dtype))
             report.layers[f"blocks.{i}.{n}"] = {"before": before[n][0] / max(before[n][1], 1e-30)}
         s_hidden = [s_block(h, p.e0, p.ctx, p.freqs).float() for h, p in zip(s_hidden, s_in)]
-        at = b + 1
+        cursor.done(b)
         del t_block
     return report
+
+
+def fold_targets(layers: list[int], depth: int) -> dict[int, list[int]]:
+    """Student block -> the dropped teacher blocks folded into it: each dropped block goes to the first student
+    block whose teacher block is the nearest kept one after it, else to the student's last block."""
+    kept = set(layers)
+    out: dict[int, list[int]] = {}
+    for d in (b for b in range(depth) if b not in kept):
+        later = [b for b in layers if b > d]
+        target = layers.index(min(later)) if later else len(layers) - 1
+        out.setdefault(target, []).append(d)
+    return out
+
+
+@torch.no_grad()
+def compensate_dropped(projector, student: nn.Module) -> dict[int, list[int]]:
+    """Fold dropped blocks' mean updates into `student` (in place); returns which blocks went where."""
+    from .activations import require
+
+    if not projector.strategy.basis_consistent:
+        raise ProjectionError("compensate: mean adds teacher residual vectors to the student's: it needs a "
+                              "basis-consistent width (not svd-per-matrix)")
+    updates = require(projector.activations, "compensate: mean")
+    kept = projector.plan().indices("resid", None)
+    folds = fold_targets(projector.mapping.layers, int(projector.teacher.config["num_layers"]))
+    for i, dropped in folds.items():
+        bias = student.blocks[i].cross_attn.o.bias
+        for d in dropped:
+            update = updates.score("update", d)
+            bias += (update if kept is None else update[kept]).to(bias)
+    return folds

@@ -22,6 +22,7 @@ from .student import SIZES, Block, WanLite, build_student
 
 BlockHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 InputHook = Callable[[int, str, torch.Tensor], None]
+WeightsHook = Callable[[int, Block], None]
 
 
 def top_keys(model: WanLite) -> list[str]:
@@ -67,15 +68,18 @@ class StreamedTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  on_block: BlockHook | None = None, on_input: InputHook | None = None,
-                 inputs_of: tuple[str, ...] = ()) -> torch.Tensor:
+                 inputs_of: tuple[str, ...] = (), on_weights: WeightsHook | None = None) -> torch.Tensor:
         """on_input(block, module name, input) sees the input of each module named in `inputs_of` (e.g.
-        'ffn.2': the GELU output) in every block, per micro-batch."""
+        'ffn.2': the GELU output) in every block, per micro-batch; on_weights(block, module) each block's weights
+        while they are in memory."""
         chunks = [slice(i, i + self.micro_batch) for i in range(0, len(x), self.micro_batch)]
         parts = [self.shell.embed(x[c].to(self.device), t[c].to(self.device), context[c].to(self.device))
                  for c in chunks]
         hidden = [p.tokens for p in parts]
         for index in self.blocks:
             block = build_block(self.teacher, index, self.device, self.dtype)
+            if on_weights is not None:
+                on_weights(index, block)
             for name in inputs_of if on_input is not None else ():
                 block.get_submodule(name).register_forward_pre_hook(
                     lambda m, args, name=name, index=index: on_input(index, name, args[0].float()))
@@ -86,6 +90,37 @@ class StreamedTeacher:
                 hidden[j] = out
             del block  # released before the next block is read
         return torch.cat([self.shell.unpatchify(h, p.e, p.grid).float().cpu() for h, p in zip(hidden, parts)])
+
+
+class TeacherCursor:
+    """The teacher's residual stream over a chunked set, moved forward block by block on request, one block's
+    weights in memory at a time: for walking a student's blocks beside the teacher blocks they came from.
+
+    `block(b)` moves the stream to block b's input (restarting from the embeddings when b is behind it) and
+    returns block b's module; the caller runs it on `hidden[j]` for every chunk j, puts the outputs back in
+    `hidden`, and calls `done(b)`."""
+
+    def __init__(self, teacher: StreamedTeacher, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        self.teacher, device, step = teacher, teacher.device, teacher.micro_batch
+        self.chunks = [slice(i, i + step) for i in range(0, len(x), step)]
+        with torch.no_grad():
+            self.parts = [teacher.shell.embed(x[c].to(device), t[c].to(device), context[c].to(device))
+                          for c in self.chunks]
+        self.hidden = [p.tokens for p in self.parts]
+        self.at = 0  # the teacher block whose input `hidden` holds
+
+    @torch.no_grad()
+    def block(self, b: int) -> Block:
+        if b < self.at:
+            self.hidden, self.at = [p.tokens for p in self.parts], 0
+        for skipped in range(self.at, b):
+            module = build_block(self.teacher.teacher, skipped, self.teacher.device, self.teacher.dtype)
+            self.hidden = [module(h, p.e0, p.ctx, p.freqs) for h, p in zip(self.hidden, self.parts)]
+        self.at = b
+        return build_block(self.teacher.teacher, b, self.teacher.device, self.teacher.dtype)
+
+    def done(self, b: int) -> None:
+        self.at = b + 1
 
 
 def predict(model: nn.Module | StreamedTeacher, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

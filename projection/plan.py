@@ -148,6 +148,9 @@ def _method(kind: str, mapping: Mapping) -> str:
     return "magnitude" if s.head_dim == "frequency" else s.head_dim  # dims (rope has its own rule)
 
 
+ACTIVATION_METHODS = ("activation", "wanda")  # rank by the teacher's activations (wanda: times weight norms)
+
+
 class ActivationScores(Protocol):
     def score(self, space: str, block: int | None) -> torch.Tensor | None: ...
 
@@ -178,11 +181,12 @@ def make_plan(mapping: Mapping, stats: TeacherStats | None = None,
         elif kind == "rope":
             rope = mapping.strategy.head_dim
             index[(space, block)] = keep_rope_pairs(n, k, "frequency" if rope == "activation" else rope)
-        elif (method := _method(kind, mapping)) == "activation" and activations is None:
-            raise ValueError("activation ranking needs the teacher's activations (pass activations)")
-        elif method == "activation" and (score := activations.score(space, block)) is not None:
+        elif (method := _method(kind, mapping)) in ACTIVATION_METHODS and activations is None:
+            raise ValueError(f"{method} ranking needs the teacher's activations (pass activations)")
+        elif method in ACTIVATION_METHODS and (score := activations.score(
+                space if method == "activation" else f"{space}_{method}", block)) is not None:
             index[(space, block)] = keep_top(score, k)
-        elif method in ("magnitude", "activation"):
+        elif method in ("magnitude", *ACTIVATION_METHODS):
             ranked[(space, block)] = _ranking_parts(space, block, parts, users)
         else:
             index[(space, block)] = (keep_first if method == "first" else keep_uniform)(n, k)
@@ -211,7 +215,19 @@ def _ranking_parts(space: str, block: int | None, parts: list[Part], users: dict
 def needs_stats(mapping: Mapping) -> bool:
     s = mapping.strategy
     methods = {s.width, s.heads, s.ffn} | ({"magnitude"} if s.head_dim in ("frequency", "activation") else set())
-    return bool(methods & {"magnitude", "activation"})  # activation falls back to magnitude where it has no score
+    return bool(methods & {"magnitude", *ACTIVATION_METHODS})  # these fall back to magnitude where they have no score
+
+
+def overlap(a: Plan, b: Plan) -> dict[str, tuple[float, float]]:
+    """Per space both plans shrink: (the share of kept indices they agree on, |A & B| / k, averaged over blocks;
+    what two random choices of k of n would share, k / n)."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for (space, block), x in a.index.items():
+        y = b.index.get((space, block))
+        if y is not None and len(x) == len(y) < (n := a.mapping.teacher_sizes[space]):
+            shared = len(set(x.tolist()) & set(y.tolist()))
+            found.setdefault(space, []).append((shared / len(x), len(x) / n))
+    return {space: (sum(o for o, _ in v) / len(v), sum(c for _, c in v) / len(v)) for space, v in found.items()}
 
 
 def flat_index(axis: tuple[str, ...], block: int | None, plan: Plan, sizes: dict[str, int]) -> torch.Tensor | None:

@@ -32,11 +32,16 @@ class Strategy(BaseModel):
         "frequency", description="within a head: q/k RoPE pairs by nearest frequency inside each t/h/w band, "
                                  "v/o and cross-attention dims by magnitude (activation: v/o dims by the "
                                  "attention output's activations); or first/uniform")
-    ffn: Rank = Field("magnitude", description="FFN neurons: |ffn.0 row| x |ffn.2 column|, or activation: "
-                                               "the GELU output's energy on a calibration set")
+    ffn: Literal["magnitude", "activation", "wanda", "uniform", "first"] = Field(
+        "magnitude", description="FFN neurons: |ffn.0 row| x |ffn.2 column|; activation: the GELU output's energy "
+                                 "on a calibration set; wanda: that energy x |ffn.2 column|^2 (what the neuron "
+                                 "writes)")
     fit: Literal["none", "least-squares"] = Field(
         "none", description="least-squares: refit every block matrix on a calibration set to reproduce the "
                             "teacher's outputs on the kept indices, on the student's own inputs (ridge, float64)")
+    compensate: Literal["none", "mean"] = Field(
+        "none", description="mean: fold each dropped teacher block's mean update of the residual stream (on a "
+                            "calibration set) into the ungated cross-attention output bias of the next kept block")
     conv: Literal["center", "mean", "sum"] = Field("sum", description="Conv3d -> Conv2d temporal collapse")
     rescale: Literal["none", "variance"] = Field(
         "none", description="variance: scale each matrix by sqrt(teacher_in / student_in) of its input axis")
@@ -66,11 +71,17 @@ class Strategy(BaseModel):
     @property
     def needs_activations(self) -> bool:
         """Some choice ranks by the teacher's activations (a calibration set must be given)."""
-        return self.layers == "influence" or "activation" in (self.width, self.heads, self.ffn, self.head_dim)
+        return (self.layers == "influence" or self.ffn == "wanda" or self.compensate != "none"
+                or "activation" in (self.width, self.heads, self.ffn, self.head_dim))
 
     @property
     def needs_calibration(self) -> bool:
         return self.needs_activations or self.fit != "none"
+
+    @property
+    def refits(self) -> bool:
+        """The student's weights are changed after projection (fit or compensation), so a whole student is built."""
+        return self.fit != "none" or self.compensate != "none"
 
     @property
     def basis_consistent(self) -> bool:

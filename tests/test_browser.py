@@ -364,3 +364,23 @@ def test_gallery_draws_every_row_with_its_prompt_accuracy(page, tmp_path):
     teacher = page.locator("#gallery-teacher").get_by_text("Teacher: prompt accuracy").inner_text()
     assert float(teacher.split("accuracy ")[1].split("%")[0]) >= 90
     page.screenshot(path=tmp_path / "gallery.png", full_page=True)
+
+
+def test_function_tab_measures_and_the_layers_map_shows_influence(page, tmp_path):
+    """Measure on the demo's held-out set: the velocity error per noise level leads, the student beside both
+    references; then the Layers tab's block map carries the teacher blocks' influence."""
+    page.get_by_role("tab", name="Function").click()
+    page.locator("#function-measure").click()
+    levels = page.locator("#function-levels")
+    levels.get_by_text("all levels").wait_for(timeout=4 * TIMEOUT)
+    assert "Measured on" in page.locator("#function-msg").inner_text()
+    headers = levels.locator('[role="columnheader"], th').all_inner_texts()
+    assert any("random init: error" in h for h in headers) and any("svd-per-matrix: error" in h for h in headers)
+    assert page.locator("#function-teacher").get_by_text("none").count() >= 1  # blocks no student block reads
+    page.screenshot(path=tmp_path / "function.png", full_page=True)
+    page.get_by_role("tab", name="Layers").click()
+    page.wait_for_function("""() => [...(document.querySelector('#layer-map .js-plotly-plot')?.data ?? [])]
+                              .some(d => d.name === 'influence')""")
+    bars = next(d for d in plot_data(page, "layer-map") if d["name"] == "influence")
+    assert len(bars["customdata"]) == 8 and max(bars["customdata"]) > 0
+    check_chart_text(page, "layer-map")

@@ -671,6 +671,9 @@ def test_fidelity_reports_the_student_against_random_and_svd(capsys, demo_dir, t
     errors = {name: f["relative_error"] for name, f in found["students"].items()}
     assert list(errors) == ["student", "random init", "svd-per-matrix"]
     assert errors["student"] < errors["random init"] < 2 < 10 < errors["svd-per-matrix"]
+    blocks = {name: [r["relative_error"] for r in rows] for name, rows in found["blocks"].items()}
+    assert list(blocks) == list(errors) and all(len(v) == 4 for v in blocks.values())  # the student's 4 blocks
+    assert blocks["student"][0] < blocks["random init"][0]
     # export --calibration records the same table first in the report, measured on the exported weights
     code, out, _ = run(capsys, "export", "--teacher", teacher, "--student", student, "--out", tmp_path / "s",
                        "--calibration", "demo", "--samples", 32, "--draws", 2)
@@ -694,6 +697,7 @@ def test_fidelity_says_which_calibration_a_teacher_needs(capsys, tiny_wan, demo_
     code, out, _ = run(capsys, "fidelity", "--teacher", tiny_wan.original_dir, "--student", shallow,
                        "--calibration", "synthetic", "--draws", 1)
     assert code == 0 and "random init" in out
+    assert "per student block" in out and "S1<-T2" in out  # uniform: teacher blocks 0 and 2
     student = demo_dir / "student-wanlite.yaml"
     code, out, _ = run(capsys, "fidelity", "--teacher", demo_dir / "teacher-wan", "--student", student,
                        "--calibration", "synthetic", "--draws", 1)

@@ -604,3 +604,63 @@ def test_typed_strategy_values_are_validated_like_files(client, app):
     with pytest.raises(Exception, match="seed: Input should be greater than or equal to 0"):
         call(client, app, "set_strategy", *options, -5, *TABLE, None)
     assert call(client, app, "set_strategy", *options, 2**63 - 2**10, *TABLE, None)["cards"]
+
+
+# ------------------------------------------------------------------ function
+
+
+def test_function_tab_shows_the_cores_function_report(client, app, root, tmp_path, monkeypatch):
+    from projection.calibration import demo_calibration
+    from projection.function import function_report
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    load(client, app)
+    out = call(client, app, "function", "demo held-out digits", "", 32)
+    p = Projector.open(str(root / TEACHER), str(root / WANLITE))
+    report = function_report(p, demo_calibration().subset(32))
+    students = report["fidelity"]["students"]
+    assert "inline-ok" in out["function-msg"] and "32 latents" in out["function-msg"]
+    assert "SYNTHETIC" not in out["function-msg"]
+    levels = {r[0]: dict(zip(out["function-levels"]["headers"], r)) for r in out["function-levels"]["data"]}
+    assert list(levels) == ["s 0.00–0.50", "s 0.50–1.00", "all levels"]
+    for name in ("student", "random init", "svd-per-matrix"):
+        assert levels["all levels"][f"{name}: error"] == f"{students[name]['relative_error']:.3f}"
+        assert levels["s 0.50–1.00"][f"{name}: error"] == f"{students[name]['by_level'][1]['relative_error']:.3f}"
+    assert float(levels["all levels"]["student: error"]) < float(levels["all levels"]["random init: error"])
+    blocks = out["function-blocks"]
+    assert [r[:2] for r in blocks["data"]] == [[i, t] for i, t in enumerate(p.mapping.layers)]
+    per_block = report["fidelity"]["blocks"]["student"]
+    assert [r[2] for r in blocks["data"]] == [f"{b['relative_error']:.3f}" for b in per_block]
+    teacher = out["function-teacher"]["data"]
+    assert [r[1] for r in teacher] == [f"{b['influence']:.4f}" for b in report["teacher_blocks"]]
+    assert [r[2] for r in teacher] == [f"{b['removal_error']:.4f}" for b in report["teacher_blocks"]]
+    assert teacher[0][3] == "0" and "none" in [r[3] for r in teacher]  # uniform 4 of 8: block 1 feeds nobody
+    spaces = {r[0]: r for r in out["function-agreement"]["data"]}
+    assert set(spaces) == {a["label"] for a in report["agreement"]}
+    # the Layers map (redrawn after Measure) draws the same influence, with the removal effect in its hover
+    bars = next(d for d in figure(call(client, app, "measure", *TABLE, None), "layer-map")["data"]
+                if d.get("name") == "influence")
+    assert bars["customdata"] == pytest.approx([b["influence"] for b in report["teacher_blocks"]])
+    assert f"{report['teacher_blocks'][3]['removal_error']:.4f}" in bars["hovertext"][3]
+
+
+def test_function_tab_labels_synthetic_sets_and_refuses_bad_files(client, app, root, tmp_path, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    load(client, app)
+    out = call(client, app, "function", "synthetic (a guess)", "", 4)
+    assert "SYNTHETIC calibration" in out["function-msg"] and "a guess" in out["function-msg"]
+    outside = tmp_path / "calibration.safetensors"
+    save_file({"latents": torch.randn(2, 4, 8, 8), "context": torch.randn(2, 16, 64)}, str(outside))
+    with pytest.raises(AppError, match="outside the folders this app may open"):
+        call(client, app, "function", "file", str(outside), 8)
+    wrong = root / "wrong-channels.safetensors"
+    save_file({"latents": torch.randn(2, 3, 8, 8), "context": torch.randn(2, 16, 64)}, str(wrong))
+    with pytest.raises(AppError, match=r"wrong-channels.safetensors.*'latents'"):
+        call(client, app, "function", "file", "wrong-channels.safetensors", 8)
+    (root / "a-folder").mkdir(exist_ok=True)
+    with pytest.raises(AppError, match="'a-folder': not a file"):
+        call(client, app, "function", "file", "a-folder", 8)
+    with pytest.raises(AppError, match=r"100000 .*512"):  # bounded before any work starts
+        call(client, app, "function", "demo held-out digits", "", 100000)

@@ -1,0 +1,45 @@
+"""The function report: what the student computes next to the teacher, on one calibration set, in one place
+(the app's Function view and `projection fidelity` show it).
+
+  fidelity      the velocity error and cosine per noise band and overall, per student block, for the student and
+                two references of its shape (random init, svd-per-matrix)   (`fidelity.student_fidelity`)
+  teacher       per teacher block: influence 1 - cos(h_in, h_out) and the exact effect of removing it alone
+                (`activations`), and which student blocks it feeds
+  agreement     per space, how far weight-ranked and activation-ranked index sets agree (`plan.overlap`)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .activations import ranking_agreement, teacher_removal
+from .anatomy import SPACES
+from .calibration import Calibration
+from .fidelity import expert_band, student_fidelity
+from .pipeline import Projector
+
+Progress = Callable[[int, int, str], None]
+REMOVAL_DRAWS = 1  # noise draws per latent behind the removal effects (L(L+1)/2 block evaluations)
+
+
+def function_report(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Calibrate the projector on `calibration` (activation statistics, cached) and measure everything above."""
+    def stage(name: str) -> Progress | None:
+        return (lambda i, n, what: progress(i, n, f"{name}: {what}")) if progress else None
+
+    acts = projector.calibrate(calibration, draws, seed, progress=stage("teacher activations"))
+    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
+    band = expert_band(expert, projector.teacher.config.get("in_dim"))
+    removal = teacher_removal(projector.teacher, projector.fingerprint, calibration, REMOVAL_DRAWS, seed, band,
+                              projector.device, progress=stage("each teacher block removed"))
+    if progress:
+        progress(0, 1, "fidelity: the student, random init and svd-per-matrix against the teacher")
+    fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=projector.device)
+    layers = projector.mapping.layers
+    teacher = [{"block": b, "influence": acts.influence[b], "removal_error": removal[b],
+                "feeds": [i for i, t in enumerate(layers) if t == b]} for b in range(len(acts.influence))]
+    agreement = [{"space": space, "label": SPACES[space].label, "overlap": shared, "chance": chance}
+                 for space, (shared, chance) in ranking_agreement(projector).items()]
+    return {"fidelity": fidelity, "teacher_blocks": teacher, "removal_draws": REMOVAL_DRAWS,
+            "agreement": agreement, "activations_from": acts.about}
