@@ -255,7 +255,8 @@ class Inspector:
                 self.strategy_msg = gr.HTML(elem_id="strategy-msg")
                 self.strategy_file = gr.File(label="strategy.yaml", visible=False)
         gr.Markdown("### A/B comparison\nTwo strategies on the same teacher, student and rules. First what each "
-                    "student computes (on the demo: its velocity error relative to the teacher at step 0, and the "
+                    "student computes (its velocity error relative to the teacher at step 0, on the demo's held-out "
+                    "digits or, for other teachers, the Function tab's calibration set; on the demo also the "
                     "prompt accuracy of its samples; the Gallery tab draws them), then coverage, then retained "
                     "weight energy per layer: a weight statistic, not output quality (a basis-inconsistent "
                     "strategy's energy is not comparable).")
@@ -697,10 +698,12 @@ class Inspector:
         measured = []
         if function is not None:  # what the student computes leads; weight statistics follow
             fa, fb = function
-            measured = [{"measure": "velocity error vs teacher, step 0 (lower is better)",
+            on = f", on {s.projector.calibration.label}" if s.previews else ""
+            measured = [{"measure": f"velocity error vs teacher, step 0 (lower is better){on}",
                          "A": f"{fa.velocity_error:.3f}", "B": f"{fb.velocity_error:.3f}",
-                         "B − A": f"{fb.velocity_error - fa.velocity_error:+.3f}"},
-                        row(f"prompt accuracy of {fa.scored} samples", fa.prompt_accuracy, fb.prompt_accuracy)]
+                         "B − A": f"{fb.velocity_error - fa.velocity_error:+.3f}"}]
+            if fa.prompt_accuracy is not None:
+                measured.append(row(f"prompt accuracy of {fa.scored} samples", fa.prompt_accuracy, fb.prompt_accuracy))
         frame = pd.DataFrame(measured + [row(*r) for r in coverage] + [row(*r, all(consistent)) for r in energy])
         notes = [f"{side}: {w}" for side, r in (("A", ra), ("B", rb)) for w in r["warnings"]]
         if function is None:

@@ -1,6 +1,8 @@
 """The Gallery view: the same prompts and noise seeds drawn by the teacher, the students of strategies A and B
 (the Strategy tab's A/B editors) and a random student of the same shape, each row with its prompt accuracy and
-its velocity error relative to the teacher. Rows are cached per strategy in the session."""
+its velocity error relative to the teacher. Teachers outside the demo's latent space draw for the first prompts of
+the Function tab's calibration set, shown as Wan's RGB preview (nothing scores them). Rows are cached per strategy
+in the session."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from projection import ProjectionError, Strategy
-from projection.gallery import GalleryRow, strip
+from projection.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 
 from . import cards
 from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
@@ -22,7 +24,9 @@ INTRO = (f"### What each choice draws\nPrompts 'a handwritten digit 0' … '9', 
          f"of {10 * GALLERY_SAMPLER.per_class} samples per row (seeds 0–{10 * GALLERY_SAMPLER.per_class - 1}) that "
          "the demo's digit classifier reads as the prompted digit. **Velocity error**: ‖v_student − v_teacher‖² / "
          "‖v_teacher‖² on the demo's held-out latents at step 0 (0 is the teacher's function; a random student "
-         "is near 1). Students are projected, not trained. Strategies A and B are edited in the Strategy tab.")
+         "is near 1). Students are projected, not trained. Strategies A and B are edited in the Strategy tab. Other "
+         "Wan teachers (16-channel text-to-video) draw for the first prompts of the Function tab's calibration set, "
+         "shown as RGB previews that nothing scores; their velocity error is measured on that set.")
 
 
 def strategy_label(strategy: Strategy) -> str:
@@ -34,11 +38,22 @@ def strategy_label(strategy: Strategy) -> str:
 
 def caption(title: str, row: GalleryRow) -> str:
     error = "" if row.velocity_error is None else f" · velocity error {row.velocity_error:.2f}"
-    return f"{title}: prompt accuracy {percent(row.prompt_accuracy)} of {row.scored}{error}"
+    scored = "RGB preview" if row.prompt_accuracy is None else (
+        f"prompt accuracy {percent(row.prompt_accuracy)} of {row.scored}")
+    return f"{title}: {scored}{error}"
+
+
+def preview_note(label: str, synthetic: bool) -> str:
+    """What a preview gallery shows, said before the pictures are read as more."""
+    text = (f"RGB previews (Wan 2.1's linear latent-to-RGB: colours and coarse layout, not a VAE decode) of samples "
+            f"for the first {PREVIEW_COLUMNS} prompts of {label}, seed i for prompt i, {GALLERY_SAMPLER.steps} Euler "
+            "steps, no guidance. No classifier scores them; the velocity error is measured on the whole set.")
+    return cards.warnings_banner([text]) if synthetic else cards.inline_ok(text)
 
 
 def table(rows: list[tuple[str, GalleryRow]]) -> pd.DataFrame:
-    return pd.DataFrame([{"model": title, "prompt accuracy": percent(r.prompt_accuracy), "samples": r.scored,
+    return pd.DataFrame([{"model": title, "prompt accuracy": "not scored" if r.prompt_accuracy is None
+                          else percent(r.prompt_accuracy), "samples": r.scored or "—",
                           "velocity error vs teacher (step 0)": "—" if r.velocity_error is None
                           else f"{r.velocity_error:.3f}"} for title, r in rows])
 
@@ -80,4 +95,6 @@ class GalleryView:
                   for name, title, _ in drawn]
         images = [gr.update(value=strip(row.images).numpy(), label=caption(title, row))
                   for title, (_, _, row) in zip(titles, drawn)]
-        return ("", *images, table([(title, row) for title, (_, _, row) in zip(titles, drawn)]))
+        calibration = s.projector.calibration
+        note = preview_note(calibration.label, calibration.synthetic) if s.previews else ""
+        return (note, *images, table([(title, row) for title, (_, _, row) in zip(titles, drawn)]))

@@ -28,7 +28,7 @@ from projection.anatomy import SPACES, template_of
 from projection.calibration import Calibration, demo_calibration
 from projection.fidelity import fidelity_table
 from projection.function import function_report
-from projection.gallery import GalleryRow, demo_space, draw_row
+from projection.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
 from projection.checkpoint import PathCheck
 from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.measure import energy_by, layer_of
@@ -412,18 +412,26 @@ class Session:
 
     # ------------------------------------------------------------ function: what the student computes
 
+    @property
+    def previews(self) -> bool:
+        """The gallery shows RGB previews on the Function tab's calibration set (teachers outside the demo's
+        latent space), not scored digits."""
+        return not (demo_space(self.projector.teacher.config) and demo_space(self.projector.student_config))
+
     def function_unavailable(self) -> str | None:
-        """Why samples and velocity errors cannot be measured here, or None when they can."""
-        teacher, student = self.projector.teacher, self.projector.student_config
-        if not demo_space(teacher.config) or not demo_space(student):
-            return ("Samples and velocity errors are measured on the demo's latent space (4-channel 8x8 digits "
-                    "and their prompts) for now; other teachers need a calibration set and the streamed teacher "
-                    "forward.")
+        """Why samples and velocity errors (the Gallery, the A/B comparison's first rows) cannot be measured here,
+        or None when they can."""
         if self.teacher_bytes > AUTO_ENERGY_BYTES:
             return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
-        if student.get("layout") not in ("wanlite", "seed"):
-            return f"the student's layout '{student.get('layout')}' has no runnable module here"
-        return None
+        layout = self.projector.student_config.get("layout")
+        if layout not in ("wanlite", "seed"):
+            return f"the student's layout '{layout}' has no runnable module here"
+        if not self.previews:
+            return None
+        if self.projector.calibration is None:
+            return ("this teacher's samples and velocity errors are measured on a calibration set: choose one in the "
+                    "Function tab and press Measure")
+        return preview_problem(self.projector.teacher.config, self.projector.calibration)
 
     def function_problem(self) -> str | None:
         """Why the Function view cannot measure this pair, or None when it can."""
@@ -463,7 +471,7 @@ class Session:
         """(the student's velocity error vs the teacher, a random student's) on the first QUICK_LATENTS held-out
         demo latents at step 0, for the summary card; None where function cannot be measured here. Cached per
         strategy, rules and calibration set."""
-        if self.function_unavailable():
+        if self.previews or self.function_unavailable():
             return None
         acts = self.projector.activations if self.strategy.needs_calibration else None
         key = "step0:" + json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
@@ -492,20 +500,31 @@ class Session:
         why = self.function_unavailable()
         if why:
             raise ProjectionError(why)
-        key = (f"{which}:{self.strategy.seed}" if isinstance(which, str) else
-               json.dumps([which.model_dump(exclude={"dtype", "device"}), self.projector.rules], sort_keys=True))
+        acts = self.projector.activations
+        calibrated = acts.key if acts is not None and (self.previews or not isinstance(which, str)) else None
+        key = (f"{which}:{self.strategy.seed}:{calibrated}" if isinstance(which, str) else
+               json.dumps([which.model_dump(exclude={"dtype", "device"}), self.projector.rules, calibrated],
+                          sort_keys=True))
         if key in self.gallery:
             self.gallery.move_to_end(key)
             return self.gallery[key]
         teacher = self.teacher_module()
-        classifier = demo_teacher.load_demo_classifier()
-        calibration = demo_calibration()
+        if self.previews:
+            config, calibration = self.projector.teacher.config, self.projector.calibration
+
+            def draw(name: str, model: torch.nn.Module, reference: torch.nn.Module | None) -> GalleryRow:
+                return preview_row(name, model, config, calibration, GALLERY_SAMPLER.steps, reference)
+        else:
+            classifier, calibration = demo_teacher.load_demo_classifier(), demo_calibration()
+
+            def draw(name: str, model: torch.nn.Module, reference: torch.nn.Module | None) -> GalleryRow:
+                return draw_row(name, model, classifier, GALLERY_SAMPLER, reference,
+                                calibration if reference is not None else None)
         with heavy_work():
             if which == TEACHER:
-                row = draw_row("teacher", teacher, classifier, GALLERY_SAMPLER)
+                row = draw("teacher", teacher, None)
             elif which == RANDOM:
-                model = random_student(self.projector.student_config, self.strategy.seed)
-                row = draw_row("random init", model, classifier, GALLERY_SAMPLER, teacher, calibration)
+                row = draw("random init", random_student(self.projector.student_config, self.strategy.seed), teacher)
             else:
                 own = self.strategy
                 try:
@@ -513,8 +532,7 @@ class Session:
                     model = projected_student(self.projector)
                 finally:
                     self.projector.strategy = own
-                row = draw_row(which.width if not which.basis_consistent else "projected", model, classifier,
-                               GALLERY_SAMPLER, teacher, calibration)
+                row = draw(which.width if not which.basis_consistent else "projected", model, teacher)
         self.gallery[key] = row
         while len(self.gallery) > GALLERY_KEPT:
             self.gallery.popitem(last=False)

@@ -432,12 +432,40 @@ def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client
     assert "inline-error" in bad["gallery-msg"] and "strategy A" in bad["gallery-msg"]
 
 
-def test_gallery_says_why_it_cannot_run_on_other_teachers(client, app, root):
+def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(client, app, root, tmp_path,
+                                                                               monkeypatch):
+    from projection import projected_student
+    from projection.calibration import synthetic_calibration
+    from projection.fidelity import velocity_fidelity
+    from projection.student import wanlite_from_teacher
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
     synthetic = write_demo(root / "synthetic", synthetic=True)
     load(client, app, teacher="synthetic/teacher-wan", student="synthetic/student-wanlite.yaml")
     out = call(client, app, "gallery", Strategy().to_yaml(), Strategy().to_yaml())
-    assert "inline-error" in out["gallery-msg"] and "latent space (4-channel 8x8 digits" in out["gallery-msg"]
-    assert synthetic.is_dir()
+    assert "inline-error" in out["gallery-msg"] and "Function tab" in out["gallery-msg"]
+    call(client, app, "function", "synthetic (a guess)", "", 4)
+    out = call(client, app, "gallery", Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml())
+    assert "SYNTHETIC calibration" in out["gallery-msg"] and "not a VAE decode" in out["gallery-msg"]
+    for name in ("teacher", "a", "b", "random"):
+        picture = out[f"gallery-{name}"]
+        assert Path(picture["path"] if isinstance(picture, dict) else picture).stat().st_size > 100
+    table = {r[0]: dict(zip(out["gallery-table"]["headers"], r)) for r in out["gallery-table"]["data"]}
+    assert {r["prompt accuracy"] for r in table.values()} == {"not scored"}
+    calibration = synthetic_calibration(open_teacher_config(synthetic / "teacher-wan"), n=4)
+    student = projected_student(Projector.open(str(synthetic / "teacher-wan"), str(synthetic / "student-wanlite.yaml")))
+    expected = velocity_fidelity(student, wanlite_from_teacher(synthetic / "teacher-wan"), calibration.latents,
+                                 calibration.context).relative_error
+    assert table["Student, strategy A (default strategy)"]["velocity error vs teacher (step 0)"] == f"{expected:.3f}"
+    compared = call(client, app, "compare", Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml())
+    first = compared["compare-table"]["data"][0]
+    assert first[0].startswith("velocity error vs teacher") and "SYNTHETIC" in first[0] and first[1] == f"{expected:.3f}"
+
+
+def open_teacher_config(path: Path) -> dict:
+    from projection.models import open_teacher
+
+    return open_teacher(str(path)).config
 
 
 # ------------------------------------------------------------------ export

@@ -26,3 +26,39 @@ def test_normalized_latents_are_mapped_back_first():
 def test_other_channel_counts_are_refused():
     with pytest.raises(ProjectionError, match=r"\[N, 16, H, W\], got \[1, 48, 8, 8\]"):
         wan21_rgb_preview(torch.zeros(1, 48, 8, 8))
+
+
+WAN16 = dict(dim=32, num_heads=2, ffn_dim=48, num_layers=2, in_dim=16, out_dim=16, text_dim=24, freq_dim=16)
+
+
+def test_preview_rows_draw_the_first_prompts_through_the_rgb_preview():
+    from projection.calibration import Calibration
+    from projection.gallery import PREVIEW_COLUMNS, preview_row, strip
+    from projection.sampling import sample
+    from projection.student import random_student
+
+    g = torch.Generator().manual_seed(3)
+    calibration = Calibration(torch.randn(10, 16, 4, 6, generator=g), torch.randn(10, 5, 24, generator=g), "test")
+    teacher, student = random_student(WAN16, 0), random_student(WAN16, 1)
+    row = preview_row("student", student, WAN16, calibration, steps=3, teacher=teacher)
+    expected = sample(student, calibration.context[:PREVIEW_COLUMNS], list(range(PREVIEW_COLUMNS)), (16, 4, 6), steps=3)
+    assert row.images.shape == (PREVIEW_COLUMNS, 3, 4, 6)
+    assert torch.allclose(row.images, ((wan21_rgb_preview(expected) + 1) / 2).clamp(0, 1))
+    assert row.prompt_accuracy is None and row.scored == 0 and row.velocity_error > 0
+    assert preview_row("teacher", teacher, WAN16, calibration, steps=3).velocity_error is None
+    picture = strip(row.images, scale=2, gap=1)
+    assert picture.shape == (8, PREVIEW_COLUMNS * 13 - 1, 3)
+    assert (picture[:, 12] == 255).all()  # the gap between two previews is white
+    assert torch.equal(picture[:2, :2, :].float(), (row.images[0, :, 0, 0] * 255).round().expand(2, 2, 3))
+
+
+def test_previews_are_refused_where_they_would_mislead_or_cost_too_much():
+    from projection.calibration import Calibration
+    from projection.gallery import preview_problem
+
+    small = Calibration(torch.zeros(1, 16, 8, 8), torch.zeros(1, 5, 24), "test")
+    assert preview_problem(WAN16, small) is None
+    assert "image-to-video" in preview_problem({**WAN16, "in_dim": 36}, small)
+    assert "writes 48 channels" in preview_problem({**WAN16, "in_dim": 48, "out_dim": 48}, small)
+    big = Calibration(torch.zeros(1, 16, 80, 80), torch.zeros(1, 5, 24), "test")
+    assert "80x80" in preview_problem(WAN16, big)
