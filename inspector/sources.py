@@ -1,0 +1,136 @@
+"""The Sources view: the teacher (path or hub id, and the expert of a two-expert checkpoint) and the student
+(a config or checkpoint file and its heads, or a form). Loading is the app's (it fills every view); hub files
+missing from the local cache are downloaded here, only after the user saw their size and confirmed."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from projection import ProjectionError
+from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
+
+from . import cards
+from .mapping import keys_mapped
+from .paths import Roots
+from .session import Session
+from .units import human_bytes
+
+NO_EXPERT = "single model"
+
+
+def expert_of(choice: str | None) -> str | None:
+    return None if choice in (None, "", NO_EXPERT) else choice
+
+
+def missing_downloads(teacher: str, expert: str | None, student: str | dict[str, Any]) -> list[HubDownload]:
+    """The hub files these sources need that the local cache lacks (none offline, or for local paths)."""
+    found = [hub_download(teacher, expert), hub_download(student) if isinstance(student, str) else None]
+    return [d for d in found if d is not None and d.files]
+
+
+class SourcesView:
+    """Built inside a gr.Tab. `load` (wired here, written by the app) opens a session from `inputs`."""
+
+    def __init__(self, roots: Roots, teacher: str, student: str, expert: str | None, demo_dir: Path | None):
+        self.roots, self.demo_dir = roots, demo_dir
+        self.pending = gr.State(None)  # hub downloads Load found and the user has not confirmed yet
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                gr.Markdown("### Teacher")
+                self.teacher = gr.Textbox(teacher, label="Checkpoint file, folder or hub id (org/name[:sub])",
+                                          elem_id="teacher-path")
+                self.expert = gr.Dropdown([NO_EXPERT, "high", "low"], value=expert or NO_EXPERT,
+                                          label="Expert (two-expert checkpoints such as Wan 2.2 A14B)")
+            with gr.Column(scale=1):
+                gr.Markdown("### Student")
+                self.student_kind = gr.Radio([("Config or checkpoint file", "file"), ("Form", "form")],
+                                             value="file", label="Student from")
+                with gr.Row() as self.student_file:
+                    self.student_path = gr.Textbox(student, elem_id="student-path", scale=3,
+                                                   label="Student config (.yaml/.json) or checkpoint to fill")
+                    self.student_heads = gr.Number(0, label="Heads", precision=0, elem_id="student-heads", scale=1,
+                                                   min_width=160, info="0: as recorded, else inferred")
+                with gr.Row(visible=False) as self.form:
+                    self.layout = gr.Dropdown([("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")],
+                                              value="wanlite", label="Layout", min_width=200)
+                    self.dim = gr.Number(128, label="Width", precision=0, minimum=2, min_width=90)
+                    self.num_layers = gr.Number(4, label="Blocks", precision=0, minimum=1, min_width=90)
+                    self.num_heads = gr.Number(2, label="Heads", precision=0, minimum=1, min_width=90)
+                    self.ffn_dim = gr.Number(384, label="FFN", precision=0, minimum=1, min_width=90)
+        with gr.Row():
+            self.load_btn = gr.Button("Load", variant="primary", scale=0, min_width=160, elem_id="load-button")
+            self.download_btn = gr.Button("Download and load", variant="primary", visible=False, scale=0,
+                                          min_width=260, elem_id="download-button")
+            if demo_dir is not None:
+                self.demo_ref = gr.Button("Demo: Wan → reference student", scale=0, min_width=320)
+                self.demo_seed = gr.Button("Demo: Wan (diffusers, 3 shards) → seeds' layout", scale=0, min_width=460)
+        self.msg = gr.HTML(elem_id="source-msg")
+        hub = ("hub ids through the Hugging Face cache; a download shows its size and waits for your confirmation"
+               if roots.hub else "hub ids are off: start the app with --allow-hub to allow them")
+        gr.Markdown(f"Opens sources only under `{roots.describe()}`, links and shards included ({hub}), and "
+                    f"writes exports only under `{roots.base}`. Mapping reads headers only; tensor data is read "
+                    "when numbers need it.", elem_classes="note")
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        """What `load` reads, in its order: teacher, expert, student kind, path, heads, then the form."""
+        return [self.teacher, self.expert, self.student_kind, self.student_path, self.student_heads, self.layout,
+                self.dim, self.num_layers, self.num_heads, self.ffn_dim]
+
+    def wire(self, blocks: gr.Blocks, load: Callable[..., dict], inputs: list[gr.components.Component],
+             outputs: list[gr.components.Component]) -> None:
+        """`load` runs on `inputs` (the state, these sources, the table view) into `outputs`: when the page opens,
+        on Load, after a confirmed download, and from the demo buttons."""
+        outputs = outputs + [self.msg, self.pending, self.download_btn]
+        self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
+                                 self.student_kind, [self.student_file, self.form], api_visibility="private")
+        self.load_btn.click(load, inputs, outputs, api_name="load")
+        self.download_btn.click(self.download, [self.pending, *self.inputs[:4]],
+                                [self.pending, self.download_btn, self.msg], api_name="download").success(
+            load, inputs, outputs, api_visibility="private")
+        blocks.load(load, inputs, outputs, api_visibility="private")
+        if self.demo_dir is not None:
+            demo = self.roots.display(self.demo_dir)
+            for button, student, teacher in ((self.demo_ref, "student-wanlite.yaml", "teacher-wan"),
+                                             (self.demo_seed, "student-seed.yaml", "teacher-diffusers")):
+                button.click(lambda a=f"{demo}/{teacher}", b=f"{demo}/{student}": (a, NO_EXPERT, "file", b),
+                             None, [self.teacher, self.expert, self.student_kind, self.student_path],
+                             api_visibility="private").then(load, inputs, outputs, api_visibility="private")
+
+    def loaded(self, s: Session, seconds: float) -> dict:
+        return {self.msg: keys_mapped(s, f"Loaded in {seconds:.1f} s (headers only): "), self.pending: None,
+                self.download_btn: gr.update(visible=False)}
+
+    def ask_download(self, downloads: list[HubDownload]) -> dict:
+        total = human_bytes(sum(d.nbytes for d in downloads))
+        what = "; ".join(f"{d.source} at {d.commit[:12]}: {len(d.files)} file{'s' if len(d.files) != 1 else ''}, "
+                         f"{human_bytes(d.nbytes)}" for d in downloads)
+        return {self.pending: downloads,
+                self.download_btn: gr.update(visible=True, value=f"Download {total} and load"),
+                self.msg: cards.inline_ask(f"Not in the local Hugging Face cache: {what} (sizes from the hub). "
+                                           f"Nothing has been downloaded yet: “Download {total} and load” "
+                                           f"fetches them.")}
+
+    def download(self, pending: list[HubDownload] | None, teacher: str, expert: str, kind: str, student_path: str,
+                 progress: gr.Progress = gr.Progress(track_tqdm=True)) -> dict:
+        """Fetch what Load showed, if the sources and the hub's files are still those the user saw (if not, the
+        Load that follows asks again)."""
+        if not pending:
+            raise gr.Error("Press Load first: it shows what would be downloaded.", title="Nothing to download")
+        done = {self.pending: None, self.download_btn: gr.update(visible=False)}
+        try:
+            teacher_src = self.roots.source(teacher, "teacher")
+            student = self.roots.source(student_path, "student") if kind != "form" else {}
+            if missing_downloads(teacher_src, expert_of(expert), student) != pending:
+                return {**done, self.msg: cards.inline_ask("The sources or the hub's files changed since "
+                                                           "Load showed the size: nothing was downloaded.")}
+            progress(0, desc=f"downloading {human_bytes(sum(d.nbytes for d in pending))}")
+            for source, source_expert in ((teacher_src, expert_of(expert)), (student, None)):
+                if isinstance(source, str) and (hub := hub_source(source)):
+                    fetch_from_hub(*hub, source_expert)
+        except ProjectionError as exc:
+            raise gr.Error(str(exc), title="Download failed", duration=None) from exc
+        return {**done, self.msg: cards.inline_ok("Downloaded; loading.")}
