@@ -112,17 +112,18 @@ class Inspector:
         st, ex = self.strategy, self.export
         loaded = [self.rules.rules, self.rules.msg, self.mapping.key, self.spectra.layer, self.spectra.matrix,
                   *st.controls.values(), st.seed, st.a_yaml, st.b_yaml, ex.dtype, ex.device, ex.out_dir]
-        self.sources.wire(self.blocks, self.load, [self.state, *self.sources.inputs, *table_view], view + loaded)
+        self.sources.wire(self.state, self.blocks, self.load, {**self.sources.inputs, **table_view}, view + loaded)
         self.mapping.wire()
         self.rules.wire(table_view, view, lambda s: {self.sources.msg: keys_mapped(s, "With the rules applied: "),
                                                      **self.spectra.pickers(s)},
                         [self.sources.msg, self.spectra.layer, self.spectra.matrix])
         self.strategy.wire(self.layers.method, table_view, view)
         self.layers.wire(table_view, view)
-        self.energy_btn.click(self.measure, [self.state, *table_view], view, api_name="measure")
+        self.energy_btn.click(self.measure, self.state, view, inputs_kwargs=table_view, api_name="measure")
         self.spectra.wire(self.spectra_tab)
         self.gallery.wire()
-        self.function.wire().success(self.redraw, [self.state, *table_view], view, api_visibility="private")
+        self.function.wire().success(self.redraw, self.state, view, inputs_kwargs=table_view,
+                                     api_visibility="private")
         self.export.wire(self.strategy.yaml)
         self.blocks.unload(self.unload)  # the tab or API client went away: free its session now
 
@@ -141,10 +142,10 @@ class Inspector:
     def unload(self, request: gr.Request) -> None:
         self.sessions.close(request.session_hash)
 
-    def load(self, state: Session | None, teacher: str, expert: str, kind: str, student_path: str,
-             student_heads: float | None, layout: str, dim: float, num_layers: float, num_heads: float, ffn_dim: float,
-             statuses: list[str], search: str, sort: str, key: str | None, request: gr.Request,
-             progress: gr.Progress = gr.Progress()) -> dict:
+    def load(self, state: Session | None, request: gr.Request, progress: gr.Progress = gr.Progress(), *,
+             teacher: str, expert: str, kind: str, student_path: str, student_heads: float | None, layout: str,
+             dim: float, num_layers: float, num_heads: float, ffn_dim: float, **table_view: Any) -> dict:
+        """A new session from the Sources tab's values, drawn in every view (`table_view`: the Mapping tab's)."""
         started = time.perf_counter()
         roots = self.config.roots
         try:
@@ -171,7 +172,7 @@ class Inspector:
         session.out_dir = unique_export_name(session.projector.student.layout)
         # Open one entry's details at once, unless that means reading a large teacher's tensors before asked.
         key = default_key(session) if session.auto_energy else None
-        out = self._render(session, (statuses, search, sort, key), started, 0)
+        out = self._render(session, {**table_view, "key": key}, started, 0)
         out.update({**self.sources.loaded(session, time.perf_counter() - started), **self.rules.loaded(session),
                     **self.mapping.loaded(session, key), **self.spectra.pickers(session),
                     **self.strategy.loaded(session), **self.export.loaded(session)})
@@ -179,7 +180,7 @@ class Inspector:
 
     # ================================================================ the refresh
 
-    def _refresh(self, state: Session | None, table_view: tuple[list[str], str, str, str | None],
+    def _refresh(self, state: Session | None, table_view: dict[str, Any],
                  change: Callable[[Session], None], rejected: Callable[[ProjectionError], dict] | None = None,
                  extra: Callable[[Session], dict] | None = None) -> dict:
         """What every control that changes the projection does. Apply `change` under the session's lock. If the
@@ -200,17 +201,16 @@ class Inspector:
             out = self._render(s, table_view, started, read)
             return {**out, **extra(s)} if extra is not None else out
 
-    def redraw(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None) -> dict:
+    def redraw(self, state: Session | None, **table_view: Any) -> dict:
         """The view again after something the session measured (the Function tab's influence, an activation
         strategy's new ranking)."""
-        return self._refresh(state, (statuses, search, sort, key), lambda s: None)
+        return self._refresh(state, table_view, lambda s: None)
 
-    def measure(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
-                progress: gr.Progress = gr.Progress()) -> dict:
-        return self._refresh(state, (statuses, search, sort, key),
+    def measure(self, state: Session | None, progress: gr.Progress = gr.Progress(), **table_view: Any) -> dict:
+        return self._refresh(state, table_view,
                              lambda s: s.measure(force=True, progress=progress_to(progress, "projecting")))
 
-    def _render(self, s: Session, table_view: tuple[list[str], str, str, str | None], started: float,
+    def _render(self, s: Session, table_view: dict[str, Any], started: float,
                 read_before: int) -> dict:
         """The refreshed view: the summary above the tabs, then each view's share."""
         summary = s.summary()
@@ -224,7 +224,7 @@ class Inspector:
             self.cards: cards.summary_cards(summary, note, s.step0_error() if s.plan_ready else None),
             self.warning: gr.update(value=cards.warnings_banner(summary["warnings"]), visible=bool(summary["warnings"])),
             self.energy_btn: gr.update(visible=not measured),
-            **self.mapping.redraw(s, summary, *table_view), **self.rules.redraw(s), **self.layers.redraw(s, summary),
+            **self.mapping.redraw(s, summary, **table_view), **self.rules.redraw(s), **self.layers.redraw(s, summary),
             **self.spectra.redraw(s), **self.strategy.redraw(s), **self.export.redraw(s),
             self.refresh_info: (f'<div class="refresh-info">updated in {1000 * (time.perf_counter() - started):.0f} '
                                 f'ms · read {human_bytes(s.bytes_read - read_before)} from the teacher for this '

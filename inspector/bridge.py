@@ -42,4 +42,5 @@ def info(field: str) -> str:
     return Strategy.model_fields[field].description or ""
 
 
+Components = dict[str, gr.components.Component]  # an event's inputs by the handler's parameter names
 Refresh = Callable[..., dict]  # the app's refresh: (state, table view, change, rejected=None, extra=None) -> updates

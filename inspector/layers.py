@@ -12,7 +12,7 @@ import gradio as gr
 from projection.strategy import LAYER_METHODS
 
 from . import charts
-from .bridge import Refresh, plot, toast
+from .bridge import Components, Refresh, plot, toast
 from .session import Session
 
 MAX_BLOCKS = 48  # Gradio needs a fixed number of sliders: this many are created and shown as needed
@@ -55,14 +55,14 @@ class LayersView:
         """What `redraw` updates."""
         return [self.layer_map, self.layer_energy, self.method, *self.sliders]
 
-    def wire(self, table_view: list[gr.components.Component], outputs: list[gr.components.Component]) -> None:
+    def wire(self, table_view: Components, outputs: list[gr.components.Component]) -> None:
         """The method is wired with the strategy (StrategyView); the sliders here. `table_view` is the Mapping
         tab's filters a redraw keeps, `outputs` everything a refresh redraws.
 
         A slider's `input` fires on drag, arrow keys and typing; `release` on pointer-up and when its number box
         loses focus (where Gradio then clamps the box silently: settle_layers puts back what is in use). The
         sliders' values are checked here, not by Gradio, so a bad one is answered beside its slider."""
-        inputs = [self.state, *table_view, *self.sliders]
+        inputs = [self.state, *table_view.values(), *self.sliders]  # sliders: a list by nature, one per block
         for i, slider in enumerate(self.sliders):
             for event, handler in ((slider.input, self.set_layers), (slider.release, self.settle_layers)):
                 first = i == 0 and handler == self.set_layers
@@ -123,7 +123,8 @@ class LayersView:
                 s.update_strategy(layers=layers)
             s.shown_layers = layers  # the sliders already show them
 
-        return self.refresh(state, (statuses, search, sort, key), change, toast("Layers rejected"))
+        table_view = {"statuses": statuses, "search": search, "sort": sort, "key": key}
+        return self.refresh(state, table_view, change, toast("Layers rejected"))
 
     def settle_layers(self, state: Session | None, statuses: list[str], search: str, sort: str, key: str | None,
                       *sliders: Any) -> dict:

@@ -10,7 +10,7 @@ import gradio as gr
 from projection import ProjectionError
 
 from . import cards, charts, table
-from .bridge import plot
+from .bridge import Components, plot
 from .session import Session, histogram
 from .units import percent
 
@@ -88,9 +88,9 @@ class MappingView:
             self.unused = gr.Dataframe(interactive=False, max_height=360, show_label=False)
 
     @property
-    def table_view(self) -> list[gr.components.Component]:
-        """The filters, sort and open entry every redraw keeps (statuses, search, sort, key)."""
-        return [self.statuses, self.search, self.sort, self.key]
+    def table_view(self) -> Components:
+        """The filters, sort and open entry every redraw keeps, by name: handlers take them as keywords."""
+        return {"statuses": self.statuses, "search": self.search, "sort": self.sort, "key": self.key}
 
     @property
     def components(self) -> list[gr.components.Component]:
@@ -106,7 +106,7 @@ class MappingView:
         self.key.change(self.show_details, [self.state, self.key], [self.details, self.index_plot, self.hist_plot],
                         api_name="details")
 
-    def redraw(self, s: Session, summary: dict[str, Any], statuses: list[str], search: str, sort: str,
+    def redraw(self, s: Session, summary: dict[str, Any], *, statuses: list[str], search: str, sort: str,
                key: str | None) -> dict:
         unused = s.unused_teacher_keys()
         out = {self.legend: table.legend(summary["counts"]),

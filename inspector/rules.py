@@ -3,13 +3,14 @@ unmapped), beside the student keys that transfer nothing and the teacher keys no
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
 
 from projection import ProjectionError
 
 from . import cards
-from .bridge import Refresh
+from .bridge import Components, Refresh
 from .mapping import keys_mapped
 from .session import Session
 
@@ -66,13 +67,13 @@ class RulesView:
         """What `redraw` updates."""
         return [self.unmapped]
 
-    def wire(self, table_view: list[gr.components.Component], outputs: list[gr.components.Component],
+    def wire(self, table_view: Components, outputs: list[gr.components.Component],
              elsewhere: Callable[[Session], dict], elsewhere_outputs: list[gr.components.Component]) -> None:
         """`table_view`: the Mapping tab's filters a redraw keeps; `outputs`: everything a refresh redraws;
         `elsewhere`: what else applied rules change (other tabs' `elsewhere_outputs`)."""
         self.elsewhere = elsewhere
-        self.apply_btn.click(self.apply, [self.state, self.rules, *table_view],
-                             outputs + [self.rules, self.msg, *elsewhere_outputs], api_name="apply_rules")
+        self.apply_btn.click(self.apply, [self.state, self.rules], outputs + [self.rules, self.msg, *elsewhere_outputs],
+                             inputs_kwargs=table_view, api_name="apply_rules")
         self.suggest_btn.click(self.suggest, [self.state, self.rules], [self.rules, self.msg],
                                api_name="suggest_rules")
 
@@ -82,12 +83,11 @@ class RulesView:
     def loaded(self, s: Session) -> dict:
         return {self.rules: rules_text(s), self.msg: ""}
 
-    def apply(self, state: Session | None, text: str, statuses: list[str], search: str, sort: str,
-              key: str | None) -> dict:
+    def apply(self, state: Session | None, text: str, **table_view: Any) -> dict:
         def applied(s: Session) -> dict:
             return {self.rules: rules_text(s), self.msg: keys_mapped(s, "Applied: "), **self.elsewhere(s)}
 
-        return self.refresh(state, (statuses, search, sort, key), lambda s: s.set_rules(text),
+        return self.refresh(state, table_view, lambda s: s.set_rules(text),
                             lambda exc: {self.msg: cards.inline_error(str(exc))}, applied)
 
     def suggest(self, state: Session | None, text: str) -> tuple:

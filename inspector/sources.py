@@ -13,6 +13,7 @@ from projection import ProjectionError
 from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 
 from . import cards
+from .bridge import Components
 from .mapping import keys_mapped
 from .paths import Roots
 from .session import Session
@@ -75,30 +76,33 @@ class SourcesView:
                     "when numbers need it.", elem_classes="note")
 
     @property
-    def inputs(self) -> list[gr.components.Component]:
-        """What `load` reads, in its order: teacher, expert, student kind, path, heads, then the form."""
-        return [self.teacher, self.expert, self.student_kind, self.student_path, self.student_heads, self.layout,
-                self.dim, self.num_layers, self.num_heads, self.ffn_dim]
+    def inputs(self) -> Components:
+        """What `load` reads, by name: the teacher, its expert, the student's kind, path and heads, the form."""
+        return {"teacher": self.teacher, "expert": self.expert, "kind": self.student_kind,
+                "student_path": self.student_path, "student_heads": self.student_heads, "layout": self.layout,
+                "dim": self.dim, "num_layers": self.num_layers, "num_heads": self.num_heads, "ffn_dim": self.ffn_dim}
 
-    def wire(self, blocks: gr.Blocks, load: Callable[..., dict], inputs: list[gr.components.Component],
+    def wire(self, state: gr.State, blocks: gr.Blocks, load: Callable[..., dict], inputs: Components,
              outputs: list[gr.components.Component]) -> None:
-        """`load` runs on `inputs` (the state, these sources, the table view) into `outputs`: when the page opens,
-        on Load, after a confirmed download, and from the demo buttons."""
+        """`load` runs on `state` and the named `inputs` (these sources, the table view) into `outputs`: when the
+        page opens, on Load, after a confirmed download, and from the demo buttons."""
         outputs = outputs + [self.msg, self.pending, self.download_btn]
         self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
                                  self.student_kind, [self.student_file, self.form], api_visibility="private")
-        self.load_btn.click(load, inputs, outputs, api_name="load")
-        self.download_btn.click(self.download, [self.pending, *self.inputs[:4]],
-                                [self.pending, self.download_btn, self.msg], api_name="download").success(
-            load, inputs, outputs, api_visibility="private")
-        blocks.load(load, inputs, outputs, api_visibility="private")
+        self.load_btn.click(load, state, outputs, inputs_kwargs=inputs, api_name="load")
+        fetched = {k: v for k, v in self.inputs.items() if k in ("teacher", "expert", "kind", "student_path")}
+        self.download_btn.click(self.download, self.pending, [self.pending, self.download_btn, self.msg],
+                                inputs_kwargs=fetched, api_name="download").success(
+            load, state, outputs, inputs_kwargs=inputs, api_visibility="private")
+        blocks.load(load, state, outputs, inputs_kwargs=inputs, api_visibility="private")
         if self.demo_dir is not None:
             demo = self.roots.display(self.demo_dir)
             for button, student, teacher in ((self.demo_ref, "student-wanlite.yaml", "teacher-wan"),
                                              (self.demo_seed, "student-seed.yaml", "teacher-diffusers")):
                 button.click(lambda a=f"{demo}/{teacher}", b=f"{demo}/{student}": (a, NO_EXPERT, "file", b),
                              None, [self.teacher, self.expert, self.student_kind, self.student_path],
-                             api_visibility="private").then(load, inputs, outputs, api_visibility="private")
+                             api_visibility="private").then(load, state, outputs, inputs_kwargs=inputs,
+                                                            api_visibility="private")
 
     def loaded(self, s: Session, seconds: float) -> dict:
         return {self.msg: keys_mapped(s, f"Loaded in {seconds:.1f} s (headers only): "), self.pending: None,
@@ -114,8 +118,8 @@ class SourcesView:
                                            f"Nothing has been downloaded yet: “Download {total} and load” "
                                            f"fetches them.")}
 
-    def download(self, pending: list[HubDownload] | None, teacher: str, expert: str, kind: str, student_path: str,
-                 progress: gr.Progress = gr.Progress(track_tqdm=True)) -> dict:
+    def download(self, pending: list[HubDownload] | None, progress: gr.Progress = gr.Progress(track_tqdm=True), *,
+                 teacher: str, expert: str, kind: str, student_path: str) -> dict:
         """Fetch what Load showed, if the sources and the hub's files are still those the user saw (if not, the
         Load that follows asks again)."""
         if not pending:

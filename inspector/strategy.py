@@ -15,7 +15,7 @@ from projection.gallery import GalleryRow
 from projection.inputs import read_text
 
 from . import cards, charts
-from .bridge import Refresh, choices, info, plot, progress_to, toast
+from .bridge import Components, Refresh, choices, info, plot, progress_to, toast
 from .session import Session
 from .units import percent
 
@@ -96,21 +96,21 @@ class StrategyView:
             self.compare_table = gr.Dataframe(interactive=False, show_label=False, scale=2, elem_id="compare-table")
             self.compare_plot = gr.Plot(show_label=False, scale=3, elem_id="compare-plot")
 
-    def wire(self, method: gr.Radio, table_view: list[gr.components.Component],
-             outputs: list[gr.components.Component]) -> None:
+    def wire(self, method: gr.Radio, table_view: Components, outputs: list[gr.components.Component]) -> None:
         """`method` is the Layers tab's choice of blocks (part of the strategy); `table_view` the Mapping tab's
         filters a redraw keeps; `outputs` everything a refresh redraws."""
         controls = list(self.controls.values())
-        inputs = [self.state, method, *controls, self.seed, *table_view]
+        named = {"method": method, **self.controls, "seed": self.seed, **table_view}
         for i, component in enumerate([method, *controls]):
-            component.input(self.set_strategy, inputs, outputs, show_progress="minimal",
+            component.input(self.set_strategy, self.state, outputs, inputs_kwargs=named, show_progress="minimal",
                             trigger_mode="always_last",  # the last choice wins, none is dropped
                             api_name="set_strategy" if i == 0 else None, api_visibility="public" if i == 0 else "private")
-        self.seed.blur(self.set_strategy, inputs, outputs, show_progress="hidden", api_visibility="private")
+        self.seed.blur(self.set_strategy, self.state, outputs, inputs_kwargs=named, show_progress="hidden",
+                       api_visibility="private")
         applied = outputs + [*controls, self.seed, self.msg]
-        self.apply_btn.click(self.apply_yaml, [self.state, self.yaml, *table_view], applied,
+        self.apply_btn.click(self.apply_yaml, [self.state, self.yaml], applied, inputs_kwargs=table_view,
                              api_name="apply_strategy_yaml")
-        self.upload_btn.upload(self.load_file, [self.state, self.upload_btn, *table_view], applied,
+        self.upload_btn.upload(self.load_file, [self.state, self.upload_btn], applied, inputs_kwargs=table_view,
                                api_visibility="private")
         self.save_btn.click(self.save, self.state, self.file, api_name="save_strategy")
         self.a_btn.click(self.current, self.state, self.a_yaml, api_visibility="private")
@@ -134,8 +134,8 @@ class StrategyView:
                 self.a_yaml: strategy.to_yaml(),
                 self.b_yaml: strategy.model_copy(update={"width": "svd-per-matrix"}).to_yaml()}
 
-    def set_strategy(self, state: Session | None, method: str, width: str, heads: str, head_dim: str, ffn: str,
-                     conv: str, rescale: str, seed: float | None, *table_view: Any) -> dict:
+    def set_strategy(self, state: Session | None, *, method: str, width: str, heads: str, head_dim: str, ffn: str,
+                     conv: str, rescale: str, seed: float | None, **table_view: Any) -> dict:
         def change(s: Session) -> None:
             fields: dict[str, Any] = {"width": width, "heads": heads, "head_dim": head_dim, "ffn": ffn,
                                       "conv": conv, "rescale": rescale,
@@ -146,7 +146,7 @@ class StrategyView:
 
         return self.refresh(state, table_view, change, toast("Strategy rejected"))
 
-    def apply_yaml(self, state: Session | None, text: str, *table_view: Any) -> dict:
+    def apply_yaml(self, state: Session | None, text: str, **table_view: Any) -> dict:
         def change(s: Session) -> None:
             strategy = Strategy.from_yaml(text, "strategy")
             if strategy.expert != s.strategy.expert:
@@ -160,13 +160,13 @@ class StrategyView:
 
         return self.refresh(state, table_view, change, lambda exc: {self.msg: cards.inline_error(str(exc))}, applied)
 
-    def load_file(self, state: Session | None, file: Any, *table_view: Any) -> dict:
+    def load_file(self, state: Session | None, file: Any, **table_view: Any) -> dict:
         path = file if isinstance(file, str) else getattr(file, "name", None)
         try:
             text = read_text(path, "strategy") if path else ""
         except ProjectionError as exc:  # too large, not UTF-8: named by the uploaded name, not the server's copy
             return {self.msg: cards.inline_error(str(exc).replace(str(path), Path(path).name))}
-        out = self.apply_yaml(state, text, *table_view)
+        out = self.apply_yaml(state, text, **table_view)
         out.setdefault(self.yaml, text)
         return out
 

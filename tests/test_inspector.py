@@ -620,7 +620,8 @@ def test_strategy_uploads_are_bounded(app, tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("seed: 1\n# réglage\n".encode("latin-1"))
     handler = next(f.fn for f in app.fns.values() if getattr(f.fn, "__qualname__", "") == "StrategyView.load_file")
-    messages = [v for v in handler(None, str(latin1), *TABLE, None).values() if isinstance(v, str)]
+    table_view = dict(zip(("statuses", "search", "sort", "key"), (*TABLE, None)))
+    messages = [v for v in handler(None, str(latin1), **table_view).values() if isinstance(v, str)]
     assert any("latin1.yaml: not UTF-8 text (invalid byte at offset 11, line 2)" in m for m in messages), messages
 
 
