@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .palette import STATUS_COLORS, STUDENT, TEACHER
 from .units import human_bytes, human_count, percent
+
+if TYPE_CHECKING:
+    from .session import Step0
 
 LAYOUTS = {
     "wan": "Wan (3D video DiT)",
@@ -71,19 +74,19 @@ def metric_card(title: str, value: str, detail: str, tone: str = "", hint: str =
             f'<div class="metric">{value}</div><div class="card-line">{detail}</div></div>')
 
 
-def function_card(step0: tuple[float, float] | None) -> str:
+def function_card(step0: Step0 | None) -> str:
     """What the student computes, first: its velocity error against the teacher before training."""
     if step0 is None:
         return ""
-    error, random = step0
-    tone = "good" if error < 0.5 else ("bad" if error >= random else "")
-    return metric_card("Velocity error", f"{error:.2f}", f"vs the teacher, step 0; random init {random:.2f}", tone,
-                       hint="sum |v_student - v_teacher|^2 / sum |v_teacher|^2 on 64 of the demo's held-out latents "
-                            "at fixed noise (2 draws each), before any training; 0 is the teacher's function. The "
-                            "Gallery tab draws the samples.")
+    tone = "" if step0.synthetic else "good" if step0.error < 0.5 else "bad" if step0.error >= step0.random else ""
+    guess = " · on SYNTHETIC inputs: a guess" if step0.synthetic else ""
+    return metric_card("Velocity error", f"{step0.error:.2f}",
+                       f"vs the teacher, step 0; random init {step0.random:.2f}{guess}", tone,
+                       hint=f"sum |v_student - v_teacher|^2 / sum |v_teacher|^2 on {step0.on}, before any training; "
+                            "0 is the teacher's function. The Gallery tab draws the samples.")
 
 
-def summary_cards(summary: dict[str, Any], energy_note: str, step0: tuple[float, float] | None = None) -> str:
+def summary_cards(summary: dict[str, Any], energy_note: str, step0: Step0 | None = None) -> str:
     keys, params = summary["coverage"]["keys"], summary["coverage"]["params"]
     tone = "bad" if keys["transferred"] == 0 else ("good" if keys["rate"] == 1 else "")
     energy = summary.get("retained_weight_energy")

@@ -98,6 +98,16 @@ class Spectrum:
     stacked: bool  # the entry stacks several teacher tensors (its energy covers them all)
 
 
+@dataclass(frozen=True)
+class Step0:
+    """The summary card's figures: the student's and a random student's velocity error against the teacher,
+    before any training."""
+    error: float
+    random: float
+    on: str  # what they were measured on
+    synthetic: bool = False  # measured on synthetic inputs: a guess
+
+
 @dataclass
 class Session:
     projector: Projector
@@ -115,9 +125,10 @@ class Session:
     _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
     gallery: OrderedDict[str, GalleryRow] = field(default_factory=OrderedDict)  # by what drew them, newest last
     _teacher_module: torch.nn.Module | None = None
-    _step0: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _step0: dict[str, Step0] = field(default_factory=dict)
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
+    _function_for: str | None = None  # the projection it measured (`projection_key`)
 
     # ------------------------------------------------------------ opening
 
@@ -453,8 +464,15 @@ class Session:
             raise ProjectionError(why)
         with heavy_work():
             self.function = function_report(self.projector, calibration, progress=progress)
-        self._function_on = self.projector.activations.key
+        self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
+
+    def projection_key(self) -> str:
+        """What decides the projected student: the strategy (less dtype and device), the rules, and the
+        calibration set where the strategy ranks or fits on one."""
+        acts = self.projector.activations if self.strategy.needs_calibration else None
+        return json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
+                           acts and acts.key], sort_keys=True)
 
     def block_influence(self) -> tuple[list[float], list[float] | None, str] | None:
         """(influence per teacher block, removal effect per block or None, what they were measured on) once the
@@ -467,22 +485,27 @@ class Session:
             removal = [b["removal_error"] for b in self.function["teacher_blocks"]]
         return acts.influence, removal, acts.about
 
-    def step0_error(self) -> tuple[float, float] | None:
-        """(the student's velocity error vs the teacher, a random student's) on the first QUICK_LATENTS held-out
-        demo latents at step 0, for the summary card; None where function cannot be measured here. Cached per
-        strategy, rules and calibration set."""
-        if self.previews or self.function_unavailable():
+    def step0_error(self) -> Step0 | None:
+        """The summary card's velocity errors at step 0. On the demo's latent space: measured here, on the first
+        QUICK_LATENTS held-out latents, cached per projection. Elsewhere: the Function tab's last report, while
+        it is still about the projection in use. None where neither is known."""
+        if self.previews:
+            if self.function is None or self._function_for != self.projection_key():
+                return None
+            students, calibration = self.function["fidelity"]["students"], self.projector.calibration
+            return Step0(students["student"]["relative_error"], students["random init"]["relative_error"],
+                         f"{calibration.label}, as measured in the Function tab", calibration.synthetic)
+        if self.function_unavailable():
             return None
-        acts = self.projector.activations if self.strategy.needs_calibration else None
-        key = "step0:" + json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
-                                     acts and acts.key], sort_keys=True)
+        key = self.projection_key()
         if key not in self._step0:
             held_out = demo_calibration().subset(QUICK_LATENTS)
             teacher = self.teacher_module()
             students = {"student": projected_student(self.projector),
                         "random": random_student(self.projector.student_config, self.strategy.seed)}
             found = fidelity_table(students, teacher, held_out.latents, held_out.context, draws=2)
-            self._step0[key] = (found["student"].relative_error, found["random"].relative_error)
+            self._step0[key] = Step0(found["student"].relative_error, found["random"].relative_error,
+                                     f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise (2 draws each)")
             while len(self._step0) > GALLERY_KEPT:
                 self._step0.pop(next(iter(self._step0)))
         return self._step0[key]

@@ -132,6 +132,19 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     assert "Retained weight energy" in out["cards"] and "a weight statistic, not output quality" in out["cards"]
     assert f'title="{escape(MEANING)}"' in out["cards"]  # the whole definition on hover
     assert "123 of 123 student keys" in out["cards"]
+    # what the student computes leads: its velocity error at step 0 on 64 held-out demo latents, the core's
+    from projection import projected_student
+    from projection.calibration import demo_calibration
+    from projection.fidelity import fidelity_table
+    from projection.student import random_student, wanlite_from_teacher
+
+    held_out = demo_calibration().subset(64)
+    found = fidelity_table({"student": projected_student(p), "random": random_student(p.student_config, 0)},
+                           wanlite_from_teacher(root / TEACHER), held_out.latents, held_out.context, draws=2)
+    card = re.search(r'Velocity error</div><div class="metric">([0-9.]+)</div><div class="card-line">([^<]*)<',
+                     out["cards"])
+    assert card and card[1] == f"{found['student'].relative_error:.2f}", out["cards"]
+    assert card[2] == f"vs the teacher, step 0; random init {found['random'].relative_error:.2f}"
     assert "Loaded in" in out["source-msg"]
     # every status is coloured from the one palette, in the table and in the legend
     from inspector.palette import STATUS_COLORS
@@ -444,7 +457,24 @@ def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(cl
     load(client, app, teacher="synthetic/teacher-wan", student="synthetic/student-wanlite.yaml")
     out = call(client, app, "gallery", Strategy().to_yaml(), Strategy().to_yaml())
     assert "inline-error" in out["gallery-msg"] and "Function tab" in out["gallery-msg"]
+    assert "Velocity error" not in call(client, app, "measure", *TABLE, None)["cards"]  # nothing measured yet
     call(client, app, "function", "synthetic (a guess)", "", 4)
+    # the summary card shows the Function tab's measurement, flagged as a guess, while the projection is the same
+    from projection.calibration import synthetic_calibration as synthetic_set
+    from projection.function import function_report
+
+    projector = Projector.open(str(synthetic / "teacher-wan"), str(synthetic / "student-wanlite.yaml"))
+    report = function_report(projector, synthetic_set(open_teacher_config(synthetic / "teacher-wan"), n=4))
+    students = report["fidelity"]["students"]
+    cards = call(client, app, "measure", *TABLE, None)["cards"]
+    assert (f'<div class="metric">{students["student"]["relative_error"]:.2f}</div><div class="card-line">vs the '
+            f'teacher, step 0; random init {students["random init"]["relative_error"]:.2f} · on SYNTHETIC') in cards
+    other = call(client, app, "set_strategy", "uniform", "first", "magnitude", "frequency", "magnitude", "sum",
+                 "none", 0, *TABLE, None)
+    assert "Velocity error" not in other["cards"]  # a different projection: not what was measured
+    back = call(client, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum",
+                "none", 0, *TABLE, None)
+    assert f'{students["student"]["relative_error"]:.2f}</div>' in back["cards"]  # the measured projection again
     out = call(client, app, "gallery", Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml())
     assert "SYNTHETIC calibration" in out["gallery-msg"] and "not a VAE decode" in out["gallery-msg"]
     for name in ("teacher", "a", "b", "random"):
