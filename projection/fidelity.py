@@ -78,13 +78,32 @@ def expert_band(expert: str | None, in_dim: int | None = None) -> tuple[float, f
     return (boundary, 1.0) if expert == "high" else (0.0, boundary)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A noised set and the teacher's velocities on it: run the teacher once, score any number of students."""
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    velocity: torch.Tensor
+    draws: int
+    band: tuple[float, float]
+
+    def score(self, student: nn.Module) -> Fidelity:
+        return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band)
+
+
+def teacher_reference(teacher: nn.Module | StreamedTeacher, latents: torch.Tensor, context: torch.Tensor,
+                      draws: int = 4, seed: int = 0, band: tuple[float, float] = (0.0, 1.0)) -> Reference:
+    x, t, ctx = noised_set(latents, context, draws, seed, band)
+    return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
+
+
 def fidelity_table(students: dict[str, nn.Module], teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
                    context: torch.Tensor, draws: int = 4, seed: int = 0,
                    band: tuple[float, float] = (0.0, 1.0)) -> dict[str, Fidelity]:
     """Several students against one teacher on the same noised set; a streamed teacher runs once."""
-    x, t, ctx = noised_set(latents, context, draws, seed, band)
-    reference = predict(teacher, x, t, ctx)
-    return {name: compare(predict(model, x, t, ctx), reference, draws, band) for name, model in students.items()}
+    reference = teacher_reference(teacher, latents, context, draws, seed, band)
+    return {name: reference.score(model) for name, model in students.items()}
 
 
 def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,

@@ -723,3 +723,21 @@ def test_function_tab_labels_synthetic_sets_and_refuses_bad_files(client, app, r
         call(client, app, "function", "file", "a-folder", 8)
     with pytest.raises(AppError, match=r"100000 .*512"):  # bounded before any work starts
         call(client, app, "function", "demo held-out digits", "", 100000)
+
+
+def test_the_velocity_card_runs_the_teacher_once_per_session(root, tmp_path):
+    from inspector.session import Session
+
+    (tmp_path / "s").mkdir()
+    s = Session.open(str(root / TEACHER), str(root / WANLITE), None, Strategy(), folder=tmp_path / "s")
+    s.measure()
+    calls = []
+    s.teacher_module().register_forward_hook(lambda *_: calls.append(1))
+    first = s.step0_error()
+    assert calls  # the teacher's velocities on the card's set
+    ran = len(calls)
+    s.update_strategy(width="first")
+    s.measure()
+    second = s.step0_error()
+    assert len(calls) == ran  # a new projection is scored against the same teacher velocities
+    assert second.error != first.error and second.random == first.random
