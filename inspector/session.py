@@ -469,11 +469,12 @@ class Session:
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
 
-    def projection_key(self) -> str:
-        """What decides the projected student: the strategy (less dtype and device), the rules, and the
-        calibration set where the strategy ranks or fits on one."""
-        acts = self.projector.activations if self.strategy.needs_calibration else None
-        return json.dumps([self.strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
+    def projection_key(self, strategy: Strategy | None = None) -> str:
+        """What decides the student `strategy` (the session's by default) projects: the strategy less dtype and
+        device, the rules, and the calibration set where the strategy ranks or fits on one."""
+        strategy = strategy or self.strategy
+        acts = self.projector.activations if strategy.needs_calibration else None
+        return json.dumps([strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
                            acts and acts.key], sort_keys=True)
 
     def block_influence(self) -> tuple[list[float], list[float] | None, str] | None:
@@ -530,11 +531,9 @@ class Session:
         why = self.function_unavailable()
         if why:
             raise ProjectionError(why)
-        acts = self.projector.activations
-        calibrated = acts.key if acts is not None and (self.previews or not isinstance(which, str)) else None
-        key = (f"{which}:{self.strategy.seed}:{calibrated}" if isinstance(which, str) else
-               json.dumps([which.model_dump(exclude={"dtype", "device"}), self.projector.rules, calibrated],
-                          sort_keys=True))
+        drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
+        key = (f"{which}:{self.strategy.seed}" if isinstance(which, str) else self.projection_key(which))
+        key += f":{drawn_on}"
         if key in self.gallery:
             self.gallery.move_to_end(key)
             return self.gallery[key]
