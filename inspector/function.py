@@ -44,14 +44,14 @@ def open_source(source: str, path_text: str, count: float | None, roots: Roots, 
     elif source == SYNTHETIC:
         calibration = sets.synthetic_calibration(config, n=n)
     elif source == FILE:
-        path = Path(roots.source(path_text, "calibration file"))
+        path = Path(roots.source(path_text, "calibration file", hub_ids=False))  # resolved, under a root
         if not path.is_file():
             raise ProjectionError(f"calibration file '{path_text}': not a file (a .safetensors with latents, context)")
         size = path.stat().st_size
         if size > MAX_CALIBRATION_BYTES:
             raise ProjectionError(f"calibration file '{path_text}' is {human_bytes(size)}; the app reads sets up to "
                                   f"{human_bytes(MAX_CALIBRATION_BYTES)} (use the CLI for larger ones)")
-        calibration = sets.load_calibration(path, config)
+        calibration = sets.load_calibration(path, config, check=roots.check)  # checked again as it is opened
     else:
         raise ProjectionError(f"calibration source '{source}': choose one of {DEMO}, {FILE}, {SYNTHETIC}")
     return calibration.subset(n) if len(calibration) > n else calibration

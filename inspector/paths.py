@@ -41,8 +41,9 @@ class Roots:
     def describe(self) -> str:
         return ", ".join(str(r) for r in self.read)
 
-    def source(self, text: str, what: str) -> str:
-        """A teacher or student the user typed: an absolute path under a root, or a hub id 'org/name'."""
+    def source(self, text: str, what: str, hub_ids: bool = True) -> str:
+        """A teacher or student the user typed: an absolute path under a root, or a hub id 'org/name' (only with
+        `hub_ids`: a calibration set is always a local file)."""
         from projection.checkpoint import parse_hub_id
 
         text = (text or "").strip()
@@ -55,12 +56,13 @@ class Roots:
                 return str(real)
             raise ProjectionError(f"{what} '{text}' is outside the folders this app may open ({self.describe()}); "
                                   f"start the app with --root to allow another folder")
-        if not text.startswith((".", "/", "~")) and parse_hub_id(text):
+        if hub_ids and not text.startswith((".", "/", "~")) and parse_hub_id(text):
             if not (self.hub or text in self.trusted_ids):
                 raise ProjectionError(f"{what} '{text}': hub ids are off in this app (it listens on a non-loopback "
                                       f"address); start it with --allow-hub to allow them")
             return text  # resolved by the core through the Hugging Face cache
-        raise ProjectionError(f"{what} '{text}': no such file or folder under {self.base} (and not a hub id 'org/name')")
+        raise ProjectionError(f"{what} '{text}': no such file or folder under {self.base}"
+                              + (" (and not a hub id 'org/name')" if hub_ids else ""))
 
     def check(self, given: Path, real: Path) -> None:
         """The core's check on every folder and file a source leads to, before it reads it: `real` (links

@@ -3,9 +3,12 @@
 File format (`projection-calibration/1`): one `.safetensors` file with
   latents          [N, Cin, H, W]  float: clean latents of one frame, normalized as the teacher expects
   context          [N, L, text_dim] float: text-encoder states (for Wan: UMT5 states zero-padded to 512 tokens)
-  context_lengths  [N] integer, optional: tokens before the padding
-  __metadata__     strings describing where they came from (`source`, `format`, ...)
-Other tensors (e.g. the demo's `labels`) are kept but not required. Noise levels are not part of the file: they
+  context_lengths  [N] integer, optional: tokens before the padding (0..L); the context past them is zeroed, as
+                   Wan's pipelines pad UMT5 states with zeros
+  __metadata__     strings describing where they came from (`source`, `format`, ...); shown with control
+                   characters removed and at most MAX_SHOWN characters
+Other per-sample tensors [N, ...] (e.g. the demo's `labels`) are kept but not required; any other tensor is refused.
+Values are checked after the cast to float32: a float64 1e300 is infinite there, and refused. Noise levels are not part of the file: they
 belong to the request (x_s = (1 - s) x0 + s eps with seeded eps, timestep 1000 s; see `sampling`).
 
 Sources: a file; `demo` (the demo teacher's held-out digits); `synthetic` (Gaussian latents and context, for
@@ -22,15 +25,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import _safetensors_infos, read_tensor
+from .checkpoint import PathCheck, _safetensors_infos, read_tensor, resolve_checked
 from .errors import ProjectionError
-from .inputs import regular_fd
+from .inputs import clip, printable, regular_fd
 
 FORMAT = "projection-calibration/1"
 MAX_SAMPLES = 4096  # latents per set: the forward runs over all of them
 MAX_TOKENS = 1 << 22  # N * H * W latent pixels, bounded before anything is read
 MAX_CONTEXT = 1 << 28  # N * L * text_dim values (a 512 x 4096 UMT5 context is 2^21 per sample)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+MAX_SHOWN = 200  # characters of a metadata value shown on screens and in reports
 DEMO = "demo"
 SYNTHETIC = "synthetic"
 
@@ -77,8 +82,17 @@ def check_shapes(where: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[st
     n, cin, h, w = shapes["latents"]
     if shapes["context"][0] != n:
         raise ProjectionError(f"{where}: tensor 'context' has {shapes['context'][0]} samples, 'latents' {n}")
-    if "context_lengths" in shapes and tuple(shapes["context_lengths"]) != (n,):
-        raise ProjectionError(f"{where}: tensor 'context_lengths' is {list(shapes['context_lengths'])}; expected [{n}]")
+    if "context_lengths" in shapes:
+        if tuple(shapes["context_lengths"]) != (n,):
+            raise ProjectionError(f"{where}: tensor 'context_lengths' is {list(shapes['context_lengths'])}; "
+                                  f"expected [{n}]")
+        if dtypes["context_lengths"] not in INTEGERS:
+            raise ProjectionError(f"{where}: tensor 'context_lengths' is "
+                                  f"{str(dtypes['context_lengths']).removeprefix('torch.')}; expected an integer dtype")
+    for name, shape in shapes.items():
+        if name not in ("latents", "context", "context_lengths") and (len(shape) == 0 or shape[0] != n):
+            raise ProjectionError(f"{where}: tensor '{clip(name)}' is {list(shape)}; other tensors than latents, "
+                                  f"context and context_lengths must be per sample [{n}, ...]")
     if n > MAX_SAMPLES or n * h * w > MAX_TOKENS or math.prod(shapes["context"]) > MAX_CONTEXT:
         raise ProjectionError(f"{where}: {n} latents of {h}x{w} with context {list(shapes['context'][1:])} is more "
                               f"than a calibration set may hold (at most {MAX_SAMPLES} latents, {MAX_TOKENS} latent "
@@ -95,18 +109,41 @@ def check_shapes(where: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[st
 
 
 def check_values(where: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Finite once cast to float32 (what the teacher runs on); lengths within the context."""
     for name in ("latents", "context"):
-        bad = (~torch.isfinite(tensors[name])).sum().item()
+        bad = (~torch.isfinite(tensors[name].float())).sum().item()
         if bad:
-            raise ProjectionError(f"{where}: tensor '{name}' holds {bad} NaN or infinite value(s)")
+            raise ProjectionError(f"{where}: tensor '{name}' holds {bad} NaN or infinite value(s) in float32")
+    lengths = tensors.get("context_lengths")
+    if lengths is not None:
+        tokens = tensors["context"].shape[1]
+        bad = ((lengths < 0) | (lengths > tokens)).nonzero().flatten()
+        if len(bad):
+            i = bad[0].item()
+            raise ProjectionError(f"{where}: tensor 'context_lengths' holds {lengths[i].item()} at sample {i}; "
+                                  f"lengths are 0..{tokens} (the context's tokens)")
 
 
-def load_calibration(path: str | Path, config: dict[str, Any] | None = None) -> Calibration:
-    """A calibration file, checked against the teacher's config (channels, text width) before its data is read."""
-    path = Path(path)
-    where = str(path)
-    if path.suffix != ".safetensors":
+def mask_padding(context: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero every token at or past its sample's length, as Wan's pipelines pad the text encoder's states."""
+    keep = torch.arange(context.shape[1]) < lengths.to(torch.int64)[:, None]
+    return context * keep[..., None]
+
+
+def shown(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata as screens and reports may show it: no control characters, at most MAX_SHOWN characters."""
+    return {clip(printable(k[:240]), 60): clip(printable(v[:4 * MAX_SHOWN]), MAX_SHOWN) for k, v in metadata.items()}
+
+
+def load_calibration(path: str | Path, config: dict[str, Any] | None = None,
+                     check: PathCheck | None = None) -> Calibration:
+    """A calibration file, checked against the teacher's config (channels, text width) before its data is read.
+    `check` sees the path resolved before anything is opened (the app confines it to its roots)."""
+    given = Path(path)
+    where = str(given)
+    if given.suffix != ".safetensors":
         raise ProjectionError(f"{where}: a calibration set is one .safetensors file (latents, context)")
+    path = resolve_checked(given, check)
     infos = _safetensors_infos(path)
     check_shapes(where, {k: v.shape for k, v in infos.items()}, {k: v.dtype for k, v in infos.items()}, config)
     fd = regular_fd(path)
@@ -116,9 +153,12 @@ def load_calibration(path: str | Path, config: dict[str, Any] | None = None) -> 
         os.close(fd)
     check_values(where, tensors)
     with safe_open(str(path), "pt") as f:
-        metadata = dict(f.metadata() or {})
+        metadata = shown(dict(f.metadata() or {}))
     lengths = tensors.pop("context_lengths", None)
     latents, context = tensors.pop("latents").float(), tensors.pop("context").float()
+    if lengths is not None:
+        lengths = lengths.to(torch.int64)
+        context = mask_padding(context, lengths)
     return Calibration(latents, context, where, False, lengths, metadata, tensors)
 
 
@@ -141,8 +181,8 @@ def synthetic_calibration(config: dict[str, Any], n: int = 16, size: tuple[int, 
                        {"format": FORMAT, "source": f"synthetic: standard normal, seed {seed}"})
 
 
-def open_calibration(spec: str | Path, config: dict[str, Any]) -> Calibration:
-    """`demo`, `synthetic`, or a file path; checked against the teacher's config."""
+def open_calibration(spec: str | Path, config: dict[str, Any], check: PathCheck | None = None) -> Calibration:
+    """`demo`, `synthetic`, or a file path (seen by `check`); checked against the teacher's config."""
     if str(spec) == DEMO:
         found = demo_calibration()
         check_shapes(DEMO, {"latents": tuple(found.latents.shape), "context": tuple(found.context.shape)},
@@ -150,4 +190,4 @@ def open_calibration(spec: str | Path, config: dict[str, Any]) -> Calibration:
         return found
     if str(spec) == SYNTHETIC:
         return synthetic_calibration(config)
-    return load_calibration(spec, config)
+    return load_calibration(spec, config, check)

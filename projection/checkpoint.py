@@ -403,8 +403,10 @@ def _choose_expert(where: str, layout: tuple[str, dict[str, str]] | None, expert
                    has_weights: Callable[[], bool]) -> tuple[str | None, str | None]:
     """The sub-folder to descend into (None: stay) and the expert chosen, for a folder with this layout."""
     if layout is None:
-        if expert is not None and not has_weights():
-            raise ProjectionError(f"{where}: no expert sub-folders here, but expert '{expert}' was asked for")
+        if expert is not None:
+            kind = "a single-model checkpoint" if has_weights() else "no weights either"
+            raise ProjectionError(f"{where}: no expert sub-folders here ({kind}), but expert '{expert}' was asked "
+                                  "for; drop the expert")
         return None, None
     name, present = layout
     if expert is None:
@@ -620,6 +622,9 @@ def open_checkpoint(source: str | os.PathLike, expert: str | None = None, check:
         fmt, files, infos = _open_weights(path / _weights_file(str(path), (p.name for p in folder.iterdir()
                                                                              if p.is_file())), check)
     else:
+        if expert is not None:
+            raise ProjectionError(f"{text}: a single checkpoint file has no experts, but expert '{expert}' was asked "
+                                  "for; drop the expert")
         require_regular(path, "checkpoint")  # a FIFO or a device would block or never end
         fmt, files, infos = _open_weights(path, check)
     config = _read_config(path if path.is_dir() else path.parent, check)

@@ -22,7 +22,7 @@ import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import ProjectionError
 
@@ -67,7 +67,9 @@ def _progress(i: int, n: int, what: str) -> None:
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=1, default=str))
+    from .export import report_json
+
+    print(report_json(data))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -292,6 +294,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "a small Wan teacher trained on handwritten digits, with its calibration set") + ")")
 
 
+MAX_DRAWS = 64  # noise draws per latent: the teacher runs once per draw
+MAX_SAMPLES = 4096  # calibration.MAX_SAMPLES, not imported: torch would slow every command's start (tested equal)
+
+
+def count(most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number 1..most (argparse names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number from 1 to {most}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="projection", description="Project a Wan teacher into a small student.")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
@@ -342,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     def calibrated(p: argparse.ArgumentParser) -> None:
         p.add_argument("--calibration", help="calibration set: a .safetensors file (latents, context), 'demo' (the "
                        "demo teacher's held-out digits; the default for it) or 'synthetic' (Gaussian inputs)")
-        p.add_argument("--draws", type=int, default=4, help="noise draws per latent (default %(default)s)")
-        p.add_argument("--samples", type=int, help="use the first N latents of the set")
+        p.add_argument("--draws", type=count(MAX_DRAWS), default=4,
+                       help=f"noise draws per latent, 1..{MAX_DRAWS} (default %(default)s)")
+        p.add_argument("--samples", type=count(MAX_SAMPLES), help="use the first N latents of the set")
 
     calibrated(export)
     calibrated(maps)

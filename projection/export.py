@@ -406,6 +406,21 @@ def _version() -> str:
         return "unknown"
 
 
+def finite(data: Any) -> Any:
+    """JSON data with every NaN or infinity as null: a report never holds bare NaN (invalid JSON)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def report_json(data: Any) -> str:
+    return json.dumps(finite(data), indent=1, default=str, allow_nan=False)
+
+
 def export_student(projector: Projector, out: str | Path, force: bool = False, progress: Progress | None = None,
                    max_shard_bytes: int = MAX_SHARD_BYTES, inputs: Iterable[str | Path] = (),
                    measure: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -481,7 +496,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         }
         if measure is not None:
             report = {"function": measure(staged), **report}  # what the student computes leads the report
-        write_file(staged / "projection_report.json", json.dumps(report, indent=1, default=str))
+        write_file(staged / "projection_report.json", report_json(report))
         # forced: swap in one step where the system can (the replaced export lands in tmp); otherwise move the old
         # one into tmp first. Either way it is deleted only once the new one is in place.
         if not (out.exists() and exchange(staged, out)):

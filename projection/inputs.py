@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from typing import Any, BinaryIO
 
@@ -117,6 +118,18 @@ class BoundedLoader(_Loader):
         return super().construct_yaml_int(node)
 
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """YAML keeps the last of two equal keys; a strategy or rules file that says a thing twice is refused."""
+        seen: set[tuple[str, str]] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise _Refused(f"key '{clip(key.value)}' appears twice in one mapping (line {key.start_mark.line + 1})"
+                                   "; say each setting once")
+                seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
 BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
 
 
@@ -182,4 +195,13 @@ def read_json(path: str | os.PathLike, what: str, limit: int = MAX_TEXT_BYTES) -
 
 def clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[:n] + "..."
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def printable(text: str) -> str:
+    """Text from a file, safe to print or show on one line: control characters (ANSI escapes, BEL, CR/LF) become
+    spaces, and runs of spaces one."""
+    return " ".join(_CONTROL.sub(" ", text).split())
 

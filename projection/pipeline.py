@@ -161,10 +161,15 @@ class Projector:
 
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
         band = expert_band(expert, self.teacher.config.get("in_dim"))
-        self.calibration = calibration
-        self.activations = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band,
-                                               self.device, cache, progress)
-        return self.activations
+        found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, self.device, cache,
+                                    progress)
+        bad = next((k for k, v in found.scores.items() if not torch.isfinite(v).all()), None)
+        if bad is not None or not all(math.isfinite(v) for v in found.influence):
+            where = f"'{bad[0]}' of block {bad[1]}" if bad else "block influence"
+            raise ProjectionError(f"{calibration.label}: the teacher's activations are not finite ({where}): inputs "
+                                  "this large overflow the teacher's float32 forward; nothing ranks on them")
+        self.calibration, self.activations = calibration, found
+        return found
 
     def _resolved(self, strategy: Strategy) -> Strategy:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""

@@ -725,6 +725,24 @@ def test_function_tab_labels_synthetic_sets_and_refuses_bad_files(client, app, r
         call(client, app, "function", "demo held-out digits", "", 100000)
 
 
+def test_a_calibration_path_shaped_like_a_hub_id_is_never_opened_outside_the_root(client, app, root, tmp_path,
+                                                                                  monkeypatch):
+    """`outside/secret.safetensors` under the app's working directory (not under --root) is neither a hub id
+    nor a file to open: the error says it is not under the root and tells nothing of the file."""
+    from gradio_client.exceptions import AppError
+
+    (tmp_path / "outside").mkdir()
+    save_file({"weights": torch.randn(3)}, str(tmp_path / "outside" / "secret.safetensors"),
+              {"source": "the secret's metadata"})
+    monkeypatch.chdir(tmp_path)  # the app runs in this process: its working directory holds the file
+    load(client, app)
+    with pytest.raises(AppError) as info:
+        call(client, app, "function", "file", "outside/secret.safetensors", 8)
+    message = str(info.value)
+    assert "no such file or folder under" in message and str(root) in message and "hub id" not in message
+    assert "latents" not in message and "secret's metadata" not in message
+
+
 def test_the_velocity_card_runs_the_teacher_once_per_session(root, tmp_path):
     from inspector.session import Session
 
