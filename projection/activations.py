@@ -17,13 +17,19 @@ Per teacher block b, over every calibration latent, noise draw and token (float6
 `removal_effects` measures, separately, the exact effect of removing each block alone on the teacher's output.
 
 Statistics are cached on disk (a user cache folder, never the teacher's), keyed by the teacher's content
-fingerprint, the calibration set's contents and the noise request, so the app and the CLI reuse them.
+fingerprint, the calibration set's contents and the noise request, so the app and the CLI reuse them. An entry is
+used only if it is exactly what `collect` records for the teacher's config (every group, shape, float64, finite);
+anything else is measured again and the entry rewritten.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+import stat
+import tempfile
 from collections.abc import Callable
 from typing import TypeVar
 from dataclasses import dataclass
@@ -31,12 +37,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from .calibration import Calibration
 from .errors import ProjectionError
 from .fidelity import noised_set
 from .forward import StreamedTeacher, build_block
+from .inputs import load_json
 from .models import ModelView
 
 READERS = {"self_attn.q": "resid", "cross_attn.q": "resid", "ffn.0": "resid"}  # inputs: normalized residual
@@ -158,23 +165,83 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
     return Activations(sums, influence, describe(calibration, draws, band), key)
 
 
-def _cached(fingerprint: str, path: Path, load: Callable[[Path], T], compute: Callable[[], T],
-            save: Callable[[T, Path], None]) -> T:
-    """`compute()` through an on-disk cache entry (written atomically; an unreadable entry is computed again; an
-    unnamed teacher, one without files, is never cached)."""
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an activations entry (`Activations.to_tensors`) and its shape, from the teacher's config."""
+    dim, heads, ffn, depth = (int(config[k]) for k in ("dim", "num_heads", "ffn_dim", "num_layers"))
+    shapes: dict[str, tuple[int, ...]] = {"resid/global": (dim,), "influence": (depth,)}
+    for b in range(depth):
+        shapes.update({f"sa_heads/{b}": (heads,), f"sa_vo/{b}": (dim // heads,), f"ca_heads/{b}": (heads,),
+                       f"ca_vo/{b}": (dim // heads,), f"ffn/{b}": (ffn,), f"ffn_wanda/{b}": (ffn,),
+                       f"update/{b}": (dim,)})
+    return shapes
+
+
+def checked_entry(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a cache entry if they are exactly what `collect` records for this teacher (the groups,
+    their shapes, float64, all finite); else ValueError, so that the entry is measured again."""
+    shapes = expected_shapes(config)
+    if set(tensors) != set(shapes):
+        raise ValueError(f"groups differ: {len(set(shapes) - set(tensors))} missing, "
+                         f"{len(set(tensors) - set(shapes))} unexpected")
+    for name, v in tensors.items():
+        if v.dtype != torch.float64 or tuple(v.shape) != shapes[name] or not torch.isfinite(v).all():
+            raise ValueError(f"{name}: {v.dtype} {tuple(v.shape)}, expected finite float64 {shapes[name]}")
+    return tensors
+
+
+def checked_removal(found: object, depth: int) -> list[float]:
+    """A cached removal entry's effects if it is {"removal": [depth finite numbers]}; else ValueError."""
+    removal = found.get("removal") if isinstance(found, dict) else None
+    if not (isinstance(removal, list) and len(removal) == depth
+            and all(type(e) in (int, float) and math.isfinite(e) for e in removal)):
+        raise ValueError(f"not {depth} finite removal effects")
+    return [float(e) for e in removal]
+
+
+def _read_entry(path: Path, limit: int) -> bytes:
+    """A cache entry's bytes: a regular file at that very name (a link planted there is not followed; a FIFO
+    cannot block the open), at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise ValueError(f"{path}: not a regular file of at most {limit:,} bytes")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: more than {limit:,} bytes")
+    return data
+
+
+def _write_entry(path: Path, data: bytes) -> None:
+    """`data` at `path`, atomically: through a temporary file created exclusively in the same folder (mkstemp:
+    O_CREAT | O_EXCL | O_NOFOLLOW, so no file or link planted at any name is opened), removed if anything fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cached(fingerprint: str, path: Path, limit: int, load: Callable[[bytes], T], compute: Callable[[], T],
+            save: Callable[[T], bytes]) -> T:
+    """`compute()` through an on-disk cache entry of at most `limit` bytes (written atomically; an entry that is
+    missing, unreadable or that `load` rejects is computed again and rewritten; an unnamed teacher, one without
+    files, is never cached)."""
     named = not fingerprint.startswith("unnamed-")
-    if named and path.is_file():
+    if named:
         try:
-            return load(path)
+            return load(_read_entry(path, limit))
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError):
-            pass  # a damaged cache entry: measure again
+            pass  # no entry, or a damaged one: measure again
     found = compute()
     if named:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            save(found, tmp)
-            os.replace(tmp, path)
+            _write_entry(path, save(found))
         except OSError:
             pass  # no cache folder: the result is still returned
     return found
@@ -188,9 +255,13 @@ def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calib
     key = cache_key(fingerprint, calibration, draws, seed, band)
     about = describe(calibration, draws, band)
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}.safetensors"
-    return _cached(fingerprint, path, lambda f: Activations.from_tensors(load_file(str(f)), about, key),
+    shapes = expected_shapes(teacher.config)  # bounds the read: the data, a header line per tensor, `about`
+    limit = 8 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 6 * len(about.encode()) + (1 << 20)
+    return _cached(fingerprint, path, limit,
+                   lambda data: Activations.from_tensors(checked_entry(load_safetensors(data), teacher.config),
+                                                         about, key),
                    lambda: collect(teacher, calibration, draws, seed, band, device, key, progress),
-                   lambda found, f: save_file(found.to_tensors(), str(f), {"about": about}))
+                   lambda found: save_safetensors(found.to_tensors(), {"about": about}))
 
 
 MAX_REMOVAL_BYTES = 8 << 30  # the residual streams `removal_effects` holds at once
@@ -246,9 +317,11 @@ def teacher_removal(teacher: ModelView, fingerprint: str, calibration: Calibrati
     """`removal_effects`, through the on-disk cache."""
     key = cache_key(fingerprint, calibration, draws, seed, band)
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}-removal.json"
-    return _cached(fingerprint, path, lambda f: [float(e) for e in json.loads(f.read_text())["removal"]],
+    depth = int(teacher.config["num_layers"])
+    return _cached(fingerprint, path, 64 + 32 * depth,
+                   lambda data: checked_removal(load_json(data, str(path)), depth),
                    lambda: removal_effects(teacher, calibration, draws, seed, band, device, progress),
-                   lambda found, f: f.write_text(json.dumps({"removal": found})))
+                   lambda found: json.dumps({"removal": found}).encode())
 
 
 def require(activations: Activations | None, what: str) -> Activations:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import struct
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -19,8 +22,9 @@ import torch
 
 from .anatomy import SPACES
 from .mapping import Entry, Mapping, Rule, build_mapping
-from .checkpoint import PathCheck
+from .checkpoint import MAX_HEADER_BYTES, PathCheck
 from .errors import ProjectionError
+from .inputs import regular_fd
 from .measure import retained_weight_energy
 from .models import ModelView, open_student, open_teacher
 from .plan import Plan, TeacherStats, make_plan, needs_stats
@@ -96,16 +100,62 @@ class Caches:
         self.svd.drop(teacher)
 
 
+WHOLE_FILE_BYTES = 64 << 20  # teacher files up to this size are hashed whole
+SAMPLES, SAMPLE_BYTES = 16, 64 << 10  # larger ones: their safetensors header and these blocks, evenly spaced
+SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within its ctime's granularity
+DIGESTS_KEPT = 1024
+_digests: OrderedDict[tuple, str] = OrderedDict()  # (path, dev, inode, size, mtime, ctime) -> digest
+_digests_lock = threading.Lock()
+
+
+def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
+    """A content digest of one teacher file: sha256 of its size and, up to WHOLE_FILE_BYTES, all its bytes; above
+    that, of its safetensors header (length and JSON) and SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets
+    (the first at 0, the last ending at the end). A large file changed only outside those blocks, its header
+    unchanged, keeps its digest. Kept per (path, device, inode, size, mtime, ctime) within the process; ctime
+    changes on every write and cannot be set back, so a file rewritten in place with its mtime restored is hashed
+    again."""
+    fd = regular_fd(path)
+    try:
+        st = os.fstat(fd)
+        seen = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with _digests_lock:
+            if seen in _digests:
+                _digests.move_to_end(seen)
+                return _digests[seen]
+        started, size = time.time_ns(), st.st_size
+        h = hashlib.sha256(f"{size}\n".encode())
+        if size <= WHOLE_FILE_BYTES:
+            offset = 0
+            while offset < size and (chunk := os.pread(fd, min(1 << 20, size - offset), offset)):
+                h.update(chunk)
+                offset += len(chunk)
+        else:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if safetensors and 0 < n <= MAX_HEADER_BYTES and 8 + n <= size:
+                h.update(os.pread(fd, 8 + n, 0))
+            for i in range(SAMPLES):
+                h.update(os.pread(fd, SAMPLE_BYTES, i * (size - SAMPLE_BYTES) // (SAMPLES - 1)))
+    finally:
+        os.close(fd)
+    digest = h.hexdigest()
+    if started - st.st_ctime_ns >= SETTLED_NS:  # changed just before: a rewrite may keep this ctime
+        with _digests_lock:
+            _digests[seen] = digest
+            while len(_digests) > DIGESTS_KEPT:
+                _digests.popitem(last=False)
+    return digest
+
+
 def teacher_fingerprint(teacher: ModelView) -> str:
-    """Names a teacher's contents for shared caches: its files (links resolved) with device, inode, size and
-    modification time, and its expert; a file replaced on disk gets a new fingerprint."""
+    """Names a teacher's contents for shared caches: its format, expert and config, and each file's content
+    digest (`file_digest`: every byte of files up to 64 MiB, the header and sampled blocks of larger ones); copies
+    of one teacher share it, a file rewritten with other bytes gets a new one."""
     ckpt = teacher.checkpoint
     if ckpt is None or not ckpt.files:
         return f"unnamed-{uuid.uuid4().hex}"  # shares nothing
-    parts = [ckpt.format, str(ckpt.expert)]
-    for f in ckpt.files:
-        st = f.stat()
-        parts.append(f"{f.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}")
+    parts = [ckpt.format, str(ckpt.expert), json.dumps(teacher.config, sort_keys=True, default=str)]
+    parts += [file_digest(f, ckpt.format != "torch-pickle") for f in ckpt.files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
