@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from projection import ProjectionError, Strategy
+from projection.cancel import current as current_token
 from projection.inputs import MAX_TEXT_BYTES
 from projection.runtime import setup_runtime
 
 from . import cards
-from .bridge import progress_to
+from .bridge import progress_to, stoppable
 from .export import ExportView
 from .function import FunctionView
 from .gallery import GalleryView
@@ -119,7 +121,7 @@ class Inspector:
                         [self.sources.msg, self.spectra.layer, self.spectra.matrix])
         self.strategy.wire(self.layers.method, table_view, view)
         self.layers.wire(table_view, view)
-        self.energy_btn.click(self.measure, self.state, view, inputs_kwargs=table_view, api_name="measure")
+        self.energy_btn.click(stoppable(self.measure), self.state, view, inputs_kwargs=table_view, api_name="measure")
         self.spectra.wire(self.spectra_tab)
         self.gallery.wire()
         self.function.wire().success(self.redraw, self.state, view, inputs_kwargs=table_view,
@@ -137,6 +139,7 @@ class Inspector:
             raise gr.Error(f"This session was closed to free memory: {state.closed}. Press Load (Sources tab) "
                            "to start again.", title="Session closed")
         state.last_used = time.monotonic()
+        state.attach(current_token())  # a long request (`stoppable`) stops when the session closes
         return state
 
     def unload(self, request: gr.Request) -> None:
@@ -164,7 +167,8 @@ class Inspector:
             progress(0.1, desc="reading headers")
             strategy = state.strategy if state is not None else self.config.strategy
             session = self.sessions.open(request.session_hash, teacher_src, student, expert_of(expert), strategy,
-                                         num_heads=heads, check=roots.check)
+                                         num_heads=heads, check=roots.check,
+                                         client=request.client.host if request.client else None)
         except ProjectionError as exc:
             raise gr.Error(str(exc), title="Cannot load", duration=None) from exc
         if session.auto_energy:
@@ -248,16 +252,25 @@ def launch(blocks: gr.Blocks, sessions: Sessions, host: str = "127.0.0.1", port:
     sessions are swept; when it stops, every session is closed and the scratch folder removed."""
     setup_runtime(interactive_threads=INTERACTIVE_THREADS)
 
+    uploads = sessions.uploads
+
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
         sessions.start_sweeper()
+        if uploads is not None:
+            uploads.start_sweeper()
         try:
             yield
         finally:
             sessions.close_all()
+            if uploads is not None:
+                uploads.stop()
             sessions.scratch.close()
 
+    app_kwargs: dict[str, Any] = {"lifespan": lifespan}
+    if uploads is not None:  # uploads bounded per client and removed (inspector/uploads.py)
+        app_kwargs["middleware"] = [Middleware(uploads.middleware)]
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
                          footer_links=["api"], show_error=True, max_file_size=MAX_TEXT_BYTES,
-                         app_kwargs={"lifespan": lifespan}, **kwargs)
+                         app_kwargs=app_kwargs, **kwargs)

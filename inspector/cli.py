@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_TEACHER, DEMO_STUDENT = "teacher-wan", "student-wanlite.yaml"
+STOP_SECONDS = 30  # at a stop signal, how long running work may take to reach its next step (one block) and end
+GRACE_SECONDS = 1  # then how long the server waits for open connections before closing them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a session after this long without a request, freeing its memory (default 30)")
     p.add_argument("--max-sessions", type=int, default=16,
                    help="sessions held at once; a new one closes the least recently used idle one (default 16)")
+    p.add_argument("--upload-minutes", type=float, default=15,
+                   help="remove an uploaded file this long after it arrived (default 15); it also goes when its "
+                        "client's last session closes")
     return p
 
 
@@ -66,11 +71,13 @@ def demo_folder(root: Path) -> Path:
     raise SystemExit("cannot write the demo anywhere; pass --teacher and --student")
 
 
-def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
-    """Parse, prepare and launch; returns the running gr.Blocks (its `local_url` says where)."""
+def start(argv: Sequence[str] | None = None, *, stop_on_signals: bool = False, **launch_kwargs: Any) -> Any:
+    """Parse, prepare and launch; returns the running gr.Blocks (its `local_url` says where). stop_on_signals (the
+    program, not an embedding test): SIGTERM and SIGINT first stop the work running for every session, then stop
+    the server as Ctrl-C does."""
     args = build_parser().parse_args(argv)
-    if args.idle_minutes <= 0 or args.max_sessions < 1:
-        raise SystemExit("--idle-minutes must be positive and --max-sessions at least 1")
+    if not (args.idle_minutes > 0 and args.upload_minutes > 0) or args.max_sessions < 1:
+        raise SystemExit("--idle-minutes and --upload-minutes must be positive and --max-sessions at least 1")
     from projection import ProjectionError, Strategy
     from projection.pipeline import Caches
 
@@ -102,8 +109,26 @@ def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
     config = AppConfig(roots, teacher, student, args.expert or strategy.expert, strategy, demo)
     print(f"Projection Inspector: teacher {teacher}, student {student}; may open and write under {roots.describe()}"
           f"; hub ids {'allowed (downloads after confirmation)' if roots.hub else 'refused (--allow-hub to allow)'}")
-    sessions = Sessions(scratch, Caches(), idle_seconds=args.idle_minutes * 60, max_sessions=args.max_sessions)
+    from .uploads import Uploads
+    uploads = Uploads(scratch.path, keep_seconds=args.upload_minutes * 60)
+    sessions = Sessions(scratch, Caches(), idle_seconds=args.idle_minutes * 60, max_sessions=args.max_sessions,
+                        uploads=uploads)
     blocks = build_app(config, sessions)
+    if stop_on_signals:
+        def stop(signum: int, frame: Any) -> None:
+            # Running work stops within one step of its loop (it holds its session's lock, which closing every
+            # session at shutdown waits for). Then Gradio closes as a whole: the clients' heartbeat streams end
+            # and the queue stops, so the server is not kept waiting for connections; launch() returns.
+            sessions.stop_work(f"the app is stopping ({signal.Signals(signum).name})", wait=STOP_SECONDS)
+            if not blocks.is_running:  # not serving yet: stop as Ctrl-C does
+                signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+            if getattr(blocks, "server", None) is not None:
+                # an event stream left open (its client waiting on a stopped queue) holds the server no longer
+                blocks.server.config.timeout_graceful_shutdown = GRACE_SECONDS
+            blocks.close()
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, stop)
     launch(blocks, sessions, args.host, args.port, **launch_kwargs)
     return blocks
 
@@ -111,4 +136,4 @@ def start(argv: Sequence[str] | None = None, **launch_kwargs: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     # SIGTERM stops the app as Ctrl-C does (the server closes, sessions and temporary files are removed).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    start(argv)
+    start(argv, stop_on_signals=True)

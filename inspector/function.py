@@ -17,6 +17,7 @@ from projection import calibration as sets
 from projection.calibration import Calibration
 
 from . import cards
+from .bridge import stoppable
 from .paths import Roots
 from .session import Session
 from .units import human_bytes
@@ -143,8 +144,8 @@ class FunctionView:
 
     def wire(self) -> gr.events.Dependency:
         """The Measure event; the caller chains its own redraw (the Layers tab's influence) on success."""
-        return self.measure_btn.click(self.measure, [self.state, self.source, self.path, self.count], self.outputs,
-                                      api_name="function")
+        return self.measure_btn.click(stoppable(self.measure), [self.state, self.source, self.path, self.count],
+                                      self.outputs, api_name="function")
 
     def measure(self, state: Session | None, source: str, path: str, count: float | None,
                 progress: gr.Progress = gr.Progress()) -> tuple:

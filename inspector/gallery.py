@@ -14,6 +14,7 @@ from projection import ProjectionError, Strategy
 from projection.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 
 from . import cards
+from .bridge import stoppable
 from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
 from .units import percent
 
@@ -72,7 +73,7 @@ class GalleryView:
         self.table = gr.Dataframe(interactive=False, show_label=False, elem_id="gallery-table")
 
     def wire(self) -> None:
-        self.draw_btn.click(self.draw, [self.state, self.a_yaml, self.b_yaml],
+        self.draw_btn.click(stoppable(self.draw), [self.state, self.a_yaml, self.b_yaml],
                             [self.msg, *self.images.values(), self.table], api_name="gallery")
 
     def draw(self, state: Session | None, a_text: str, b_text: str, progress: gr.Progress = gr.Progress()) -> tuple:

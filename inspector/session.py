@@ -14,6 +14,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ import torch
 from projection import ProjectionError, Projector, Strategy, demo_teacher, export_student, parse_rules, projected_student
 from projection.anatomy import SPACES, template_of
 from projection.calibration import Calibration, demo_calibration
+from projection.cancel import CancelToken, checkpoint
 from projection.fidelity import Reference, teacher_reference
 from projection.function import function_report
 from projection.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
@@ -128,6 +130,7 @@ class Session:
     _step0: dict[str, Step0] = field(default_factory=dict)
     _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
     _step0_random: dict[int, float] = field(default_factory=dict)  # a random student's error, by seed
+    work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
     _function_for: str | None = None  # the projection it measured (`projection_key`)
@@ -153,6 +156,19 @@ class Session:
                                        strategy=strategy.model_copy(update={"layers": "uniform"}),
                                        num_heads=num_heads, check=check))
         return cls(p, teacher, student, folder, num_heads)
+
+    def attach(self, token: CancelToken | None) -> None:
+        """A request now working on this session answers to `token` (`stop_work` cancels it)."""
+        if token is not None:
+            self.work.add(token)
+
+    def stop_work(self, why: str) -> list[CancelToken]:
+        """Stop the requests working on this session (without waiting; `CancelToken.join` waits): each ends within
+        one step of its loop, releasing the session's lock. Safe from any thread, with or without the lock."""
+        tokens = list(self.work)
+        for token in tokens:
+            token.cancel(why)
+        return tokens
 
     def close(self, why: str = "it was closed") -> None:
         """Free what the session holds (its files, projected tensors, statistics, open teacher files); the
@@ -289,7 +305,10 @@ class Session:
         if not (force or self.auto_energy):
             return None
         with nullcontext() if self.auto_energy else heavy_work():
-            results = list(self.projector.stream(progress=progress, tensors="numbers"))
+            results = []
+            for result in self.projector.stream(progress=progress, tensors="numbers"):
+                checkpoint()  # a comparison or a large teacher's energies stop when their request is cancelled
+                results.append(result)
         self.measures[sig] = Measured(sig, results, self.projector.summary(results))
         while len(self.measures) > MEASURES_KEPT:
             self.measures.popitem(last=False)

@@ -19,6 +19,7 @@ from projection.pipeline import Caches
 
 from .scratch import Scratch
 from .session import Session
+from .uploads import Uploads
 
 IDLE_SECONDS = 30 * 60
 MAX_SESSIONS = 16
@@ -26,17 +27,21 @@ MAX_SESSIONS = 16
 
 class Sessions:
     def __init__(self, scratch: Scratch, caches: Caches | None = None, idle_seconds: float = IDLE_SECONDS,
-                 max_sessions: int = MAX_SESSIONS):
-        self.scratch, self.caches = scratch, caches or Caches()
+                 max_sessions: int = MAX_SESSIONS, uploads: Uploads | None = None):
+        """uploads: the clients' uploads, removed when a client's last session closes."""
+        self.scratch, self.caches, self.uploads = scratch, caches or Caches(), uploads
         self.idle_seconds, self.max_sessions = idle_seconds, max_sessions
         self.live: dict[str, Session] = {}  # by owner: Gradio's session hash
+        self.clients: dict[str, str] = {}  # owner -> its client's address (whose uploads it may use)
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
     def open(self, owner: str, teacher: str, student: str | dict[str, Any], expert: str | None,
-             strategy: Strategy, num_heads: int | None = None, check: PathCheck | None = None) -> Session:
-        """A new session for `owner`; the owner's previous session (if any) is closed once it is not busy."""
+             strategy: Strategy, num_heads: int | None = None, check: PathCheck | None = None,
+             client: str | None = None) -> Session:
+        """A new session for `owner` (from `client`, an address); the owner's previous session (if any) is closed
+        once it is not busy."""
         self._make_room(owner)
         folder = self.scratch.folder("session-")
         try:
@@ -48,7 +53,10 @@ class Sessions:
         with self.lock:
             previous = self.live.get(owner)
             self.live[owner] = session
+            if client is not None:
+                self.clients[owner] = client
         if previous is not None:
+            previous.stop_work("a new session replaced it")
             self._close(previous)
         return session
 
@@ -56,7 +64,9 @@ class Sessions:
         """The owner went away (tab closed, client disconnected)."""
         with self.lock:
             session = self.live.pop(owner, None)
+        self._release_client(owner)
         if session is not None:
+            session.stop_work("its browser tab or client closed")  # nobody waits for its work: stop it first
             self._close(session, "its browser tab or client closed")
 
     def discard(self, session: Session) -> None:
@@ -65,6 +75,9 @@ class Sessions:
             owners = [o for o, s in self.live.items() if s is session]
             for owner in owners:
                 del self.live[owner]
+        for owner in owners:
+            self._release_client(owner)
+        session.stop_work("its browser tab closed")
         self._close(session, "its browser tab closed")
 
     def sweep(self, now: float | None = None) -> list[Session]:
@@ -90,7 +103,18 @@ class Sessions:
         with self.lock:
             sessions, self.live = list(self.live.values()), {}
         for session in sessions:
+            session.stop_work("the app stopped")
+        for session in sessions:
             self._close(session, "the app stopped")
+
+    def stop_work(self, why: str, wait: float = 0.0) -> bool:
+        """Stop every request working on a live session (the app is stopping); wait up to `wait` seconds for them
+        to end. Whether they all did."""
+        with self.lock:
+            sessions = list(self.live.values())
+        tokens = [token for session in sessions for token in session.stop_work(why)]
+        deadline = time.monotonic() + wait
+        return all(token.join(max(0.0, deadline - time.monotonic())) for token in tokens)
 
     def start_sweeper(self, every: float | None = None) -> None:
         """Sweep idle sessions in the background until `close_all`."""
@@ -125,7 +149,16 @@ class Sessions:
         with self.lock:
             if self.live.get(owner) is session:
                 del self.live[owner]
+        self._release_client(owner)
         self._drop_unused_teacher(session)
+
+    def _release_client(self, owner: str) -> None:
+        """The owner's session is gone: its client's uploads go too, unless another live session of it remains."""
+        with self.lock:
+            client = self.clients.pop(owner, None)
+            others = client is None or any(self.clients.get(o) == client for o in self.live)
+        if not others and self.uploads is not None:
+            self.uploads.release(client)
 
     def _close(self, session: Session, why: str = "a new one replaced it") -> None:
         with session.lock:  # let a request still using it finish first

@@ -15,7 +15,7 @@ from projection.gallery import GalleryRow
 from projection.inputs import read_text
 
 from . import cards, charts
-from .bridge import Components, Refresh, choices, info, plot, progress_to, toast
+from .bridge import Components, Refresh, choices, info, plot, progress_to, stoppable, toast
 from .session import Session
 from .units import percent
 
@@ -115,7 +115,7 @@ class StrategyView:
         self.save_btn.click(self.save, self.state, self.file, api_name="save_strategy")
         self.a_btn.click(self.current, self.state, self.a_yaml, api_visibility="private")
         self.b_btn.click(self.current, self.state, self.b_yaml, api_visibility="private")
-        self.compare_btn.click(self.compare, [self.state, self.a_yaml, self.b_yaml],
+        self.compare_btn.click(stoppable(self.compare), [self.state, self.a_yaml, self.b_yaml],
                                [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
                                api_name="compare")
 

@@ -39,7 +39,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
+from .budget import MICRO_BATCH, check_work
 from .calibration import Calibration
+from .cancel import checkpoint
 from .errors import ProjectionError
 from .fidelity import noised_set
 from .forward import StreamedTeacher, build_block
@@ -151,6 +153,7 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
         columns[block] = module.get_submodule(NEURONS).weight.double().pow(2).sum(0).cpu()
 
     columns: dict[int, torch.Tensor] = {}
+    check_work(calibration.source, calibration.latents.shape, calibration.context.shape, cfg, draws)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
     StreamedTeacher(teacher, device)(x, t, ctx, on_block, on_input, tuple([*READERS, *OUTPUTS, NEURONS]), on_weights)
     resid = torch.zeros(dim, dtype=torch.float64)
@@ -278,6 +281,8 @@ def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1
     bounded by MAX_REMOVAL_BYTES before anything runs)."""
     cfg = teacher.config
     depth, dim = int(cfg["num_layers"]), int(cfg["dim"])
+    check_work(calibration.source, calibration.latents.shape, calibration.context.shape, cfg, draws,
+               streams=depth + 1, batch=MICRO_BATCH)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
     need = (depth + 1) * len(x) * (x.shape[-2] // 2) * (x.shape[-1] // 2) * dim * 4
     if need > MAX_REMOVAL_BYTES:
@@ -295,8 +300,10 @@ def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1
         for b in range(depth):
             block = build_block(teacher, b, streamed.device, streamed.dtype)
             for k, hidden in without.items():
+                checkpoint()
                 without[k] = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(hidden, parts)]
             without[b] = main  # the teacher without block b: block b's input goes on
+            checkpoint()
             main = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(main, parts)]
             del block
             if progress:

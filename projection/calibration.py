@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .budget import check_set
 from .checkpoint import PathCheck, _safetensors_infos, read_tensor, resolve_checked
 from .errors import ProjectionError
 from .inputs import clip, printable, regular_fd
@@ -146,6 +147,7 @@ def load_calibration(path: str | Path, config: dict[str, Any] | None = None,
     path = resolve_checked(given, check)
     infos = _safetensors_infos(path)
     check_shapes(where, {k: v.shape for k, v in infos.items()}, {k: v.dtype for k, v in infos.items()}, config)
+    check_set(where, infos["latents"].shape, infos["context"].shape)  # the work per latent (budget), before reading
     fd = regular_fd(path)
     try:
         tensors = {k: read_tensor(fd, info).clone() for k, info in infos.items()}

@@ -393,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP while a command ran: exit 128 + N once cleanup has run, saying so in one line. The work
+    runs in short steps (its size is bounded before it starts: `budget`), so the signal is seen within one."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum).name
+
+
 @contextmanager
 def termination_raises() -> Iterator[None]:
     """While the command runs, SIGTERM and SIGHUP (`kill`, a scheduler, a closed terminal) raise SystemExit(128 + N)
@@ -403,7 +412,7 @@ def termination_raises() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     for s, handler in previous.items():
@@ -429,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with termination_raises():
             code = args.func(args)
+    except Terminated as exc:
+        print(f"stopped: {exc.signal} (exit {exc.code}); the command did not finish", file=sys.stderr)
+        return exc.code
     except BrokenPipeError:  # the reader left (`projection map --csv | head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # 128 + SIGPIPE, the status a shell reports for `cat` here

@@ -22,7 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import budget
 from .calibration import Calibration
+from .cancel import checkpoint
+from .errors import ProjectionError
 from .export import projected_student
 from .forward import StreamedTeacher, TeacherCursor, predict
 from .pipeline import Projector
@@ -92,8 +95,30 @@ class Reference:
         return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band)
 
 
+def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> dict[str, Any] | None:
+    """The teacher's config as `budget.check_work` reads it: a streamed teacher's, or an in-memory WanLite's."""
+    if isinstance(teacher, StreamedTeacher):
+        return teacher.teacher.config
+    return budget.module_config(teacher)
+
+
+def check_request(where: str, sizes: dict[str, Any] | None, latents: torch.Tensor, context: torch.Tensor,
+                  draws: int, **kwargs: Any) -> None:
+    """`budget.check_work` on a set's tensors for a teacher of these sizes (its config), before any compute;
+    sizes unknown (a module other than WanLite): the per-latent bounds only."""
+    if latents.dim() != 4 or context.dim() != 3:
+        raise ProjectionError(f"{where}: latents {list(latents.shape)} and context {list(context.shape)}; expected "
+                              "[N, Cin, H, W] and [N, L, text_dim]")
+    if sizes is None:
+        budget.check_set(where, tuple(latents.shape), tuple(context.shape))
+    else:
+        budget.check_work(where, tuple(latents.shape), tuple(context.shape), sizes, draws, **kwargs)
+
+
 def teacher_reference(teacher: nn.Module | StreamedTeacher, latents: torch.Tensor, context: torch.Tensor,
-                      draws: int = 4, seed: int = 0, band: tuple[float, float] = (0.0, 1.0)) -> Reference:
+                      draws: int = 4, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
+                      where: str = "calibration set") -> Reference:
+    check_request(where, teacher_sizes(teacher), latents, context, draws, models=2)
     x, t, ctx = noised_set(latents, context, draws, seed, band)
     return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
 
@@ -119,6 +144,8 @@ def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents
     """Per student block, for students of the projector's shape: relative error of the block's output against
     teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's residual stream). The
     teacher streams once (again from the start only where the layer list goes back)."""
+    check_request("calibration set", projector.teacher.config, latents, context, draws, models=1 + len(students),
+                  streams=_block_streams(projector, len(students)))
     x, t, ctx = noised_set(latents, context, draws, seed, band)
     cursor = TeacherCursor(StreamedTeacher(projector.teacher, device), x, t, ctx)
     kept = projector.plan().indices("resid", None)
@@ -134,10 +161,19 @@ def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents
         target = [(h if kept is None else h[..., kept.to(h.device)]).double() for h in cursor.hidden]
         total = sum(y.pow(2).sum().item() for y in target)
         for name, model in students.items():
+            checkpoint()
             streams[name] = [model.blocks[i](h, e.e0, e.ctx, e.freqs) for h, e in zip(streams[name], embedded[name])]
             error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
             rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
     return rows
+
+
+def _block_streams(projector: Projector, students: int) -> float:
+    """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
+    stream, its float64 target on the kept channels, and each student's embedded tokens and stream."""
+    width = projector.teacher.config["dim"]
+    ratio = (projector.student_config.get("dim") or width) / width
+    return 2 + 2 * ratio * (1 + students)
 
 
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
@@ -145,7 +181,10 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
                      blocks: bool = True) -> dict[str, Any]:
     """The fidelity of a student (`student`, else the projector's projection) and, for scale, of two reference
     students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
-    streams (one block in memory); the noise levels are those its expert serves."""
+    streams (one block in memory); the noise levels are those its expert serves. The request is checked against
+    the work bounds (`budget`) before anything runs."""
+    check_request(calibration.source, projector.teacher.config, calibration.latents, calibration.context, draws,
+                  models=4, streams=_block_streams(projector, 3) if blocks else 1)
     teacher = StreamedTeacher(projector.teacher, device)
     reference = Strategy(width="svd-per-matrix", layers=projector.mapping.layers, seed=projector.strategy.seed)
     svd = Projector(projector.teacher, projector.student, reference, projector.rules)

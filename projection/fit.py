@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import budget
 from .calibration import Calibration
+from .cancel import checkpoint
 from .fidelity import noised_set
 from .forward import StreamedTeacher, TeacherCursor
 from .errors import ProjectionError
@@ -87,8 +89,10 @@ def _kept_rows(projector, student_key: str) -> torch.Tensor | None:
 @torch.no_grad()
 def fit_student(projector, student: nn.Module, calibration: Calibration, draws: int = 2, seed: int = 0,
                 lam: float = RIDGE, device: str | torch.device = "cpu", micro_batch: int = 32) -> FitReport:
-    """Refit `student` (a WanLite projected by `projector`) in place; see the module's docstring."""
+    """Refit `student` (a WanLite projected by `projector`) in place; see the module's docstring. The request is
+    checked against the work bounds (`budget`) before anything runs."""
     device = torch.device(device)
+    _check(projector, calibration, draws, micro_batch)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
     cursor = TeacherCursor(StreamedTeacher(projector.teacher, device, micro_batch=micro_batch), x, t, ctx)
     t_in = cursor.parts
@@ -102,6 +106,7 @@ def fit_student(projector, student: nn.Module, calibration: Calibration, draws: 
         moments = {name: Moments() for name in LINEARS}
         before = {name: [0.0, 0.0] for name in LINEARS}
         for j in range(len(cursor.chunks)):
+            checkpoint()
             targets, inputs = {}, {}
             hooks = [t_block.get_submodule(n).register_forward_hook(
                 lambda m, a, out, n=n: targets.__setitem__(n, out if kept[n] is None else out[..., kept[n]]))
@@ -128,6 +133,20 @@ def fit_student(projector, student: nn.Module, calibration: Calibration, draws: 
         cursor.done(b)
         del t_block
     return report
+
+
+def _check(projector, calibration: Calibration, draws: int, micro_batch: int) -> None:
+    """`budget.check_work` for a fit: the teacher's two residual streams, the student's two (at its width), and
+    the float64 moments of every student layer's least-squares problem."""
+    teacher, student = projector.teacher.config, projector.student_config
+    dim, ffn = int(student.get("dim") or teacher["dim"]), int(student.get("ffn_dim") or teacher["ffn_dim"])
+    inputs = {name: (ffn if name == "ffn.2" else dim) for name in LINEARS}
+    outputs = {name: (ffn if name == "ffn.0" else dim) for name in LINEARS}
+    moments = 8 * sum(inputs[n] * (inputs[n] + outputs[n] + 2) + outputs[n] for n in LINEARS)
+    latents, context = tuple(calibration.latents.shape), tuple(calibration.context.shape)
+    batch = budget.micro_batch(teacher, budget.tokens_per_latent(*latents[-2:]), context[1], micro_batch)
+    budget.check_work(calibration.source, latents, context, teacher, draws, streams=2 + 2 * dim / teacher["dim"],
+                      models=2, batch=batch, extra=moments)
 
 
 def fold_targets(layers: list[int], depth: int) -> dict[int, list[int]]:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import budget
+from .cancel import checkpoint
 from .errors import ProjectionError
 from .models import ModelView
 from .student import SIZES, Block, WanLite, build_student
@@ -45,9 +47,10 @@ class StreamedTeacher:
     streams = True  # callers pass whole sets, not batches: every call reads every block once
 
     def __init__(self, teacher: ModelView, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 micro_batch: int = 8, blocks: list[int] | None = None):
+                 micro_batch: int = budget.MICRO_BATCH, blocks: list[int] | None = None):
         """blocks: which teacher blocks run, in order (default all: the teacher; fewer: the teacher without the
-        others, as a depth-only student computes)."""
+        others, as a depth-only student computes). micro_batch: latents per micro-batch at most; fewer where their
+        working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
         patch = teacher.shapes.get("patch_embedding.weight")
         if teacher.family not in ("wan", "wan-diffusers") or patch is None or len(patch) != 5 or patch[2] != 1:
             raise ProjectionError(f"{teacher.source}: the streamed forward runs Wan teachers whose patch embedding is "
@@ -65,6 +68,14 @@ class StreamedTeacher:
         shell.load_state_dict(state, assign=True, strict=True)
         self.shell: WanLite = shell.to(self.device, dtype).eval()  # embeddings and head only
 
+    def chunks(self, x: torch.Tensor, context: torch.Tensor) -> list[slice]:
+        """The micro-batches of a set (x [B, Cin, H, W], context [B, L, text_dim]): latents whose tokens the
+        teacher may run (`budget.check_set`), in batches small enough that each block step is short."""
+        budget.check_set("the teacher's input", tuple(x.shape), tuple(context.shape))
+        step = budget.micro_batch(self.teacher.config, budget.tokens_per_latent(*x.shape[-2:]), context.shape[1],
+                                  self.micro_batch)
+        return [slice(i, i + step) for i in range(0, len(x), step)]
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  on_block: BlockHook | None = None, on_input: InputHook | None = None,
@@ -72,11 +83,14 @@ class StreamedTeacher:
         """on_input(block, module name, input) sees the input of each module named in `inputs_of` (e.g.
         'ffn.2': the GELU output) in every block, per micro-batch; on_weights(block, module) each block's weights
         while they are in memory."""
-        chunks = [slice(i, i + self.micro_batch) for i in range(0, len(x), self.micro_batch)]
+        chunks = self.chunks(x, context)
         parts = [self.shell.embed(x[c].to(self.device), t[c].to(self.device), context[c].to(self.device))
                  for c in chunks]
         hidden = [p.tokens for p in parts]
+        for p in parts:
+            p.tokens = None  # the residual stream lives in `hidden` alone: one copy of it across blocks
         for index in self.blocks:
+            checkpoint()  # a cancelled request stops here, between blocks and micro-batches
             block = build_block(self.teacher, index, self.device, self.dtype)
             if on_weights is not None:
                 on_weights(index, block)
@@ -84,6 +98,7 @@ class StreamedTeacher:
                 block.get_submodule(name).register_forward_pre_hook(
                     lambda m, args, name=name, index=index: on_input(index, name, args[0].float()))
             for j, p in enumerate(parts):
+                checkpoint()
                 out = block(hidden[j], p.e0, p.ctx, p.freqs)
                 if on_block is not None:
                     on_block(index, hidden[j].float(), out.float())
@@ -101,8 +116,8 @@ class TeacherCursor:
     `hidden`, and calls `done(b)`."""
 
     def __init__(self, teacher: StreamedTeacher, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
-        self.teacher, device, step = teacher, teacher.device, teacher.micro_batch
-        self.chunks = [slice(i, i + step) for i in range(0, len(x), step)]
+        self.teacher, device = teacher, teacher.device
+        self.chunks = teacher.chunks(x, context)
         with torch.no_grad():
             self.parts = [teacher.shell.embed(x[c].to(device), t[c].to(device), context[c].to(device))
                           for c in self.chunks]
@@ -114,21 +129,37 @@ class TeacherCursor:
         if b < self.at:
             self.hidden, self.at = [p.tokens for p in self.parts], 0
         for skipped in range(self.at, b):
+            checkpoint()
             module = build_block(self.teacher.teacher, skipped, self.teacher.device, self.teacher.dtype)
-            self.hidden = [module(h, p.e0, p.ctx, p.freqs) for h, p in zip(self.hidden, self.parts)]
+            self.hidden = [_step(module, h, p) for h, p in zip(self.hidden, self.parts)]
         self.at = b
+        checkpoint()
         return build_block(self.teacher.teacher, b, self.teacher.device, self.teacher.dtype)
 
     def done(self, b: int) -> None:
         self.at = b + 1
 
 
+def _step(block: Block, hidden: torch.Tensor, p) -> torch.Tensor:
+    """One block on one micro-batch, after a stop check."""
+    checkpoint()
+    return block(hidden, p.e0, p.ctx, p.freqs)
+
+
 def predict(model: nn.Module | StreamedTeacher, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
             batch: int = 256) -> torch.Tensor:
-    """The model's velocity for a whole set: a streamed teacher in one pass, a module in batches (float32, CPU)."""
+    """The model's velocity for a whole set: a streamed teacher in one pass, a module in batches (float32, CPU) of
+    at most `batch` latents, fewer where a WanLite's working set would pass budget.MICRO_BATCH_BYTES."""
     if getattr(model, "streams", False):
         return model(x, t, context)
     device = next(model.parameters()).device
+    sizes = budget.module_config(model)
+    if sizes is not None and x.dim() == 4 and context.dim() == 3:
+        batch = budget.micro_batch(sizes, budget.tokens_per_latent(*x.shape[-2:]), context.shape[1], batch)
+    out = []
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch].to(device), t[i:i + batch].to(device),
-                                context[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+        for i in range(0, len(x), batch):
+            checkpoint()
+            out.append(model(x[i:i + batch].to(device), t[i:i + batch].to(device),
+                             context[i:i + batch].to(device)).float().cpu())
+    return torch.cat(out)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import digits
+from . import budget, digits
 from .calibration import Calibration
 from .classifier import DigitClassifier
 from .demo_teacher import Sampler, generate
@@ -68,6 +68,8 @@ def preview_row(name: str, model: nn.Module, config: dict[str, Any], calibration
     if why:
         raise ProjectionError(why)
     context = calibration.context[:PREVIEW_COLUMNS]
+    shown = (len(context), *calibration.latents.shape[1:])  # the samples drawn, one model forward per step
+    budget.check_work(calibration.source, shown, tuple(context.shape), config, 1, models=2)
     latents = sample(model, context, list(range(len(context))), calibration.latents.shape[1:], steps=steps)
     images = ((wan21_rgb_preview(latents) + 1) / 2).clamp(0, 1)
     error = None

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .cancel import checkpoint
+
 TIMESTEPS = 1000  # Wan's timestep scale: t = 1000 s
 
 
@@ -94,6 +96,7 @@ def sample(model: nn.Module, context: torch.Tensor, seeds: Sequence[int], shape:
         ctx = torch.cat([ctx, negative.to(device).expand_as(ctx)])
     levels = schedule(steps, shift)
     for s, s_next in zip(levels[:-1].tolist(), levels[1:].tolist()):
+        checkpoint()  # a cancelled request stops between steps
         inp = x if guidance == 1.0 else torch.cat([x, x])
         t = torch.full((len(inp),), TIMESTEPS * s, device=device)
         v = model(inp, t, ctx).float()
