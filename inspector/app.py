@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from projection import ProjectionError, Strategy
-from projection.inputs import MAX_TEXT_BYTES
+from projection.io.inputs import MAX_TEXT_BYTES
 from projection.runtime import setup_runtime
 
 from . import cards

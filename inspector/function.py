@@ -13,8 +13,8 @@ import gradio as gr
 import pandas as pd
 
 from projection import ProjectionError
-from projection import calibration as sets
-from projection.calibration import Calibration
+from projection.function import calibration as sets
+from projection.function.calibration import Calibration
 
 from . import cards
 from .paths import Roots

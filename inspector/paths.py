@@ -30,7 +30,7 @@ class Roots:
     @classmethod
     def create(cls, root: Path, readable: list[Path] = (), trusted: list[str] = (), hub: bool = True) -> Roots:
         """ROOT: read and write; `readable`: read only (e.g. the demo in the user cache)."""
-        from projection.checkpoint import hub_source
+        from projection.io.checkpoint import hub_source
 
         base = Path(root).expanduser().resolve()
         read = tuple(dict.fromkeys([base, *(Path(r).expanduser().resolve() for r in readable)]))
@@ -44,7 +44,7 @@ class Roots:
     def source(self, text: str, what: str, hub_ids: bool = True) -> str:
         """A teacher or student the user typed: an absolute path under a root, or a hub id 'org/name' (only with
         `hub_ids`: a calibration set is always a local file)."""
-        from projection.checkpoint import parse_hub_id
+        from projection.io.checkpoint import parse_hub_id
 
         text = (text or "").strip()
         if not text:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import ProjectionError
+from ..errors import ProjectionError
 
 Axis = tuple[str, ...]
 SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]

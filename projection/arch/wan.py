@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ProjectionError
-from .inputs import read_json
+from ..errors import ProjectionError
+from ..io.inputs import read_json
 
 LAYOUTS = ("wanlite", "seed")
 DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
@@ -310,7 +310,7 @@ def random_student(config: dict[str, Any], seed: int) -> nn.Module:
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Load an exported student folder back into its module: in the dtype it was exported in, or `dtype`."""
-    from .checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
@@ -384,7 +384,7 @@ def wanlite_from_teacher(source: str | Path, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32) -> WanLite:
     """A Wan teacher (either format) as the WanLite of its own config: on one latent frame it computes the
     teacher's function exactly. For teachers whose Conv3d patch is one frame deep (T2V); whole in memory."""
-    from .models import open_teacher
+    from ..core.models import open_teacher
 
     teacher = open_teacher(str(source))
     config = teacher.config

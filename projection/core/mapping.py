@@ -16,9 +16,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .anatomy import SPACES, Axis, axes_of, infer_heads, space_sizes, template_of
-from .errors import ProjectionError
-from .inputs import load_yaml
+from ..arch.anatomy import SPACES, Axis, axes_of, infer_heads, space_sizes, template_of
+from ..errors import ProjectionError
+from ..io.inputs import load_yaml
 from .models import ModelView
 from .strategy import Strategy
 

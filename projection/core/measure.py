@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .anatomy import template_of
+from ..arch.anatomy import template_of
 from .mapping import Entry
 from .project import Projected
 

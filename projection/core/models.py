@@ -7,11 +7,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
-from .checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
-from .errors import ProjectionError
-from .inputs import load_json, load_yaml, read_text
-from .student import LAYOUTS, build_student, student_config
+from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
+from ..arch.wan import LAYOUTS, build_student, student_config
+from ..errors import ProjectionError
+from ..io.checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
+from ..io.inputs import load_json, load_yaml, read_text
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 

@@ -13,11 +13,11 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .anatomy import SPACES
+from ..arch.anatomy import SPACES
+from ..arch.wan import rope_frequencies
+from ..io.streaming import read_ahead
 from .mapping import Mapping, Part
 from .spectra import slice_energy
-from .streaming import read_ahead
-from .student import rope_frequencies
 
 SpaceKey = tuple[str, "int | None"]  # (space, teacher block or None for global spaces)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ProjectionError
+from ..errors import ProjectionError
 from .mapping import Entry, Part
 from .plan import Plan, flat_index, rescale_factor
 from .spectra import squared_norm

@@ -7,8 +7,8 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ProjectionError
-from .inputs import load_yaml, read_text
+from ..errors import ProjectionError
+from ..io.inputs import load_yaml, read_text
 
 Rank = Literal["magnitude", "activation", "uniform", "first"]
 LAYER_METHODS = ("uniform", "first", "last", "influence")

@@ -16,8 +16,8 @@ from difflib import SequenceMatcher
 
 import yaml
 
-from .anatomy import SPACES, WAN_TENSORS, template_of
-from .errors import ProjectionError
+from ..arch.anatomy import SPACES, WAN_TENSORS, template_of
+from ..errors import ProjectionError
 from .mapping import Entry, Mapping, Rule, build_mapping, find_rule, rules_to_yaml
 
 PARAMS = ("weight", "bias")

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ProjectionError
 from .digits import NUM_CLASSES, SIZE, Digits
-from .errors import ProjectionError
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .calibration import Calibration
-from .export import projected_student
-from .fidelity import velocity_fidelity
-from .pipeline import Projector
-from .strategy import Strategy
-from .student import random_student
+from ..arch.wan import random_student
+from ..core.strategy import Strategy
+from ..engine.export import projected_student
+from ..engine.projector import Projector
+from ..function.calibration import Calibration
+from ..function.fidelity import velocity_fidelity
 from .training import TrainConfig, train_flow
 
 Objective = Literal["denoise", "distill"]

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .errors import ProjectionError
+from ..errors import ProjectionError
 
 SIZE = 8  # image and latent height and width
 CHANNELS = 4  # latent channels

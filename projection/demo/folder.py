@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from .anatomy import space_sizes, template_of, wan_tensors
-from .demo_teacher import copy_demo_teacher, save_teacher
-from .errors import ProjectionError
+from ..arch.anatomy import space_sizes, template_of, wan_tensors
+from ..errors import ProjectionError
+from .teacher import copy_demo_teacher, save_teacher
 
 # The trained teacher (demo_teacher.CONFIG: width 128, 8 blocks, 4 heads of 32, FFN 512) at half width and depth.
 STUDENTS = {
@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m projection.demo train`: retrain the demo teacher and rewrite its shipped files."""
     import argparse
 
-    from . import demo_teacher as dt
+    from . import teacher as dt
 
     parser = argparse.ArgumentParser(prog="python -m projection.demo", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the demo teacher (seeded; about 25 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=dt.ASSETS, help=f"folder for the teacher, classifier, calibration "
                    f"set and training.json (default: the package's {dt.ASSETS.name}/)")
-    p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[1] / "assets",
+    p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[2] / "assets",
                    help="folder for the PNGs (training curve, samples; default: the repository's assets/)")
     p.add_argument("--steps", type=int, default=dt.TRAINING.steps, help="training steps (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the numbers depend on it; "

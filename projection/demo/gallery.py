@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from . import digits
-from .calibration import Calibration
+from ..errors import ProjectionError
+from ..function.calibration import Calibration
+from ..function.fidelity import velocity_fidelity
 from .classifier import DigitClassifier
-from .demo_teacher import Sampler, generate
-from .errors import ProjectionError
-from .fidelity import velocity_fidelity
 from .preview import RGB_FACTORS, wan21_rgb_preview
 from .sampling import sample
+from .teacher import Sampler, generate
 
 PREVIEW_COLUMNS = 8  # samples per preview row: the calibration set's first prompts, seeds 0, 1, ...
 MAX_PREVIEW_PIXELS = 64 * 64  # latent pixels per sample (a 512 x 512 image for Wan's VAE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ProjectionError
+from ..errors import ProjectionError
 
 LATENTS_MEAN = torch.tensor([-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921])

@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import digits
-from .anatomy import native_name
+from ..arch.anatomy import native_name
+from ..arch.wan import WanLite, build_student, wan_state_dict, wanlite_from_teacher
+from ..errors import ProjectionError
 from .classifier import DigitClassifier, fit_classifier, load_classifier
-from .errors import ProjectionError
 from .sampling import sample, validation_loss
-from .student import WanLite, build_student, wan_state_dict, wanlite_from_teacher
 from .training import History, TrainConfig, train_flow
 
 ASSETS = Path(__file__).with_name("demo_assets")

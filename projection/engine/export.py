@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import ProjectionError
-from .pipeline import Progress, Projector, entry_rows, numbers_only
-from .student import build_student, fresh_value
+from ..arch.wan import build_student, fresh_value
+from ..errors import ProjectionError
+from .projector import Progress, Projector, entry_rows, numbers_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -153,14 +153,14 @@ def projected_student(projector: Projector, device: str | torch.device = "cpu",
     model.load_state_dict(state, assign=True, strict=True)
     model = model.to(device, torch.float32).eval()
     if projector.strategy.fit == "least-squares":
-        from .fit import fit_student
+        from ..function.fit import fit_student
 
         if projector.calibration is None:
             raise ProjectionError("fit: least-squares refits on a calibration set: give one (CLI: --calibration "
                                   "FILE|demo|synthetic)")
         fit_student(projector, model, projector.calibration, device=device)
     if projector.strategy.compensate == "mean":
-        from .fit import compensate_dropped
+        from ..function.fit import compensate_dropped
 
         compensate_dropped(projector, model)  # after the fit, which solves every bias without the dropped blocks
     return model.to(device, dtype)

@@ -17,17 +17,17 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from .anatomy import SPACES
-from .mapping import Entry, Mapping, Rule, build_mapping
-from .checkpoint import PathCheck
-from .errors import ProjectionError
-from .measure import retained_weight_energy
-from .models import ModelView, open_student, open_teacher
-from .plan import Plan, TeacherStats, make_plan, needs_stats
-from .project import Projected, SvdCache, pick_device, project_entry
-from .spectra import singular_values
-from .strategy import Strategy
-from .streaming import WORKERS, in_order, read_ahead
+from ..arch.anatomy import SPACES
+from ..core.mapping import Entry, Mapping, Rule, build_mapping
+from ..core.measure import retained_weight_energy
+from ..core.models import ModelView, open_student, open_teacher
+from ..core.plan import Plan, TeacherStats, make_plan, needs_stats
+from ..core.project import Projected, SvdCache, pick_device, project_entry
+from ..core.spectra import singular_values
+from ..core.strategy import Strategy
+from ..errors import ProjectionError
+from ..io.checkpoint import PathCheck
+from ..io.streaming import WORKERS, in_order, read_ahead
 
 Progress = Callable[[int, int, str], None]
 Tensors = Literal["keep", "yield", "numbers"]
@@ -156,8 +156,8 @@ class Projector:
                   cache: Any = None) -> Any:
         """Run the teacher (streamed) on a calibration set and keep its activation statistics (cached on disk), so
         that `activation` and `influence` choices can rank by them. The noise levels are those of the expert."""
-        from .activations import teacher_activations
-        from .fidelity import expert_band
+        from ..function.activations import teacher_activations
+        from ..function.fidelity import expert_band
 
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
         band = expert_band(expert, self.teacher.config.get("in_dim"))
@@ -175,7 +175,7 @@ class Projector:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""
         if strategy.layers != "influence":
             return strategy
-        from .activations import require
+        from ..function.activations import require
 
         depth = self.student.config.get("num_layers") if self.student.layout != "custom" else None
         if depth is None:
@@ -207,7 +207,7 @@ class Projector:
         if self._plan is None or self._plan[0] != sig:
             mapping = self.mapping
             if self.strategy.needs_activations:
-                from .activations import require
+                from ..function.activations import require
 
                 require(self.activations, "this strategy")
             self._plan = (sig, make_plan(mapping, self.stats if needs_stats(mapping) else None, self.activations))

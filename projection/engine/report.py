@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .activations import ranking_agreement, teacher_removal
-from .anatomy import SPACES
-from .calibration import Calibration
-from .fidelity import expert_band, student_fidelity
-from .pipeline import Projector
+from ..arch.anatomy import SPACES
+from ..function.activations import ranking_agreement, teacher_removal
+from ..function.calibration import Calibration
+from ..function.fidelity import expert_band, student_fidelity
+from .projector import Projector
 
 Progress = Callable[[int, int, str], None]
 REMOVAL_DRAWS = 1  # noise draws per latent behind the removal effects (L(L+1)/2 block evaluations)

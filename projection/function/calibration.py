@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import PathCheck, _safetensors_infos, read_tensor, resolve_checked
-from .errors import ProjectionError
-from .inputs import clip, printable, regular_fd
+from ..errors import ProjectionError
+from ..io.checkpoint import PathCheck, _safetensors_infos, read_tensor, resolve_checked
+from ..io.inputs import clip, printable, regular_fd
 
 FORMAT = "projection-calibration/1"
 MAX_SAMPLES = 4096  # latents per set: the forward runs over all of them
@@ -164,7 +164,7 @@ def load_calibration(path: str | Path, config: dict[str, Any] | None = None,
 
 def demo_calibration() -> Calibration:
     """The demo teacher's held-out digits (269 latents [4, 8, 8] and their prompt states)."""
-    from .demo_teacher import ASSETS
+    from ..demo.teacher import ASSETS
 
     found = load_calibration(ASSETS / "calibration.safetensors")
     return Calibration(found.latents, found.context, DEMO, False, found.context_lengths, found.metadata, found.extra)

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch.wan import WanLite, random_student
+from ..core.strategy import Strategy
+from ..demo.sampling import TIMESTEPS, add_noise, validation_noise
+from ..engine.export import projected_student
+from ..engine.projector import Projector
 from .calibration import Calibration
-from .export import projected_student
 from .forward import StreamedTeacher, TeacherCursor, predict
-from .pipeline import Projector
-from .sampling import TIMESTEPS, add_noise, validation_noise
-from .strategy import Strategy
-from .student import WanLite, random_student
 
 
 @dataclass(frozen=True)

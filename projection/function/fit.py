@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.plan import flat_index
+from ..errors import ProjectionError
 from .calibration import Calibration
 from .fidelity import noised_set
 from .forward import StreamedTeacher, TeacherCursor
-from .errors import ProjectionError
-from .plan import flat_index
 
 LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
            "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")

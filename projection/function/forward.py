@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import ProjectionError
-from .models import ModelView
-from .student import SIZES, Block, WanLite, build_student
+from ..arch.wan import SIZES, Block, WanLite, build_student
+from ..core.models import ModelView
+from ..errors import ProjectionError
 
 BlockHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 InputHook = Callable[[int, str, torch.Tensor], None]

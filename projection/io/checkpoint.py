@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .errors import ProjectionError
+from ..errors import ProjectionError
 from .inputs import clip, load_json, open_regular, read_bytes, read_json, regular_fd, require_regular
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import yaml
 
-from .errors import ProjectionError
+from ..errors import ProjectionError
 
 MAX_TEXT_BYTES = 1 << 20  # rules, strategies, student configs, config.json: real ones are a few kB
 MAX_DEPTH = 32  # YAML nesting (rules need 3)
