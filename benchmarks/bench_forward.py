@@ -29,8 +29,8 @@ from bench_export import WAN13B, WAN13B_CONFIG, ensure_teacher, loadavg, machine
 def child(kind: str, teacher_dir: Path, latents: int, size: int, tokens: int, threads: int) -> dict:
     import torch
 
-    from projection.arch.wan import wanlite_from_teacher
     from projection.core.models import open_teacher
+    from projection.engine.build import wanlite_from_teacher
     from projection.function.forward import StreamedTeacher
 
     torch.set_num_threads(threads)

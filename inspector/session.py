@@ -25,7 +25,6 @@ import torch
 
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
 from projection.arch.anatomy import SPACES, template_of
-from projection.arch.wan import random_student
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.core.measure import energy_by, layer_of
 from projection.core.plan import needs_stats
@@ -34,6 +33,7 @@ from projection.core.spectra import as_matrix, cumulative_energy, singular_value
 from projection.core.suggest import suggest_rules, with_suggestions
 from projection.demo import teacher as demo_teacher
 from projection.demo.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
+from projection.engine.build import random_student
 from projection.engine.projector import Caches, entry_rows
 from projection.engine.report import function_report
 from projection.function.calibration import Calibration, demo_calibration
@@ -521,7 +521,7 @@ class Session:
 
     def teacher_module(self) -> torch.nn.Module:
         if self._teacher_module is None:
-            from projection.arch.wan import wanlite_from_teacher
+            from projection.engine.build import wanlite_from_teacher
 
             self._teacher_module = wanlite_from_teacher(self.teacher_source)
         return self._teacher_module

@@ -6,10 +6,13 @@
 
 Importing it changes no process-wide state; programs choose those settings in `projection.runtime`.
 """
-from .arch.wan import SeedStudent, WanLite, build_student, load_student
+from .arch.config import build_student
+from .arch.seed import SeedStudent
+from .arch.wan import WanLite
 from .core.mapping import Mapping, build_mapping, parse_rules, preset_rules
 from .core.models import ModelView, open_student, open_teacher
 from .core.strategy import Strategy
+from .engine.build import load_student
 from .engine.export import export_student, projected_student
 from .engine.projector import Projector
 from .errors import ProjectionError

@@ -186,7 +186,7 @@ def cmd_suggest_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .arch.wan import load_student
+    from .engine.build import load_student
     from .engine.export import export_student
 
     p = _projector(args)
@@ -253,7 +253,7 @@ def _print_fidelity(function: dict) -> None:
 
 def cmd_fidelity(args: argparse.Namespace) -> None:
     """How close the student's velocity is to the teacher's on a calibration set (the teacher streams)."""
-    from .arch.wan import load_student
+    from .engine.build import load_student
     from .function.fidelity import student_fidelity
 
     folder = Path(args.student)

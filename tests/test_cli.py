@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from projection import open_checkpoint
-from projection.arch.wan import load_student
 from projection.cli import main
 from projection.core.mapping import STATUSES
 from projection.demo.folder import demo_state_dict
+from projection.engine.build import load_student
 
 TEACHER = {"dim": 128, "ffn_dim": 512, "num_heads": 4, "num_layers": 8, "in_dim": 4, "out_dim": 4,
            "text_dim": 64, "freq_dim": 64}  # the demo teacher (trained, float16)
@@ -291,7 +291,7 @@ def renamed_student(demo: Path, path: Path) -> Path:
     """The demo's reference student with its own names (layers.N.wq, ...): nothing maps without rules."""
     import re
 
-    from projection.arch.wan import build_student, student_config
+    from projection.arch.config import build_student, student_config
     from projection.core.models import open_teacher
 
     teacher = open_teacher(str(demo / "teacher-wan"))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from projection import Projector, export_student, load_student, projected_student
-from projection.arch.wan import random_student
 from projection.demo import convergence as cv, digits, teacher as dt
 from projection.demo.gallery import draw_row, strip
 from projection.demo.training import TrainConfig, train_flow
+from projection.engine.build import random_student
 from projection.function.calibration import Calibration
 from projection.function.fidelity import velocity_fidelity
 

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from projection import Projector, ProjectionError, open_checkpoint, open_teacher
-from projection.arch.wan import wanlite_from_teacher
 from projection.demo import digits, teacher as dt
 from projection.demo.folder import demo_kind, write_demo
 from projection.demo.sampling import add_noise, validation_loss
+from projection.engine.build import wanlite_from_teacher
 
 
 @pytest.fixture(scope="module")

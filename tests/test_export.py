@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from projection import ProjectionError, Projector, Strategy, export_student, load_student, open_checkpoint
-from projection.arch.wan import build_student, fresh_value
+from projection.arch.config import build_student
+from projection.engine.build import fresh_value
 from projection.engine.export import WeightsWriter
 
 STUDENT = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}

@@ -49,7 +49,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """The app's --root: the demo, a custom-named student and (later) exports live here."""
-    from projection.arch.wan import build_student, student_config
+    from projection.arch.config import build_student, student_config
     from projection.core.models import open_teacher
 
     root = tmp_path_factory.mktemp("inspector-root")
@@ -134,7 +134,7 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     assert "123 of 123 student keys" in out["cards"]
     # what the student computes leads: its velocity error at step 0 on 64 held-out demo latents, the core's
     from projection import projected_student
-    from projection.arch.wan import random_student, wanlite_from_teacher
+    from projection.engine.build import random_student, wanlite_from_teacher
     from projection.function.calibration import demo_calibration
     from projection.function.fidelity import fidelity_table
 
@@ -449,7 +449,7 @@ def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client
 def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(client, app, root, tmp_path,
                                                                                monkeypatch):
     from projection import projected_student
-    from projection.arch.wan import wanlite_from_teacher
+    from projection.engine.build import wanlite_from_teacher
     from projection.function.calibration import synthetic_calibration
     from projection.function.fidelity import velocity_fidelity
 

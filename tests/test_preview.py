@@ -32,9 +32,9 @@ WAN16 = dict(dim=32, num_heads=2, ffn_dim=48, num_layers=2, in_dim=16, out_dim=1
 
 
 def test_preview_rows_draw_the_first_prompts_through_the_rgb_preview():
-    from projection.arch.wan import random_student
     from projection.demo.gallery import PREVIEW_COLUMNS, preview_row, strip
     from projection.demo.sampling import sample
+    from projection.engine.build import random_student
     from projection.function.calibration import Calibration
 
     g = torch.Generator().manual_seed(3)

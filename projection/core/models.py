@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
-from ..arch.wan import LAYOUTS, build_student, student_config
+from ..arch.config import LAYOUTS, build_student, student_config
 from ..errors import ProjectionError
 from ..io.checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from ..io.inputs import load_json, load_yaml, read_text

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..arch.wan import random_student
 from ..core.strategy import Strategy
+from ..engine.build import random_student
 from ..engine.export import projected_student
 from ..engine.projector import Projector
 from ..function.calibration import Calibration

@@ -24,7 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from . import digits
 from ..arch.anatomy import native_name
-from ..arch.wan import WanLite, build_student, wan_state_dict, wanlite_from_teacher
+from ..arch.config import build_student
+from ..arch.wan import WanLite, wan_state_dict
+from ..engine.build import wanlite_from_teacher
 from ..errors import ProjectionError
 from .classifier import DigitClassifier, fit_classifier, load_classifier
 from .sampling import sample, validation_loss

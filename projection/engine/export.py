@@ -29,8 +29,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..arch.wan import build_student, fresh_value
+from ..arch.config import build_student
 from ..errors import ProjectionError
+from .build import fresh_value
 from .projector import Progress, Projector, entry_rows, numbers_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

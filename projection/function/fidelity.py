@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.wan import WanLite, random_student
+from ..arch.wan import WanLite
 from ..core.strategy import Strategy
 from ..demo.sampling import TIMESTEPS, add_noise, validation_noise
+from ..engine.build import random_student
 from ..engine.export import projected_student
 from ..engine.projector import Projector
 from .calibration import Calibration

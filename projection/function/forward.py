@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..arch.wan import SIZES, Block, WanLite, build_student
+from ..arch.config import SIZES, build_student
+from ..arch.wan import Block, WanLite
 from ..core.models import ModelView
 from ..errors import ProjectionError
 
