@@ -9,8 +9,9 @@ from projection import Projector, ProjectionError, Strategy, projected_student
 from projection.core.models import open_teacher
 from projection.function.activations import collect, teacher_activations
 from projection.function.calibration import Calibration
-from projection.function.fidelity import noised_set, velocity_fidelity
+from projection.function.fidelity import velocity_fidelity
 from projection.function.forward import StreamedTeacher
+from projection.function.noise import noised_set
 
 
 def calibration_for(cfg: dict, n: int = 6, seed: int = 5) -> Calibration:

@@ -12,8 +12,9 @@ from safetensors import safe_open
 from projection import Projector, ProjectionError, open_checkpoint, open_teacher
 from projection.demo import digits, teacher as dt
 from projection.demo.folder import demo_kind, write_demo
-from projection.demo.sampling import add_noise, validation_loss
+from projection.demo.sampling import validation_loss
 from projection.engine.build import wanlite_from_teacher
+from projection.function.noise import add_noise
 
 
 @pytest.fixture(scope="module")

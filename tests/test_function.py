@@ -14,9 +14,10 @@ from projection.core.plan import Plan, overlap
 from projection.engine.export import export_student
 from projection.function import activations as act
 from projection.function.calibration import Calibration
-from projection.function.fidelity import block_fidelity, noised_set, student_fidelity, velocity_fidelity
+from projection.function.fidelity import block_fidelity, student_fidelity, velocity_fidelity
 from projection.function.fit import fold_targets
 from projection.function.forward import StreamedTeacher
+from projection.function.noise import noised_set
 
 WIDE = {"layout": "wanlite", "num_layers": 2}  # the teacher's width, fewer blocks
 

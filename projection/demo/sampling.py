@@ -14,14 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-TIMESTEPS = 1000  # Wan's timestep scale: t = 1000 s
-
-
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x_s = (1 - s) x0 + s eps, with s [N] broadcast over each sample."""
-    s = s.reshape(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
-    return (1 - s) * x0 + s * eps
-
+from ..function.noise import TIMESTEPS, add_noise, validation_noise
 
 def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
@@ -44,15 +37,6 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """[len(seeds), *shape] standard normal noise, one CPU generator per seed (so a sample's noise does not
     depend on which other samples share its batch)."""
     return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-def validation_noise(n: int, draws: int, shape: Sequence[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed (eps [draws, n, *shape], s [draws, n]) for a deterministic validation loss; noise levels are
-    stratified: draw k of every sample has s in [k / draws, (k + 1) / draws)."""
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(draws, n, *shape, generator=g)
-    s = (torch.arange(draws)[:, None] + torch.rand(draws, n, generator=g)) / draws
-    return eps, s
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from ..core.project import Projected, SvdCache, pick_device, project_entry
 from ..core.spectra import singular_values
 from ..core.strategy import Strategy
 from ..errors import ProjectionError
+from ..function.activations import require, teacher_activations
+from ..function.noise import expert_band
 from ..io.checkpoint import PathCheck
 from ..io.streaming import WORKERS, in_order, read_ahead
 
@@ -156,9 +158,6 @@ class Projector:
                   cache: Any = None) -> Any:
         """Run the teacher (streamed) on a calibration set and keep its activation statistics (cached on disk), so
         that `activation` and `influence` choices can rank by them. The noise levels are those of the expert."""
-        from ..function.activations import teacher_activations
-        from ..function.fidelity import expert_band
-
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
         band = expert_band(expert, self.teacher.config.get("in_dim"))
         found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, self.device, cache,
@@ -175,8 +174,6 @@ class Projector:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""
         if strategy.layers != "influence":
             return strategy
-        from ..function.activations import require
-
         depth = self.student.config.get("num_layers") if self.student.layout != "custom" else None
         if depth is None:
             raise ProjectionError(f"{self.student.source}: layers: influence needs the student's block count")

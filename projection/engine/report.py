@@ -15,7 +15,8 @@ from typing import Any
 from ..arch.anatomy import SPACES
 from ..function.activations import ranking_agreement, teacher_removal
 from ..function.calibration import Calibration
-from ..function.fidelity import expert_band, student_fidelity
+from ..function.fidelity import student_fidelity
+from ..function.noise import expert_band
 from .projector import Projector
 
 Progress = Callable[[int, int, str], None]

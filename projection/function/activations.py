@@ -34,10 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..core.models import ModelView
+from ..core.plan import overlap
 from ..errors import ProjectionError
 from .calibration import Calibration
-from .fidelity import noised_set
 from .forward import StreamedTeacher, build_block
+from .noise import noised_set
 
 READERS = {"self_attn.q": "resid", "cross_attn.q": "resid", "ffn.0": "resid"}  # inputs: normalized residual
 OUTPUTS = {"self_attn.o": "sa", "cross_attn.o": "ca"}  # inputs: attention outputs [.., heads x head dim]
@@ -262,8 +263,6 @@ def ranking_agreement(projector) -> dict[str, tuple[float, float]]:
     """How far the weights and the activations agree on what to keep: per space, the overlap of the magnitude
     plan's and the activation plan's index sets (`plan.overlap`), under the projector's layers and rules. Needs
     the projector calibrated; its own strategy is restored afterwards."""
-    from ..core.plan import overlap
-
     require(projector.activations, "the weight/activation agreement")
     own, layers = projector.strategy, projector.mapping.layers
     plans = []

@@ -1,6 +1,6 @@
 """Fidelity: how close a student's function is to the teacher's, on the same inputs.
 
-On calibration latents x0 with fixed noise (`sampling.validation_noise`: the same eps and levels for every model),
+On calibration latents x0 with fixed noise (`noise.validation_noise`: the same eps and levels for every model),
 both models predict the velocity at x_s; the student's error is measured against the teacher's prediction:
 
     relative error = sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2     (0: the teacher's function;
@@ -24,12 +24,12 @@ from torch import nn
 
 from ..arch.wan import WanLite
 from ..core.strategy import Strategy
-from ..demo.sampling import TIMESTEPS, add_noise, validation_noise
 from ..engine.build import random_student
 from ..engine.export import projected_student
 from ..engine.projector import Projector
 from .calibration import Calibration
 from .forward import StreamedTeacher, TeacherCursor, predict
+from .noise import expert_band, noised_set
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,6 @@ def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> float:
     return float(num) / float(den) if den > 0 else float("nan")
 
 
-def noised_set(latents: torch.Tensor, context: torch.Tensor, draws: int, seed: int = 0,
-               band: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_s, t, context) for every latent and noise draw, draw-major: [draws * N, ...] (`validation_noise`, its
-    levels mapped into `band`, e.g. the levels one expert serves)."""
-    eps, s = validation_noise(len(latents), draws, latents.shape[1:], seed)
-    s = band[0] + (band[1] - band[0]) * s
-    x = torch.cat([add_noise(latents, eps[k], s[k]) for k in range(draws)])
-    return x, TIMESTEPS * s.reshape(-1), context.repeat(draws, *[1] * (context.dim() - 1))
-
-
 def compare(v_student: torch.Tensor, v_teacher: torch.Tensor, draws: int,
             band: tuple[float, float] = (0.0, 1.0)) -> Fidelity:
     """Fidelity of draw-major velocities [draws * N, ...] (float64 sums; level band k = draw k's noise levels)."""
@@ -66,17 +56,6 @@ def compare(v_student: torch.Tensor, v_teacher: torch.Tensor, draws: int,
               "cosine": _ratio(st, (t * ss).sqrt())} for k, (d, t, st, ss) in enumerate(sums)]
     d, t, st, ss = sums.sum(0)
     return Fidelity(_ratio(d, t), _ratio(st, (t * ss).sqrt()), bands)
-
-
-I2V_BOUNDARY, T2V_BOUNDARY = 0.9, 0.875  # Wan2.2 A14B: the high-noise expert serves s >= boundary
-
-
-def expert_band(expert: str | None, in_dim: int | None = None) -> tuple[float, float]:
-    """The noise levels s a Wan 2.2 expert serves (`../shared/wan-reference.md` 8): all of [0, 1] for one model."""
-    if expert is None:
-        return (0.0, 1.0)
-    boundary = I2V_BOUNDARY if in_dim == 36 else T2V_BOUNDARY  # I2V-A14B reads 36 channels
-    return (boundary, 1.0) if expert == "high" else (0.0, boundary)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from torch import nn
 
 from ..core.plan import flat_index
 from ..errors import ProjectionError
+from .activations import require
 from .calibration import Calibration
-from .fidelity import noised_set
 from .forward import StreamedTeacher, TeacherCursor
+from .noise import noised_set
 
 LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
            "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -145,8 +146,6 @@ def fold_targets(layers: list[int], depth: int) -> dict[int, list[int]]:
 @torch.no_grad()
 def compensate_dropped(projector, student: nn.Module) -> dict[int, list[int]]:
     """Fold dropped blocks' mean updates into `student` (in place); returns which blocks went where."""
-    from .activations import require
-
     if not projector.strategy.basis_consistent:
         raise ProjectionError("compensate: mean adds teacher residual vectors to the student's: it needs a "
                               "basis-consistent width (not svd-per-matrix)")
