@@ -13,7 +13,8 @@ from .core.mapping import Mapping, build_mapping, parse_rules, preset_rules
 from .core.models import ModelView, open_student, open_teacher
 from .core.strategy import Strategy
 from .engine.build import load_student
-from .engine.export import export_student, projected_student
+from .engine.build import projected_student
+from .engine.export import export_student
 from .engine.projector import Projector
 from .errors import ProjectionError
 from .io.checkpoint import Checkpoint, open_checkpoint

@@ -193,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     inputs = [f for f in (args.strategy, args.rules) if f]
     measure = None
     if args.calibration is not None:
-        from .function.fidelity import student_fidelity
+        from .engine.report import student_fidelity
 
         calibration = p.calibration or _calibration(args, p)  # read once: _projector may have read it
         if args.calibration not in ("demo", "synthetic"):
@@ -254,7 +254,7 @@ def _print_fidelity(function: dict) -> None:
 def cmd_fidelity(args: argparse.Namespace) -> None:
     """How close the student's velocity is to the teacher's on a calibration set (the teacher streams)."""
     from .engine.build import load_student
-    from .function.fidelity import student_fidelity
+    from .engine.report import student_fidelity
 
     folder = Path(args.student)
     exported = folder.is_dir() and (folder / "projection_report.json").is_file()

@@ -12,9 +12,10 @@ from projection import Projector, ProjectionError, Strategy, projected_student
 from projection.core.models import open_teacher
 from projection.core.plan import Plan, overlap
 from projection.engine.export import export_student
+from projection.engine.report import student_fidelity
 from projection.function import activations as act
 from projection.function.calibration import Calibration
-from projection.function.fidelity import block_fidelity, student_fidelity, velocity_fidelity
+from projection.function.fidelity import block_fidelity, velocity_fidelity
 from projection.function.fit import fold_targets
 from projection.function.forward import StreamedTeacher
 from projection.function.noise import noised_set

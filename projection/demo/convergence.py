@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..core.strategy import Strategy
+from ..engine.build import projected_student
 from ..engine.build import random_student
-from ..engine.export import projected_student
 from ..engine.projector import Projector
 from ..function.calibration import Calibration
 from ..function.fidelity import velocity_fidelity

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch import nn
 
-from ..arch.config import build_student
 from ..errors import ProjectionError
-from .build import fresh_value
+from .build import initial_values, projected_student
 from .projector import Progress, Projector, entry_rows, numbers_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,46 +123,6 @@ def check_destination(out: Path, protected: set[Path], force: bool) -> None:
         raise ProjectionError(f"{out}: exists and is not a folder")
     if out.exists() and not force:
         raise ProjectionError(f"{out}: already exists; choose another folder or pass --force to replace it")
-
-
-def initial_values(projector: Projector, keys: set[str]) -> dict[str, torch.Tensor]:
-    """Starting values of the student keys nothing transfers to: its checkpoint's, or a seeded fresh init.
-
-    Each fresh tensor is drawn from its own generator, seeded from the strategy's seed and the key (never the
-    global RNG), so the values do not depend on threads, order or anything else running in the process."""
-    student = projector.student
-    if student.checkpoint is not None:
-        return {c: student.read(c) for c in keys}
-    model = build_student(student.config, "meta") if keys else None
-    return {k: fresh_value(model, k, projector.strategy.seed) for k in keys}
-
-
-def projected_student(projector: Projector, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The projected student as a runnable module in memory (what `export_student` writes, without the files):
-    for running, sampling and training it. Only runnable layouts (wanlite, seed)."""
-    keys = projector.mapping.coverage()["keys"]
-    if keys["transferred"] == 0:
-        raise ProjectionError(f"{projector.student.source}: nothing transfers: none of the student's "
-                              f"{keys['total']} keys maps to a teacher key")
-    model = build_student(projector.student_config, "meta")
-    skipped = {e.student_key for e in projector.mapping.entries if e.status == "skipped"}
-    state = initial_values(projector, skipped)
-    state.update({r.entry.student_key: r.tensor for r in projector.stream(tensors="yield") if r.tensor is not None})
-    model.load_state_dict(state, assign=True, strict=True)
-    model = model.to(device, torch.float32).eval()
-    if projector.strategy.fit == "least-squares":
-        from ..function.fit import fit_student
-
-        if projector.calibration is None:
-            raise ProjectionError("fit: least-squares refits on a calibration set: give one (CLI: --calibration "
-                                  "FILE|demo|synthetic)")
-        fit_student(projector, model, projector.calibration, device=device)
-    if projector.strategy.compensate == "mean":
-        from ..function.fit import compensate_dropped
-
-        compensate_dropped(projector, model)  # after the fit, which solves every bias without the dropped blocks
-    return model.to(device, dtype)
 
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -429,7 +387,7 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
 
     inputs: files this run read besides the teacher and student (strategy, rules), which --force never replaces.
     measure: called with the written (not yet published) student folder; what it returns is the report's
-    `function` (e.g. `fidelity.student_fidelity` on a calibration set)."""
+    `function` (e.g. `report.student_fidelity` on a calibration set)."""
     out = Path(out).expanduser()
     teacher = projector.teacher
     check_folder_name(out)

@@ -2,7 +2,7 @@
 (the app's Function view and `projection fidelity` show it).
 
   fidelity      the velocity error and cosine per noise band and overall, per student block, for the student and
-                two references of its shape (random init, svd-per-matrix)   (`fidelity.student_fidelity`)
+                two references of its shape (random init, svd-per-matrix)   (`student_fidelity`)
   teacher       per teacher block: influence 1 - cos(h_in, h_out) and the exact effect of removing it alone
                 (`activations`), and which student blocks it feeds
   agreement     per space, how far weight-ranked and activation-ranked index sets agree (`plan.overlap`)
@@ -12,15 +12,49 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..arch.anatomy import SPACES
+from ..arch.wan import WanLite
+from ..core.strategy import Strategy
 from ..function.activations import ranking_agreement, teacher_removal
 from ..function.calibration import Calibration
-from ..function.fidelity import student_fidelity
+from ..function.fidelity import block_fidelity, fidelity_table
+from ..function.forward import StreamedTeacher
 from ..function.noise import expert_band
+from .build import projected_student, random_student
 from .projector import Projector
 
 Progress = Callable[[int, int, str], None]
 REMOVAL_DRAWS = 1  # noise draws per latent behind the removal effects (L(L+1)/2 block evaluations)
+
+
+def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
+                     draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
+                     blocks: bool = True) -> dict[str, Any]:
+    """The fidelity of a student (`student`, else the projector's projection) and, for scale, of two reference
+    students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
+    streams (one block in memory); the noise levels are those its expert serves."""
+    teacher = StreamedTeacher(projector.teacher, device)
+    reference = Strategy(width="svd-per-matrix", layers=projector.mapping.layers, seed=projector.strategy.seed)
+    svd = Projector(projector.teacher, projector.student, reference, projector.rules)
+    students = {"student": (student or projected_student(projector)).to(device).float(),
+                "random init": random_student(projector.student_config, projector.strategy.seed).to(device),
+                "svd-per-matrix": projected_student(svd, device)}
+    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
+    band = expert_band(expert, projector.teacher.config.get("in_dim"))
+    table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
+    per_block = (block_fidelity(projector, students, calibration.latents, calibration.context, draws, seed, band,
+                                device) if blocks and isinstance(students["student"], WanLite) else None)
+    return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
+            "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
+            "meaning": "relative_error = sum |v_student - v_teacher|^2 / sum |v_teacher|^2 of the velocity on the "
+                       "calibration latents at fixed noise (0: the teacher's function)",
+            "students": {name: f.to_dict() for name, f in table.items()},
+            "blocks_meaning": "per student block: |h_student - h_teacher[kept]|^2 / |h_teacher[kept]|^2 of its output "
+                              "against the teacher block it came from, on the kept residual channels",
+            "blocks": per_block}
 
 
 def function_report(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,

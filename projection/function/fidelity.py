@@ -17,19 +17,16 @@ they do when the student runs).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..arch.wan import WanLite
-from ..core.strategy import Strategy
-from ..engine.build import random_student
-from ..engine.export import projected_student
-from ..engine.projector import Projector
-from .calibration import Calibration
 from .forward import StreamedTeacher, TeacherCursor, predict
-from .noise import expert_band, noised_set
+from .noise import noised_set
+
+if TYPE_CHECKING:  # block_fidelity reads a projector's teacher, plan and layers; the engine imports this module
+    from ..engine.projector import Projector
 
 
 @dataclass(frozen=True)
@@ -118,30 +115,3 @@ def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents
             error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
             rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
     return rows
-
-
-def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
-                     draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
-                     blocks: bool = True) -> dict[str, Any]:
-    """The fidelity of a student (`student`, else the projector's projection) and, for scale, of two reference
-    students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
-    streams (one block in memory); the noise levels are those its expert serves."""
-    teacher = StreamedTeacher(projector.teacher, device)
-    reference = Strategy(width="svd-per-matrix", layers=projector.mapping.layers, seed=projector.strategy.seed)
-    svd = Projector(projector.teacher, projector.student, reference, projector.rules)
-    students = {"student": (student or projected_student(projector)).to(device).float(),
-                "random init": random_student(projector.student_config, projector.strategy.seed).to(device),
-                "svd-per-matrix": projected_student(svd, device)}
-    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
-    band = expert_band(expert, projector.teacher.config.get("in_dim"))
-    table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
-    per_block = (block_fidelity(projector, students, calibration.latents, calibration.context, draws, seed, band,
-                                device) if blocks and isinstance(students["student"], WanLite) else None)
-    return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
-            "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
-            "meaning": "relative_error = sum |v_student - v_teacher|^2 / sum |v_teacher|^2 of the velocity on the "
-                       "calibration latents at fixed noise (0: the teacher's function)",
-            "students": {name: f.to_dict() for name, f in table.items()},
-            "blocks_meaning": "per student block: |h_student - h_teacher[kept]|^2 / |h_teacher[kept]|^2 of its output "
-                              "against the teacher block it came from, on the kept residual channels",
-            "blocks": per_block}
