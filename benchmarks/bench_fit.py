@@ -19,7 +19,8 @@ import torch  # noqa: E402
 
 from projection import Projector, Strategy, projected_student  # noqa: E402
 from projection.demo import digits, teacher as dt  # noqa: E402
-from projection.function.calibration import Calibration, demo_calibration  # noqa: E402
+from projection.demo.teacher import demo_calibration  # noqa: E402
+from projection.function.calibration import Calibration  # noqa: E402
 from projection.function.fidelity import velocity_fidelity  # noqa: E402
 from projection.function.fit import fit_student  # noqa: E402
 

@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from projection import ProjectionError
+from projection.demo import teacher as demo_teacher
 from projection.function import calibration as sets
 from projection.function.calibration import Calibration
 
@@ -40,7 +41,7 @@ def open_source(source: str, path_text: str, count: float | None, roots: Roots, 
     if not 1 <= n <= MAX_LATENTS:
         raise ProjectionError(f"latents: {n} is outside 1..{MAX_LATENTS}")
     if source == DEMO:
-        calibration = sets.open_calibration(sets.DEMO, config)  # refused for a teacher outside the demo's space
+        calibration = demo_teacher.open_calibration(demo_teacher.DEMO, config)  # refused outside the demo's space
     elif source == SYNTHETIC:
         calibration = sets.synthetic_calibration(config, n=n)
     elif source == FILE:

@@ -33,10 +33,11 @@ from projection.core.spectra import as_matrix, cumulative_energy, singular_value
 from projection.core.suggest import suggest_rules, with_suggestions
 from projection.demo import teacher as demo_teacher
 from projection.demo.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
+from projection.demo.teacher import demo_calibration
 from projection.engine.build import random_student
 from projection.engine.projector import Caches, entry_rows
 from projection.engine.report import function_report
-from projection.function.calibration import Calibration, demo_calibration
+from projection.function.calibration import Calibration
 from projection.function.fidelity import Reference, teacher_reference
 from projection.io.checkpoint import PathCheck
 from projection.runtime import heavy_work

@@ -217,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _calibration(args: argparse.Namespace, p):
     from .demo.gallery import demo_space
-    from .function.calibration import open_calibration
+    from .demo.teacher import open_calibration
 
     if args.calibration is None:
         if not demo_space(p.teacher.config):

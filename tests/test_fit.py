@@ -9,7 +9,8 @@ import torch
 from projection import Projector, ProjectionError, Strategy, projected_student
 from projection.cli import main
 from projection.demo import digits, teacher as dt
-from projection.function.calibration import Calibration, demo_calibration
+from projection.demo.teacher import demo_calibration
+from projection.function.calibration import Calibration
 from projection.function.fidelity import velocity_fidelity
 from projection.function.fit import Moments, ridge
 

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from conftest import diffusers_kwargs
 from projection import Projector, ProjectionError, Strategy, projected_student
 from projection.core.models import open_teacher
+from projection.demo.teacher import demo_calibration, open_calibration
 from projection.function import forward as fw
-from projection.function.calibration import demo_calibration, load_calibration, open_calibration, synthetic_calibration
+from projection.function.calibration import load_calibration, synthetic_calibration
 from projection.function.fidelity import velocity_fidelity
 
 

@@ -134,8 +134,8 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     assert "123 of 123 student keys" in out["cards"]
     # what the student computes leads: its velocity error at step 0 on 64 held-out demo latents, the core's
     from projection import projected_student
+    from projection.demo.teacher import demo_calibration
     from projection.engine.build import random_student, wanlite_from_teacher
-    from projection.function.calibration import demo_calibration
     from projection.function.fidelity import fidelity_table
 
     held_out = demo_calibration().subset(64)
@@ -253,7 +253,7 @@ def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
 
 
 def test_activation_choices_rank_on_the_demos_calibration_set(client, app, root, tmp_path, monkeypatch):
-    from projection.function.calibration import demo_calibration
+    from projection.demo.teacher import demo_calibration
 
     load(client, app)
     out = call(client, app, "set_strategy", "influence", "activation", "activation", "activation", "activation",
@@ -418,7 +418,7 @@ def test_ab_comparison(client, app, root):
 def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client, app, root):
     from projection import projected_student
     from projection.demo import teacher as demo_teacher
-    from projection.function.calibration import demo_calibration
+    from projection.demo.teacher import demo_calibration
     from projection.function.fidelity import velocity_fidelity
 
     load(client, app)
@@ -670,8 +670,8 @@ def test_typed_strategy_values_are_validated_like_files(client, app):
 
 
 def test_function_tab_shows_the_cores_function_report(client, app, root, tmp_path, monkeypatch):
+    from projection.demo.teacher import demo_calibration
     from projection.engine.report import function_report
-    from projection.function.calibration import demo_calibration
 
     monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
     load(client, app)

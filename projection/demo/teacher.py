@@ -28,11 +28,14 @@ from ..arch.config import build_student
 from ..arch.wan import WanLite, wan_state_dict
 from ..engine.build import wanlite_from_teacher
 from ..errors import ProjectionError
+from ..function import calibration as sets
+from ..io.checkpoint import PathCheck
 from .classifier import DigitClassifier, fit_classifier, load_classifier
 from .sampling import sample, validation_loss
 from .training import History, TrainConfig, train_flow
 
 ASSETS = Path(__file__).with_name("demo_assets")
+DEMO = "demo"  # the calibration source naming the held-out digits (`open_calibration`, CLI --calibration demo)
 CONFIG = {"dim": 128, "ffn_dim": 512, "num_heads": 4, "num_layers": 8, "in_dim": digits.CHANNELS,
           "out_dim": digits.CHANNELS, "text_dim": digits.TEXT_DIM, "freq_dim": 64}
 TRAINING = TrainConfig(steps=2000, batch=128, lr=1e-3, warmup=200, eval_every=100, seed=0)
@@ -250,3 +253,21 @@ def copy_demo_teacher(out: Path, assets: Path = ASSETS) -> None:
 
 def load_calibration(path: Path = ASSETS / "calibration.safetensors") -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def demo_calibration() -> sets.Calibration:
+    """The demo teacher's held-out digits (269 latents [4, 8, 8] and their prompt states)."""
+    found = sets.load_calibration(ASSETS / "calibration.safetensors")
+    return sets.Calibration(found.latents, found.context, DEMO, False, found.context_lengths, found.metadata,
+                            found.extra)
+
+
+def open_calibration(spec: str | Path, config: dict[str, Any], check: PathCheck | None = None) -> sets.Calibration:
+    """`demo` (the held-out digits, refused for a teacher outside the demo's space), or what the core's
+    `calibration.open_calibration` opens: `synthetic` or a file path (seen by `check`)."""
+    if str(spec) == DEMO:
+        found = demo_calibration()
+        sets.check_shapes(DEMO, {"latents": tuple(found.latents.shape), "context": tuple(found.context.shape)},
+                          {"latents": torch.float32, "context": torch.float32}, config)
+        return found
+    return sets.open_calibration(spec, config, check)

@@ -9,10 +9,11 @@ File format (`projection-calibration/1`): one `.safetensors` file with
                    characters removed and at most MAX_SHOWN characters
 Other per-sample tensors [N, ...] (e.g. the demo's `labels`) are kept but not required; any other tensor is refused.
 Values are checked after the cast to float32: a float64 1e300 is infinite there, and refused. Noise levels are not part of the file: they
-belong to the request (x_s = (1 - s) x0 + s eps with seeded eps, timestep 1000 s; see `sampling`).
+belong to the request (x_s = (1 - s) x0 + s eps with seeded eps, timestep 1000 s; see `noise`).
 
-Sources: a file; `demo` (the demo teacher's held-out digits); `synthetic` (Gaussian latents and context, for
-teachers without a calibration set: every report labels it synthetic, since it says little about real inputs).
+Sources: a file; `synthetic` (Gaussian latents and context, for teachers without a calibration set: every report
+labels it synthetic, since it says little about real inputs); the demo teacher's held-out digits, `demo`, come
+from the demo (`demo.teacher.demo_calibration`; the core knows nothing of them).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ MAX_CONTEXT = 1 << 28  # N * L * text_dim values (a 512 x 4096 UMT5 context is 2
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_SHOWN = 200  # characters of a metadata value shown on screens and in reports
-DEMO = "demo"
 SYNTHETIC = "synthetic"
 
 
@@ -162,14 +162,6 @@ def load_calibration(path: str | Path, config: dict[str, Any] | None = None,
     return Calibration(latents, context, where, False, lengths, metadata, tensors)
 
 
-def demo_calibration() -> Calibration:
-    """The demo teacher's held-out digits (269 latents [4, 8, 8] and their prompt states)."""
-    from ..demo.teacher import ASSETS
-
-    found = load_calibration(ASSETS / "calibration.safetensors")
-    return Calibration(found.latents, found.context, DEMO, False, found.context_lengths, found.metadata, found.extra)
-
-
 def synthetic_calibration(config: dict[str, Any], n: int = 16, size: tuple[int, int] = (16, 16), tokens: int = 16,
                           seed: int = 0) -> Calibration:
     """Gaussian latents [n, in_dim, *size] and context [n, tokens, text_dim] (seeded, the global RNG untouched),
@@ -182,12 +174,8 @@ def synthetic_calibration(config: dict[str, Any], n: int = 16, size: tuple[int, 
 
 
 def open_calibration(spec: str | Path, config: dict[str, Any], check: PathCheck | None = None) -> Calibration:
-    """`demo`, `synthetic`, or a file path (seen by `check`); checked against the teacher's config."""
-    if str(spec) == DEMO:
-        found = demo_calibration()
-        check_shapes(DEMO, {"latents": tuple(found.latents.shape), "context": tuple(found.context.shape)},
-                     {"latents": torch.float32, "context": torch.float32}, config)
-        return found
+    """`synthetic`, or a file path (seen by `check`); checked against the teacher's config. (The demo's held-out
+    digits, `demo`, are opened by `demo.teacher.open_calibration`, which passes other sources on to this.)"""
     if str(spec) == SYNTHETIC:
         return synthetic_calibration(config)
     return load_calibration(spec, config, check)
