@@ -10,7 +10,7 @@ import yaml
 from projection import ProjectionError, Projector, Strategy, export_student, load_student, open_checkpoint
 from projection.arch.config import build_student
 from projection.engine.build import fresh_value
-from projection.engine.export import WeightsWriter
+from projection.io.writer import WeightsWriter
 
 STUDENT = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
 

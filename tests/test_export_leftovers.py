@@ -87,7 +87,7 @@ def test_sigterm_mid_export_leaves_no_partial_folder(tiny_wan, tmp_path, student
 
 
 def test_next_export_removes_partials_of_dead_exports_only(tiny_wan, tmp_path, student_file):
-    from projection.engine.export import MARKER, write_marker
+    from projection.io.writer import MARKER, write_marker
 
     parent = tmp_path / "exports"
     parent.mkdir()
