@@ -34,7 +34,7 @@ from projection.core.suggest import suggest_rules, with_suggestions
 from projection.demo import teacher as demo_teacher
 from projection.demo.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
 from projection.demo.teacher import demo_calibration
-from projection.engine.build import random_student
+from projection.engine.build import random_student, wanlite_from_teacher
 from projection.engine.projector import Caches, entry_rows
 from projection.engine.report import function_report
 from projection.function.calibration import Calibration
@@ -522,8 +522,6 @@ class Session:
 
     def teacher_module(self) -> torch.nn.Module:
         if self._teacher_module is None:
-            from projection.engine.build import wanlite_from_teacher
-
             self._teacher_module = wanlite_from_teacher(self.teacher_source)
         return self._teacher_module
 

@@ -25,6 +25,7 @@ import yaml
 
 from ..arch.anatomy import space_sizes, template_of, wan_tensors
 from ..errors import ProjectionError
+from . import teacher as dt
 from .teacher import copy_demo_teacher, save_teacher
 
 # The trained teacher (demo_teacher.CONFIG: width 128, 8 blocks, 4 heads of 32, FFN 512) at half width and depth.
@@ -167,8 +168,6 @@ def write_shape_only_teacher(folder: str | Path, config: dict[str, Any] = WAN14B
 def main(argv: list[str] | None = None) -> None:
     """`python -m projection.demo train`: retrain the demo teacher and rewrite its shipped files."""
     import argparse
-
-    from . import teacher as dt
 
     parser = argparse.ArgumentParser(prog="python -m projection.demo", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

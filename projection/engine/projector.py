@@ -204,8 +204,6 @@ class Projector:
         if self._plan is None or self._plan[0] != sig:
             mapping = self.mapping
             if self.strategy.needs_activations:
-                from ..function.activations import require
-
                 require(self.activations, "this strategy")
             self._plan = (sig, make_plan(mapping, self.stats if needs_stats(mapping) else None, self.activations))
         return self._plan[1]
