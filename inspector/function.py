@@ -1,5 +1,5 @@
 """The Function view: run the teacher on a calibration set and show what the student computes next to it (the
-core's `projection.function.function_report`): the velocity error per noise level for the student and two
+core's `projection.engine.report.function_report`): the velocity error per noise level for the student and two
 references of its shape, per student block, each teacher block's influence and removal effect, and how far
 weight-ranked and activation-ranked index sets agree. The set measured on is also the one activation choices
 and the least-squares fit use from then on."""

@@ -28,7 +28,7 @@ from ..errors import ProjectionError
 from . import teacher as dt
 from .teacher import copy_demo_teacher, save_teacher
 
-# The trained teacher (demo_teacher.CONFIG: width 128, 8 blocks, 4 heads of 32, FFN 512) at half width and depth.
+# The trained teacher (teacher.CONFIG: width 128, 8 blocks, 4 heads of 32, FFN 512) at half width and depth.
 STUDENTS = {
     "student-wanlite.yaml": {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
     "student-seed.yaml": {"layout": "seed", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
