@@ -28,11 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from projection import convergence as cv  # noqa: E402
-from projection import demo_teacher as dt  # noqa: E402
-from projection import digits  # noqa: E402
-from projection.calibration import Calibration  # noqa: E402
-from projection.training import TrainConfig  # noqa: E402
+from projection.demo import convergence as cv, digits, teacher as dt  # noqa: E402
+from projection.demo.training import TrainConfig  # noqa: E402
+from projection.function.calibration import Calibration  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "convergence.jsonl"
 PLOT = ROOT / "assets" / "convergence.png"

@@ -39,10 +39,10 @@ import torch
 from safetensors.torch import load_file
 
 from projection import Projector, Strategy, export_student, open_checkpoint, open_student
-from projection.anatomy import wan_tensors
-from projection.checkpoint import Checkpoint, read_safetensors_header
+from projection.arch.anatomy import wan_tensors
+from projection.core.models import view_checkpoint
 from projection.errors import ProjectionError
-from projection.models import view_checkpoint
+from projection.io.checkpoint import Checkpoint, read_safetensors_header
 from projection.runtime import setup_runtime
 
 GB = 1e9  # decimal, as the targets and the 5.7 GB teacher size are stated

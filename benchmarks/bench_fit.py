@@ -17,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from projection import Projector, Strategy, demo_teacher as dt, digits, projected_student  # noqa: E402
-from projection.calibration import Calibration, demo_calibration  # noqa: E402
-from projection.fidelity import velocity_fidelity  # noqa: E402
-from projection.fit import fit_student  # noqa: E402
+from projection import Projector, Strategy, projected_student  # noqa: E402
+from projection.demo import digits, teacher as dt  # noqa: E402
+from projection.demo.teacher import demo_calibration  # noqa: E402
+from projection.function.calibration import Calibration  # noqa: E402
+from projection.function.fidelity import velocity_fidelity  # noqa: E402
+from projection.function.fit import fit_student  # noqa: E402
 
 HALF = {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
 CHOICES = {"magnitude (default)": {},

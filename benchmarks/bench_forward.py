@@ -4,7 +4,7 @@ weight already in memory.
     python benchmarks/bench_forward.py [--teacher-dir D] [--latents 8] [--size 32] [--tokens 512] [--threads 2]
 
 The teacher is bench_export.py's random fp32 Wan2.1-1.3B-shaped checkpoint (5.68 GB, one file, written once and
-reused). Each measurement runs in a fresh process: 'streamed' is `projection.forward.StreamedTeacher` (one block of
+reused). Each measurement runs in a fresh process: 'streamed' is `projection.function.forward.StreamedTeacher` (one block of
 weights in memory at a time), 'in memory' loads the whole teacher as a WanLite first and times its forward alone.
 Inputs: N latents [16, size, size] (size/2 squared tokens each), a context of `tokens` UMT5-width states, one noise
 level per latent. Peak RSS is the process's (ru_maxrss), interpreter and torch included.
@@ -29,9 +29,9 @@ from bench_export import WAN13B, WAN13B_CONFIG, ensure_teacher, loadavg, machine
 def child(kind: str, teacher_dir: Path, latents: int, size: int, tokens: int, threads: int) -> dict:
     import torch
 
-    from projection.forward import StreamedTeacher
-    from projection.models import open_teacher
-    from projection.student import wanlite_from_teacher
+    from projection.core.models import open_teacher
+    from projection.engine.build import wanlite_from_teacher
+    from projection.function.forward import StreamedTeacher
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

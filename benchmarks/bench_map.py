@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from projection import Projector
-from projection.demo import WAN14B, write_shape_only_teacher
+from projection.demo.folder import WAN14B, write_shape_only_teacher
 
 STUDENTS = {
     "wanlite 1024/16/8h/4096": {"layout": "wanlite", "dim": 1024, "num_layers": 16, "num_heads": 8, "ffn_dim": 4096},

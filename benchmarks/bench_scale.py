@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from projection import Projector, export_student
-from projection.demo import WAN14B, write_shape_only_teacher
+from projection.demo.folder import WAN14B, write_shape_only_teacher
 from projection.runtime import setup_runtime
 
 STUDENT = {"layout": "wanlite", "dim": 1024, "num_layers": 16, "num_heads": 16, "ffn_dim": 4096}

@@ -272,7 +272,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}\nmachine: {machine()}")
     if args.small:
-        from projection.demo import write_demo
+        from projection.demo.folder import write_demo
 
         teacher = write_demo(args.work.with_name(args.work.name + "-demo")) / "teacher-wan"
         students, jobs = SMALL_STUDENTS, SMALL_JOBS

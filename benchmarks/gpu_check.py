@@ -99,19 +99,20 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from projection import Projector, Strategy  # noqa: E402
-from projection.activations import collect, removal_effects  # noqa: E402
-from projection.anatomy import template_of, wan_tensors  # noqa: E402
-from projection.calibration import Calibration, demo_calibration, synthetic_calibration  # noqa: E402
+from projection.arch.anatomy import template_of, wan_tensors  # noqa: E402
 from projection.cli import main as cli_main  # noqa: E402
-from projection.demo import STUDENTS  # noqa: E402
-from projection.demo_teacher import ASSETS, save_teacher  # noqa: E402
-from projection.export import export_student, projected_student  # noqa: E402
-from projection.fidelity import noised_set, student_fidelity  # noqa: E402
-from projection.fit import fit_student  # noqa: E402
-from projection.forward import StreamedTeacher, predict  # noqa: E402
-from projection.models import open_teacher  # noqa: E402
-from projection.spectra import batched_singular_values  # noqa: E402
-from projection.student import load_student  # noqa: E402
+from projection.core.models import open_teacher  # noqa: E402
+from projection.core.spectra import batched_singular_values  # noqa: E402
+from projection.demo.folder import STUDENTS  # noqa: E402
+from projection.demo.teacher import ASSETS, demo_calibration, save_teacher  # noqa: E402
+from projection.engine.build import load_student, projected_student  # noqa: E402
+from projection.engine.export import export_student  # noqa: E402
+from projection.engine.report import student_fidelity  # noqa: E402
+from projection.function.activations import collect, removal_effects  # noqa: E402
+from projection.function.calibration import Calibration, synthetic_calibration  # noqa: E402
+from projection.function.fit import fit_student  # noqa: E402
+from projection.function.forward import StreamedTeacher, predict  # noqa: E402
+from projection.function.noise import noised_set  # noqa: E402
 
 GB = 1e9
 TOL_FLOAT32 = 1e-8
@@ -281,7 +282,7 @@ def random_diffusers_teacher(folder: Path) -> tuple[Path, str]:
              for k, (shape, _) in wan_tensors(cfg).items()}
     save_teacher(state, cfg, folder / "original", folder)
     shutil.rmtree(folder / "original")
-    return folder, "projection.demo_teacher.save_teacher (diffusers not installed)"
+    return folder, "projection.demo.teacher.save_teacher (diffusers not installed)"
 
 
 def set_size(tiny: bool, quick: bool) -> tuple[int, int]:

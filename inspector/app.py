@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 
 from projection import ProjectionError, Strategy
 from projection.cancel import current as current_token
-from projection.inputs import MAX_TEXT_BYTES
+from projection.io.inputs import MAX_TEXT_BYTES
 from projection.runtime import setup_runtime
 
 from . import cards

@@ -55,7 +55,7 @@ def hub_allowed(host: str, allow_hub: bool | None) -> bool:
 def demo_folder(root: Path) -> Path:
     """The demo under ROOT/demo, or in the user cache when ROOT is not writable (or holds another 'demo')."""
     from projection import ProjectionError
-    from projection.demo import demo_kind, write_demo
+    from projection.demo.folder import demo_kind, write_demo
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "projection-inspector" / "demo"
     older = None  # a demo of the other kind (the synthetic one of earlier versions): better than none
@@ -79,7 +79,7 @@ def start(argv: Sequence[str] | None = None, *, stop_on_signals: bool = False, *
     if not (args.idle_minutes > 0 and args.upload_minutes > 0) or args.max_sessions < 1:
         raise SystemExit("--idle-minutes and --upload-minutes must be positive and --max-sessions at least 1")
     from projection import ProjectionError, Strategy
-    from projection.pipeline import Caches
+    from projection.engine.projector import Caches
 
     from .paths import Roots
     from .scratch import Scratch

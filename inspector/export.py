@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from projection import ProjectionError, Strategy
-from projection.mapping import rules_to_yaml
+from projection.core.mapping import rules_to_yaml
 
 from . import cards
 from .bridge import choices, progress_to

@@ -1,5 +1,5 @@
 """The Function view: run the teacher on a calibration set and show what the student computes next to it (the
-core's `projection.function.function_report`): the velocity error per noise level for the student and two
+core's `projection.engine.report.function_report`): the velocity error per noise level for the student and two
 references of its shape, per student block, each teacher block's influence and removal effect, and how far
 weight-ranked and activation-ranked index sets agree. The set measured on is also the one activation choices
 and the least-squares fit use from then on."""
@@ -13,8 +13,9 @@ import gradio as gr
 import pandas as pd
 
 from projection import ProjectionError
-from projection import calibration as sets
-from projection.calibration import Calibration
+from projection.demo import teacher as demo_teacher
+from projection.function import calibration as sets
+from projection.function.calibration import Calibration
 
 from . import cards
 from .bridge import stoppable
@@ -41,7 +42,7 @@ def open_source(source: str, path_text: str, count: float | None, roots: Roots, 
     if not 1 <= n <= MAX_LATENTS:
         raise ProjectionError(f"latents: {n} is outside 1..{MAX_LATENTS}")
     if source == DEMO:
-        calibration = sets.open_calibration(sets.DEMO, config)  # refused for a teacher outside the demo's space
+        calibration = demo_teacher.open_calibration(demo_teacher.DEMO, config)  # refused outside the demo's space
     elif source == SYNTHETIC:
         calibration = sets.synthetic_calibration(config, n=n)
     elif source == FILE:

@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from projection import ProjectionError, Strategy
-from projection.gallery import PREVIEW_COLUMNS, GalleryRow, strip
+from projection.demo.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 
 from . import cards
 from .bridge import stoppable

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from projection.strategy import LAYER_METHODS
+from projection.core.strategy import LAYER_METHODS
 
 from . import charts
 from .bridge import Components, Refresh, plot, toast

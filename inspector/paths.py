@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from projection.errors import ProjectionError
+from projection.io.checkpoint import hub_source, parse_hub_id
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ class Roots:
     @classmethod
     def create(cls, root: Path, readable: list[Path] = (), trusted: list[str] = (), hub: bool = True) -> Roots:
         """ROOT: read and write; `readable`: read only (e.g. the demo in the user cache)."""
-        from projection.checkpoint import hub_source
-
         base = Path(root).expanduser().resolve()
         read = tuple(dict.fromkeys([base, *(Path(r).expanduser().resolve() for r in readable)]))
         sources = frozenset(p.resolve() for t in trusted if t and (p := _absolute(t, base)).exists())
@@ -44,8 +43,6 @@ class Roots:
     def source(self, text: str, what: str, hub_ids: bool = True) -> str:
         """A teacher or student the user typed: an absolute path under a root, or a hub id 'org/name' (only with
         `hub_ids`: a calibration set is always a local file)."""
-        from projection.checkpoint import parse_hub_id
-
         text = (text or "").strip()
         if not text:
             raise ProjectionError(f"{what}: no path given")

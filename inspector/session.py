@@ -24,23 +24,25 @@ from typing import Any
 
 import torch
 
-from projection import ProjectionError, Projector, Strategy, demo_teacher, export_student, parse_rules, projected_student
-from projection.anatomy import SPACES, template_of
-from projection.calibration import Calibration, demo_calibration
+from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
+from projection.arch.anatomy import SPACES, template_of
 from projection.cancel import CancelToken, checkpoint
-from projection.fidelity import Reference, teacher_reference
-from projection.function import function_report
-from projection.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
-from projection.checkpoint import PathCheck
-from projection.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
-from projection.measure import energy_by, layer_of
-from projection.pipeline import Caches, entry_rows
-from projection.plan import needs_stats
-from projection.project import Projected, pick_device
+from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
+from projection.core.measure import energy_by, layer_of
+from projection.core.plan import needs_stats
+from projection.core.project import Projected, pick_device
+from projection.core.spectra import as_matrix, cumulative_energy, singular_values
+from projection.core.suggest import suggest_rules, with_suggestions
+from projection.demo import teacher as demo_teacher
+from projection.demo.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
+from projection.demo.teacher import demo_calibration
+from projection.engine.build import random_student, wanlite_from_teacher
+from projection.engine.projector import Caches, entry_rows
+from projection.engine.report import function_report
+from projection.function.calibration import Calibration
+from projection.function.fidelity import Reference, teacher_reference
+from projection.io.checkpoint import PathCheck
 from projection.runtime import heavy_work
-from projection.spectra import as_matrix, cumulative_energy, singular_values
-from projection.student import random_student
-from projection.suggest import suggest_rules, with_suggestions
 
 from .units import human_bytes
 
@@ -539,8 +541,6 @@ class Session:
 
     def teacher_module(self) -> torch.nn.Module:
         if self._teacher_module is None:
-            from projection.student import wanlite_from_teacher
-
             self._teacher_module = wanlite_from_teacher(self.teacher_source)
         return self._teacher_module
 

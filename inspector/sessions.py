@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from projection import ProjectionError, Strategy
-from projection.checkpoint import PathCheck
-from projection.pipeline import Caches
+from projection.engine.projector import Caches
+from projection.io.checkpoint import PathCheck
 
 from .scratch import Scratch
 from .session import Session

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from projection import ProjectionError
-from projection.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
+from projection.io.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 
 from . import cards
 from .bridge import Components

@@ -11,8 +11,8 @@ import gradio as gr
 import pandas as pd
 
 from projection import ProjectionError, Strategy
-from projection.gallery import GalleryRow
-from projection.inputs import read_text
+from projection.demo.gallery import GalleryRow
+from projection.io.inputs import read_text
 
 from . import cards, charts
 from .bridge import Components, Refresh, choices, info, plot, progress_to, stoppable, toast

@@ -6,14 +6,18 @@
 
 Importing it changes no process-wide state; programs choose those settings in `projection.runtime`.
 """
-from .checkpoint import Checkpoint, open_checkpoint
+from .arch.config import build_student
+from .arch.seed import SeedStudent
+from .arch.wan import WanLite
+from .core.mapping import Mapping, build_mapping, parse_rules, preset_rules
+from .core.models import ModelView, open_student, open_teacher
+from .core.strategy import Strategy
+from .engine.build import load_student
+from .engine.build import projected_student
+from .engine.export import export_student
+from .engine.projector import Projector
 from .errors import ProjectionError
-from .export import export_student, projected_student
-from .mapping import Mapping, build_mapping, parse_rules, preset_rules
-from .models import ModelView, open_student, open_teacher
-from .pipeline import Projector
-from .strategy import Strategy
-from .student import SeedStudent, WanLite, build_student, load_student
+from .io.checkpoint import Checkpoint, open_checkpoint
 
 __all__ = [
     "Checkpoint", "Mapping", "ModelView", "ProjectionError", "Projector", "SeedStudent", "Strategy", "WanLite",

@@ -30,7 +30,7 @@ MEASURE_BYTES = 1 << 30  # `map` computes retained energy for teachers up to thi
 
 
 def _strategy(args: argparse.Namespace):
-    from .strategy import Strategy
+    from .core.strategy import Strategy
 
     strategy = Strategy.load(args.strategy) if getattr(args, "strategy", None) else Strategy()
     overrides = {k: getattr(args, k) for k in ("expert", "device", "dtype") if getattr(args, k, None)}
@@ -39,8 +39,8 @@ def _strategy(args: argparse.Namespace):
 
 def _read_rules(args: argparse.Namespace) -> tuple[str, dict | None]:
     """The --rules file's text and rules ('' and None without one)."""
-    from .inputs import read_text
-    from .mapping import parse_rules
+    from .core.mapping import parse_rules
+    from .io.inputs import read_text
 
     if not getattr(args, "rules", None):
         return "", None
@@ -49,7 +49,7 @@ def _read_rules(args: argparse.Namespace) -> tuple[str, dict | None]:
 
 
 def _projector(args: argparse.Namespace):
-    from .pipeline import Projector
+    from .engine.projector import Projector
 
     p = Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
                        num_heads=args.num_heads)
@@ -67,14 +67,14 @@ def _progress(i: int, n: int, what: str) -> None:
 
 
 def _print_json(data: Any) -> None:
-    from .export import report_json
+    from .engine.export import report_json
 
     print(report_json(data))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import open_checkpoint
-    from .models import view_checkpoint
+    from .core.models import view_checkpoint
+    from .io.checkpoint import open_checkpoint
 
     view = view_checkpoint(open_checkpoint(args.source, args.expert))
     info = view.summary()
@@ -114,7 +114,7 @@ def _transient_progress(i: int, n: int, what: str) -> None:
 def cmd_map(args: argparse.Namespace) -> int:
     if args.suggest_rules:
         return cmd_suggest_rules(args)
-    from .pipeline import entry_rows
+    from .engine.projector import entry_rows
 
     p = _projector(args)
     mapping = p.mapping
@@ -145,7 +145,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def _print_map_table(rows: list[dict], p, summary: dict) -> None:
-    from .measure import MEANING
+    from .core.measure import MEANING
 
     headers = ("student key", "status", "weight energy kept", "teacher keys or reason")
     width = max([len(headers[0])] + [len(r["student_key"]) for r in rows])
@@ -171,7 +171,7 @@ def _print_map_table(rows: list[dict], p, summary: dict) -> None:
 
 def cmd_suggest_rules(args: argparse.Namespace) -> int:
     """The rules file (--rules, as written) followed by suggested rules for the keys that transfer nothing."""
-    from .suggest import suggest_rules, with_suggestions
+    from .core.suggest import suggest_rules, with_suggestions
 
     text, rules = _read_rules(args)
     p = _projector(args)
@@ -186,14 +186,14 @@ def cmd_suggest_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_student
-    from .student import load_student
+    from .engine.build import load_student
+    from .engine.export import export_student
 
     p = _projector(args)
     inputs = [f for f in (args.strategy, args.rules) if f]
     measure = None
     if args.calibration is not None:
-        from .fidelity import student_fidelity
+        from .engine.report import student_fidelity
 
         calibration = p.calibration or _calibration(args, p)  # read once: _projector may have read it
         if args.calibration not in ("demo", "synthetic"):
@@ -216,8 +216,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _calibration(args: argparse.Namespace, p):
-    from .calibration import open_calibration
-    from .gallery import demo_space
+    from .demo.gallery import demo_space
+    from .demo.teacher import open_calibration
 
     if args.calibration is None:
         if not demo_space(p.teacher.config):
@@ -253,8 +253,8 @@ def _print_fidelity(function: dict) -> None:
 
 def cmd_fidelity(args: argparse.Namespace) -> None:
     """How close the student's velocity is to the teacher's on a calibration set (the teacher streams)."""
-    from .fidelity import student_fidelity
-    from .student import load_student
+    from .engine.build import load_student
+    from .engine.report import student_fidelity
 
     folder = Path(args.student)
     exported = folder.is_dir() and (folder / "projection_report.json").is_file()
@@ -268,8 +268,8 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
 
 
 def cmd_spectra(args: argparse.Namespace) -> None:
-    from .models import open_teacher
-    from .spectra import cumulative_energy, singular_values
+    from .core.models import open_teacher
+    from .core.spectra import cumulative_energy, singular_values
 
     teacher = open_teacher(args.teacher, args.expert)
     key = next((c for c, n in teacher.native.items() if args.key in (c, n)), None)
@@ -287,7 +287,7 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import write_demo
+    from .demo.folder import write_demo
 
     out = write_demo(args.out, force=args.force, synthetic=args.synthetic)
     print(f"demo written to {out} (" + ("synthetic weights: random, with trained-like spectra" if args.synthetic else

@@ -69,7 +69,7 @@ def build_tiny_wan(root: Path, cfg: dict = TINY, seed: int = 0) -> TinyWan:
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
-    from projection.anatomy import to_canonical
+    from projection.arch.anatomy import to_canonical
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval()
@@ -96,7 +96,7 @@ def tiny_wan(tmp_path_factory) -> TinyWan:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The default demo: the trained teacher (width 128, 8 blocks, 4 heads; float16) and its students."""
-    from projection.demo import write_demo
+    from projection.demo.folder import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo") / "demo")
 
@@ -104,7 +104,7 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_demo_dir(tmp_path_factory) -> Path:
     """The synthetic demo: random weights with trained-like spectra (width 256, 8 blocks, 4 heads)."""
-    from projection.demo import write_demo
+    from projection.demo.folder import write_demo
 
     return write_demo(tmp_path_factory.mktemp("synthetic") / "demo", synthetic=True)
 
@@ -112,7 +112,7 @@ def synthetic_demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wan14b_headers(tmp_path_factory) -> Path:
     """Wan 14B's 1095 real headers over a sparse (empty) data section."""
-    from projection.demo import write_shape_only_teacher
+    from projection.demo.folder import write_shape_only_teacher
 
     return write_shape_only_teacher(tmp_path_factory.mktemp("wan14b"))
 

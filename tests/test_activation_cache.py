@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import projection.activations as act
-import projection.pipeline as pipeline
-from projection.calibration import Calibration
-from projection.models import open_teacher
-from projection.pipeline import teacher_fingerprint
+import projection.function.activations as act
+import projection.engine.projector as pipeline
+from projection.function.calibration import Calibration
+from projection.core.models import open_teacher
+from projection.demo.teacher import ASSETS
+from projection.engine.projector import teacher_fingerprint
 
-DEMO_TEACHER = Path(act.__file__).parent / "demo_assets" / "teacher-wan"  # width 128, 8 blocks, 4 heads, ffn 512
+DEMO_TEACHER = ASSETS / "teacher-wan"  # width 128, 8 blocks, 4 heads, ffn 512
 FP = "fp-cache-test"
 
 

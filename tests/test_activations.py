@@ -6,11 +6,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from projection import Projector, ProjectionError, Strategy, projected_student
-from projection.activations import collect, teacher_activations
-from projection.calibration import Calibration
-from projection.fidelity import noised_set, velocity_fidelity
-from projection.forward import StreamedTeacher
-from projection.models import open_teacher
+from projection.core.models import open_teacher
+from projection.function.activations import collect, teacher_activations
+from projection.function.calibration import Calibration
+from projection.function.fidelity import velocity_fidelity
+from projection.function.forward import StreamedTeacher
+from projection.function.noise import noised_set
 
 
 def calibration_for(cfg: dict, n: int = 6, seed: int = 5) -> Calibration:
@@ -108,7 +109,7 @@ def test_influence_keeps_the_most_influential_blocks_in_order(tiny_wan, tmp_path
 
 
 def test_statistics_are_cached_by_teacher_calibration_and_request(tiny_wan, tmp_path, monkeypatch):
-    import projection.activations as act
+    import projection.function.activations as act
 
     teacher = open_teacher(str(tiny_wan.original_dir))
     calib = calibration_for(tiny_wan.config)

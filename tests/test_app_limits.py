@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from projection.demo import write_demo
+from projection.demo.folder import write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = [["exact", "mapped", "concatenated", "skipped"], "", "student order"]

@@ -35,7 +35,7 @@ def app(tmp_path_factory):
     import torch
 
     from inspector.cli import start
-    from projection.demo import write_demo
+    from projection.demo.folder import write_demo
 
     root = tmp_path_factory.mktemp("browser-root")
     write_demo(root / "demo")

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from projection import ProjectionError, budget
+from projection import ProjectionError
+from projection.function import budget
 from projection.cancel import CancelToken, Cancelled, cancellable, checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,10 +91,11 @@ import json, sys, torch
 from projection.runtime import setup_runtime
 setup_runtime()
 torch.set_num_threads(2)
-from projection import ProjectionError, budget
-from projection.fidelity import teacher_reference
-from projection.forward import StreamedTeacher
-from projection.models import open_teacher
+from projection import ProjectionError
+from projection.function import budget
+from projection.function.fidelity import teacher_reference
+from projection.function.forward import StreamedTeacher
+from projection.core.models import open_teacher
 teacher = StreamedTeacher(open_teacher(sys.argv[1]))
 g = torch.Generator().manual_seed(0)
 latents, context = torch.randn(4, 4, 64, 64, generator=g), torch.randn(4, 16, 64, generator=g)
@@ -118,7 +120,7 @@ print(json.dumps([grown, budget.estimate_bytes(latents.shape, context.shape, tea
 CLI = """
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
-import projection.fidelity, projection.pipeline, projection.calibration  # what `fidelity` imports, before the clock
+import projection.function.fidelity, projection.engine.projector, projection.function.calibration  # what `fidelity` imports, before the clock
 from projection.cli import main
 started = time.perf_counter()
 code = main(sys.argv[3:])
@@ -222,9 +224,9 @@ def test_a_cancelled_token_stops_the_teacher_between_blocks(demo_dir):
     """The core's loops check the token of the work they run for: cancelled after the first teacher block, a
     collection of activation statistics stops before the next block, with `Cancelled` naming why; work without a
     token, or under another token, is untouched."""
-    from projection.activations import collect
-    from projection.calibration import demo_calibration
-    from projection.models import open_teacher
+    from projection.function.activations import collect
+    from projection.demo.teacher import demo_calibration
+    from projection.core.models import open_teacher
 
     teacher, calibration = open_teacher(str(demo_dir / "teacher-wan")), demo_calibration().subset(32)
     token, seen = CancelToken(), []

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from projection import ProjectionError, Projector, Strategy
-from projection.calibration import MAX_SAMPLES, MAX_SHOWN, load_calibration, mask_padding
-from projection.checkpoint import within
 from projection.cli import MAX_SAMPLES as CLI_MAX_SAMPLES
 from projection.cli import main
-from projection.export import finite, report_json
+from projection.engine.export import finite, report_json
+from projection.function.calibration import MAX_SAMPLES, MAX_SHOWN, load_calibration, mask_padding
+from projection.io.checkpoint import within
 from test_cli import assert_error, run
 
 
@@ -105,7 +105,7 @@ def test_metadata_is_shown_without_control_characters_and_capped(tiny_wan, tmp_p
 
 
 def test_activations_that_overflow_float32_are_refused_not_ranked_on(demo_dir, tmp_path, monkeypatch):
-    from projection.calibration import Calibration
+    from projection.function.calibration import Calibration
 
     monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
     p = Projector.open(str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml"),

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-import projection.checkpoint as checkpoint_module
 from projection import ProjectionError, open_checkpoint
-from projection.anatomy import wan_tensors
-from projection.demo import demo_state_dict
-from projection.models import view_checkpoint
+from projection.arch.anatomy import wan_tensors
+from projection.core.models import view_checkpoint
+from projection.demo.folder import demo_state_dict
+import projection.io.checkpoint as checkpoint_module
 
 # ---------------------------------------------------------------- helpers
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from projection import ProjectionError, digits
-from projection.classifier import fit_classifier, load_classifier
-from projection.demo_teacher import load_demo_classifier
+from projection import ProjectionError
+from projection.demo import digits
+from projection.demo.classifier import fit_classifier, load_classifier
+from projection.demo.teacher import load_demo_classifier
 
 
 @pytest.fixture(scope="module")

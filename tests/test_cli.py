@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 from projection import open_checkpoint
 from projection.cli import main
-from projection.demo import demo_state_dict
-from projection.mapping import STATUSES
-from projection.student import load_student
+from projection.core.mapping import STATUSES
+from projection.demo.folder import demo_state_dict
+from projection.engine.build import load_student
 
 TEACHER = {"dim": 128, "ffn_dim": 512, "num_heads": 4, "num_layers": 8, "in_dim": 4, "out_dim": 4,
            "text_dim": 64, "freq_dim": 64}  # the demo teacher (trained, float16)
@@ -291,8 +291,8 @@ def renamed_student(demo: Path, path: Path) -> Path:
     """The demo's reference student with its own names (layers.N.wq, ...): nothing maps without rules."""
     import re
 
-    from projection.models import open_teacher
-    from projection.student import build_student, student_config
+    from projection.arch.config import build_student, student_config
+    from projection.core.models import open_teacher
 
     teacher = open_teacher(str(demo / "teacher-wan"))
     config = student_config("wanlite", {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}, teacher.config)
@@ -539,7 +539,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_a_checkpoint_students_heads_are_inferred_loudly_or_given_with_num_heads(tmp_path, capsys):
-    from projection.demo import write_shape_only_teacher
+    from projection.demo.folder import write_shape_only_teacher
     from test_mapping import SMALL_TEACHER, bare_seed_student
 
     teacher = write_shape_only_teacher(tmp_path / "teacher", SMALL_TEACHER)  # 4 heads of 12

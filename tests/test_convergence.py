@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from projection import Projector, demo_teacher as dt, digits, export_student, load_student, projected_student
-from projection import convergence as cv
-from projection.calibration import Calibration
-from projection.fidelity import velocity_fidelity
-from projection.gallery import draw_row, strip
-from projection.student import random_student
-from projection.training import TrainConfig, train_flow
+from projection import Projector, export_student, load_student, projected_student
+from projection.demo import convergence as cv, digits, teacher as dt
+from projection.demo.gallery import draw_row, strip
+from projection.demo.training import TrainConfig, train_flow
+from projection.engine.build import random_student
+from projection.function.calibration import Calibration
+from projection.function.fidelity import velocity_fidelity
 
 TEACHER = str(dt.ASSETS / "teacher-wan")
 HALF = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}

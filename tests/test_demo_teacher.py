@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from projection import Projector, ProjectionError, digits, open_checkpoint, open_teacher
-from projection import demo_teacher as dt
-from projection.demo import demo_kind, write_demo
-from projection.sampling import add_noise, validation_loss
-from projection.student import wanlite_from_teacher
+from projection import Projector, ProjectionError, open_checkpoint, open_teacher
+from projection.demo import digits, teacher as dt
+from projection.demo.folder import demo_kind, write_demo
+from projection.demo.sampling import validation_loss
+from projection.engine.build import wanlite_from_teacher
+from projection.function.noise import add_noise
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from projection import ProjectionError, digits
+from projection import ProjectionError
+from projection.demo import digits
 
 
 @pytest.fixture(scope="module")

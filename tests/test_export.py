@@ -8,8 +8,9 @@ import torch
 import yaml
 
 from projection import ProjectionError, Projector, Strategy, export_student, load_student, open_checkpoint
-from projection.export import WeightsWriter
-from projection.student import build_student, fresh_value
+from projection.arch.config import build_student
+from projection.engine.build import fresh_value
+from projection.io.writer import WeightsWriter
 
 STUDENT = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
 
@@ -73,7 +74,7 @@ def test_failed_export_leaves_nothing(tiny_wan, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("projection.export.WeightsWriter.write", broken)
+    monkeypatch.setattr("projection.engine.export.WeightsWriter.write", broken)
     with pytest.raises(OSError, match="disk full"):
         export_student(p, tmp_path / "student")
     assert list(tmp_path.iterdir()) == []

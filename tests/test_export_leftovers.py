@@ -24,7 +24,7 @@ SEED = {**STUDENT, "layout": "seed"}
 HOLD = """# sitecustomize, imported at start-up: the export stops after its first tensor until a signal ends it
 import os, time
 from pathlib import Path
-import projection.export as export
+import projection.engine.export as export
 write = export.WeightsWriter.write
 def held(self, key, t):
     write(self, key, t)
@@ -87,7 +87,7 @@ def test_sigterm_mid_export_leaves_no_partial_folder(tiny_wan, tmp_path, student
 
 
 def test_next_export_removes_partials_of_dead_exports_only(tiny_wan, tmp_path, student_file):
-    from projection.export import MARKER, write_marker
+    from projection.io.writer import MARKER, write_marker
 
     parent = tmp_path / "exports"
     parent.mkdir()
@@ -133,7 +133,7 @@ def test_force_replaces_only_a_previous_export_and_only_once_the_new_one_is_comp
 
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with monkeypatch.context() as m:  # a replacement that fails leaves the previous export as it was
-        m.setattr("projection.export.WeightsWriter.write", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        m.setattr("projection.engine.export.WeightsWriter.write", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError, match="boom"):
             export_student(Projector.open(teacher, STUDENT), out, force=True)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
@@ -147,7 +147,7 @@ def test_force_replaces_only_a_previous_export_and_only_once_the_new_one_is_comp
         assert (model.state_dict()[r.entry.student_key] == r.tensor).all()
     assert [f.name for f in tmp_path.iterdir()] == ["student"]  # neither the old export nor a partial is left
 
-    monkeypatch.setattr("projection.export.exchange", lambda a, b: False)  # no renameat2: two renames instead
+    monkeypatch.setattr("projection.engine.export.exchange", lambda a, b: False)  # no renameat2: two renames instead
     export_student(Projector.open(teacher, STUDENT), out, force=True)
     assert yaml.safe_load((out / "strategy.yaml").read_text())["layers"] == "uniform"
     assert [f.name for f in tmp_path.iterdir()] == ["student"]

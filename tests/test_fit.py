@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
-from projection import Projector, ProjectionError, Strategy, demo_teacher as dt, digits, projected_student
-from projection.calibration import Calibration, demo_calibration
+from projection import Projector, ProjectionError, Strategy, projected_student
 from projection.cli import main
-from projection.fidelity import velocity_fidelity
-from projection.fit import Moments, ridge
+from projection.demo import digits, teacher as dt
+from projection.demo.teacher import demo_calibration
+from projection.function.calibration import Calibration
+from projection.function.fidelity import velocity_fidelity
+from projection.function.fit import Moments, ridge
 
 TEACHER = str(dt.ASSETS / "teacher-wan")
 HALF = {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}

@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 
 from conftest import diffusers_kwargs
 from projection import Projector, ProjectionError, Strategy, projected_student
-from projection import forward as fw
-from projection.calibration import demo_calibration, load_calibration, open_calibration, synthetic_calibration
-from projection.fidelity import velocity_fidelity
-from projection.models import open_teacher
+from projection.core.models import open_teacher
+from projection.demo.teacher import demo_calibration, open_calibration
+from projection.function import forward as fw
+from projection.function.calibration import load_calibration, synthetic_calibration
+from projection.function.fidelity import velocity_fidelity
 
 
 def batch(cfg: dict, n: int = 5, seed: int = 3):
@@ -98,8 +99,8 @@ def test_a_depth_only_student_has_the_error_of_the_teacher_without_those_blocks(
     cut, _ = reference_blocks(pruned, x, t, ctx)
     expected = rel(cut, full)
     assert expected > 0.01
-    from projection.fidelity import compare
-    from projection.forward import predict
+    from projection.function.fidelity import compare
+    from projection.function.forward import predict
 
     measured = compare(predict(student, x, t, ctx), predict(teacher, x, t, ctx), draws=1).relative_error
     assert measured == pytest.approx(expected, rel=1e-4)

@@ -9,14 +9,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import diffusers_kwargs
 from projection import Projector, ProjectionError, Strategy, projected_student
-from projection import activations as act
-from projection.calibration import Calibration
-from projection.export import export_student
-from projection.fidelity import block_fidelity, noised_set, student_fidelity, velocity_fidelity
-from projection.fit import fold_targets
-from projection.forward import StreamedTeacher
-from projection.models import open_teacher
-from projection.plan import Plan, overlap
+from projection.core.models import open_teacher
+from projection.core.plan import Plan, overlap
+from projection.engine.export import export_student
+from projection.engine.report import student_fidelity
+from projection.function import activations as act
+from projection.function.calibration import Calibration
+from projection.function.fidelity import block_fidelity, velocity_fidelity
+from projection.function.fit import fold_targets
+from projection.function.forward import StreamedTeacher
+from projection.function.noise import noised_set
 
 WIDE = {"layout": "wanlite", "num_layers": 2}  # the teacher's width, fewer blocks
 

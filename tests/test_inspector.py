@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from conftest import CUSTOM_RULES, custom_names
 from inspector.palette import A_SIDE, B_SIDE
 from projection import Projector, Strategy
-from projection.demo import write_demo, write_shape_only_teacher
-from projection.measure import MEANING
+from projection.core.measure import MEANING
+from projection.demo.folder import write_demo, write_shape_only_teacher
 
 ALL = ["exact", "mapped", "concatenated", "skipped"]
 TABLE = [ALL, "", "student order"]  # status filter, search, sort
@@ -49,8 +49,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """The app's --root: the demo, a custom-named student and (later) exports live here."""
-    from projection.models import open_teacher
-    from projection.student import build_student, student_config
+    from projection.arch.config import build_student, student_config
+    from projection.core.models import open_teacher
 
     root = tmp_path_factory.mktemp("inspector-root")
     demo = write_demo(root / "demo")
@@ -134,9 +134,9 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     assert "123 of 123 student keys" in out["cards"]
     # what the student computes leads: its velocity error at step 0 on 64 held-out demo latents, the core's
     from projection import projected_student
-    from projection.calibration import demo_calibration
-    from projection.fidelity import fidelity_table
-    from projection.student import random_student, wanlite_from_teacher
+    from projection.demo.teacher import demo_calibration
+    from projection.engine.build import random_student, wanlite_from_teacher
+    from projection.function.fidelity import fidelity_table
 
     held_out = demo_calibration().subset(64)
     found = fidelity_table({"student": projected_student(p), "random": random_student(p.student_config, 0)},
@@ -253,7 +253,7 @@ def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
 
 
 def test_activation_choices_rank_on_the_demos_calibration_set(client, app, root, tmp_path, monkeypatch):
-    from projection.calibration import demo_calibration
+    from projection.demo.teacher import demo_calibration
 
     load(client, app)
     out = call(client, app, "set_strategy", "influence", "activation", "activation", "activation", "activation",
@@ -416,9 +416,10 @@ def test_ab_comparison(client, app, root):
 
 
 def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client, app, root):
-    from projection import demo_teacher, projected_student
-    from projection.calibration import demo_calibration
-    from projection.fidelity import velocity_fidelity
+    from projection import projected_student
+    from projection.demo import teacher as demo_teacher
+    from projection.demo.teacher import demo_calibration
+    from projection.function.fidelity import velocity_fidelity
 
     load(client, app)
     a, b = Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml()
@@ -448,9 +449,9 @@ def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client
 def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(client, app, root, tmp_path,
                                                                                monkeypatch):
     from projection import projected_student
-    from projection.calibration import synthetic_calibration
-    from projection.fidelity import velocity_fidelity
-    from projection.student import wanlite_from_teacher
+    from projection.engine.build import wanlite_from_teacher
+    from projection.function.calibration import synthetic_calibration
+    from projection.function.fidelity import velocity_fidelity
 
     monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
     synthetic = write_demo(root / "synthetic", synthetic=True)
@@ -460,8 +461,8 @@ def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(cl
     assert "Velocity error" not in call(client, app, "measure", *TABLE, None)["cards"]  # nothing measured yet
     call(client, app, "function", "synthetic (a guess)", "", 4)
     # the summary card shows the Function tab's measurement, flagged as a guess, while the projection is the same
-    from projection.calibration import synthetic_calibration as synthetic_set
-    from projection.function import function_report
+    from projection.engine.report import function_report
+    from projection.function.calibration import synthetic_calibration as synthetic_set
 
     projector = Projector.open(str(synthetic / "teacher-wan"), str(synthetic / "student-wanlite.yaml"))
     report = function_report(projector, synthetic_set(open_teacher_config(synthetic / "teacher-wan"), n=4))
@@ -493,7 +494,7 @@ def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(cl
 
 
 def open_teacher_config(path: Path) -> dict:
-    from projection.models import open_teacher
+    from projection.core.models import open_teacher
 
     return open_teacher(str(path)).config
 
@@ -624,7 +625,7 @@ def test_student_sizes_are_checked_against_the_teacher_at_once(client, app):
 
 
 def test_editors_refuse_oversized_text_and_yaml_aliases(client, app):
-    from projection.inputs import MAX_TEXT_BYTES
+    from projection.io.inputs import MAX_TEXT_BYTES
 
     load(client, app)
     huge = "# padding\n" * (MAX_TEXT_BYTES // 10 + 1)
@@ -640,7 +641,7 @@ def test_editors_refuse_oversized_text_and_yaml_aliases(client, app):
 def test_strategy_uploads_are_bounded(app, tmp_path):
     import httpx
 
-    from projection.inputs import MAX_TEXT_BYTES
+    from projection.io.inputs import MAX_TEXT_BYTES
 
     big = tmp_path / "big.yaml"
     big.write_bytes(b"seed: 1\n" + b"#" * MAX_TEXT_BYTES)
@@ -669,8 +670,8 @@ def test_typed_strategy_values_are_validated_like_files(client, app):
 
 
 def test_function_tab_shows_the_cores_function_report(client, app, root, tmp_path, monkeypatch):
-    from projection.calibration import demo_calibration
-    from projection.function import function_report
+    from projection.demo.teacher import demo_calibration
+    from projection.engine.report import function_report
 
     monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
     load(client, app)

@@ -15,7 +15,9 @@ import yaml
 from torch import nn
 
 from projection import Projector, Strategy, export_student
-from projection.student import Block, build_student, fresh_value, init_parameter_, modulation
+from projection.arch.config import build_student
+from projection.arch.wan import Block, modulation
+from projection.engine.build import fresh_value, init_parameter_
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_STUDENT = {"layout": "seed", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from projection import ProjectionError, Projector, Strategy, open_teacher
-from projection.demo import WAN14B
-from projection.mapping import find_rule, parse_rules, select_layers
+from projection.core.mapping import find_rule, parse_rules, select_layers
+from projection.demo.folder import WAN14B
 
 
 def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
@@ -193,7 +193,7 @@ def test_bad_student_config_values(tiny_wan, tmp_path):
 
 def test_wan14b_student_at_teacher_heads_limit(wan14b_headers):
     """Wan2.1-1.3B-like limit case: the seeds' 16 heads of 64 cannot come from 12 heads of 128."""
-    from projection.demo import write_shape_only_teacher
+    from projection.demo.folder import write_shape_only_teacher
 
     cfg = {**WAN14B, "dim": 1536, "num_heads": 12, "ffn_dim": 8960, "num_layers": 2}
     folder = write_shape_only_teacher(wan14b_headers.parent / "wan13b", cfg)
@@ -204,7 +204,7 @@ def test_wan14b_student_at_teacher_heads_limit(wan14b_headers):
 
 
 def test_wan21_i2v_image_keys_normalize_from_diffusers_names():
-    from projection.anatomy import native_name, to_canonical, wan_tensors
+    from projection.arch.anatomy import native_name, to_canonical, wan_tensors
 
     cfg = {**WAN14B, "num_layers": 2}
     canonical = list(wan_tensors(cfg, image=True))
@@ -221,7 +221,7 @@ SMALL_TEACHER = {"dim": 48, "ffn_dim": 64, "num_heads": 4, "num_layers": 2, "in_
 
 def bare_seed_student(folder, dim: int = 24) -> str:
     """A seeds'-layout student saved as a bare state dict: nothing records its heads."""
-    from projection.student import build_student
+    from projection.arch.config import build_student
 
     folder.mkdir(parents=True, exist_ok=True)
     fields = {"layout": "seed", "dim": dim, "num_heads": 1, "ffn_dim": 32, "num_layers": 2, "in_dim": 4, "out_dim": 4,
@@ -232,7 +232,7 @@ def bare_seed_student(folder, dim: int = 24) -> str:
 
 
 def test_a_checkpoint_students_heads_keep_the_teachers_head_dim_and_say_so(tmp_path):
-    from projection.demo import write_shape_only_teacher
+    from projection.demo.folder import write_shape_only_teacher
 
     teacher = str(write_shape_only_teacher(tmp_path / "teacher", SMALL_TEACHER))
     student = bare_seed_student(tmp_path / "student")
@@ -258,7 +258,7 @@ def test_a_checkpoint_students_heads_keep_the_teachers_head_dim_and_say_so(tmp_p
 
 
 def test_inferred_heads_keep_the_teachers_head_dim_else_the_layouts_default():
-    from projection.anatomy import infer_heads
+    from projection.arch.anatomy import infer_heads
 
     assert infer_heads(24, 12, 64) == 2
     assert infer_heads(128, 64, 128) == 2
@@ -291,7 +291,7 @@ MODULE_NAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.", ".attn."), (r"\.cr
 
 
 def custom_student(demo_dir, folder, names) -> str:
-    from projection.student import build_student, student_config
+    from projection.arch.config import build_student, student_config
 
     teacher = open_teacher(str(demo_dir / "teacher-wan"))
     fields = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
@@ -307,7 +307,7 @@ def custom_student(demo_dir, folder, names) -> str:
 
 
 def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_path):
-    from projection.suggest import suggest_rules
+    from projection.core.suggest import suggest_rules
 
     student = custom_student(demo_dir, tmp_path / "custom", CUSTOM_NAMES)
     p = Projector.open(str(demo_dir / "teacher-wan"), student)
@@ -333,7 +333,7 @@ def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_p
 
 
 def test_suggested_rules_are_module_prefixes_where_whole_modules_agree(demo_dir, tmp_path):
-    from projection.suggest import suggest_rules
+    from projection.core.suggest import suggest_rules
 
     student = custom_student(demo_dir, tmp_path / "custom", MODULE_NAMES)
     p = Projector.open(str(demo_dir / "teacher-wan"), student)
@@ -347,7 +347,7 @@ def test_suggested_rules_are_module_prefixes_where_whole_modules_agree(demo_dir,
 
 
 def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
-    from projection.suggest import suggest_rules, with_suggestions
+    from projection.core.suggest import suggest_rules, with_suggestions
 
     student = custom_student(demo_dir, tmp_path / "custom", CUSTOM_NAMES)
     text = ("# my rules\nlayers.{i}.wq: blocks.{i}.self_attn.k  # deliberately odd, but it transfers\n"

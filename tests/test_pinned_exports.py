@@ -9,8 +9,8 @@ import hashlib
 import pytest
 
 from projection import Projector, Strategy
-from projection.calibration import demo_calibration
-from projection.export import export_student
+from projection.demo.teacher import demo_calibration
+from projection.engine.export import export_student
 
 PINNED = {
     "default": {"config.json": "48f6e66d5b08246a", "model.safetensors": "3f02ae2152e9e7e3",

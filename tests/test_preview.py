@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from projection import ProjectionError
-from projection.preview import LATENTS_MEAN, LATENTS_STD, wan21_rgb_preview
+from projection.demo.preview import LATENTS_MEAN, LATENTS_STD, wan21_rgb_preview
 
 
 def test_a_pixel_is_the_table_row_sum_plus_bias():
@@ -32,10 +32,10 @@ WAN16 = dict(dim=32, num_heads=2, ffn_dim=48, num_layers=2, in_dim=16, out_dim=1
 
 
 def test_preview_rows_draw_the_first_prompts_through_the_rgb_preview():
-    from projection.calibration import Calibration
-    from projection.gallery import PREVIEW_COLUMNS, preview_row, strip
-    from projection.sampling import sample
-    from projection.student import random_student
+    from projection.demo.gallery import PREVIEW_COLUMNS, preview_row, strip
+    from projection.demo.sampling import sample
+    from projection.engine.build import random_student
+    from projection.function.calibration import Calibration
 
     g = torch.Generator().manual_seed(3)
     calibration = Calibration(torch.randn(10, 16, 4, 6, generator=g), torch.randn(10, 5, 24, generator=g), "test")
@@ -53,8 +53,8 @@ def test_preview_rows_draw_the_first_prompts_through_the_rgb_preview():
 
 
 def test_previews_are_refused_where_they_would_mislead_or_cost_too_much():
-    from projection.calibration import Calibration
-    from projection.gallery import preview_problem
+    from projection.demo.gallery import preview_problem
+    from projection.function.calibration import Calibration
 
     small = Calibration(torch.zeros(1, 16, 8, 8), torch.zeros(1, 5, 24), "test")
     assert preview_problem(WAN16, small) is None

@@ -17,9 +17,9 @@ from test_checkpoint import COMMIT_MAIN, cache_repo
 from test_cli import assert_error, run
 from test_inspector import WANLITE, call, free_port, load, rows
 
-import projection.checkpoint as checkpoint_module
 from projection import ProjectionError, open_checkpoint
-from projection.demo import write_demo
+from projection.demo.folder import write_demo
+import projection.io.checkpoint as checkpoint_module
 
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),  # inside gradio
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]

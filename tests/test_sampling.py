@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from projection.sampling import (add_noise, flow_loss, sample, schedule, seeded_noise, validation_loss,
-                                 velocity_target)
-from projection.student import WanLite
+from projection.arch.wan import WanLite
+from projection.demo.sampling import flow_loss, sample, schedule, seeded_noise, validation_loss, velocity_target
+from projection.function.noise import add_noise
 
 SHAPE = (4, 8, 8)
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from projection import ProjectionError, Projector, Strategy
-from projection import pipeline
-from projection.pipeline import Caches, TensorCache
+from projection.engine import projector as pipeline
+from projection.engine.projector import Caches, TensorCache
 
 from inspector.scratch import MARKER, Scratch, remove_stale
 from inspector.sessions import Sessions

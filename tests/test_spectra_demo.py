@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from projection import Projector, open_checkpoint
-from projection.measure import energy_by, kind_of
-from projection.spectra import batched_singular_values, cumulative_energy, rank_for_energy, singular_values
+from projection.core.measure import energy_by, kind_of
+from projection.core.spectra import batched_singular_values, cumulative_energy, rank_for_energy, singular_values
 
 
 def test_singular_values_exact_and_batched():

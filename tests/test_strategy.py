@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from projection import ProjectionError, Projector, Strategy
-from projection.plan import keep_rope_pairs, keep_top, keep_uniform
-from projection.project import collapse_time, svd_project
-from projection.student import rope_bands, rope_frequencies
+from projection.arch.wan import rope_bands, rope_frequencies
+from projection.core.plan import keep_rope_pairs, keep_top, keep_uniform
+from projection.core.project import collapse_time, svd_project
 
 SMALL = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
 
@@ -237,7 +237,7 @@ def alias_bomb(levels: int = 9) -> str:
 
 
 def test_yaml_anchors_and_aliases_are_refused_everywhere(tiny_wan, tmp_path):
-    from projection.mapping import parse_rules
+    from projection.core.mapping import parse_rules
 
     refused = "YAML anchors and aliases are not accepted"
     with pytest.raises(ProjectionError, match=rf"^rules.yaml: {refused} \(&l0 on line 1\)"):
@@ -264,7 +264,7 @@ def test_yaml_anchors_and_aliases_are_refused_everywhere(tiny_wan, tmp_path):
     ("seed: 0x" + "f" * 100, "an integer of 102 digits"),
 ], ids=["1-MiB", "deep-block", "deep-flow", "many-values", "5000-digits", "long-hex"])
 def test_yaml_text_is_bounded_before_it_is_built(text, problem):
-    from projection.mapping import parse_rules
+    from projection.core.mapping import parse_rules
 
     for parse in (lambda t: Strategy.from_yaml(t, "pasted"), lambda t: parse_rules(t, "pasted")):
         with pytest.raises(ProjectionError) as info:
@@ -273,7 +273,7 @@ def test_yaml_text_is_bounded_before_it_is_built(text, problem):
 
 
 def test_strategy_and_rules_files_are_read_safely(tmp_path, fifo):
-    from projection.inputs import read_text
+    from projection.io.inputs import read_text
 
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("seed: 1\n# réglage\n".encode("latin-1"))
@@ -330,12 +330,12 @@ def test_student_config_is_checked_against_the_teacher_before_anything_is_built(
                                                                                 fields, problem):
     import yaml
 
-    import projection.models
+    import projection.core.models
 
     def never(*args, **kwargs):
         raise AssertionError("the student was built before its config was checked")
 
-    monkeypatch.setattr(projection.models, "build_student", never)
+    monkeypatch.setattr(projection.core.models, "build_student", never)
     student = {"layout": "wanlite", "dim": 32, "num_heads": 1, **fields}
     with pytest.raises(ProjectionError, match="^student config: " + re.escape(problem)):
         Projector.open(str(tiny_wan.original_dir), student)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import projection.project as project_module
 from projection import Projector, Strategy, open_checkpoint
-from projection.pipeline import PLANS_KEPT
-from projection.project import SvdCache, gather_rows_and_columns, select, svd_project
-from projection.spectra import slice_energy, squared_norm
-from projection.streaming import in_order, read_ahead
+from projection.core.project import SvdCache, gather_rows_and_columns, select, svd_project
+import projection.core.project as project_module
+from projection.core.spectra import slice_energy, squared_norm
+from projection.engine.projector import PLANS_KEPT
+from projection.io.streaming import in_order, read_ahead
 
 SMALL = {"layout": "wanlite", "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
 

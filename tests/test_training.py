@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from projection import digits
-from projection.student import WanLite
-from projection.training import TrainConfig, learning_rate, train_flow
+from projection.arch.wan import WanLite
+from projection.demo import digits
+from projection.demo.training import TrainConfig, learning_rate, train_flow
 
 TINY = dict(dim=32, ffn_dim=32, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=digits.TEXT_DIM,
             freq_dim=16)

@@ -1,0 +1,293 @@
+"""Model anatomy as data: which tensors a family has, and which space each tensor axis lives in.
+
+Every Wan tensor is described once, under its original (canonical) name, by its axes; an axis is a tuple of
+spaces, outer to inner (q's output axis is heads x head-dim). Two tensors that share a space must be reduced
+with the same index set: that one fact drives basis-consistent projection. Other formats are a rename table
+onto these canonical names, matched key by key as whole templates (never by chained string replaces).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import ProjectionError
+
+Axis = tuple[str, ...]
+SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]
+
+
+@dataclass(frozen=True)
+class Space:
+    kind: SpaceKind  # free: global widths ranked by all readers/writers; fixed: must match exactly
+    size: str | int  # config field, or a constant
+    per_block: bool = False
+    label: str = ""
+
+
+SPACES: dict[str, Space] = {
+    "resid": Space("free", "dim", label="residual stream"),
+    "context": Space("free", "dim", label="text context (cross-attention k/v input)"),
+    "text_hidden": Space("free", "dim", label="text-embedding hidden"),
+    "time_hidden": Space("free", "dim", label="time-embedding hidden"),
+    "img_context": Space("free", "dim", label="image context"),
+    "clip": Space("fixed", 1280, label="CLIP image-token width"),
+    "img_tokens": Space("fixed", 514, label="image tokens (flf2v)"),
+    "ffn": Space("neurons", "ffn_dim", per_block=True, label="FFN hidden"),
+    "sa_heads": Space("heads", "num_heads", per_block=True, label="self-attention heads"),
+    "sa_qk": Space("rope", "head_dim", per_block=True, label="self-attention q/k head dim (RoPE pairs)"),
+    "sa_vo": Space("dims", "head_dim", per_block=True, label="self-attention v/o head dim"),
+    "ca_heads": Space("heads", "num_heads", per_block=True, label="cross-attention heads"),
+    "ca_qk": Space("dims", "head_dim", per_block=True, label="cross-attention q/k head dim"),
+    "ca_vo": Space("dims", "head_dim", per_block=True, label="cross-attention v/o head dim"),
+    "cin": Space("fixed", "in_dim", label="latent channels in"),
+    "cout": Space("fixed", "out_dim", label="latent channels out"),
+    "text_in": Space("fixed", "text_dim", label="text encoder width"),
+    "freq": Space("fixed", "freq_dim", label="timestep sinusoid width"),
+    "mod6": Space("fixed", 6, label="modulation chunks"),
+    "mod2": Space("fixed", 2, label="head modulation chunks"),
+    "one": Space("fixed", 1),
+    "kt": Space("temporal", 1, label="temporal kernel"),
+    "kh": Space("fixed", 2, label="kernel height"),
+    "kw": Space("fixed", 2, label="kernel width"),
+    "pt": Space("fixed", 1, label="temporal patch"),
+    "ph": Space("fixed", 2, label="patch height"),
+    "pw": Space("fixed", 2, label="patch width"),
+}
+
+R: Axis = ("resid",)
+
+
+def _linear(module: str, out: Axis, inp: Axis) -> dict[str, tuple[Axis, ...]]:
+    return {f"{module}.weight": (out, inp), f"{module}.bias": (out,)}
+
+
+def _attention(module: str, s: str, kv_in: Axis) -> dict[str, tuple[Axis, ...]]:
+    qk, vo = (f"{s}_heads", f"{s}_qk"), (f"{s}_heads", f"{s}_vo")
+    return {
+        **_linear(f"{module}.q", qk, R), **_linear(f"{module}.k", qk, kv_in),
+        **_linear(f"{module}.v", vo, kv_in), **_linear(f"{module}.o", R, vo),
+        f"{module}.norm_q.weight": (qk,), f"{module}.norm_k.weight": (qk,),
+    }
+
+
+# Wan (original `WanModel` names); `{i}` is the block index.
+WAN_TENSORS: dict[str, tuple[Axis, ...]] = {
+    "patch_embedding.weight": (R, ("cin",), ("kt",), ("kh",), ("kw",)),
+    "patch_embedding.bias": (R,),
+    **_linear("text_embedding.0", ("text_hidden",), ("text_in",)),
+    **_linear("text_embedding.2", ("context",), ("text_hidden",)),
+    **_linear("time_embedding.0", ("time_hidden",), ("freq",)),
+    **_linear("time_embedding.2", R, ("time_hidden",)),
+    **_linear("time_projection.1", ("mod6", "resid"), R),
+    "blocks.{i}.modulation": (("one",), ("mod6",), R),
+    **_attention("blocks.{i}.self_attn", "sa", R),
+    "blocks.{i}.norm3.weight": (R,),
+    "blocks.{i}.norm3.bias": (R,),
+    **_attention("blocks.{i}.cross_attn", "ca", ("context",)),
+    # Wan2.1 i2v/flf2v only: image tokens through their own k/v.
+    **_linear("blocks.{i}.cross_attn.k_img", ("ca_heads", "ca_qk"), ("img_context",)),
+    **_linear("blocks.{i}.cross_attn.v_img", ("ca_heads", "ca_vo"), ("img_context",)),
+    "blocks.{i}.cross_attn.norm_k_img.weight": (("ca_heads", "ca_qk"),),
+    "img_emb.proj.0.weight": (("clip",),), "img_emb.proj.0.bias": (("clip",),),
+    **_linear("img_emb.proj.1", ("clip",), ("clip",)),
+    **_linear("img_emb.proj.3", ("img_context",), ("clip",)),
+    "img_emb.proj.4.weight": (("img_context",),), "img_emb.proj.4.bias": (("img_context",),),
+    "img_emb.emb_pos": (("one",), ("img_tokens",), ("clip",)),
+    **_linear("blocks.{i}.ffn.0", ("ffn",), R),
+    **_linear("blocks.{i}.ffn.2", R, ("ffn",)),
+    "head.modulation": (("one",), ("mod2",), R),
+    **_linear("head.head", ("pt", "ph", "pw", "cout"), R),
+}
+
+# Diffusers `WanTransformer3DModel`: canonical module -> diffusers module.
+DIFFUSERS_MODULES: dict[str, str] = {
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "blocks.{i}.modulation": "blocks.{i}.scale_shift_table",
+    "blocks.{i}.norm3": "blocks.{i}.norm2",
+    "blocks.{i}.ffn.0": "blocks.{i}.ffn.net.0.proj",
+    "blocks.{i}.ffn.2": "blocks.{i}.ffn.net.2",
+    "head.modulation": "scale_shift_table",
+    "head.head": "proj_out",
+    **{f"blocks.{{i}}.{a}.{p}": f"blocks.{{i}}.{b}.{q}"
+       for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+       for p, q in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"),
+                    ("norm_q", "norm_q"), ("norm_k", "norm_k"))},
+    "blocks.{i}.cross_attn.k_img": "blocks.{i}.attn2.add_k_proj",
+    "blocks.{i}.cross_attn.v_img": "blocks.{i}.attn2.add_v_proj",
+    "blocks.{i}.cross_attn.norm_k_img": "blocks.{i}.attn2.norm_added_k",
+    **{f"img_emb.proj.{a}": f"condition_embedder.image_embedder.{b}"
+       for a, b in (("0", "norm1"), ("1", "ff.net.0.proj"), ("3", "ff.net.2"), ("4", "norm2"))},
+    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    signature: str  # a key template only this family has
+    renames: dict[str, str]  # canonical module (or parameter) -> this family's name
+    default_head_dim: int = 128
+    shapes: dict[str, tuple[str, int]] | None = None  # config field -> (canonical key, axis) to infer it from
+
+
+WAN_SHAPES = {
+    "dim": ("patch_embedding.weight", 0), "in_dim": ("patch_embedding.weight", 1),
+    "ffn_dim": ("blocks.0.ffn.0.weight", 0), "text_dim": ("text_embedding.0.weight", 1),
+    "freq_dim": ("time_embedding.0.weight", 1),
+}
+SEED_SHAPES = {
+    "dim": ("text_proj.weight", 0), "text_dim": ("text_proj.weight", 1), "in_dim": ("conv_in.weight", 1),
+    "out_dim": ("conv_out.weight", 0), "ffn_dim": ("blocks.0.mlp.0.weight", 0),
+}
+
+FAMILIES: dict[str, Family] = {
+    "wan": Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES),
+    "wan-diffusers": Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)",
+                            "blocks.{i}.attn1.to_q.weight", DIFFUSERS_MODULES, shapes=WAN_SHAPES),
+    "seed": Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
+                   "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES),
+}
+
+
+BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def num_blocks(keys: list[str]) -> int:
+    idx = [int(m[1]) for k in keys if (m := BLOCK_KEY.match(k))]
+    return max(idx) + 1 if idx else 0
+
+
+def template_of(key: str) -> tuple[str, int | None]:
+    """'blocks.7.ffn.0.weight' -> ('blocks.{i}.ffn.0.weight', 7)."""
+    m = BLOCK_KEY.match(key)
+    if not m:
+        return key, None
+    return "blocks.{i}." + key[m.end():], int(m[1])
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+
+def native_name(canonical: str, family: str) -> str:
+    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
+    renames = FAMILIES[family].renames
+    template, block = template_of(canonical)
+    module, _, param = template.rpartition(".")
+    if template in renames:  # a bare parameter such as `modulation`
+        native = renames[template]
+    elif module in renames:
+        native = f"{renames[module]}.{param}"
+    else:
+        native = template
+    return native.replace("{i}", str(block)) if block is not None else native
+
+
+def _rename_table(family: Family) -> list[tuple[re.Pattern[str], str]]:
+    """(pattern for this family's key, canonical template) for every canonical tensor."""
+    table = []
+    for canonical in WAN_TENSORS:
+        native = native_name(canonical.replace("{i}", "0"), family.name)
+        table.append((_template_regex(native.replace("blocks.0.", "blocks.{i}.", 1)), canonical))
+    return table
+
+
+_RENAMES = {name: _rename_table(f) for name, f in FAMILIES.items() if f.renames}
+
+
+def to_canonical(keys: list[str], family: str) -> dict[str, str]:
+    """canonical name -> native key for every key; keys the family does not know keep their name."""
+    table = _RENAMES.get(family)
+    out: dict[str, str] = {}
+    for key in keys:
+        name = key
+        for pattern, canonical in table or ():
+            m = pattern.match(key)
+            if m:
+                name = canonical.replace("{i}", m["i"]) if "{i}" in canonical else canonical
+                break
+        out[name] = key
+    return out
+
+
+def detect_family(keys: list[str]) -> str | None:
+    for name, family in FAMILIES.items():
+        pattern = _template_regex(family.signature)
+        if any(pattern.match(k) for k in keys):
+            return name
+    return None
+
+
+def axes_of(canonical_key: str) -> tuple[Axis, ...] | None:
+    return WAN_TENSORS.get(template_of(canonical_key)[0])
+
+
+def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, Any]:
+    """Architecture numbers from config.json where present, else from canonical shapes. Heads only where the
+    config records them: a state dict cannot tell them (see `infer_heads`)."""
+    cfg: dict[str, Any] = {}
+    fam = FAMILIES.get(family or "")
+    for field, (key, axis) in (fam.shapes or {}).items() if fam else ():
+        if key in shapes:
+            cfg[field] = shapes[key][axis]
+    if "head.head.weight" in shapes:
+        cfg["out_dim"] = shapes["head.head.weight"][0] // 4
+    cfg["num_layers"] = num_blocks(list(shapes))
+    for field in ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
+        if field in config and field not in cfg:
+            cfg[field] = config[field]
+    heads = config.get("num_heads") or config.get("num_attention_heads")
+    if not heads and config.get("attention_head_dim") and cfg.get("dim"):
+        heads = cfg["dim"] // config["attention_head_dim"]
+    return with_heads(cfg, int(heads)) if heads else cfg
+
+
+def with_heads(config: dict[str, Any], heads: int) -> dict[str, Any]:
+    """The config with `heads` heads (and the head dim they give its width)."""
+    config = {**config, "num_heads": heads}
+    if config.get("dim"):
+        if config["dim"] % heads:
+            raise ProjectionError(f"width {config['dim']} is not divisible by num_heads {heads}")
+        config["head_dim"] = config["dim"] // heads
+    return config
+
+
+def infer_heads(dim: int, teacher_head_dim: int | None, default_head_dim: int) -> int:
+    """Heads for a width whose checkpoint does not record them: keep the teacher's head dim when it divides the
+    width, else the even head dim (RoPE rotates pairs) nearest the layout's default that divides it."""
+    if teacher_head_dim and dim % teacher_head_dim == 0:
+        return dim // teacher_head_dim
+    head_dims = [d for d in range(2, dim + 1, 2) if dim % d == 0] or [dim]
+    return dim // min(head_dims, key=lambda d: (abs(d - default_head_dim), -d))
+
+
+def space_size(space: str, config: dict[str, Any]) -> int | None:
+    size = SPACES[space].size
+    return size if isinstance(size, int) else config.get(size)
+
+
+def space_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """Size of every space a config defines (head_dim derived from dim / num_heads)."""
+    if "head_dim" not in config and config.get("dim") and config.get("num_heads"):
+        config = {**config, "head_dim": config["dim"] // config["num_heads"]}
+    return {s: n for s in SPACES if (n := space_size(s, config)) is not None}
+
+
+def wan_tensors(config: dict[str, Any], image: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Axis, ...]]]:
+    """Every canonical key of a Wan config with its shape and axes (T2V layout unless image=True)."""
+    sizes = space_sizes(config)
+    out = {}
+    for template, axes in WAN_TENSORS.items():
+        if "img" in template and not image:
+            continue
+        shape = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
+        for block in range(config["num_layers"]) if "{i}" in template else [None]:
+            out[template.replace("{i}", str(block))] = (shape, axes)
+    return out

@@ -1,0 +1,153 @@
+"""Fidelity: how close a student's function is to the teacher's, on the same inputs.
+
+On calibration latents x0 with fixed noise (`noise.validation_noise`: the same eps and levels for every model),
+both models predict the velocity at x_s; the student's error is measured against the teacher's prediction:
+
+    relative error = sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2     (0: the teacher's function;
+                                                                             about 1 for an unrelated model)
+    cosine         = <v_student, v_teacher> / (||v_student|| ||v_teacher||)   (1: the teacher's direction)
+
+summed over samples and noise draws, overall and per noise-level band (draw k covers s in [k/draws, (k+1)/draws)
+of the levels requested: all of [0, 1], or the band one Wan 2.2 expert serves).
+
+Per block (`block_fidelity`): student block i's output against the output of the teacher block it came from, on
+the residual channels the student keeps, each model on its own stream (so earlier blocks' errors carry over, as
+they do when the student runs).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..cancel import checkpoint
+from ..errors import ProjectionError
+from . import budget
+from .forward import StreamedTeacher, TeacherCursor, predict
+from .noise import noised_set
+
+if TYPE_CHECKING:  # block_fidelity reads a projector's teacher, plan and layers; the engine imports this module
+    from ..engine.projector import Projector
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    relative_error: float
+    cosine: float
+    by_level: list[dict[str, float]]  # per band of noise levels: s_low, s_high, relative_error, cosine
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> float:
+    return float(num) / float(den) if den > 0 else float("nan")
+
+
+def compare(v_student: torch.Tensor, v_teacher: torch.Tensor, draws: int,
+            band: tuple[float, float] = (0.0, 1.0)) -> Fidelity:
+    """Fidelity of draw-major velocities [draws * N, ...] (float64 sums; level band k = draw k's noise levels)."""
+    vs, vt = (v.double().reshape(draws, -1) for v in (v_student, v_teacher))
+    sums = torch.stack([(vs - vt).pow(2).sum(1), vt.pow(2).sum(1), (vs * vt).sum(1), vs.pow(2).sum(1)], 1)
+    lo, width = band[0], (band[1] - band[0]) / draws
+    bands = [{"s_low": lo + k * width, "s_high": lo + (k + 1) * width, "relative_error": _ratio(d, t),
+              "cosine": _ratio(st, (t * ss).sqrt())} for k, (d, t, st, ss) in enumerate(sums)]
+    d, t, st, ss = sums.sum(0)
+    return Fidelity(_ratio(d, t), _ratio(st, (t * ss).sqrt()), bands)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A noised set and the teacher's velocities on it: run the teacher once, score any number of students."""
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    velocity: torch.Tensor
+    draws: int
+    band: tuple[float, float]
+
+    def score(self, student: nn.Module) -> Fidelity:
+        return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band)
+
+
+def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> dict[str, Any] | None:
+    """The teacher's config as `budget.check_work` reads it: a streamed teacher's, or an in-memory WanLite's."""
+    if isinstance(teacher, StreamedTeacher):
+        return teacher.teacher.config
+    return budget.module_config(teacher)
+
+
+def check_request(where: str, sizes: dict[str, Any] | None, latents: torch.Tensor, context: torch.Tensor,
+                  draws: int, **kwargs: Any) -> None:
+    """`budget.check_work` on a set's tensors for a teacher of these sizes (its config), before any compute;
+    sizes unknown (a module other than WanLite): the per-latent bounds only."""
+    if latents.dim() != 4 or context.dim() != 3:
+        raise ProjectionError(f"{where}: latents {list(latents.shape)} and context {list(context.shape)}; expected "
+                              "[N, Cin, H, W] and [N, L, text_dim]")
+    if sizes is None:
+        budget.check_set(where, tuple(latents.shape), tuple(context.shape))
+    else:
+        budget.check_work(where, tuple(latents.shape), tuple(context.shape), sizes, draws, **kwargs)
+
+
+def teacher_reference(teacher: nn.Module | StreamedTeacher, latents: torch.Tensor, context: torch.Tensor,
+                      draws: int = 4, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
+                      where: str = "calibration set") -> Reference:
+    check_request(where, teacher_sizes(teacher), latents, context, draws, models=2)
+    x, t, ctx = noised_set(latents, context, draws, seed, band)
+    return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
+
+
+def fidelity_table(students: dict[str, nn.Module], teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
+                   context: torch.Tensor, draws: int = 4, seed: int = 0,
+                   band: tuple[float, float] = (0.0, 1.0)) -> dict[str, Fidelity]:
+    """Several students against one teacher on the same noised set; a streamed teacher runs once."""
+    reference = teacher_reference(teacher, latents, context, draws, seed, band)
+    return {name: reference.score(model) for name, model in students.items()}
+
+
+def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
+                      context: torch.Tensor, draws: int = 4, seed: int = 0) -> Fidelity:
+    """One student's fidelity on (latents [N, C, H, W], context [N, L, T]), `draws` fixed noise draws per latent."""
+    return fidelity_table({"student": student}, teacher, latents, context, draws, seed)["student"]
+
+
+@torch.no_grad()
+def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents: torch.Tensor,
+                   context: torch.Tensor, draws: int = 2, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
+                   device: str | torch.device = "cpu") -> dict[str, list[dict[str, float]]]:
+    """Per student block, for students of the projector's shape: relative error of the block's output against
+    teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's residual stream). The
+    teacher streams once (again from the start only where the layer list goes back)."""
+    check_request("calibration set", projector.teacher.config, latents, context, draws, models=1 + len(students),
+                  streams=block_streams(projector, len(students)))
+    x, t, ctx = noised_set(latents, context, draws, seed, band)
+    cursor = TeacherCursor(StreamedTeacher(projector.teacher, device), x, t, ctx)
+    kept = projector.plan().indices("resid", None)
+    embedded = {name: [m.embed(x[c].to(cursor.teacher.device), t[c].to(cursor.teacher.device),
+                               ctx[c].to(cursor.teacher.device)) for c in cursor.chunks] for name, m in students.items()}
+    streams = {name: [e.tokens for e in parts] for name, parts in embedded.items()}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in students}
+    for i, b in enumerate(projector.mapping.layers):
+        block = cursor.block(b)
+        cursor.hidden = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(cursor.hidden, cursor.parts)]
+        cursor.done(b)
+        del block
+        target = [(h if kept is None else h[..., kept.to(h.device)]).double() for h in cursor.hidden]
+        total = sum(y.pow(2).sum().item() for y in target)
+        for name, model in students.items():
+            checkpoint()
+            streams[name] = [model.blocks[i](h, e.e0, e.ctx, e.freqs) for h, e in zip(streams[name], embedded[name])]
+            error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
+            rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
+    return rows
+
+
+def block_streams(projector: Projector, students: int) -> float:
+    """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
+    stream, its float64 target on the kept channels, and each student's embedded tokens and stream."""
+    width = projector.teacher.config["dim"]
+    ratio = (projector.student_config.get("dim") or width) / width
+    return 2 + 2 * ratio * (1 + students)
