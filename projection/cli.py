@@ -6,6 +6,7 @@
     projection export --teacher T --student S [--strategy F] --out DIR [--device D] [--dtype D] [--force]
     projection spectra --teacher T --key KEY [--json]
     projection demo --out DIR [--synthetic] [--force]
+    projection calibrate --pipeline P --data FOLDER --size HxW --out FILE.safetensors [--max N] [--teacher T] ...
 
 Errors are one line on stderr: exit 2 for bad input or a file that cannot be read or written, 1 for an
 unexpected error (a bug: `--debug` prints its traceback).
@@ -54,8 +55,16 @@ def _projector(args: argparse.Namespace):
     p = Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
                        num_heads=args.num_heads)
     if p.strategy.needs_calibration and getattr(args, "calibration", None) is not None:
-        p.calibrate(_calibration(args, p))  # activation choices rank on it (statistics cached on disk)
+        with _room(p):
+            p.calibrate(_calibration(args, p))  # activation choices rank on it (statistics cached on disk)
     return p
+
+
+def _room(p):
+    """The work bound for this command's device: the operator's GPU may hold more than the app's default."""
+    from .function.budget import device_limit, work_limit
+
+    return work_limit(device_limit(p.device))
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -200,7 +209,8 @@ def cmd_export(args: argparse.Namespace) -> None:
             inputs.append(args.calibration)  # --force never replaces it
         measure = lambda folder: student_fidelity(p, calibration, load_student(folder), args.draws,  # noqa: E731
                                                   device=p.device)
-    report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs, measure=measure)
+    with _room(p):
+        report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs, measure=measure)
     cov = report["coverage"]
     print(f"wrote {args.out}: {cov['keys']['transferred']}/{cov['keys']['total']} keys, "
           f"{cov['params']['rate']:.1%} of parameters from the teacher, retained weight energy "
@@ -260,7 +270,8 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     exported = folder.is_dir() and (folder / "projection_report.json").is_file()
     student = load_student(folder) if exported else None  # its own weights, not a new projection
     p = _projector(args)
-    result = student_fidelity(p, p.calibration or _calibration(args, p), student, args.draws, device=p.device)
+    with _room(p):
+        result = student_fidelity(p, p.calibration or _calibration(args, p), student, args.draws, device=p.device)
     if args.json:
         _print_json(result)
     else:
@@ -292,6 +303,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = write_demo(args.out, force=args.force, synthetic=args.synthetic)
     print(f"demo written to {out} (" + ("synthetic weights: random, with trained-like spectra" if args.synthetic else
           "a small Wan teacher trained on handwritten digits, with its calibration set") + ")")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """A calibration set from a diffusers Wan pipeline (VAE, text encoder) and a folder of captioned images."""
+    from .function.calibrate import calibrate
+
+    result = calibrate(args.pipeline, args.data, args.size, args.out, max_samples=args.max, frames=args.frames,
+                       device=args.device, dtype=args.dtype, batch=args.batch, teacher=args.teacher,
+                       force=args.force, progress=_progress)
+    checked = f"checked against {args.teacher}" if args.teacher else "read back and checked (format)"
+    print(f"wrote {result.out}: {result.source}; {checked}")
 
 
 MAX_DRAWS = 64  # noise draws per latent: the teacher runs once per draw
@@ -390,6 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "trained-like spectra, width 256: for spectra at a larger size)")
     p.add_argument("--force", action="store_true", help="write over a demo folder of the other kind")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", parents=[debug], help="a calibration set from a diffusers Wan pipeline's VAE "
+                       "and text encoder and a folder of captioned images (needs the [calibrate] extra)")
+    p.add_argument("--pipeline", required=True, help="diffusers Wan pipeline folder (vae/, text_encoder/, "
+                   "tokenizer/) or hub id 'org/name[@rev][:sub]'; its transformer is never loaded")
+    p.add_argument("--data", required=True, help="folder of images (png, jpg, webp) or videos (mp4, webm) with "
+                   "same-name .txt captions, or a metadata.jsonl / metadata.csv (file_name, text)")
+    p.add_argument("--size", required=True, metavar="HEIGHTxWIDTH", help="e.g. 480x832: multiples of 16 (32 for a "
+                   "16x VAE); images are resized (shorter side) and center-cropped to it")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors")
+    p.add_argument("--max", type=count(MAX_SAMPLES), metavar="N", help="at most N samples (default: 512, or fewer "
+                   "where the calibration set's bounds allow fewer)")
+    p.add_argument("--frames", default="first", metavar="first|every:K",
+                   help="of a video: its first frame (default) or every K-th frame")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the text encoder's dtype and the context's stored dtype (latents: float32)")
+    p.add_argument("--batch", type=count(64), default=8, metavar="B", help="captions or images per batch "
+                   "(default %(default)s)")
+    p.add_argument("--teacher", help="check the set against this teacher (latent channels, context width)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -73,8 +73,8 @@ def test_real_wan_requests_pass_and_each_bound_names_its_numbers():
         (1, 4, 8, 8), (1, 1 << 22, 64))
     assert ("80 latents x 8 noise draws x 4,096 tokens is 2,621,440 tokens per teacher block; at most 2,097,152"
             in refused((80, 4, 128, 128), (80, 16, 64), draws=8))
-    assert ("512 latents x 32 noise draws x context 1,024 x 64 is 1,073,741,824 context values; at most 536,870,912"
-            in refused((512, 4, 8, 8), (512, 1024, 64), draws=32))
+    assert ("512 latents x 64 noise draws x context 2,048 x 64 is 4,294,967,296 context values; at most 2,147,483,648"
+            in refused((512, 4, 8, 8), (512, 2048, 64), draws=64))
     message = refused((64, 4, 128, 128), (64, 2048, 64), draws=8, streams=6, models=4)  # as `fidelity` asks
     assert "64 latents of 128x128 x 8 noise draws (4,096 tokens each, context 2,048 x 64) on a teacher of width " \
            "128 would hold about 10.5 GiB" in message and "at most 8.0 GiB" in message
@@ -108,7 +108,7 @@ teacher_reference(teacher, latents, context, draws=2)
 grown = status("VmHWM") - before
 print(json.dumps([grown, budget.estimate_bytes(latents.shape, context.shape, teacher.teacher.config, 2, models=2)]))
 """
-    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "projection/demo_assets/teacher-wan")],
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "projection/demo/demo_assets/teacher-wan")],
                           env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     grown, estimate = json.loads(done.stdout)
@@ -155,8 +155,8 @@ def test_hostile_sets_are_refused_at_once_through_the_cli(demo_dir, tmp_path):
          "context of 4,194,304 x 64 is 268,435,456 values per latent; at most 4,194,304"),
         (sparse_set(tmp_path / "many-tokens.safetensors", (80, 4, 128, 128), (80, 16, 64)), ("--draws", "8"),
          "80 latents x 8 noise draws x 4,096 tokens is 2,621,440 tokens per teacher block; at most 2,097,152"),
-        (sparse_set(tmp_path / "much-context.safetensors", (512, 4, 8, 8), (512, 256, 64)), ("--draws", "128"),
-         "512 latents x 128 noise draws x context 256 x 64 is 1,073,741,824 context values; at most 536,870,912"),
+        (sparse_set(tmp_path / "much-context.safetensors", (2049, 4, 2, 2), (2049, 256, 64)), ("--draws", "64"),
+         "2,049 latents x 64 noise draws x context 256 x 64 is 2,148,532,224 context values; at most 2,147,483,648"),
         (sparse_set(tmp_path / "many-bytes.safetensors", (64, 4, 128, 128), (64, 2048, 64)), ("--draws", "8"),
          "64 latents of 128x128 x 8 noise draws (4,096 tokens each, context 2,048 x 64) on a teacher of width 128 "
          "would hold about 10.5 GiB"),

@@ -127,7 +127,8 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
         stem = "diffusion_pytorch_model" if student.family == "wan-diffusers" else "model"  # diffusers' file names
-        fitted = projected_student(projector).state_dict() if strategy.refits else {}  # in memory
+        # fitted on the strategy's device (float64 least squares there), in memory
+        fitted = projected_student(projector, projector.device).state_dict() if strategy.refits else {}
         with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem) as writer:
             for key, t in initial_values(projector, skipped).items():
                 writer.write(key, t)

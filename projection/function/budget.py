@@ -11,7 +11,8 @@ in one line naming the numbers, a request over any of:
   MAX_CONTEXT_PER_LATENT  context values per latent, L x text_dim (Wan: 512 UMT5 states of 4,096 = 2^21)
   MAX_LATENT_TOKENS       latents x noise draws x tokens per latent: what every block runs over
   MAX_CONTEXT_VALUES      latents x noise draws x L x text_dim: the context the forward holds in float32
-  MAX_WORK_BYTES          the bytes the request holds at its peak (`estimate_bytes`)
+  MAX_WORK_BYTES          the bytes the request holds at its peak (`estimate_bytes`); a program may allow more on a
+                          GPU (`work_limit`, `device_limit`: the CLI allows 80% of a CUDA device's memory)
 
 `check_set` applies the per-latent bounds (they need no teacher) when a file is opened, before its data is read.
 
@@ -34,7 +35,9 @@ than MICRO_BATCH_BYTES (`micro_batch`), so each tensor operation stays short (a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +47,8 @@ PATCH = 2  # Wan's spatial patch: one token per 2 x 2 latent pixels
 MAX_TOKENS_PER_LATENT = 4096  # 128 x 128 latent pixels; a 720p frame is 3,600
 MAX_CONTEXT_PER_LATENT = 1 << 22  # twice Wan's 512 x 4096 UMT5 states
 MAX_LATENT_TOKENS = 1 << 21  # e.g. 64 latents x 4 draws x 3,600 tokens (720p) = 0.9M; 256 x 4 x 1,560 (480p) = 1.6M
-MAX_CONTEXT_VALUES = 1 << 29  # 2 GiB in float32; e.g. 64 Wan latents x 4 draws x 2^21
-MAX_WORK_BYTES = 8 << 30
+MAX_CONTEXT_VALUES = 1 << 31  # 8 GiB in float32; e.g. 1,024 Wan latents x 1 draw x 2^21, 256 x 4
+MAX_WORK_BYTES = 8 << 30  # the bound unless the program sets another (`work_limit`); the app keeps it
 MICRO_BATCH = 8  # latents per micro-batch at most
 MICRO_BATCH_BYTES = 256 << 20  # one micro-batch's working set inside a block, at most (one latent may need more)
 F32, F64 = 4, 8
@@ -69,6 +72,32 @@ class Work:
     @property
     def context_values(self) -> int:
         return self.latents * self.draws * self.context_tokens * self.text_dim
+
+
+_work_limit: ContextVar[int] = ContextVar("work_limit", default=MAX_WORK_BYTES)
+
+
+@contextmanager
+def work_limit(nbytes: int) -> Iterator[None]:
+    """Allow requests inside this context to hold up to `nbytes` (the caller's context only, never the process's:
+    the app's concurrent requests keep MAX_WORK_BYTES)."""
+    token = _work_limit.set(int(nbytes))
+    try:
+        yield
+    finally:
+        _work_limit.reset(token)
+
+
+def device_limit(device: Any) -> int:
+    """What one request may hold on `device`: 80% of a CUDA device's memory (a 14B teacher's forward on 512 latents
+    of 60x104 holds about 43 GB there, `benchmarks/gpu_check.py`), else MAX_WORK_BYTES; never less than that."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device.index or 0).total_memory
+        return max(MAX_WORK_BYTES, int(0.8 * total))
+    return MAX_WORK_BYTES
 
 
 def tokens_per_latent(height: int, width: int) -> int:
@@ -156,11 +185,12 @@ def check_work(where: str, latents: Sequence[int], context: Sequence[int], confi
         raise ProjectionError(f"{where}: {n:,} latents x {draws} noise draws x context {context_tokens:,} x "
                               f"{text_dim:,} is {work.context_values:,} context values; at most "
                               f"{MAX_CONTEXT_VALUES:,}: use fewer latents or draws")
-    if work.bytes > MAX_WORK_BYTES:
+    limit = _work_limit.get()
+    if work.bytes > limit:
         raise ProjectionError(f"{where}: {n:,} latents of {h}x{w} x {draws} noise draws ({tokens:,} tokens each, "
                               f"context {context_tokens:,} x {text_dim:,}) on a teacher of width {config['dim']} "
                               f"would hold about {_gib(work.bytes)} ({work.bytes:,} bytes) at once; at most "
-                              f"{_gib(MAX_WORK_BYTES)}: use fewer or smaller latents, or fewer draws")
+                              f"{_gib(limit)}: use fewer or smaller latents, or fewer draws")
     return work
 
 

@@ -33,8 +33,8 @@ from .budget import check_set
 
 FORMAT = "projection-calibration/1"
 MAX_SAMPLES = 4096  # latents per set: the forward runs over all of them
-MAX_TOKENS = 1 << 22  # N * H * W latent pixels, bounded before anything is read
-MAX_CONTEXT = 1 << 28  # N * L * text_dim values (a 512 x 4096 UMT5 context is 2^21 per sample)
+MAX_TOKENS = 1 << 23  # N * H * W latent pixels (1,344 latents of 60x104, a 480x832 frame), bounded before reading
+MAX_CONTEXT = 1 << 31  # N * L * text_dim values: 1,024 Wan samples of 512 x 4096 UMT5 states (2^21 each)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_SHOWN = 200  # characters of a metadata value shown on screens and in reports
