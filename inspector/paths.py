@@ -53,13 +53,15 @@ class Roots:
                 return str(real)
             raise ProjectionError(f"{what} '{text}' is outside the folders this app may open ({self.describe()}); "
                                   f"start the app with --root to allow another folder")
-        if hub_ids and not text.startswith((".", "/", "~")) and parse_hub_id(text):
+        if hub_ids and hub_source(text, self.base):  # `demo/missing` under the base is a missing file, not an id
             if not (self.hub or text in self.trusted_ids):
                 raise ProjectionError(f"{what} '{text}': hub ids are off in this app (it listens on a non-loopback "
                                       f"address); start it with --allow-hub to allow them")
             return text  # resolved by the core through the Hugging Face cache
-        raise ProjectionError(f"{what} '{text}': no such file or folder under {self.base}"
-                              + (" (and not a hub id 'org/name')" if hub_ids else ""))
+        local = parse_hub_id(text) and not text.startswith((".", "/", "~"))  # shaped like an id, but a local path
+        why = (f" ({Path(text).parts[0]}/ is a local folder: not looked up on the hub)" if hub_ids and local else
+               " (and not a hub id 'org/name')" if hub_ids else "")
+        raise ProjectionError(f"{what} '{text}': no such file or folder under {self.base}{why}")
 
     def check(self, given: Path, real: Path) -> None:
         """The core's check on every folder and file a source leads to, before it reads it: `real` (links

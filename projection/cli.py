@@ -351,17 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "else inferred and flagged); for a config, overrides its num_heads")
 
     p = sub.add_parser("inspect", parents=[debug], help="format, family, config, counts, dtypes, size")
-    p.add_argument("source")
-    p.add_argument("--expert", choices=["high", "low"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("source", help="checkpoint file, folder, two-expert root or hub id 'org/name[@rev][:sub]'")
+    p.add_argument("--expert", choices=["high", "low"], help="expert of a two-expert checkpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("map", parents=[debug], help="the mapping table and coverage")
     pair(p)
     p.add_argument("--rules", help="mapping rules YAML, on top of the student layout's preset")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="the mapping and coverage as JSON")
+    fmt.add_argument("--csv", action="store_true", help="the mapping table as CSV")
     fmt.add_argument("--suggest-rules", action="store_true",
                      help="print the rules (--rules) plus suggested rules for the keys that transfer nothing")
     p.add_argument("--energy", action=argparse.BooleanOptionalAction, default=None,
@@ -372,10 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = export = sub.add_parser("export", parents=[debug], help="project and write the student folder")
     pair(p)
-    p.add_argument("--rules")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--rules", help="mapping rules YAML, on top of the student layout's preset")
+    p.add_argument("--out", required=True, help="the export folder to create (written atomically; never overwritten "
+                   "without --force)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where tensors are projected (and fitted); "
+                   "overrides the strategy's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the exported weights' dtype; "
+                   "overrides the strategy's")
     p.add_argument("--force", action="store_true", help="replace a previous export in --out (only that: never "
                    "other files or an input of this run)")
     p.set_defaults(func=cmd_export)
@@ -393,21 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fidelity", parents=[debug], help="the student's velocity against the teacher's, on a "
                        "calibration set (with random init and svd-per-matrix for scale)")
     pair(p)
-    p.add_argument("--rules")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--rules", help="mapping rules YAML, on top of the student layout's preset")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the teacher and students run")
     calibrated(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("spectra", parents=[debug], help="singular values of one teacher matrix")
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--key", required=True)
-    p.add_argument("--expert", choices=["high", "low"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--teacher", required=True, help="checkpoint file, folder or hub id")
+    p.add_argument("--key", required=True, help="the teacher tensor, by canonical or checkpoint name")
+    p.add_argument("--expert", choices=["high", "low"], help="expert of a two-expert teacher")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     p.set_defaults(func=cmd_spectra)
 
     p = sub.add_parser("demo", parents=[debug], help="write the built-in demo teacher and students")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the demo folder to write")
     p.add_argument("--synthetic", action="store_true", help="the synthetic teacher instead (random weights with "
                    "trained-like spectra, width 256: for spectra at a larger size)")
     p.add_argument("--force", action="store_true", help="write over a demo folder of the other kind")
@@ -421,12 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "same-name .txt captions, or a metadata.jsonl / metadata.csv (file_name, text)")
     p.add_argument("--size", required=True, metavar="HEIGHTxWIDTH", help="e.g. 480x832: multiples of 16 (32 for a "
                    "16x VAE); images are resized (shorter side) and center-cropped to it")
-    p.add_argument("--out", required=True, metavar="FILE.safetensors")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="the calibration set to write "
+                   "(refused if it exists, unless --force)")
     p.add_argument("--max", type=count(MAX_SAMPLES), metavar="N", help="at most N samples (default: 512, or fewer "
                    "where the calibration set's bounds allow fewer)")
     p.add_argument("--frames", default="first", metavar="first|every:K",
                    help="of a video: its first frame (default) or every K-th frame")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the text encoder and "
+                   "the VAE run (default: %(default)s, CUDA when present)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the text encoder's dtype and the context's stored dtype (latents: float32)")
     p.add_argument("--batch", type=count(64), default=8, metavar="B", help="captions or images per batch "
@@ -434,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="check the set against this teacher (latent channels, context width)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_calibrate)
+    for action in sub._choices_actions:  # `projection CMD --help` opens with the line `projection --help` shows
+        sub.choices[action.dest].description = action.help[0].upper() + action.help[1:] + "."
     return parser
 
 

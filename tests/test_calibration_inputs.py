@@ -140,3 +140,34 @@ def test_an_expert_asked_of_a_single_model_teacher_is_refused(capsys, demo_dir, 
     weights = next((demo_dir / "teacher-wan").glob("*.safetensors"))
     code, out, err = run(capsys, "inspect", weights, "--expert", "low")
     assert_error(code, out, err, "a single checkpoint file has no experts", "expert 'low'")
+
+
+def test_every_subcommand_has_a_description_and_every_option_a_help_text():
+    import argparse
+
+    from projection.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description and parser.description.endswith("."), name
+        bare = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert bare == [], f"{name}: options without help: {bare}"
+
+
+def test_a_local_looking_missing_path_is_not_looked_up_on_the_hub(capsys, tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "inspect", "demo/does-not-exist")
+    assert_error(code, out, err, "demo/does-not-exist: no such file or folder", "not looked up on the hub")
+
+
+def test_typos_in_strategies_and_unknown_student_files_say_what_was_meant(capsys, demo_dir, tmp_path):
+    strategy = tmp_path / "typo.yaml"
+    strategy.write_text("widht: magnitude\n")
+    code, out, err = run(capsys, "map", "--teacher", demo_dir / "teacher-wan", "--student",
+                         demo_dir / "student-wanlite.yaml", "--strategy", strategy)
+    assert_error(code, out, err, "widht", "did you mean 'width'?")
+    student = tmp_path / "student.txt"
+    student.write_text("dim: 64\n")
+    code, out, err = run(capsys, "map", "--teacher", demo_dir / "teacher-wan", "--student", student)
+    assert_error(code, out, err, "unknown student file type", ".json/.yaml/.yml", ".safetensors")

@@ -744,6 +744,16 @@ def test_a_calibration_path_shaped_like_a_hub_id_is_never_opened_outside_the_roo
     assert "latents" not in message and "secret's metadata" not in message
 
 
+def test_a_missing_local_looking_teacher_is_named_missing_not_looked_up_on_the_hub(client, app):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        load(client, app, teacher="demo/does-not-exist")
+    message = str(info.value)
+    assert "demo/does-not-exist" in message and "no such file or folder" in message
+    assert "demo/ is a local folder: not looked up on the hub" in message and "Error" not in message
+
+
 def test_the_velocity_card_runs_the_teacher_once_per_session(root, tmp_path):
     from inspector.session import Session
 

@@ -10,7 +10,7 @@ import torch
 from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
 from ..arch.config import LAYOUTS, build_student, student_config
 from ..errors import ProjectionError
-from ..io.checkpoint import Checkpoint, PathCheck, open_checkpoint, resolve_checked
+from ..io.checkpoint import PICKLE_SUFFIXES, Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from ..io.inputs import load_json, load_yaml, read_text
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -127,6 +127,9 @@ def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: in
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
         resolve_checked(path, check)
         return student_from_config({**read_student_config(path), **heads}, teacher, str(path), max_layers)
+    if path.is_file() and not (path.suffix in (".safetensors", *PICKLE_SUFFIXES) or path.name.endswith(".index.json")):
+        raise ProjectionError(f"{path}: unknown student file type; a student is a config ({'/'.join(CONFIG_SUFFIXES)}) "
+                              f"or a checkpoint to fill (.safetensors, an index json, {'/'.join(PICKLE_SUFFIXES)})")
     view = view_checkpoint(open_checkpoint(source, check=check))
     try:
         if num_heads:

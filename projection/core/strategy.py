@@ -1,6 +1,7 @@
 """The projection strategy: one pydantic model, every field defaulted, round-trips through YAML."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal, Union
 
@@ -104,8 +105,16 @@ class Strategy(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'strategy'}: "
-                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+                                 f"{e['msg'].removeprefix('Value error, ')}{cls._did_you_mean(e)}" for e in exc.errors())
             raise ProjectionError(f"{origin}: {problems}") from exc
+
+    @classmethod
+    def _did_you_mean(cls, error: dict) -> str:
+        """For an unknown field, the closest known one (`widht` -> `width`), as student configs say."""
+        if error["type"] != "extra_forbidden" or not error["loc"]:
+            return ""
+        close = difflib.get_close_matches(str(error["loc"][-1]), list(cls.model_fields), 1)
+        return f" (did you mean '{close[0]}'?)" if close else f" (the fields are {', '.join(cls.model_fields)})"
 
     @classmethod
     def load(cls, path: str | Path) -> "Strategy":

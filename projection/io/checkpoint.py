@@ -483,10 +483,16 @@ def parse_hub_id(source: str) -> tuple[str, str | None, str | None] | None:
     return (m["repo"], m["rev"], m["sub"]) if m else None
 
 
-def hub_source(source: str | os.PathLike) -> tuple[str, str | None, str | None] | None:
-    """The parts of a hub id, for a source that is no local file or folder and reads as one; else None."""
+def hub_source(source: str | os.PathLike, base: Path | None = None) -> tuple[str, str | None, str | None] | None:
+    """The parts of a hub id, for a source that reads as one and is not a local path; else None. A path is local
+    when it exists, starts with '.', '/' or '~', or its first folder exists (relative to `base`, default the
+    working directory): `demo/does-not-exist` is a missing file, not a hub lookup."""
     text = str(source)
-    if text.startswith((".", "/", "~")) or Path(text).expanduser().exists():
+    path = Path(text).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if text.startswith((".", "/", "~")) or path.exists() or (len(Path(text).parts) > 1 and
+                                                              (path.parents[len(Path(text).parts) - 2]).is_dir()):
         return None
     return parse_hub_id(text)
 
@@ -613,7 +619,9 @@ def open_checkpoint(source: str | os.PathLike, expert: str | None = None, check:
         path, cache = fetch_from_hub(*hub, expert=expert)
         check = within(cache, "the repository's Hugging Face cache folder")
     elif not path.exists():
-        raise ProjectionError(f"{text}: no such file or folder (and not a hub id 'org/name')")
+        why = (f"{Path(text).parts[0]}/ is a local folder: not looked up on the hub" if parse_hub_id(text)
+               else "and not a hub id 'org/name'")
+        raise ProjectionError(f"{text}: no such file or folder ({why})")
     resolve_checked(path, check)
     chosen = None
     if path.is_dir():
