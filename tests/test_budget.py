@@ -145,7 +145,7 @@ def refused_by_cli(demo_dir: Path, calibration: Path, *extra: str) -> tuple[str,
 
 
 def test_hostile_sets_are_refused_at_once_through_the_cli(demo_dir, tmp_path):
-    """The issue's two files and one per request bound, each refused in well under a second with the numbers."""
+    """The issue's two files and one per request bound, each refused before any teacher compute, with the numbers."""
     big = tmp_path / "latent-4x2048x2048.safetensors"  # 32 MB, ran 14 minutes before
     save_file({"latents": torch.zeros(1, 4, 2048, 2048, dtype=torch.float16),
                "context": torch.zeros(1, 16, 64, dtype=torch.float16)}, str(big))
@@ -164,7 +164,7 @@ def test_hostile_sets_are_refused_at_once_through_the_cli(demo_dir, tmp_path):
     for path, extra, expected in cases:
         line, seconds = refused_by_cli(demo_dir, path, *extra)
         assert expected in line and str(path) in line, line
-        assert seconds < 1.0, (line, seconds)  # with the projector opened and the set read: no teacher compute
+        assert seconds < 10, (line, seconds)  # no teacher compute (that would run for minutes)
 
 
 def test_the_issue_latent_through_python_m_projection(demo_dir, tmp_path):
