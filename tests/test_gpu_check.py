@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py cannot rot: its CPU run at tiny shapes goes through every check the GPU run makes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,11 +15,14 @@ EXPECTED = [
     *(f"{check}/{s}" for s in SUBJECTS for check in ("forward", "activations", "removal", "spectra", "fit", "fidelity")),
     *(f"{check}/{s}/{dtype}" for s in SUBJECTS for dtype in ("float32", "bfloat16")
       for check in ("export", "load_student", "student_forward")),
+    "calibrate/tiny-pipeline",
     "scale/write teacher", "scale/forward 12x20", "scale/forward 6x10", "scale/activations 12x20",
     "scale/fit 12x20", "scale/export 1 block student", "scale/export 2 block student", "scale/extrapolation",
     "wall time",
 ]
 FIELDS = {"check", "device", "metric", "value", "tolerance", "ok"}
+# projection calibrate's check needs its extra; without it the line is a skip (ok null), not a failure
+CALIBRATE_EXTRA = all(importlib.util.find_spec(m) for m in ("diffusers", "transformers", "tokenizers", "PIL"))
 
 
 def test_gpu_check_tiny_cpu_run_passes_every_check(tmp_path):
@@ -38,11 +42,18 @@ def test_gpu_check_tiny_cpu_run_passes_every_check(tmp_path):
     assert not missing, f"checks missing from gpu_check.json: {missing}"
     unexpected = [name for name in by_name if name not in EXPECTED]
     assert not unexpected, f"checks this test does not know (add them to EXPECTED): {unexpected}"
+    calibrate = by_name["calibrate/tiny-pipeline"]
+    if CALIBRATE_EXTRA:  # it ran, through the CLI, on 4 captioned images: same set on both sides
+        assert calibrate["ok"] is True and calibrate["context_lengths_equal"], calibrate
+        assert calibrate["latents_shape"] == [4, 4, 4, 6] and calibrate["context_shape"] == [4, 512, 24]
+    else:
+        assert calibrate["ok"] is None and "cannot import" in calibrate["skipped"], calibrate
+        del by_name["calibrate/tiny-pipeline"]
     failed = {name: (row["value"], row["tolerance"], row.get("error")) for name, row in by_name.items()
               if row["ok"] is not True}
     assert not failed, failed
     # the scale part measured something and wrote its formulas; the summary table was printed
     assert by_name["scale/extrapolation"]["formulas"]
     assert by_name["scale/write teacher"]["tensor_bytes"] == by_name["scale/write teacher"]["predicted_tensor_bytes"]
-    assert "48 checks, 0 failed" in run.stdout
+    assert "49 checks, 0 failed" in run.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gpu_check_work-")], "scratch folder left behind"
