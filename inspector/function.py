@@ -137,7 +137,7 @@ def found_sets(teacher_source: str, roots: Roots) -> list[tuple[str, str]]:
     """(label, path) of the calibration sets beside the teacher (its folder and that folder's parent, for a file
     teacher the folder holding it and its parent) and in the calibration cache, not recursive: `.safetensors` files
     whose header holds `latents` and `context`, at most MAX_FOUND headers read, only files under the roots. Each is
-    labelled with its metadata `source` (control characters removed, clipped) and its latents' shape."""
+    labelled with its path, its latents' shape and its metadata `source` (control characters removed, clipped)."""
     folders: list[Path] = []
     teacher = Path(teacher_source)
     if teacher.is_absolute() and teacher.exists():  # a hub id has no folder here
@@ -172,7 +172,7 @@ def found_sets(teacher_source: str, roots: Roots) -> list[tuple[str, str]]:
         source = sets.shown({"source": str(metadata.get("source", ""))})["source"] or path.name
         shape = "x".join(map(str, tensors["latents"]["shape"][1:]))
         n = tensors["latents"]["shape"][0] if tensors["latents"]["shape"] else 0
-        found.append((f"{source}: {n} latents of {shape} · {roots.display(path)}", str(path)))
+        found.append((f"{roots.display(path)} · {n} latents of {shape} · {source}", roots.display(path)))
     return found
 
 

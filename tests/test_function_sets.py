@@ -105,10 +105,10 @@ def test_the_sets_found_beside_the_teacher_and_in_the_cache(client, app, places)
     names = {Path(v).name for v in choices}
     assert names == {"beside.safetensors", "cached.safetensors", "calibration.safetensors"}  # the demo's own too
     beside = next(label for value, label in choices.items() if value.endswith("beside.safetensors"))
-    assert beside.startswith("captioned photos [31m, beside the teacher: 4 latents of 4x8x8")  # ESC shown as a space
-    assert beside.endswith(" · demo/beside.safetensors")
+    assert beside == "demo/beside.safetensors · 4 latents of 4x8x8 · captioned photos [31m, beside the teacher"
+    # (the escape character shown as a space)
     cached = next(label for value, label in choices.items() if value.endswith("cached.safetensors"))
-    assert "made by projection calibrate: 6 latents of 4x8x8" in cached
+    assert cached.endswith("cached.safetensors · 6 latents of 4x8x8 · made by projection calibrate")
     # not a file linked outside the roots, not a safetensors without latents and context
     assert not any("secret" in label or "weights-only" in value for value, label in choices.items())
     # a set found is measured as a file under the roots (the cache is a read-only root)
