@@ -104,7 +104,8 @@ def start(argv: Sequence[str] | None = None, *, stop_on_signals: bool = False, *
     from .sessions import Sessions
     from .function import calibration_cache
     # read only: the demo, and the calibration cache (`projection calibrate --out` there; the Function tab lists it)
-    roots = Roots.create(root, [*([demo] if demo else []), calibration_cache()], trusted=[args.teacher or "", args.student or ""],
+    readable = [*([demo] if demo else []), calibration_cache()]
+    roots = Roots.create(root, readable, trusted=[args.teacher or "", args.student or ""],
                          hub=hub_allowed(args.host, args.allow_hub))
     teacher = args.teacher or roots.display(demo / DEMO_TEACHER)
     student = args.student or roots.display(demo / DEMO_STUDENT)

@@ -272,9 +272,9 @@ class FunctionView:
     def wire(self, tab: gr.Tab | None = None) -> gr.events.Dependency:
         """The Measure event; the caller chains its own redraw (the Layers tab's influence) on success. The sets
         found are listed again when `tab` is selected and on Find sets."""
-        self.find_btn.click(self.find, self.state, [self.found, self.msg], api_name="function_sets")
+        self.find_btn.click(self.find, [self.state, self.found], self.found, api_name="function_sets")
         if tab is not None:
-            tab.select(self.find, self.state, [self.found, self.msg], api_visibility="private")
+            tab.select(self.find, [self.state, self.found], self.found, api_visibility="private")
         self.found.input(lambda path: (FILE, path) if path else (gr.skip(), gr.skip()), self.found,
                          [self.source, self.path], api_visibility="private")
         self.upload.upload(lambda: UPLOAD, None, self.source, api_visibility="private")
@@ -282,14 +282,15 @@ class FunctionView:
                                       [self.state, self.source, self.path, self.count, self.upload],
                                       self.outputs, api_name="function")
 
-    def find(self, state: Session | None) -> tuple:
-        """The sets found beside this session's teacher and in the calibration cache."""
+    def find(self, state: Session | None, current: str | None = None) -> dict:
+        """The sets found beside this session's teacher and in the calibration cache (the choice kept while it is
+        still found; the last measurement's summary is left as it is)."""
         if state is None or state.closed:
-            return gr.update(choices=[], value=None), gr.skip()
+            return gr.update(choices=[], value=None)
         found = found_sets(state.teacher_source, self.roots)
-        note = "" if found else cards.inline_ok(f"No calibration set found beside the teacher or in "
-                                                f"{calibration_cache()}.")
-        return gr.update(choices=found, value=None), note
+        note = (f"{len(found)} found" if found else "none found") + (f" (the first {MAX_FOUND} .safetensors files "
+                                                                     "looked at)")
+        return gr.update(choices=found, value=current if current in {v for _, v in found} else None, info=note)
 
     def measure(self, state: Session | None, source: str, path: str, count: float | None, upload: Any = None,
                 progress: gr.Progress = gr.Progress()) -> tuple:

@@ -111,6 +111,7 @@ def test_the_sets_found_beside_the_teacher_and_in_the_cache(client, app, places)
     assert cached.endswith("cached.safetensors · 6 latents of 4x8x8 · made by projection calibrate")
     # not a file linked outside the roots, not a safetensors without latents and context
     assert not any("secret" in label or "weights-only" in value for value, label in choices.items())
+    assert found["info"].startswith("3 found")
     # a set found is measured as a file under the roots (the cache is a read-only root)
     out = call(client, app, "function", "file", str(places["cache"] / "calibration" / "cached.safetensors"), 8)
     assert "made by projection calibrate: 6 latents of 4x8x8" in out["function-msg"]
