@@ -36,7 +36,7 @@ MAX_LATENTS = 512  # latents measured at most (each is run through the teacher o
 DEFAULT_LATENTS = 64
 MAX_CALIBRATION_BYTES = 2 << 30  # a calibration file is read whole
 MAX_CALIBRATION_UPLOAD_BYTES = 256 << 20  # an uploaded set (Gradio's max_file_size; larger ones: a file under --root)
-MAX_FOUND = 50  # .safetensors files whose headers the list of sets found reads, at most, in all
+MAX_FOUND = 50  # .safetensors files whose headers the list of sets found reads, at most, per folder
 MAX_FOUND_ENTRIES = 10_000  # folder entries looked at, at most, per folder
 MAX_FOUND_HEADER = 1 << 20  # a calibration set's header is a few hundred bytes; larger ones are weights, skipped
 REFERENCES = ("student", "random init", "svd-per-matrix")
@@ -136,17 +136,22 @@ def _peek(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]] | None
 def found_sets(teacher_source: str, roots: Roots) -> list[tuple[str, str]]:
     """(label, path) of the calibration sets beside the teacher (its folder and that folder's parent, for a file
     teacher the folder holding it and its parent) and in the calibration cache, not recursive: `.safetensors` files
-    whose header holds `latents` and `context`, at most MAX_FOUND headers read, only files under the roots. Each is
-    labelled with its path, its latents' shape and its metadata `source` (control characters removed, clipped)."""
+    whose header holds `latents` and `context`, at most MAX_FOUND headers read per folder (the first by name), only
+    folders and files under the roots. Each is labelled with its path, its latents' shape and its metadata `source`
+    (control characters removed, clipped)."""
     folders: list[Path] = []
     teacher = Path(teacher_source)
     if teacher.is_absolute() and teacher.exists():  # a hub id has no folder here
         near = teacher if teacher.is_dir() else teacher.parent
         folders += [near, near.parent]
     folders.append(calibration_cache())
+
+    def under_roots(real: Path) -> bool:
+        return any(real == r or real.is_relative_to(r) for r in roots.read)
+
     candidates: list[Path] = []
     for folder in dict.fromkeys(f.resolve() for f in folders):
-        if not folder.is_dir():
+        if not (under_roots(folder) and folder.is_dir()):
             continue
         names = []
         try:
@@ -158,11 +163,11 @@ def found_sets(teacher_source: str, roots: Roots) -> list[tuple[str, str]]:
                         names.append(entry.name)
         except OSError:
             continue
-        candidates += [folder / name for name in sorted(names)]
+        candidates += [folder / name for name in sorted(names)[:MAX_FOUND]]
     found, seen = [], set()
-    for path in candidates[:MAX_FOUND]:
+    for path in candidates:
         real = path.resolve()
-        if real in seen or not any(real == r or real.is_relative_to(r) for r in roots.read):
+        if real in seen or not under_roots(real):
             continue
         seen.add(real)
         peeked = _peek(real)

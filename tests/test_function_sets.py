@@ -119,6 +119,29 @@ def test_the_sets_found_beside_the_teacher_and_in_the_cache(client, app, places)
         call(client, app, "function", "file", "demo/linked-out.safetensors", 8)
 
 
+def test_the_sets_found_are_bounded_and_only_under_the_roots(tmp_path, monkeypatch):
+    from inspector import function
+    from inspector.paths import Roots
+
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    (root / "models" / "teacher").mkdir(parents=True)
+    (cache / "calibration").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        a_set(root / "models" / f"{name}.safetensors", n=2)
+    a_set(cache / "calibration" / "cached.safetensors", n=2)
+    monkeypatch.setenv("PROJECTION_CACHE", str(cache))
+    monkeypatch.setattr(function, "MAX_FOUND", 2)  # headers read per folder: the first by name
+    roots = Roots.create(root, [cache / "calibration"])
+    teacher = str(root / "models" / "teacher")
+    assert [v for _, v in function.found_sets(teacher, roots)] == [
+        "models/a.safetensors", "models/b.safetensors", str(cache / "calibration" / "cached.safetensors")]
+    # the cache is listed only while it is a root; a folder outside the roots is not looked at
+    assert [v for _, v in function.found_sets(teacher, Roots.create(root))] == ["models/a.safetensors",
+                                                                               "models/b.safetensors"]
+    assert function.found_sets(teacher, Roots.create(root / "models" / "teacher")) == []
+    assert function.found_sets("org/name", Roots.create(root)) == []  # a hub id: nothing beside it here
+
+
 def test_an_uploaded_set_is_measured_and_named(client, app, places, tmp_path):
     load(client, app)
     upload = a_set(tmp_path / "my-set.safetensors", n=5, source="my own frames")
