@@ -21,13 +21,12 @@ from starlette.middleware import Middleware
 
 from projection import ProjectionError, Strategy
 from projection.cancel import current as current_token
-from projection.io.inputs import MAX_TEXT_BYTES
 from projection.runtime import setup_runtime
 
 from . import cards
 from .bridge import progress_to, stoppable
 from .export import ExportView
-from .function import FunctionView
+from .function import MAX_CALIBRATION_UPLOAD_BYTES, FunctionView
 from .gallery import GalleryView
 from .layers import LayersView
 from .mapping import MappingView, default_key, keys_mapped
@@ -97,7 +96,7 @@ class Inspector:
                 self.strategy = StrategyView(self.state, session, refresh, c.strategy)
             with gr.Tab("Gallery", id="gallery"):
                 self.gallery = GalleryView(self.state, self.strategy.a_yaml, self.strategy.b_yaml, session)
-            with gr.Tab("Function", id="function"):
+            with gr.Tab("Function", id="function") as self.function_tab:
                 self.function = FunctionView(self.state, session, c.roots)
             with gr.Tab("Export", id="export"):
                 self.export = ExportView(self.state, session, c.roots, c.strategy)
@@ -124,7 +123,7 @@ class Inspector:
         self.energy_btn.click(stoppable(self.measure), self.state, view, inputs_kwargs=table_view, api_name="measure")
         self.spectra.wire(self.spectra_tab)
         self.gallery.wire()
-        self.function.wire().success(self.redraw, self.state, view, inputs_kwargs=table_view,
+        self.function.wire(self.function_tab).success(self.redraw, self.state, view, inputs_kwargs=table_view,
                                      api_visibility="private")
         self.export.wire(self.strategy.yaml)
         self.blocks.unload(self.unload)  # the tab or API client went away: free its session now
@@ -249,7 +248,11 @@ def build_app(config: AppConfig, sessions: Sessions) -> gr.Blocks:
 def launch(blocks: gr.Blocks, sessions: Sessions, host: str = "127.0.0.1", port: int | None = None,
            **kwargs: Any) -> Any:
     """Launch with the app's theme and stylesheet (Gradio 6 takes them at launch). While the server runs, idle
-    sessions are swept; when it stops, every session is closed and the scratch folder removed."""
+    sessions are swept; when it stops, every session is closed and the scratch folder removed.
+
+    Uploads: Gradio refuses any file over MAX_CALIBRATION_UPLOAD_BYTES (`max_file_size` applies to every upload,
+    whatever the component); text uploads (a strategy YAML) are refused over MAX_TEXT_BYTES by their handler
+    (`read_text`), and the uploads middleware bounds what each client holds (inspector/uploads.py)."""
     setup_runtime(interactive_threads=INTERACTIVE_THREADS)
 
     uploads = sessions.uploads
@@ -272,5 +275,5 @@ def launch(blocks: gr.Blocks, sessions: Sessions, host: str = "127.0.0.1", port:
         app_kwargs["middleware"] = [Middleware(uploads.middleware)]
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
-                         footer_links=["api"], show_error=True, max_file_size=MAX_TEXT_BYTES,
+                         footer_links=["api"], show_error=True, max_file_size=MAX_CALIBRATION_UPLOAD_BYTES,
                          app_kwargs=app_kwargs, **kwargs)

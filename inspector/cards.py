@@ -80,8 +80,10 @@ def function_card(step0: Step0 | None) -> str:
         return ""
     tone = "" if step0.synthetic else "good" if step0.error < 0.5 else "bad" if step0.error >= step0.random else ""
     guess = " · on SYNTHETIC inputs: a guess" if step0.synthetic else ""
+    on = escape(step0.on)  # the set it was measured on, named on the card itself (a file's source is the user's)
     return metric_card("Velocity error", f"{step0.error:.2f}",
-                       f"vs the teacher, step 0; random init {step0.random:.2f}{guess}", tone,
+                       f"vs the teacher, step 0; random init {step0.random:.2f}{guess}"
+                       f'<div class="card-set" title="{on}">on <bdi>{on}</bdi></div>', tone,
                        hint=f"sum |v_student - v_teacher|^2 / sum |v_teacher|^2 on {step0.on}, before any training; "
                             "0 is the teacher's function. The Gallery tab draws the samples.")
 

@@ -102,7 +102,10 @@ def start(argv: Sequence[str] | None = None, *, stop_on_signals: bool = False, *
 
     from .app import AppConfig, build_app, launch
     from .sessions import Sessions
-    roots = Roots.create(root, [demo] if demo else [], trusted=[args.teacher or "", args.student or ""],
+    from .function import calibration_cache
+    # read only: the demo, and the calibration cache (`projection calibrate --out` there; the Function tab lists it)
+    readable = [*([demo] if demo else []), calibration_cache()]
+    roots = Roots.create(root, readable, trusted=[args.teacher or "", args.student or ""],
                          hub=hub_allowed(args.host, args.allow_hub))
     teacher = args.teacher or roots.display(demo / DEMO_TEACHER)
     student = args.student or roots.display(demo / DEMO_STUDENT)

@@ -5,6 +5,9 @@ weight-ranked and activation-ranked index sets agree. The set measured on is als
 and the least-squares fit use from then on."""
 from __future__ import annotations
 
+import dataclasses
+import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,10 @@ import pandas as pd
 from projection import ProjectionError
 from projection.demo import teacher as demo_teacher
 from projection.function import calibration as sets
+from projection.function.activations import cache_dir
 from projection.function.calibration import Calibration
+from projection.io.checkpoint import read_safetensors_header
+from projection.io.inputs import load_json, open_regular
 
 from . import cards
 from .bridge import stoppable
@@ -24,9 +30,15 @@ from .session import Session
 from .units import human_bytes
 
 DEMO, FILE, SYNTHETIC = "demo held-out digits", "file", "synthetic (a guess)"  # the choices, as shown
+UPLOAD = "upload"
+SOURCES = (DEMO, FILE, UPLOAD, SYNTHETIC)
 MAX_LATENTS = 512  # latents measured at most (each is run through the teacher once per noise draw)
 DEFAULT_LATENTS = 64
 MAX_CALIBRATION_BYTES = 2 << 30  # a calibration file is read whole
+MAX_CALIBRATION_UPLOAD_BYTES = 256 << 20  # an uploaded set (Gradio's max_file_size; larger ones: a file under --root)
+MAX_FOUND = 50  # .safetensors files whose headers the list of sets found reads, at most, per folder
+MAX_FOUND_ENTRIES = 10_000  # folder entries looked at, at most, per folder
+MAX_FOUND_HEADER = 1 << 20  # a calibration set's header is a few hundred bytes; larger ones are weights, skipped
 REFERENCES = ("student", "random init", "svd-per-matrix")
 INTRO = ("### What the student computes\nThe teacher runs on a calibration set block by block (one block of its "
          "weights in memory); the student and two references of its shape (random init, and the seeds' per-matrix "
@@ -36,8 +48,53 @@ INTRO = ("### What the student computes\nThe teacher runs on a calibration set b
          "the one activation choices and the least-squares fit use.")
 
 
-def open_source(source: str, path_text: str, count: float | None, roots: Roots, config: dict[str, Any]) -> Calibration:
-    """The calibration set the view's controls name, at most `count` latents; a file must lie under the roots."""
+def calibration_cache() -> Path:
+    """Where `projection calibrate --out` is best pointed: $PROJECTION_CACHE/calibration, else
+    $XDG_CACHE_HOME/projection-inspector/calibration, else ~/.cache/projection-inspector/calibration. The app may
+    read it (a read-only root) and lists the sets in it."""
+    return cache_dir() / "calibration"
+
+
+def upload_folder() -> Path:
+    """Gradio's upload folder (the app's scratch folder while it runs: inspector.scratch)."""
+    return Path(gr.utils.get_upload_folder()).resolve()
+
+
+def open_upload(upload: Any, config: dict[str, Any]) -> Calibration:
+    """An uploaded set: a file in Gradio's upload folder only (never a path a client typed), named by its
+    uploaded name, at most MAX_CALIBRATION_UPLOAD_BYTES."""
+    path_text = upload if isinstance(upload, str) else getattr(upload, "path", None) or getattr(upload, "name", None)
+    if not path_text:
+        raise ProjectionError("calibration upload: no file uploaded (choose a .safetensors set)")
+    folder, path = upload_folder(), Path(path_text)
+    name = path.name
+
+    def inside(given: Path, real: Path) -> None:
+        if not real.is_relative_to(folder):
+            raise ProjectionError(f"calibration upload '{name}': not a file uploaded to this app")
+
+    inside(path, path.resolve())
+    if not path.is_file():
+        raise ProjectionError(f"calibration upload '{name}': not a file")
+    size = path.stat().st_size
+    if size > MAX_CALIBRATION_UPLOAD_BYTES:
+        raise ProjectionError(f"calibration upload '{name}' is {human_bytes(size)}; uploads are accepted up to "
+                              f"{human_bytes(MAX_CALIBRATION_UPLOAD_BYTES)} (place larger sets under --root)")
+    try:
+        calibration = sets.load_calibration(path, config, check=inside)
+    except ProjectionError as exc:  # named by the uploaded name, not the server's copy
+        raise ProjectionError(str(exc).replace(str(path), name)) from None
+    source = f"uploaded {name}"
+    if calibration.metadata.get("source"):
+        source = f"{calibration.metadata['source']} (uploaded {name})"
+    return dataclasses.replace(calibration, source=source,
+                               metadata={**calibration.metadata, "source": source})
+
+
+def open_source(source: str, path_text: str, count: float | None, roots: Roots, config: dict[str, Any],
+                upload: Any = None) -> Calibration:
+    """The calibration set the view's controls name, at most `count` latents; a file must lie under the roots, an
+    upload in Gradio's upload folder."""
     n = int(count) if count is not None else DEFAULT_LATENTS
     if not 1 <= n <= MAX_LATENTS:
         raise ProjectionError(f"latents: {n} is outside 1..{MAX_LATENTS}")
@@ -45,6 +102,8 @@ def open_source(source: str, path_text: str, count: float | None, roots: Roots, 
         calibration = demo_teacher.open_calibration(demo_teacher.DEMO, config)  # refused outside the demo's space
     elif source == SYNTHETIC:
         calibration = sets.synthetic_calibration(config, n=n)
+    elif source == UPLOAD:
+        calibration = open_upload(upload, config)
     elif source == FILE:
         path = Path(roots.source(path_text, "calibration file", hub_ids=False))  # resolved, under a root
         if not path.is_file():
@@ -55,8 +114,71 @@ def open_source(source: str, path_text: str, count: float | None, roots: Roots, 
                                   f"{human_bytes(MAX_CALIBRATION_BYTES)} (use the CLI for larger ones)")
         calibration = sets.load_calibration(path, config, check=roots.check)  # checked again as it is opened
     else:
-        raise ProjectionError(f"calibration source '{source}': choose one of {DEMO}, {FILE}, {SYNTHETIC}")
+        raise ProjectionError(f"calibration source '{source}': choose one of {', '.join(SOURCES)}")
     return calibration.subset(n) if len(calibration) > n else calibration
+
+
+def _peek(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]] | None:
+    """A file's tensors and metadata when it is a small-headed safetensors file, else None (never an error)."""
+    try:
+        with open_regular(path, "safetensors file") as f:
+            head = f.read(8)
+            if len(head) < 8 or not 0 < struct.unpack("<Q", head)[0] <= MAX_FOUND_HEADER:
+                return None
+            raw = f.read(struct.unpack("<Q", head)[0])
+        tensors, _ = read_safetensors_header(path)  # validated as the loader would
+        metadata = load_json(raw, str(path)).get("__metadata__") or {}
+    except (ProjectionError, OSError, ValueError, AttributeError):
+        return None
+    return tensors, metadata if isinstance(metadata, dict) else {}
+
+
+def found_sets(teacher_source: str, roots: Roots) -> list[tuple[str, str]]:
+    """(label, path) of the calibration sets beside the teacher (its folder and that folder's parent, for a file
+    teacher the folder holding it and its parent) and in the calibration cache, not recursive: `.safetensors` files
+    whose header holds `latents` and `context`, at most MAX_FOUND headers read per folder (the first by name), only
+    folders and files under the roots. Each is labelled with its path, its latents' shape and its metadata `source`
+    (control characters removed, clipped)."""
+    folders: list[Path] = []
+    teacher = Path(teacher_source)
+    if teacher.is_absolute() and teacher.exists():  # a hub id has no folder here
+        near = teacher if teacher.is_dir() else teacher.parent
+        folders += [near, near.parent]
+    folders.append(calibration_cache())
+
+    def under_roots(real: Path) -> bool:
+        return any(real == r or real.is_relative_to(r) for r in roots.read)
+
+    candidates: list[Path] = []
+    for folder in dict.fromkeys(f.resolve() for f in folders):
+        if not (under_roots(folder) and folder.is_dir()):
+            continue
+        names = []
+        try:
+            with os.scandir(folder) as entries:
+                for i, entry in enumerate(entries):
+                    if i >= MAX_FOUND_ENTRIES:
+                        break
+                    if entry.name.endswith(".safetensors"):
+                        names.append(entry.name)
+        except OSError:
+            continue
+        candidates += [folder / name for name in sorted(names)[:MAX_FOUND]]
+    found, seen = [], set()
+    for path in candidates:
+        real = path.resolve()
+        if real in seen or not under_roots(real):
+            continue
+        seen.add(real)
+        peeked = _peek(real)
+        if peeked is None or not {"latents", "context"} <= set(peeked[0]):
+            continue
+        tensors, metadata = peeked
+        source = sets.shown({"source": str(metadata.get("source", ""))})["source"] or path.name
+        shape = "x".join(map(str, tensors["latents"]["shape"][1:]))
+        n = tensors["latents"]["shape"][0] if tensors["latents"]["shape"] else 0
+        found.append((f"{roots.display(path)} · {n} latents of {shape} · {source}", roots.display(path)))
+    return found
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -120,12 +242,21 @@ class FunctionView:
         self.state, self.session, self.roots = state, session, roots
         gr.Markdown(INTRO, elem_classes="note")
         with gr.Row(equal_height=True):
-            self.source = gr.Radio([DEMO, FILE, SYNTHETIC], value=DEMO, label="Calibration set", scale=2,
+            self.source = gr.Radio(list(SOURCES), value=DEMO, label="Calibration set", scale=2,
                                    elem_id="function-source")
             self.path = gr.Textbox(label=f"Calibration file (.safetensors under {roots.base})", scale=3,
                                    elem_id="function-path")
             self.count = gr.Number(DEFAULT_LATENTS, label=f"Latents (at most {MAX_LATENTS})", precision=0,
                                    minimum=1, maximum=MAX_LATENTS, scale=1, elem_id="function-count")
+        with gr.Row(equal_height=True):
+            self.found = gr.Dropdown([], value=None, label="Calibration sets found beside the teacher and in "
+                                     f"the calibration cache ({calibration_cache()})", scale=4,
+                                     allow_custom_value=False, elem_id="function-found")
+            self.find_btn = gr.Button("Find sets", scale=0, min_width=120, elem_id="function-find")
+            self.upload = gr.File(label=f"or upload a set (.safetensors, at most "
+                                  f"{human_bytes(MAX_CALIBRATION_UPLOAD_BYTES)})", file_types=[".safetensors"],
+                                  file_count="single", type="filepath", height=90, scale=2,
+                                  elem_id="function-upload")
         with gr.Row(equal_height=True):
             self.measure_btn = gr.Button("Measure", variant="primary", scale=0, min_width=200,
                                          elem_id="function-measure")
@@ -143,17 +274,35 @@ class FunctionView:
     def outputs(self) -> list[gr.components.Component]:
         return [self.msg, self.levels, self.blocks, self.teacher, self.agreement]
 
-    def wire(self) -> gr.events.Dependency:
-        """The Measure event; the caller chains its own redraw (the Layers tab's influence) on success."""
-        return self.measure_btn.click(stoppable(self.measure), [self.state, self.source, self.path, self.count],
+    def wire(self, tab: gr.Tab | None = None) -> gr.events.Dependency:
+        """The Measure event; the caller chains its own redraw (the Layers tab's influence) on success. The sets
+        found are listed again when `tab` is selected and on Find sets."""
+        self.find_btn.click(self.find, [self.state, self.found], self.found, api_name="function_sets")
+        if tab is not None:
+            tab.select(self.find, [self.state, self.found], self.found, api_visibility="private")
+        self.found.input(lambda path: (FILE, path) if path else (gr.skip(), gr.skip()), self.found,
+                         [self.source, self.path], api_visibility="private")
+        self.upload.upload(lambda: UPLOAD, None, self.source, api_visibility="private")
+        return self.measure_btn.click(stoppable(self.measure),
+                                      [self.state, self.source, self.path, self.count, self.upload],
                                       self.outputs, api_name="function")
 
-    def measure(self, state: Session | None, source: str, path: str, count: float | None,
+    def find(self, state: Session | None, current: str | None = None) -> dict:
+        """The sets found beside this session's teacher and in the calibration cache (the choice kept while it is
+        still found; the last measurement's summary is left as it is)."""
+        if state is None or state.closed:
+            return gr.update(choices=[], value=None)
+        found = found_sets(state.teacher_source, self.roots)
+        note = (f"{len(found)} found" if found else "none found") + (f" (the first {MAX_FOUND} .safetensors files "
+                                                                     "looked at)")
+        return gr.update(choices=found, value=current if current in {v for _, v in found} else None, info=note)
+
+    def measure(self, state: Session | None, source: str, path: str, count: float | None, upload: Any = None,
                 progress: gr.Progress = gr.Progress()) -> tuple:
         s = self.session(state)
         with s.lock:
             try:
-                calibration = open_source(source, path, count, self.roots, s.projector.teacher.config)
+                calibration = open_source(source, path, count, self.roots, s.projector.teacher.config, upload)
                 report = s.measure_function(calibration, lambda i, n, what: progress((i, max(n, 1)), desc=what))
             except ProjectionError as exc:
                 raise gr.Error(str(exc), title="Function not measured") from exc

@@ -16,6 +16,7 @@ from projection.demo.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 from . import cards
 from .bridge import stoppable
 from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
+from .strategy import measured_on
 from .units import percent
 
 ROWS = (("teacher", "Teacher"), ("a", "Student, strategy A"), ("b", "Student, strategy B"),
@@ -97,5 +98,7 @@ class GalleryView:
         images = [gr.update(value=strip(row.images).numpy(), label=caption(title, row))
                   for title, (_, _, row) in zip(titles, drawn)]
         calibration = s.projector.calibration
-        note = preview_note(calibration.label, calibration.synthetic) if s.previews else ""
+        note = preview_note(calibration.label, calibration.synthetic) if s.previews else cards.inline_ok(
+            f"Velocity errors vs the teacher measured on {measured_on(s)}; prompt accuracy: samples scored by the "
+            "digit classifier.")
         return (note, *images, table([(title, row) for title, (_, _, row) in zip(titles, drawn)]))

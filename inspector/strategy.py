@@ -12,6 +12,7 @@ import pandas as pd
 
 from projection import ProjectionError, Strategy
 from projection.demo.gallery import GalleryRow
+from projection.demo.teacher import demo_calibration
 from projection.io.inputs import read_text
 
 from . import cards, charts
@@ -26,6 +27,14 @@ COMPARE_INTRO = ("### A/B comparison\nTwo strategies on the same teacher, studen
                  "accuracy of its samples; the Gallery tab draws them), then coverage, then retained weight energy "
                  "per layer: a weight statistic, not output quality (a basis-inconsistent strategy's energy is not "
                  "comparable).")
+
+
+def measured_on(s: Session) -> str:
+    """The set the Gallery's and the comparison's velocity errors are measured on: the Function tab's on previews,
+    else the demo's held-out digits (all of them)."""
+    if s.previews:
+        return s.projector.calibration.label
+    return f"demo held-out digits: {len(demo_calibration())} latents"
 
 
 def comparison_frame(ra: dict[str, Any], rb: dict[str, Any], function: tuple[GalleryRow, GalleryRow] | None,
@@ -193,7 +202,7 @@ class StrategyView:
                 return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
             unavailable = s.function_unavailable()
             function = None if unavailable else (s.gallery_row(a), s.gallery_row(b))
-            on = f", on {s.projector.calibration.label}" if function is not None and s.previews else ""
+            on = "" if function is None else f", on {measured_on(s)}"
         ra, rb = result["A"], result["B"]
         notes = [f"{side}: {w}" for side, r in (("A", ra), ("B", rb)) for w in r["warnings"]]
         if function is None:

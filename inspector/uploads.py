@@ -1,5 +1,5 @@
 """Uploads, bounded per client and removed: Gradio writes every upload (`POST /gradio_api/upload`, the strategy
-"Load…" button's file) into its cache folder, the app's scratch folder, and would keep it until the app stops,
+"Load…" button's file, the Function tab's calibration set) into its cache folder, the app's scratch folder, and would keep it until the app stops,
 whoever sent it. The app holds them to:
 
   MAX_UPLOADS files and MAX_UPLOAD_BYTES bytes per client (its network address) at once, and MAX_ALL_UPLOAD_BYTES
@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-MAX_UPLOADS = 16  # files a client holds at once (a strategy is a few kB; the app reads nothing else uploaded)
-MAX_UPLOAD_BYTES = 16 << 20  # bytes a client holds at once (Gradio refuses a file over 1 MiB: max_file_size)
-MAX_ALL_UPLOAD_BYTES = 256 << 20  # bytes all clients hold at once
+MAX_UPLOADS = 16  # files a client holds at once (strategies of a few kB, calibration sets)
+MAX_UPLOAD_BYTES = 512 << 20  # bytes a client holds at once: two calibration sets (Gradio refuses a file over
+#                               256 MiB: max_file_size = inspector.function.MAX_CALIBRATION_UPLOAD_BYTES)
+MAX_ALL_UPLOAD_BYTES = 1 << 30  # bytes all clients hold at once
 UPLOAD_MINUTES = 15.0  # an upload is removed this long after it arrived
 UPLOAD_ROUTE = "/gradio_api/upload"
 

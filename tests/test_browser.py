@@ -387,3 +387,26 @@ def test_function_tab_measures_and_the_layers_map_shows_influence(page, tmp_path
     bars = next(d for d in plot_data(page, "layer-map") if d["name"] == "influence")
     assert len(bars["customdata"]) == 8 and max(bars["customdata"]) > 0
     check_chart_text(page, "layer-map")
+
+
+def test_function_tab_lists_the_sets_found_and_a_choice_fills_the_path(page, app, tmp_path):
+    """Opening the Function tab lists the sets beside the teacher (the demo's held-out set); choosing one fills the
+    file path and selects 'file'. An uploaded set selects 'upload' and is measured under its uploaded name."""
+    page.get_by_role("tab", name="Function").click()
+    page.locator("#function-found input").click()
+    option = page.get_by_role("option").filter(has_text="calibration.safetensors").first
+    option.wait_for(timeout=TIMEOUT)
+    assert "269 latents of 4x8x8" in option.inner_text()
+    option.click()
+    page.wait_for_function("""() => document.querySelector('#function-path textarea, #function-path input')
+                              ?.value === 'demo/calibration.safetensors'""", timeout=TIMEOUT)
+    assert page.locator("#function-source input[value='file']").is_checked()
+    page.screenshot(path=tmp_path / "function-sets.png", full_page=True)
+    _, root = app
+    page.locator("#function-upload input[type=file]").set_input_files(str(root / "demo" / "calibration.safetensors"))
+    page.wait_for_function("() => document.querySelector(\"#function-source input[value='upload']\")?.checked",
+                           timeout=TIMEOUT)
+    page.locator("#function-count input").fill("8")
+    page.locator("#function-measure").click()
+    page.locator("#function-msg").get_by_text("(uploaded calibration.safetensors): 8 latents").wait_for(
+        timeout=4 * TIMEOUT)
