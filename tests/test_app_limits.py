@@ -117,7 +117,7 @@ def test_a_measurement_stops_when_its_client_goes_away_and_on_sigterm(app):
 
     client = Client(app.url, verbose=False, download_files=False)
     client.predict(*LOAD, api_name="/load")
-    measure = {"data": [None, "file", "slow.safetensors", 4], "fn_index": fn_index(app, "function"),
+    measure = {"data": [None, "file", "slow.safetensors", 4, None], "fn_index": fn_index(app, "function"),
                "session_hash": client.session_hash, "event_data": None, "trigger_id": None}
 
     # 1. The event stream closes (a closed tab, a client gone), the session's heartbeat still beating: the
