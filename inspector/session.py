@@ -8,7 +8,6 @@ statistics of the blocks it looked at, singular values (`SPECTRA_KEPT`) and ener
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -37,6 +36,7 @@ from projection.demo import teacher as demo_teacher
 from projection.demo.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
 from projection.demo.teacher import demo_calibration
 from projection.engine.build import random_student, wanlite_from_teacher
+from projection.engine.keys import ProjectionKey
 from projection.engine.projector import Caches, entry_rows
 from projection.engine.report import function_report
 from projection.function.calibration import Calibration
@@ -62,7 +62,7 @@ Progress = Callable[[int, int, str], None]
 class Measured:
     """Retained energy of every entry under one strategy + rules (numbers only, no tensors)."""
 
-    signature: str
+    signature: ProjectionKey
     results: list[Projected]
     summary: dict[str, Any]
 
@@ -119,23 +119,29 @@ class Session:
     student_source: str | dict[str, Any]
     folder: Path  # the session's own files (downloads, saved strategies), inside the app's scratch folder
     num_heads: int | None = None  # set by the user for a student checkpoint (a state dict does not record heads)
+    strategy: Strategy | None = None  # the session's strategy, passed to the projector (None: the one it opened with)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    measures: OrderedDict[str, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
+    measures: OrderedDict[ProjectionKey, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
     shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
     slider_error: int | None = None  # the slider showing why its value was rejected
     out_dir: str = ""  # the Export tab's folder, for the CLI command
     last_used: float = field(default_factory=time.monotonic)
     closed: str | None = None  # why the session was closed, once it is
     _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
-    gallery: OrderedDict[str, GalleryRow] = field(default_factory=OrderedDict)  # by what drew them, newest last
+    gallery: OrderedDict[tuple[Any, str | None], GalleryRow] = field(
+        default_factory=OrderedDict)  # by what drew them, newest last
     _teacher_module: torch.nn.Module | None = None
-    _step0: dict[str, Step0] = field(default_factory=dict)
+    _step0: dict[ProjectionKey, Step0] = field(default_factory=dict)
     _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
     _step0_random: dict[int, float] = field(default_factory=dict)  # a random student's error, by seed
     work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
-    _function_for: str | None = None  # the projection it measured (`projection_key`)
+    _function_for: ProjectionKey | None = None  # the projection it measured (`projection_key`)
+
+    def __post_init__(self) -> None:
+        if self.strategy is None:
+            self.strategy = self.projector.strategy
 
     # ------------------------------------------------------------ opening
 
@@ -157,7 +163,7 @@ class Session:
             p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, caches=caches,
                                        strategy=strategy.model_copy(update={"layers": "uniform"}),
                                        num_heads=num_heads, check=check))
-        return cls(p, teacher, student, folder, num_heads)
+        return cls(p, teacher, student, folder, num_heads, p.strategy)
 
     def attach(self, token: CancelToken | None) -> None:
         """A request now working on this session answers to `token` (`stop_work` cancels it)."""
@@ -191,11 +197,15 @@ class Session:
 
     @property
     def mapping(self) -> Mapping:
-        return self.projector.mapping
+        return self.projector.mapping(self.strategy)
 
     @property
-    def strategy(self) -> Strategy:
-        return self.projector.strategy
+    def device(self) -> torch.device:
+        return pick_device(self.strategy.device)
+
+    @property
+    def student_config(self) -> dict[str, Any]:
+        return self.projector.student_config(self.strategy)
 
     @property
     def teacher_bytes(self) -> int:
@@ -216,8 +226,8 @@ class Session:
     def teacher_blocks(self) -> int:
         return int(self.projector.teacher.config.get("num_layers", 0))
 
-    def signature(self) -> str:
-        return self.projector.signature()
+    def signature(self, strategy: Strategy | None = None) -> ProjectionKey:
+        return self.projector.signature(strategy or self.strategy)
 
     @property
     def measured(self) -> Measured | None:
@@ -237,10 +247,16 @@ class Session:
 
     def set_strategy(self, strategy: Strategy) -> None:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
+        self._remap(strategy=self._usable(strategy))
+
+    def _usable(self, strategy: Strategy) -> Strategy:
+        """`strategy`, checked for use here: its device exists, its calibration is there (the demo's, measured if
+        need be) and the core maps under it. Changes nothing but the calibration."""
         pick_device(strategy.device)  # the core refuses cuda where there is none
         if strategy.needs_calibration and self.projector.calibration is None:
             self.calibrate()
-        self._remap(strategy=strategy)
+        self.projector.mapping(strategy)  # the core rejects bad layer lists and head counts while mapping
+        return strategy
 
     def calibrate(self, calibration: Calibration | None = None, progress: Progress | None = None) -> None:
         """Activation choices rank on a calibration set: the one given (the Function tab's), else the demo's
@@ -250,7 +266,7 @@ class Session:
                                   "teacher on a calibration set: choose one in the Function tab (a file under the "
                                   "app's root, or synthetic) and press Measure")
         with heavy_work():
-            self.projector.calibrate(calibration or demo_calibration(), progress=progress)
+            self.projector.calibrate(calibration or demo_calibration(), progress=progress, device=self.device)
 
     def update_strategy(self, **fields: Any) -> None:
         self.set_strategy(Strategy.checked({**self.strategy.model_dump(), **fields}))  # validated, as files are
@@ -273,34 +289,31 @@ class Session:
         """Suggestions for the keys the editor's rules (applied or not) leave unmapped; nothing is applied."""
         parsed = parse_rules(text, "rules")
         p = self.projector
-        mapping = build_mapping(p.teacher, p.student, p.strategy, self._user_rules(parsed))
+        mapping = build_mapping(p.teacher, p.student, self.strategy, self._user_rules(parsed))
         suggested = suggest_rules(mapping)
         before = mapping.coverage()["keys"]
-        after = build_mapping(p.teacher, p.student, p.strategy, {**mapping.rules, **suggested}).coverage()["keys"]
+        after = build_mapping(p.teacher, p.student, self.strategy, {**mapping.rules, **suggested}).coverage()["keys"]
         return Suggested(with_suggestions(text, parsed, suggested), suggested,
                          after["transferred"] - before["transferred"], before["total"] - before["transferred"])
 
-    def _remap(self, **changes: Any) -> None:
-        """Set the projector's strategy and/or rules and map at once; if the core rejects the mapping, the old
-        values stay in place."""
-        old = {name: getattr(self.projector, name) for name in changes}
-        for name, value in changes.items():
-            setattr(self.projector, name, value)
-        try:
-            _mapped(self.projector)
-        except ProjectionError:
-            for name, value in old.items():
-                setattr(self.projector, name, value)
-            raise
+    def _remap(self, strategy: Strategy | None = None, rules: dict[str, Rule] | None = None) -> None:
+        """Map under a new strategy and/or rules, then take them; if the core rejects the mapping, nothing
+        changes."""
+        strategy = self.strategy if strategy is None else strategy
+        rules = self.projector.rules if rules is None else rules
+        self.projector.mapping(strategy, rules)
+        self.strategy, self.projector.rules = strategy, rules
 
     # ------------------------------------------------------------ numbers
 
-    def measure(self, force: bool = False, progress: Progress | None = None) -> Measured | None:
-        """Retained energy of every entry, from the core.
+    def measure(self, force: bool = False, progress: Progress | None = None,
+                strategy: Strategy | None = None) -> Measured | None:
+        """Retained energy of every entry under `strategy` (the session's if None), from the core.
 
         Runs by itself for small teachers; for large ones only when forced (the user asked). The numbers are
         kept per strategy + rules, so going back to an earlier choice (a slider moved back) costs nothing."""
-        sig = self.signature()
+        strategy = strategy or self.strategy
+        sig = self.signature(strategy)
         if sig in self.measures:
             self.measures.move_to_end(sig)
             return self.measures[sig]
@@ -308,10 +321,10 @@ class Session:
             return None
         with nullcontext() if self.auto_energy else heavy_work():
             results = []
-            for result in self.projector.stream(progress=progress, tensors="numbers"):
+            for result in self.projector.stream(strategy, progress=progress, tensors="numbers"):
                 checkpoint()  # a comparison or a large teacher's energies stop when their request is cancelled
                 results.append(result)
-        self.measures[sig] = Measured(sig, results, self.projector.summary(results))
+        self.measures[sig] = Measured(sig, results, self.projector.summary(results, strategy))
         while len(self.measures) > MEASURES_KEPT:
             self.measures.popitem(last=False)
         return self.measures[sig]
@@ -320,7 +333,7 @@ class Session:
         """The core's summary; energy fields only when they belong to the current strategy."""
         if self.energy_current:
             return self.measured.summary
-        return self.projector.summary()
+        return self.projector.summary(strategy=self.strategy)
 
     def rows(self) -> list[dict[str, Any]]:
         return entry_rows(self.mapping, self.measured.results if self.energy_current else None)
@@ -353,12 +366,12 @@ class Session:
         teacher = torch.cat([self.projector.read(p.teacher_key).float().flatten() for p in entry.parts])
         if not self.plan_ready:
             return Details(entry, None, teacher, None, energy)
-        student = self.projector.student_tensor(key)
+        student = self.projector.student_tensor(key, self.strategy)
         return Details(entry, self.index_choices(entry), teacher, student.float().flatten(), energy)
 
     def index_choices(self, entry: Entry) -> list[IndexChoice]:
         """The kept teacher indices of every space the entry's axes live in (from the core's plan)."""
-        plan = self.projector.plan()
+        plan = self.projector.plan(self.strategy)
         out, seen = [], set()
         for part in entry.parts:
             for axis in part.axes or ():
@@ -407,23 +420,23 @@ class Session:
             raise ProjectionError(f"'{choice}': expected 'student key#part' with part 0..{len(entry.parts) - 1}")
         part = entry.parts[int(index)]
         p = self.projector
-        teacher = p.spectrum(part.teacher_key, "teacher")
+        teacher = p.spectrum(part.teacher_key, "teacher", self.strategy)
         if not self.plan_ready:  # the student side needs the plan, i.e. teacher statistics not computed yet
             student = None
         elif len(entry.parts) == 1:
-            student = p.spectrum(key, "student")
+            student = p.spectrum(key, "student", self.strategy)
         else:  # a stacked entry: the rows this part became
             cache_key = (self.signature(), key, int(index))
             if cache_key not in self._stacked_spectra:
                 rows = part.student_shape[0]
-                piece = p.student_tensor(key)[int(index) * rows:(int(index) + 1) * rows]
-                self._stacked_spectra[cache_key] = singular_values(piece, p.device)
+                piece = p.student_tensor(key, self.strategy)[int(index) * rows:(int(index) + 1) * rows]
+                self._stacked_spectra[cache_key] = singular_values(piece, self.device)
             student = self._stacked_spectra[cache_key]
         rank = min(as_matrix(torch.empty(part.student_shape, device="meta")).shape)
         if self.energy_current:
             energy = next((r.energy for r in self.measured.results if r.entry.student_key == key), None)
         else:
-            energy = p.project([key])[0].energy if self.plan_ready else None
+            energy = p.project(self.strategy, [key])[0].energy if self.plan_ready else None
         where = f"teacher block {part.block}" if part.block is not None else "top level"
         title = f"teacher {part.teacher_key} ({where})\nstudent {key}"
         return Spectrum(title, teacher, student, cumulative_energy(teacher), rank, energy, len(entry.parts) > 1)
@@ -432,16 +445,11 @@ class Session:
 
     def compare(self, a: Strategy, b: Strategy, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
         """Coverage and retained energy under two strategies (same sources and rules); the session's own
-        strategy is restored afterwards, and the core's caches make switching back free."""
-        own = self.strategy
+        strategy stays, and the core's caches make coming back to it free."""
         out = {}
-        try:
-            with heavy_work():
-                for name, strategy in (("A", a), ("B", b)):
-                    self.set_strategy(strategy)
-                    out[name] = self.measure(force=True, progress=progress).summary
-        finally:
-            self.projector.strategy = own
+        with heavy_work():
+            for name, strategy in (("A", a), ("B", b)):
+                out[name] = self.measure(force=True, progress=progress, strategy=self._usable(strategy)).summary
         return out
 
     # ------------------------------------------------------------ function: what the student computes
@@ -450,14 +458,14 @@ class Session:
     def previews(self) -> bool:
         """The gallery shows RGB previews on the Function tab's calibration set (teachers outside the demo's
         latent space), not scored digits."""
-        return not (demo_space(self.projector.teacher.config) and demo_space(self.projector.student_config))
+        return not (demo_space(self.projector.teacher.config) and demo_space(self.student_config))
 
     def function_unavailable(self) -> str | None:
         """Why samples and velocity errors (the Gallery, the A/B comparison's first rows) cannot be measured here,
         or None when they can."""
         if self.teacher_bytes > AUTO_ENERGY_BYTES:
             return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
-        layout = self.projector.student_config.get("layout")
+        layout = self.student_config.get("layout")
         if layout not in ("wanlite", "seed"):
             return f"the student's layout '{layout}' has no runnable module here"
         if not self.previews:
@@ -469,7 +477,7 @@ class Session:
 
     def function_problem(self) -> str | None:
         """Why the Function view cannot measure this pair, or None when it can."""
-        student = self.projector.student_config
+        student = self.student_config
         if student.get("layout") not in ("wanlite", "seed"):
             return (f"the student's layout '{student.get('layout')}' has no runnable module here: measure an exported "
                     "student with the CLI (projection fidelity --student FOLDER)")
@@ -486,17 +494,14 @@ class Session:
         if why:
             raise ProjectionError(why)
         with heavy_work():
-            self.function = function_report(self.projector, calibration, progress=progress)
+            self.function = function_report(self.projector, calibration, progress=progress, strategy=self.strategy)
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
 
-    def projection_key(self, strategy: Strategy | None = None) -> str:
+    def projection_key(self, strategy: Strategy | None = None) -> ProjectionKey:
         """What decides the student `strategy` (the session's by default) projects: the strategy less dtype and
-        device, the rules, and the calibration set where the strategy ranks or fits on one."""
-        strategy = strategy or self.strategy
-        acts = self.projector.activations if strategy.needs_calibration else None
-        return json.dumps([strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
-                           acts and acts.key], sort_keys=True)
+        device, the rules, the calibration set where the strategy ranks or fits on one, and the teacher."""
+        return self.projector.key(strategy or self.strategy, "student")
 
     def block_influence(self) -> tuple[list[float], list[float] | None, str] | None:
         """(influence per teacher block, removal effect per block or None, what they were measured on) once the
@@ -529,9 +534,10 @@ class Session:
                                                           held_out.context, draws=2)
             reference, seed = self._step0_reference, self.strategy.seed
             if seed not in self._step0_random:
-                random = random_student(self.projector.student_config, seed)
+                random = random_student(self.student_config, seed)
                 self._step0_random[seed] = reference.score(random).relative_error
-            self._step0[key] = Step0(reference.score(projected_student(self.projector)).relative_error,
+            student = projected_student(self.projector, strategy=self.strategy)
+            self._step0[key] = Step0(reference.score(student).relative_error,
                                      self._step0_random[seed],
                                      f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise (2 draws each)")
             for kept in (self._step0, self._step0_random):
@@ -551,8 +557,7 @@ class Session:
         if why:
             raise ProjectionError(why)
         drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
-        key = (f"{which}:{self.strategy.seed}" if isinstance(which, str) else self.projection_key(which))
-        key += f":{drawn_on}"
+        key = ((which, self.strategy.seed) if isinstance(which, str) else self.projection_key(which), drawn_on)
         if key in self.gallery:
             self.gallery.move_to_end(key)
             return self.gallery[key]
@@ -572,14 +577,9 @@ class Session:
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
             elif which == RANDOM:
-                row = draw("random init", random_student(self.projector.student_config, self.strategy.seed), teacher)
+                row = draw("random init", random_student(self.student_config, self.strategy.seed), teacher)
             else:
-                own = self.strategy
-                try:
-                    self.set_strategy(which)
-                    model = projected_student(self.projector)
-                finally:
-                    self.projector.strategy = own
+                model = projected_student(self.projector, strategy=self._usable(which))
                 row = draw(which.width if not which.basis_consistent else "projected", model, teacher)
         self.gallery[key] = row
         while len(self.gallery) > GALLERY_KEPT:
@@ -589,7 +589,7 @@ class Session:
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
         """The core's export (refuses existing folders); returns the report and copies to offer for download."""
         with heavy_work():
-            report = export_student(self.projector, out, force=False, progress=progress)
+            report = export_student(self.projector, out, force=False, progress=progress, strategy=self.strategy)
         names = ["projection_report.json", "config.json", "strategy.yaml"]
         weights = report["provenance"]["weights"]
         if sum((out / w).stat().st_size for w in weights) <= SMALL_WEIGHTS_BYTES:
@@ -602,7 +602,7 @@ class Session:
 
 def _mapped(p: Projector) -> Projector:
     """Map now: the core rejects bad layer lists and head counts while mapping, and the UI should say so at once."""
-    _ = p.mapping
+    p.mapping()
     return p
 
 
