@@ -3,8 +3,8 @@
 Every number here comes from the core (mapping, plan, projected entries, summaries, spectra); this module only
 decides *when* to ask (energies automatically for teachers that fit the tensor cache, on demand otherwise)
 and keeps each session's objects apart: nothing in it is global. Teacher tensors and SVD bases come from the
-app's shared `Caches`; what a session keeps for itself is bounded: projected tensors (`KEPT_BYTES`), the teacher
-statistics of the blocks it looked at, singular values (`SPECTRA_KEPT`) and energies (`MEASURES_KEPT`, numbers only).
+app's shared `Caches`; what a session keeps for itself is bounded (`projection.cache` names every bound): projected
+tensors, the teacher statistics of the blocks it looked at, singular values, energies (numbers only) and gallery rows.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
+from projection.cache import GALLERY, MEASURES, STACKED_SPECTRA, Lru
 from projection.arch.anatomy import SPACES, template_of
 from projection.cancel import CancelToken, checkpoint
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
@@ -48,8 +48,6 @@ from .units import human_bytes
 
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
-MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
-GALLERY_KEPT = 16  # gallery rows (and step-0 errors) a session remembers (a few kB each)
 MAX_FUNCTION_STUDENT_BYTES = 8 << 30  # the Function view holds three students of this size in memory
 QUICK_LATENTS = 64  # held-out latents behind the summary card's step-0 velocity error (2 noise draws each)
 GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
@@ -121,19 +119,19 @@ class Session:
     num_heads: int | None = None  # set by the user for a student checkpoint (a state dict does not record heads)
     strategy: Strategy | None = None  # the session's strategy, passed to the projector (None: the one it opened with)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    measures: OrderedDict[ProjectionKey, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
+    measures: Lru[ProjectionKey, Measured] = field(default_factory=lambda: Lru(MEASURES))  # by signature
     shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
     slider_error: int | None = None  # the slider showing why its value was rejected
     out_dir: str = ""  # the Export tab's folder, for the CLI command
     last_used: float = field(default_factory=time.monotonic)
     closed: str | None = None  # why the session was closed, once it is
-    _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
-    gallery: OrderedDict[tuple[Any, str | None], GalleryRow] = field(
-        default_factory=OrderedDict)  # by what drew them, newest last
+    _stacked_spectra: Lru[tuple[ProjectionKey, str, int], torch.Tensor] = field(
+        default_factory=lambda: Lru(STACKED_SPECTRA))
+    gallery: Lru[tuple[Any, str | None], GalleryRow] = field(default_factory=lambda: Lru(GALLERY))  # by what drew them
     _teacher_module: torch.nn.Module | None = None
-    _step0: dict[ProjectionKey, Step0] = field(default_factory=dict)
+    _step0: Lru[ProjectionKey, Step0] = field(default_factory=lambda: Lru(GALLERY))
     _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
-    _step0_random: dict[int, float] = field(default_factory=dict)  # a random student's error, by seed
+    _step0_random: Lru[int, float] = field(default_factory=lambda: Lru(GALLERY))  # a random student's error, by seed
     work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
@@ -232,7 +230,7 @@ class Session:
     @property
     def measured(self) -> Measured | None:
         """The energies of the current strategy + rules, if measured."""
-        return self.measures.get(self.signature())
+        return self.measures.peek(self.signature())
 
     @property
     def energy_current(self) -> bool:
@@ -314,9 +312,9 @@ class Session:
         kept per strategy + rules, so going back to an earlier choice (a slider moved back) costs nothing."""
         strategy = strategy or self.strategy
         sig = self.signature(strategy)
-        if sig in self.measures:
-            self.measures.move_to_end(sig)
-            return self.measures[sig]
+        found = self.measures.get(sig)
+        if found is not None:
+            return found
         if not (force or self.auto_energy):
             return None
         with nullcontext() if self.auto_energy else heavy_work():
@@ -324,10 +322,7 @@ class Session:
             for result in self.projector.stream(strategy, progress=progress, tensors="numbers"):
                 checkpoint()  # a comparison or a large teacher's energies stop when their request is cancelled
                 results.append(result)
-        self.measures[sig] = Measured(sig, results, self.projector.summary(results, strategy))
-        while len(self.measures) > MEASURES_KEPT:
-            self.measures.popitem(last=False)
-        return self.measures[sig]
+        return self.measures.put(sig, Measured(sig, results, self.projector.summary(results, strategy)))
 
     def summary(self) -> dict[str, Any]:
         """The core's summary; energy fields only when they belong to the current strategy."""
@@ -427,11 +422,11 @@ class Session:
             student = p.spectrum(key, "student", self.strategy)
         else:  # a stacked entry: the rows this part became
             cache_key = (self.signature(), key, int(index))
-            if cache_key not in self._stacked_spectra:
+            student = self._stacked_spectra.get(cache_key)
+            if student is None:
                 rows = part.student_shape[0]
                 piece = p.student_tensor(key, self.strategy)[int(index) * rows:(int(index) + 1) * rows]
-                self._stacked_spectra[cache_key] = singular_values(piece, self.device)
-            student = self._stacked_spectra[cache_key]
+                student = self._stacked_spectra.put(cache_key, singular_values(piece, self.device))
         rank = min(as_matrix(torch.empty(part.student_shape, device="meta")).shape)
         if self.energy_current:
             energy = next((r.energy for r in self.measured.results if r.entry.student_key == key), None)
@@ -527,23 +522,22 @@ class Session:
         if self.function_unavailable():
             return None
         key = self.projection_key()
-        if key not in self._step0:
+        found = self._step0.get(key)
+        if found is None:
             if self._step0_reference is None:
                 held_out = demo_calibration().subset(QUICK_LATENTS)
                 self._step0_reference = teacher_reference(self.teacher_module(), held_out.latents,
                                                           held_out.context, draws=2)
             reference, seed = self._step0_reference, self.strategy.seed
-            if seed not in self._step0_random:
-                random = random_student(self.student_config, seed)
-                self._step0_random[seed] = reference.score(random).relative_error
+            random = self._step0_random.get(seed)
+            if random is None:
+                random = self._step0_random.put(seed, reference.score(random_student(self.student_config, seed))
+                                                .relative_error)
             student = projected_student(self.projector, strategy=self.strategy)
-            self._step0[key] = Step0(reference.score(student).relative_error,
-                                     self._step0_random[seed],
-                                     f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise (2 draws each)")
-            for kept in (self._step0, self._step0_random):
-                while len(kept) > GALLERY_KEPT:
-                    kept.pop(next(iter(kept)))
-        return self._step0[key]
+            found = self._step0.put(key, Step0(reference.score(student).relative_error, random,
+                                               f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise "
+                                               "(2 draws each)"))
+        return found
 
     def teacher_module(self) -> torch.nn.Module:
         if self._teacher_module is None:
@@ -558,9 +552,9 @@ class Session:
             raise ProjectionError(why)
         drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
         key = ((which, self.strategy.seed) if isinstance(which, str) else self.projection_key(which), drawn_on)
-        if key in self.gallery:
-            self.gallery.move_to_end(key)
-            return self.gallery[key]
+        found = self.gallery.get(key)
+        if found is not None:
+            return found
         teacher = self.teacher_module()
         if self.previews:
             config, calibration = self.projector.teacher.config, self.projector.calibration
@@ -581,10 +575,7 @@ class Session:
             else:
                 model = projected_student(self.projector, strategy=self._usable(which))
                 row = draw(which.width if not which.basis_consistent else "projected", model, teacher)
-        self.gallery[key] = row
-        while len(self.gallery) > GALLERY_KEPT:
-            self.gallery.popitem(last=False)
-        return row
+        return self.gallery.put(key, row)
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
         """The core's export (refuses existing folders); returns the report and copies to offer for download."""

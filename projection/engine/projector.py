@@ -10,10 +10,8 @@ import json
 import math
 import os
 import struct
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Literal
@@ -21,6 +19,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from ..arch.anatomy import SPACES
+from ..cache import FILE_DIGESTS, PROJECTED_TENSORS, PROJECTIONS, SPECTRA, TEACHER_TENSORS, Bound, Lru
 from ..core.mapping import Entry, Mapping, Rule, build_mapping
 from ..core.measure import retained_weight_energy
 from ..core.models import ModelView, open_student, open_teacher
@@ -38,12 +37,9 @@ from .keys import ProjectionKey, Scope
 
 Progress = Callable[[int, int, str], None]
 Tensors = Literal["keep", "yield", "numbers"]
-PLANS_KEPT = 8  # projected entries are cached for this many recent strategies + rules (sliders moved back)
-SPECTRA_KEPT = 256
-KEPT_BYTES = 64 << 20  # projected tensors kept for reuse (details, spectra); older ones keep only their numbers
+PLANS_KEPT = PROJECTIONS.items  # projected entries are cached for this many recent strategies + rules
 
 
-@dataclass
 class TensorCache:
     """Least-recently-used teacher tensors, bounded in bytes (a 14B teacher streams, a demo stays in memory).
 
@@ -51,35 +47,32 @@ class TensorCache:
     the teacher's fingerprint and the tensor's name, so projectors on one teacher share them and the budget bounds
     them all together."""
 
-    budget: int = 1 << 30
-    items: OrderedDict[tuple[str, str], torch.Tensor] = field(default_factory=OrderedDict)
-    used: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
+    def __init__(self, budget: int = TEACHER_TENSORS.bytes):
+        self.items: Lru[tuple[str, str], torch.Tensor] = Lru(Bound(budget))  # thread-safe: projections run in threads
+
+    @property
+    def budget(self) -> int:
+        return self.items.budget
+
+    @property
+    def used(self) -> int:
+        return self.items.used
 
     def get(self, teacher: str, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        with self.lock:
-            if (teacher, key) in self.items:
-                self.items.move_to_end((teacher, key))
-                return self.items[(teacher, key)]
+        found = self.items.get((teacher, key))
+        if found is not None:
+            return found
         t = read(key)
-        size = t.numel() * t.element_size()
-        if size <= self.budget:
+        if t.nbytes <= self.budget:
             t = t.clone()  # own the memory: a memory-mapped view would keep the file pages pinned
-            with self.lock:
-                if (teacher, key) not in self.items:
-                    self.items[(teacher, key)] = t
-                    self.used += size
-                while self.used > self.budget:
-                    _, old = self.items.popitem(last=False)
-                    self.used -= old.numel() * old.element_size()
+            with self.items.lock:
+                if (teacher, key) not in self.items:  # another thread may have read it meanwhile
+                    self.items.put((teacher, key), t)
         return t
 
     def drop(self, teacher: str) -> None:
         """Forget one teacher's tensors (its last user has gone)."""
-        with self.lock:
-            for k in [k for k in self.items if k[0] == teacher]:
-                old = self.items.pop(k)
-                self.used -= old.numel() * old.element_size()
+        self.items.drop(lambda k: k[0] == teacher)
 
 
 @dataclass
@@ -106,9 +99,7 @@ class Caches:
 WHOLE_FILE_BYTES = 64 << 20  # teacher files up to this size are hashed whole
 SAMPLES, SAMPLE_BYTES = 16, 64 << 10  # larger ones: their safetensors header and these blocks, evenly spaced
 SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within its ctime's granularity
-DIGESTS_KEPT = 1024
-_digests: OrderedDict[tuple, str] = OrderedDict()  # (path, dev, inode, size, mtime, ctime) -> digest
-_digests_lock = threading.Lock()
+_digests: Lru[tuple, str] = Lru(FILE_DIGESTS)  # (path, dev, inode, size, mtime, ctime) -> digest
 
 
 def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
@@ -122,10 +113,9 @@ def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
     try:
         st = os.fstat(fd)
         seen = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with _digests_lock:
-            if seen in _digests:
-                _digests.move_to_end(seen)
-                return _digests[seen]
+        known = _digests.get(seen)
+        if known is not None:
+            return known
         started, size = time.time_ns(), st.st_size
         h = hashlib.sha256(f"{size}\n".encode())
         if size <= WHOLE_FILE_BYTES:
@@ -143,10 +133,7 @@ def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
         os.close(fd)
     digest = h.hexdigest()
     if started - st.st_ctime_ns >= SETTLED_NS:  # changed just before: a rewrite may keep this ctime
-        with _digests_lock:
-            _digests[seen] = digest
-            while len(_digests) > DIGESTS_KEPT:
-                _digests.popitem(last=False)
+        _digests.put(seen, digest)
     return digest
 
 
@@ -176,10 +163,12 @@ class Projector:
         self.stats = TeacherStats(self.read, pick_device(self.strategy.device), teacher.prefetch)
         self._mapping: tuple[ProjectionKey, Mapping] | None = None
         self._plan: tuple[ProjectionKey, Plan] | None = None
-        self._results: OrderedDict[ProjectionKey, dict[str, Projected]] = OrderedDict()  # plan -> entries
-        self._kept: OrderedDict[tuple[ProjectionKey, str], int] = OrderedDict()  # (plan, key) -> bytes kept
-        self._kept_bytes = 0
-        self._spectra: OrderedDict[tuple[str, Any], torch.Tensor] = OrderedDict()
+        # plan -> projected entries; their tensors are counted in `_kept` (plan, key) -> bytes: past its bound the
+        # oldest kept tensors go, their entries keep only their numbers
+        self._results: Lru[ProjectionKey, dict[str, Projected]] = Lru(PROJECTIONS, _numbers_size)
+        self._kept: Lru[tuple[ProjectionKey, str], int] = Lru(PROJECTED_TENSORS, int, keep_oversize=True,
+                                                              evicted=self._demote)
+        self._spectra: Lru[tuple[str, Any], torch.Tensor] = Lru(SPECTRA)
         self.activations: Any = None  # activations.Activations on a calibration set (see `calibrate`)
         self.calibration: Any = None  # calibration.Calibration given to `calibrate` (fitting runs on it)
 
@@ -201,7 +190,6 @@ class Projector:
         self._plan = None
         self._results.clear()
         self._kept.clear()
-        self._kept_bytes = 0
         self._spectra.clear()
         self.stats.cache.clear()
 
@@ -289,10 +277,9 @@ class Projector:
         plan = self.plan(strategy)
         sig = self.signature(strategy)
         device = pick_device(strategy.device)
-        cache = self._results.setdefault(sig, {})
-        self._results.move_to_end(sig)
-        while len(self._results) > PLANS_KEPT:
-            self._results.popitem(last=False)
+        cache = self._results.get(sig)
+        if cache is None:
+            cache = self._results.put(sig, {})
         entries = plan.mapping.entries if keys is None else [plan.mapping.entry(k) for k in keys]
         usable = [self._usable(cache.get(e.student_key), tensors) for e in entries]
 
@@ -312,23 +299,22 @@ class Projector:
                 if tensors == "keep":
                     self._keep(sig, found)
             yield numbers_only(found) if tensors == "numbers" else found
+        self._results.put(sig, cache)  # counted again, with its new entries
         if progress:
             progress(len(entries), len(entries), "done")
 
     def _keep(self, sig: ProjectionKey, found: Projected) -> None:
-        """Count a projected tensor kept for reuse; past KEPT_BYTES the oldest kept ones keep only their numbers."""
+        """Count a projected tensor kept for reuse; past its bound the oldest kept ones keep only their numbers."""
         key = (sig, found.entry.student_key)
-        self._kept_bytes -= self._kept.pop(key, 0)
-        if found.tensor is None:
-            return
-        self._kept[key] = found.tensor.nbytes
-        self._kept_bytes += found.tensor.nbytes
-        while self._kept_bytes > KEPT_BYTES and len(self._kept) > 1:
-            (old_sig, old_key), size = self._kept.popitem(last=False)
-            self._kept_bytes -= size
-            entries = self._results.get(old_sig, {})
-            if old_key in entries:
-                entries[old_key] = numbers_only(entries[old_key])
+        self._kept.pop(key)
+        if found.tensor is not None:
+            self._kept.put(key, found.tensor.nbytes)
+
+    def _demote(self, kept: tuple[ProjectionKey, str], _: int) -> None:
+        old_sig, old_key = kept
+        entries = self._results.peek(old_sig, {})
+        if old_key in entries:
+            entries[old_key] = numbers_only(entries[old_key])
 
     @staticmethod
     def _usable(found: Projected | None, tensors: Tensors) -> bool:
@@ -349,15 +335,13 @@ class Projector:
         `strategy` (the default one if None), computed on the strategy's device."""
         strategy = strategy or self.strategy
         sig = key if side == "teacher" else (self.signature(strategy), key)
-        if (side, sig) not in self._spectra:
+        found = self._spectra.get((side, sig))
+        if found is None:
             t = self.read(key) if side == "teacher" else self.student_tensor(key, strategy)
             if t is None:
                 return None
-            self._spectra[(side, sig)] = singular_values(t, pick_device(strategy.device))
-            while len(self._spectra) > SPECTRA_KEPT:
-                self._spectra.popitem(last=False)
-        self._spectra.move_to_end((side, sig))
-        return self._spectra[(side, sig)]
+            found = self._spectra.put((side, sig), singular_values(t, pick_device(strategy.device)))
+        return found
 
     def student_config(self, strategy: Strategy | None = None) -> dict[str, Any]:
         """THE student config: the summary, the report, the exported config.json and the app show this one.
@@ -403,6 +387,11 @@ class Projector:
         if results is not None:
             out["retained_weight_energy"] = retained_weight_energy(results)
         return out
+
+
+def _numbers_size(entries: dict[str, Projected]) -> int:
+    """A plan's cached entries, less their tensors (`PROJECTED_TENSORS` bounds those)."""
+    return 512 * (1 + len(entries))
 
 
 def numbers_only(r: Projected) -> Projected:
