@@ -22,11 +22,18 @@ from .projector import Projector
 
 
 def random_student(config: dict[str, Any], seed: int) -> nn.Module:
-    """A freshly initialized student of a config (torch's default init), seeded without touching the global RNG:
-    the baseline a projection is measured against."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_student({"layout": "wanlite", **config})
+    """A freshly initialized student of a config: the baseline a projection is measured against. Every value comes
+    from one generator seeded with `seed` (`init_module_`), never the global RNG."""
+    return init_module_(build_student({"layout": "wanlite", **config}, "meta"), torch.Generator().manual_seed(seed))
+
+
+def init_module_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every parameter of `model` (built on 'meta', or anywhere) a fresh value from torch's own initialisation
+    of its module (the same distributions, `init_parameter_`), drawn from `generator` in parameter order; the
+    module's parameters are replaced, on the CPU, in float32."""
+    state = {k: init_parameter_(model, k, torch.empty(p.shape), generator) for k, p in model.named_parameters()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
 
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
