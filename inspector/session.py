@@ -9,7 +9,6 @@ tensors, the teacher statistics of the blocks it looked at, singular values, ene
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import threading
 import time
@@ -24,11 +23,11 @@ import torch
 
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
 from projection.cache import GALLERY, MEASURES, STACKED_SPECTRA, Lru
-from projection.arch.anatomy import SPACES, template_of
+from projection.arch.anatomy import template_of
 from projection.cancel import CancelToken, checkpoint
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
-from projection.core.measure import energy_by, layer_of
-from projection.core.plan import needs_stats
+from projection.core.measure import MATRIX_LABELS, energy_by, layer_of, matrix_kind
+from projection.core.plan import IndexChoice, index_choices, needs_stats
 from projection.core.project import Projected, pick_device
 from projection.core.spectra import as_matrix, cumulative_energy, singular_values
 from projection.core.suggest import suggest_rules, with_suggestions
@@ -63,13 +62,6 @@ class Measured:
     signature: ProjectionKey
     results: list[Projected]
     summary: dict[str, Any]
-
-
-@dataclass
-class IndexChoice:
-    label: str  # e.g. "residual stream (teacher block 2)"
-    kept: list[int]
-    total: int
 
 
 @dataclass
@@ -366,21 +358,7 @@ class Session:
 
     def index_choices(self, entry: Entry) -> list[IndexChoice]:
         """The kept teacher indices of every space the entry's axes live in (from the core's plan)."""
-        plan = self.projector.plan(self.strategy)
-        out, seen = [], set()
-        for part in entry.parts:
-            for axis in part.axes or ():
-                for space in axis:
-                    per_block = SPACES[space].per_block
-                    key = (space, part.block if per_block else None)
-                    idx = plan.indices(space, part.block)
-                    if key in seen or idx is None:
-                        continue
-                    seen.add(key)
-                    label = SPACES[space].label or space
-                    label += f" (teacher block {part.block})" if per_block else ""
-                    out.append(IndexChoice(label, idx.tolist(), self.mapping.teacher_sizes[space]))
-        return out
+        return index_choices(self.projector.plan(self.strategy), entry)
 
     # ------------------------------------------------------------ spectra
 
@@ -597,13 +575,6 @@ def _mapped(p: Projector) -> Projector:
     return p
 
 
-def matrix_kind(entry: Entry) -> str:
-    """A block matrix' kind in the teacher's vocabulary ('self_attn.q.weight'); stacked entries by their own name."""
-    if len(entry.parts) == 1:
-        return template_of(entry.parts[0].teacher_key)[0].removeprefix("blocks.{i}.")
-    return re.sub(r"^[\w.]*?\.\d+\.", "", entry.student_key)
-
-
 def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = 60,
               share: float = 0.998) -> tuple[list[float], list[float], list[float] | None]:
     """Bin centres and densities of two value sets on one range: the central `share` of both (display only;
@@ -627,16 +598,3 @@ def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = 60,
         return (counts / max(t.numel() * width, 1e-30)).tolist()
 
     return centres, density(a), density(b) if b is not None and b.numel() else None
-
-
-MATRIX_LABELS = {
-    "self_attn.q.weight": "self-attention q", "self_attn.k.weight": "self-attention k",
-    "self_attn.v.weight": "self-attention v", "self_attn.o.weight": "self-attention o",
-    "cross_attn.q.weight": "cross-attention q", "cross_attn.k.weight": "cross-attention k",
-    "cross_attn.v.weight": "cross-attention v", "cross_attn.o.weight": "cross-attention o",
-    "ffn.0.weight": "FFN in", "ffn.2.weight": "FFN out", "modulation": "modulation",
-    "patch_embedding.weight": "patch embedding", "text_embedding.0.weight": "text embedding in",
-    "text_embedding.2.weight": "text embedding out", "time_embedding.0.weight": "time embedding in",
-    "time_embedding.2.weight": "time embedding out", "time_projection.1.weight": "time projection",
-    "head.head.weight": "head", "head.modulation": "head modulation",
-}

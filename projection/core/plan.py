@@ -17,7 +17,7 @@ from ..arch.anatomy import SPACES
 from ..arch.wan import rope_frequencies
 from ..cache import TEACHER_STATS, Lru
 from ..io.streaming import read_ahead
-from .mapping import Mapping, Part
+from .mapping import Entry, Mapping, Part
 from .spectra import slice_energy
 
 SpaceKey = tuple[str, "int | None"]  # (space, teacher block or None for global spaces)
@@ -256,3 +256,29 @@ def rescale_factor(part: Part, mapping: Mapping) -> float:
     n = math.prod(mapping.teacher_sizes.get(s, 1) for s in part.axes[1])
     k = math.prod(mapping.student_sizes.get(s, 1) for s in part.axes[1])
     return math.sqrt(n / k) if k < n else 1.0
+
+
+@dataclass
+class IndexChoice:
+    label: str  # e.g. "residual stream (teacher block 2)"
+    kept: list[int]
+    total: int
+
+
+def index_choices(plan: Plan, entry: Entry) -> list[IndexChoice]:
+    """The kept teacher indices of every space the entry's axes live in, under `plan` (one per space and, for
+    per-block spaces, teacher block)."""
+    out, seen = [], set()
+    for part in entry.parts:
+        for axis in part.axes or ():
+            for space in axis:
+                per_block = SPACES[space].per_block
+                key = (space, part.block if per_block else None)
+                idx = plan.indices(space, part.block)
+                if key in seen or idx is None:
+                    continue
+                seen.add(key)
+                label = SPACES[space].label or space
+                label += f" (teacher block {part.block})" if per_block else ""
+                out.append(IndexChoice(label, idx.tolist(), plan.mapping.teacher_sizes[space]))
+    return out
