@@ -182,7 +182,7 @@ def glibc_heap() -> dict[str, int]:
 def needed_ranges(teacher_dir: Path, student: dict[str, Any]) -> list[tuple[int, int]]:
     """(offset, nbytes) of every teacher tensor some student entry reads, in file order (headers only)."""
     p = Projector.open(str(teacher_dir), student)
-    keys = {part.native_key for e in p.mapping.entries if e.status != "skipped" for part in e.parts}
+    keys = {part.native_key for e in p.mapping().entries if e.status != "skipped" for part in e.parts}
     infos = [p.teacher.checkpoint.tensors[k] for k in keys]
     return sorted((i.offset, i.nbytes) for i in infos)
 

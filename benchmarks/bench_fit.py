@@ -48,7 +48,7 @@ def main() -> None:
             model = projected_student(p)
             before = velocity_fidelity(model, teacher, held_out.latents, held_out.context).relative_error
             started = time.perf_counter()
-            fit_student(p, model, calibration, lam=lam)
+            fit_student(p.plan(), model, calibration, lam=lam)
             seconds = time.perf_counter() - started
             after = velocity_fidelity(model, teacher, held_out.latents, held_out.context).relative_error
             print(f"| {name} | {lam:g} | {before:.4f} | {after:.4f} | {seconds:.1f} s |", flush=True)

@@ -38,7 +38,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 p = Projector.open(str(folder), student)
                 t1 = time.perf_counter()
-                n = len(p.mapping.entries)
+                n = len(p.mapping().entries)
                 maps.append(time.perf_counter() - t1)
                 opens.append(t1 - t0)
             print(f"| {name} ({n} keys) | {min(opens):.3f} | {min(maps):.3f} | "

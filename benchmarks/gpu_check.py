@@ -899,7 +899,7 @@ def measure_fit(folder: Path, config: dict, device: str, files: list[Path], n: i
     evict(files)
     gpu.reset()
     started = time.perf_counter()
-    report = fit_student(p, model, cal, draws=1, device=device)
+    report = fit_student(p.plan(), model, cal, draws=1, device=device)
     sync(device)
     total = time.perf_counter() - started
     finite = all(bool(torch.isfinite(v).all()) for v in model.state_dict().values())

@@ -3,19 +3,16 @@
 Every number here comes from the core (mapping, plan, projected entries, summaries, spectra); this module only
 decides *when* to ask (energies automatically for teachers that fit the tensor cache, on demand otherwise)
 and keeps each session's objects apart: nothing in it is global. Teacher tensors and SVD bases come from the
-app's shared `Caches`; what a session keeps for itself is bounded: projected tensors (`KEPT_BYTES`), the teacher
-statistics of the blocks it looked at, singular values (`SPECTRA_KEPT`) and energies (`MEASURES_KEPT`, numbers only).
+app's shared `Caches`; what a session keeps for itself is bounded (`projection.cache` names every bound): projected
+tensors, the teacher statistics of the blocks it looked at, singular values, energies (numbers only) and gallery rows.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import shutil
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,11 +22,12 @@ from typing import Any
 import torch
 
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
-from projection.arch.anatomy import SPACES, template_of
+from projection.cache import GALLERY, MEASURES, STACKED_SPECTRA, Lru
+from projection.arch.anatomy import template_of
 from projection.cancel import CancelToken, checkpoint
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
-from projection.core.measure import energy_by, layer_of
-from projection.core.plan import needs_stats
+from projection.core.measure import MATRIX_LABELS, energy_by, layer_of, matrix_kind
+from projection.core.plan import IndexChoice, index_choices, needs_stats
 from projection.core.project import Projected, pick_device
 from projection.core.spectra import as_matrix, cumulative_energy, singular_values
 from projection.core.suggest import suggest_rules, with_suggestions
@@ -37,6 +35,7 @@ from projection.demo import teacher as demo_teacher
 from projection.demo.gallery import GalleryRow, demo_space, draw_row, preview_problem, preview_row
 from projection.demo.teacher import demo_calibration
 from projection.engine.build import random_student, wanlite_from_teacher
+from projection.engine.keys import ProjectionKey
 from projection.engine.projector import Caches, entry_rows
 from projection.engine.report import function_report
 from projection.function.calibration import Calibration
@@ -48,8 +47,6 @@ from .units import human_bytes
 
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
-MEASURES_KEPT = 64  # strategies whose energies a session remembers (numbers only: a few kB each)
-GALLERY_KEPT = 16  # gallery rows (and step-0 errors) a session remembers (a few kB each)
 MAX_FUNCTION_STUDENT_BYTES = 8 << 30  # the Function view holds three students of this size in memory
 QUICK_LATENTS = 64  # held-out latents behind the summary card's step-0 velocity error (2 noise draws each)
 GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
@@ -62,16 +59,9 @@ Progress = Callable[[int, int, str], None]
 class Measured:
     """Retained energy of every entry under one strategy + rules (numbers only, no tensors)."""
 
-    signature: str
+    signature: ProjectionKey
     results: list[Projected]
     summary: dict[str, Any]
-
-
-@dataclass
-class IndexChoice:
-    label: str  # e.g. "residual stream (teacher block 2)"
-    kept: list[int]
-    total: int
 
 
 @dataclass
@@ -119,23 +109,29 @@ class Session:
     student_source: str | dict[str, Any]
     folder: Path  # the session's own files (downloads, saved strategies), inside the app's scratch folder
     num_heads: int | None = None  # set by the user for a student checkpoint (a state dict does not record heads)
+    strategy: Strategy | None = None  # the session's strategy, passed to the projector (None: the one it opened with)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    measures: OrderedDict[str, Measured] = field(default_factory=OrderedDict)  # by signature, newest last
+    measures: Lru[ProjectionKey, Measured] = field(default_factory=lambda: Lru(MEASURES))  # by signature
     shown_layers: list[int] | None = None  # what the sliders show, to update them only on change
     slider_error: int | None = None  # the slider showing why its value was rejected
     out_dir: str = ""  # the Export tab's folder, for the CLI command
     last_used: float = field(default_factory=time.monotonic)
     closed: str | None = None  # why the session was closed, once it is
-    _stacked_spectra: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict)
-    gallery: OrderedDict[str, GalleryRow] = field(default_factory=OrderedDict)  # by what drew them, newest last
+    _stacked_spectra: Lru[tuple[ProjectionKey, str, int], torch.Tensor] = field(
+        default_factory=lambda: Lru(STACKED_SPECTRA))
+    gallery: Lru[tuple[Any, str | None], GalleryRow] = field(default_factory=lambda: Lru(GALLERY))  # by what drew them
     _teacher_module: torch.nn.Module | None = None
-    _step0: dict[str, Step0] = field(default_factory=dict)
+    _step0: Lru[ProjectionKey, Step0] = field(default_factory=lambda: Lru(GALLERY))
     _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
-    _step0_random: dict[int, float] = field(default_factory=dict)  # a random student's error, by seed
+    _step0_random: Lru[int, float] = field(default_factory=lambda: Lru(GALLERY))  # a random student's error, by seed
     work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
-    _function_for: str | None = None  # the projection it measured (`projection_key`)
+    _function_for: ProjectionKey | None = None  # the projection it measured (`projection_key`)
+
+    def __post_init__(self) -> None:
+        if self.strategy is None:
+            self.strategy = self.projector.strategy
 
     # ------------------------------------------------------------ opening
 
@@ -157,7 +153,7 @@ class Session:
             p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, caches=caches,
                                        strategy=strategy.model_copy(update={"layers": "uniform"}),
                                        num_heads=num_heads, check=check))
-        return cls(p, teacher, student, folder, num_heads)
+        return cls(p, teacher, student, folder, num_heads, p.strategy)
 
     def attach(self, token: CancelToken | None) -> None:
         """A request now working on this session answers to `token` (`stop_work` cancels it)."""
@@ -191,11 +187,15 @@ class Session:
 
     @property
     def mapping(self) -> Mapping:
-        return self.projector.mapping
+        return self.projector.mapping(self.strategy)
 
     @property
-    def strategy(self) -> Strategy:
-        return self.projector.strategy
+    def device(self) -> torch.device:
+        return pick_device(self.strategy.device)
+
+    @property
+    def student_config(self) -> dict[str, Any]:
+        return self.projector.student_config(self.strategy)
 
     @property
     def teacher_bytes(self) -> int:
@@ -216,13 +216,13 @@ class Session:
     def teacher_blocks(self) -> int:
         return int(self.projector.teacher.config.get("num_layers", 0))
 
-    def signature(self) -> str:
-        return self.projector.signature()
+    def signature(self, strategy: Strategy | None = None) -> ProjectionKey:
+        return self.projector.signature(strategy or self.strategy)
 
     @property
     def measured(self) -> Measured | None:
         """The energies of the current strategy + rules, if measured."""
-        return self.measures.get(self.signature())
+        return self.measures.peek(self.signature())
 
     @property
     def energy_current(self) -> bool:
@@ -237,10 +237,16 @@ class Session:
 
     def set_strategy(self, strategy: Strategy) -> None:
         """Apply a strategy; a choice the core rejects (e.g. a layer out of range) leaves the old one in place."""
+        self._remap(strategy=self._usable(strategy))
+
+    def _usable(self, strategy: Strategy) -> Strategy:
+        """`strategy`, checked for use here: its device exists, its calibration is there (the demo's, measured if
+        need be) and the core maps under it. Changes nothing but the calibration."""
         pick_device(strategy.device)  # the core refuses cuda where there is none
         if strategy.needs_calibration and self.projector.calibration is None:
             self.calibrate()
-        self._remap(strategy=strategy)
+        self.projector.mapping(strategy)  # the core rejects bad layer lists and head counts while mapping
+        return strategy
 
     def calibrate(self, calibration: Calibration | None = None, progress: Progress | None = None) -> None:
         """Activation choices rank on a calibration set: the one given (the Function tab's), else the demo's
@@ -250,7 +256,7 @@ class Session:
                                   "teacher on a calibration set: choose one in the Function tab (a file under the "
                                   "app's root, or synthetic) and press Measure")
         with heavy_work():
-            self.projector.calibrate(calibration or demo_calibration(), progress=progress)
+            self.projector.calibrate(calibration or demo_calibration(), progress=progress, device=self.device)
 
     def update_strategy(self, **fields: Any) -> None:
         self.set_strategy(Strategy.checked({**self.strategy.model_dump(), **fields}))  # validated, as files are
@@ -273,54 +279,48 @@ class Session:
         """Suggestions for the keys the editor's rules (applied or not) leave unmapped; nothing is applied."""
         parsed = parse_rules(text, "rules")
         p = self.projector
-        mapping = build_mapping(p.teacher, p.student, p.strategy, self._user_rules(parsed))
+        mapping = build_mapping(p.teacher, p.student, self.strategy, self._user_rules(parsed))
         suggested = suggest_rules(mapping)
         before = mapping.coverage()["keys"]
-        after = build_mapping(p.teacher, p.student, p.strategy, {**mapping.rules, **suggested}).coverage()["keys"]
+        after = build_mapping(p.teacher, p.student, self.strategy, {**mapping.rules, **suggested}).coverage()["keys"]
         return Suggested(with_suggestions(text, parsed, suggested), suggested,
                          after["transferred"] - before["transferred"], before["total"] - before["transferred"])
 
-    def _remap(self, **changes: Any) -> None:
-        """Set the projector's strategy and/or rules and map at once; if the core rejects the mapping, the old
-        values stay in place."""
-        old = {name: getattr(self.projector, name) for name in changes}
-        for name, value in changes.items():
-            setattr(self.projector, name, value)
-        try:
-            _mapped(self.projector)
-        except ProjectionError:
-            for name, value in old.items():
-                setattr(self.projector, name, value)
-            raise
+    def _remap(self, strategy: Strategy | None = None, rules: dict[str, Rule] | None = None) -> None:
+        """Map under a new strategy and/or rules, then take them; if the core rejects the mapping, nothing
+        changes."""
+        strategy = self.strategy if strategy is None else strategy
+        rules = self.projector.rules if rules is None else rules
+        self.projector.mapping(strategy, rules)
+        self.strategy, self.projector.rules = strategy, rules
 
     # ------------------------------------------------------------ numbers
 
-    def measure(self, force: bool = False, progress: Progress | None = None) -> Measured | None:
-        """Retained energy of every entry, from the core.
+    def measure(self, force: bool = False, progress: Progress | None = None,
+                strategy: Strategy | None = None) -> Measured | None:
+        """Retained energy of every entry under `strategy` (the session's if None), from the core.
 
         Runs by itself for small teachers; for large ones only when forced (the user asked). The numbers are
         kept per strategy + rules, so going back to an earlier choice (a slider moved back) costs nothing."""
-        sig = self.signature()
-        if sig in self.measures:
-            self.measures.move_to_end(sig)
-            return self.measures[sig]
+        strategy = strategy or self.strategy
+        sig = self.signature(strategy)
+        found = self.measures.get(sig)
+        if found is not None:
+            return found
         if not (force or self.auto_energy):
             return None
         with nullcontext() if self.auto_energy else heavy_work():
             results = []
-            for result in self.projector.stream(progress=progress, tensors="numbers"):
+            for result in self.projector.stream(strategy, progress=progress, tensors="numbers"):
                 checkpoint()  # a comparison or a large teacher's energies stop when their request is cancelled
                 results.append(result)
-        self.measures[sig] = Measured(sig, results, self.projector.summary(results))
-        while len(self.measures) > MEASURES_KEPT:
-            self.measures.popitem(last=False)
-        return self.measures[sig]
+        return self.measures.put(sig, Measured(sig, results, self.projector.summary(results, strategy)))
 
     def summary(self) -> dict[str, Any]:
         """The core's summary; energy fields only when they belong to the current strategy."""
         if self.energy_current:
             return self.measured.summary
-        return self.projector.summary()
+        return self.projector.summary(strategy=self.strategy)
 
     def rows(self) -> list[dict[str, Any]]:
         return entry_rows(self.mapping, self.measured.results if self.energy_current else None)
@@ -353,26 +353,12 @@ class Session:
         teacher = torch.cat([self.projector.read(p.teacher_key).float().flatten() for p in entry.parts])
         if not self.plan_ready:
             return Details(entry, None, teacher, None, energy)
-        student = self.projector.student_tensor(key)
+        student = self.projector.student_tensor(key, self.strategy)
         return Details(entry, self.index_choices(entry), teacher, student.float().flatten(), energy)
 
     def index_choices(self, entry: Entry) -> list[IndexChoice]:
         """The kept teacher indices of every space the entry's axes live in (from the core's plan)."""
-        plan = self.projector.plan()
-        out, seen = [], set()
-        for part in entry.parts:
-            for axis in part.axes or ():
-                for space in axis:
-                    per_block = SPACES[space].per_block
-                    key = (space, part.block if per_block else None)
-                    idx = plan.indices(space, part.block)
-                    if key in seen or idx is None:
-                        continue
-                    seen.add(key)
-                    label = SPACES[space].label or space
-                    label += f" (teacher block {part.block})" if per_block else ""
-                    out.append(IndexChoice(label, idx.tolist(), self.mapping.teacher_sizes[space]))
-        return out
+        return index_choices(self.projector.plan(self.strategy), entry)
 
     # ------------------------------------------------------------ spectra
 
@@ -407,23 +393,23 @@ class Session:
             raise ProjectionError(f"'{choice}': expected 'student key#part' with part 0..{len(entry.parts) - 1}")
         part = entry.parts[int(index)]
         p = self.projector
-        teacher = p.spectrum(part.teacher_key, "teacher")
+        teacher = p.spectrum(part.teacher_key, "teacher", self.strategy)
         if not self.plan_ready:  # the student side needs the plan, i.e. teacher statistics not computed yet
             student = None
         elif len(entry.parts) == 1:
-            student = p.spectrum(key, "student")
+            student = p.spectrum(key, "student", self.strategy)
         else:  # a stacked entry: the rows this part became
             cache_key = (self.signature(), key, int(index))
-            if cache_key not in self._stacked_spectra:
+            student = self._stacked_spectra.get(cache_key)
+            if student is None:
                 rows = part.student_shape[0]
-                piece = p.student_tensor(key)[int(index) * rows:(int(index) + 1) * rows]
-                self._stacked_spectra[cache_key] = singular_values(piece, p.device)
-            student = self._stacked_spectra[cache_key]
+                piece = p.student_tensor(key, self.strategy)[int(index) * rows:(int(index) + 1) * rows]
+                student = self._stacked_spectra.put(cache_key, singular_values(piece, self.device))
         rank = min(as_matrix(torch.empty(part.student_shape, device="meta")).shape)
         if self.energy_current:
             energy = next((r.energy for r in self.measured.results if r.entry.student_key == key), None)
         else:
-            energy = p.project([key])[0].energy if self.plan_ready else None
+            energy = p.project(self.strategy, [key])[0].energy if self.plan_ready else None
         where = f"teacher block {part.block}" if part.block is not None else "top level"
         title = f"teacher {part.teacher_key} ({where})\nstudent {key}"
         return Spectrum(title, teacher, student, cumulative_energy(teacher), rank, energy, len(entry.parts) > 1)
@@ -432,16 +418,11 @@ class Session:
 
     def compare(self, a: Strategy, b: Strategy, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
         """Coverage and retained energy under two strategies (same sources and rules); the session's own
-        strategy is restored afterwards, and the core's caches make switching back free."""
-        own = self.strategy
+        strategy stays, and the core's caches make coming back to it free."""
         out = {}
-        try:
-            with heavy_work():
-                for name, strategy in (("A", a), ("B", b)):
-                    self.set_strategy(strategy)
-                    out[name] = self.measure(force=True, progress=progress).summary
-        finally:
-            self.projector.strategy = own
+        with heavy_work():
+            for name, strategy in (("A", a), ("B", b)):
+                out[name] = self.measure(force=True, progress=progress, strategy=self._usable(strategy)).summary
         return out
 
     # ------------------------------------------------------------ function: what the student computes
@@ -450,14 +431,14 @@ class Session:
     def previews(self) -> bool:
         """The gallery shows RGB previews on the Function tab's calibration set (teachers outside the demo's
         latent space), not scored digits."""
-        return not (demo_space(self.projector.teacher.config) and demo_space(self.projector.student_config))
+        return not (demo_space(self.projector.teacher.config) and demo_space(self.student_config))
 
     def function_unavailable(self) -> str | None:
         """Why samples and velocity errors (the Gallery, the A/B comparison's first rows) cannot be measured here,
         or None when they can."""
         if self.teacher_bytes > AUTO_ENERGY_BYTES:
             return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
-        layout = self.projector.student_config.get("layout")
+        layout = self.student_config.get("layout")
         if layout not in ("wanlite", "seed"):
             return f"the student's layout '{layout}' has no runnable module here"
         if not self.previews:
@@ -469,7 +450,7 @@ class Session:
 
     def function_problem(self) -> str | None:
         """Why the Function view cannot measure this pair, or None when it can."""
-        student = self.projector.student_config
+        student = self.student_config
         if student.get("layout") not in ("wanlite", "seed"):
             return (f"the student's layout '{student.get('layout')}' has no runnable module here: measure an exported "
                     "student with the CLI (projection fidelity --student FOLDER)")
@@ -486,17 +467,14 @@ class Session:
         if why:
             raise ProjectionError(why)
         with heavy_work():
-            self.function = function_report(self.projector, calibration, progress=progress)
+            self.function = function_report(self.projector, calibration, progress=progress, strategy=self.strategy)
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
 
-    def projection_key(self, strategy: Strategy | None = None) -> str:
+    def projection_key(self, strategy: Strategy | None = None) -> ProjectionKey:
         """What decides the student `strategy` (the session's by default) projects: the strategy less dtype and
-        device, the rules, and the calibration set where the strategy ranks or fits on one."""
-        strategy = strategy or self.strategy
-        acts = self.projector.activations if strategy.needs_calibration else None
-        return json.dumps([strategy.model_dump(exclude={"dtype", "device"}), self.projector.rules,
-                           acts and acts.key], sort_keys=True)
+        device, the rules, the calibration set where the strategy ranks or fits on one, and the teacher."""
+        return self.projector.key(strategy or self.strategy, "student")
 
     def block_influence(self) -> tuple[list[float], list[float] | None, str] | None:
         """(influence per teacher block, removal effect per block or None, what they were measured on) once the
@@ -522,22 +500,22 @@ class Session:
         if self.function_unavailable():
             return None
         key = self.projection_key()
-        if key not in self._step0:
+        found = self._step0.get(key)
+        if found is None:
             if self._step0_reference is None:
                 held_out = demo_calibration().subset(QUICK_LATENTS)
                 self._step0_reference = teacher_reference(self.teacher_module(), held_out.latents,
                                                           held_out.context, draws=2)
             reference, seed = self._step0_reference, self.strategy.seed
-            if seed not in self._step0_random:
-                random = random_student(self.projector.student_config, seed)
-                self._step0_random[seed] = reference.score(random).relative_error
-            self._step0[key] = Step0(reference.score(projected_student(self.projector)).relative_error,
-                                     self._step0_random[seed],
-                                     f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise (2 draws each)")
-            for kept in (self._step0, self._step0_random):
-                while len(kept) > GALLERY_KEPT:
-                    kept.pop(next(iter(kept)))
-        return self._step0[key]
+            random = self._step0_random.get(seed)
+            if random is None:
+                random = self._step0_random.put(seed, reference.score(random_student(self.student_config, seed))
+                                                .relative_error)
+            student = projected_student(self.projector, strategy=self.strategy)
+            found = self._step0.put(key, Step0(reference.score(student).relative_error, random,
+                                               f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise "
+                                               "(2 draws each)"))
+        return found
 
     def teacher_module(self) -> torch.nn.Module:
         if self._teacher_module is None:
@@ -551,11 +529,10 @@ class Session:
         if why:
             raise ProjectionError(why)
         drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
-        key = (f"{which}:{self.strategy.seed}" if isinstance(which, str) else self.projection_key(which))
-        key += f":{drawn_on}"
-        if key in self.gallery:
-            self.gallery.move_to_end(key)
-            return self.gallery[key]
+        key = ((which, self.strategy.seed) if isinstance(which, str) else self.projection_key(which), drawn_on)
+        found = self.gallery.get(key)
+        if found is not None:
+            return found
         teacher = self.teacher_module()
         if self.previews:
             config, calibration = self.projector.teacher.config, self.projector.calibration
@@ -572,24 +549,16 @@ class Session:
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
             elif which == RANDOM:
-                row = draw("random init", random_student(self.projector.student_config, self.strategy.seed), teacher)
+                row = draw("random init", random_student(self.student_config, self.strategy.seed), teacher)
             else:
-                own = self.strategy
-                try:
-                    self.set_strategy(which)
-                    model = projected_student(self.projector)
-                finally:
-                    self.projector.strategy = own
+                model = projected_student(self.projector, strategy=self._usable(which))
                 row = draw(which.width if not which.basis_consistent else "projected", model, teacher)
-        self.gallery[key] = row
-        while len(self.gallery) > GALLERY_KEPT:
-            self.gallery.popitem(last=False)
-        return row
+        return self.gallery.put(key, row)
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:
         """The core's export (refuses existing folders); returns the report and copies to offer for download."""
         with heavy_work():
-            report = export_student(self.projector, out, force=False, progress=progress)
+            report = export_student(self.projector, out, force=False, progress=progress, strategy=self.strategy)
         names = ["projection_report.json", "config.json", "strategy.yaml"]
         weights = report["provenance"]["weights"]
         if sum((out / w).stat().st_size for w in weights) <= SMALL_WEIGHTS_BYTES:
@@ -602,15 +571,8 @@ class Session:
 
 def _mapped(p: Projector) -> Projector:
     """Map now: the core rejects bad layer lists and head counts while mapping, and the UI should say so at once."""
-    _ = p.mapping
+    p.mapping()
     return p
-
-
-def matrix_kind(entry: Entry) -> str:
-    """A block matrix' kind in the teacher's vocabulary ('self_attn.q.weight'); stacked entries by their own name."""
-    if len(entry.parts) == 1:
-        return template_of(entry.parts[0].teacher_key)[0].removeprefix("blocks.{i}.")
-    return re.sub(r"^[\w.]*?\.\d+\.", "", entry.student_key)
 
 
 def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = 60,
@@ -636,16 +598,3 @@ def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = 60,
         return (counts / max(t.numel() * width, 1e-30)).tolist()
 
     return centres, density(a), density(b) if b is not None and b.numel() else None
-
-
-MATRIX_LABELS = {
-    "self_attn.q.weight": "self-attention q", "self_attn.k.weight": "self-attention k",
-    "self_attn.v.weight": "self-attention v", "self_attn.o.weight": "self-attention o",
-    "cross_attn.q.weight": "cross-attention q", "cross_attn.k.weight": "cross-attention k",
-    "cross_attn.v.weight": "cross-attention v", "cross_attn.o.weight": "cross-attention o",
-    "ffn.0.weight": "FFN in", "ffn.2.weight": "FFN out", "modulation": "modulation",
-    "patch_embedding.weight": "patch embedding", "text_embedding.0.weight": "text embedding in",
-    "text_embedding.2.weight": "text embedding out", "time_embedding.0.weight": "time embedding in",
-    "time_embedding.2.weight": "time embedding out", "time_projection.1.weight": "time projection",
-    "head.head.weight": "head", "head.modulation": "head modulation",
-}

@@ -2,7 +2,7 @@
 
     from projection import Projector, Strategy, export_student
     p = Projector.open("Wan2.2-T2V-A14B", "student.yaml", expert="low")
-    p.mapping.coverage(); export_student(p, "out/")
+    p.mapping().coverage(); export_student(p, "out/")
 
 Importing it changes no process-wide state; programs choose those settings in `projection.runtime`.
 """

@@ -126,7 +126,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     from .engine.projector import entry_rows
 
     p = _projector(args)
-    mapping = p.mapping
+    mapping = p.mapping()
     results = _map_energy(args, p)
     rows = entry_rows(mapping, results)
     summary = p.summary(results)
@@ -163,7 +163,7 @@ def _print_map_table(rows: list[dict], p, summary: dict) -> None:
     for r in rows:
         detail = r["reason"] if r["status"] == "skipped" else ", ".join(r["teacher_keys"])
         print(line.format(r["student_key"], r["status"], _percent(r["retained_weight_energy"]), detail))
-    cov = p.mapping.coverage()
+    cov = p.mapping().coverage()
     print(f"\ncoverage: {cov['keys']['transferred']}/{cov['keys']['total']} keys ({cov['keys']['rate']:.1%}), "
           f"{cov['params']['transferred']:,}/{cov['params']['total']:,} params ({cov['params']['rate']:.1%})")
     energy = summary.get("retained_weight_energy")
@@ -184,10 +184,10 @@ def cmd_suggest_rules(args: argparse.Namespace) -> int:
 
     text, rules = _read_rules(args)
     p = _projector(args)
-    suggested = suggest_rules(p.mapping)
+    suggested = suggest_rules(p.mapping())
     sys.stdout.write(with_suggestions(text, rules or {}, suggested))
     if not suggested:
-        skipped = p.mapping.counts()["skipped"]
+        skipped = p.mapping().counts()["skipped"]
         print("no rules to suggest: " + ("every student key transfers" if not skipped else
               f"the {skipped} student keys that transfer nothing are skipped on purpose or fit no unused teacher "
               "tensor"), file=sys.stderr)

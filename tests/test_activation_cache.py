@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import projection.function.activations as act
 import projection.engine.projector as pipeline
+from projection.cache import Lru
 from projection.function.calibration import Calibration
 from projection.core.models import open_teacher
 from projection.demo.teacher import ASSETS
@@ -245,7 +246,7 @@ def test_fingerprint_is_kept_per_file_state_within_the_process(tmp_path, monkeyp
     weights = folder / "diffusion_pytorch_model.safetensors"
     view = open_teacher(str(folder))
     monkeypatch.setattr(pipeline, "SETTLED_NS", -(1 << 62))  # keep digests of files however recently changed
-    monkeypatch.setattr(pipeline, "_digests", type(pipeline._digests)())
+    monkeypatch.setattr(pipeline, "_digests", Lru(pipeline._digests.bound))
     reads = []
     real = pipeline.os.pread
     monkeypatch.setattr(pipeline.os, "pread", lambda *a: reads.append(1) or real(*a))

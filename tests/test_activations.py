@@ -102,10 +102,10 @@ def test_influence_keeps_the_most_influential_blocks_in_order(tiny_wan, tmp_path
     p = Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "num_layers": 2},
                        strategy=Strategy(layers="influence"))
     with pytest.raises(ProjectionError, match="give a calibration set"):
-        p.mapping
+        p.mapping()
     acts = p.calibrate(calibration_for(tiny_wan.config), cache=tmp_path)
     order = sorted(range(3), key=lambda b: -acts.influence[b])
-    assert p.mapping.layers == sorted(order[:2])
+    assert p.mapping().layers == sorted(order[:2])
 
 
 def test_statistics_are_cached_by_teacher_calibration_and_request(tiny_wan, tmp_path, monkeypatch):

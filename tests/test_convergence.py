@@ -46,7 +46,7 @@ def test_fidelity_is_zero_for_the_teachers_own_config_and_near_one_for_random(te
     exact = velocity_fidelity(same, teacher, data.val_latents, data.val_context, draws=2)
     assert exact.relative_error < 1e-6 and exact.cosine > 1 - 1e-6
     assert [b["s_low"] for b in exact.by_level] == [0.0, 0.5]
-    rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config, seed=0)
+    rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config(), seed=0)
     far = velocity_fidelity(rand, teacher, data.val_latents, data.val_context, draws=2)
     assert 0.5 < far.relative_error < 2 and abs(far.cosine) < 0.5
 
@@ -59,7 +59,7 @@ def test_a_deeper_cut_is_further_from_the_teacher(teacher, data):
 
 
 def test_random_students_are_seeded_without_touching_the_global_rng():
-    cfg = Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config
+    cfg = Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config()
     state = torch.random.get_rng_state()
     a, b, c = (random_student(cfg, s).state_dict() for s in (3, 3, 4))
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -114,7 +114,7 @@ def test_gallery_rows_score_the_teacher_high_and_show_one_digit_per_column(teach
     row = draw_row("teacher", teacher, classifier, sampler)
     assert row.images.shape == (10, 8, 8) and row.scored == 20 and row.velocity_error is None
     assert row.prompt_accuracy >= 0.8
-    rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config, 0)
+    rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config(), 0)
     other = draw_row("random", rand, classifier, sampler, teacher, Calibration(data.val_latents, data.val_context, "val"))
     assert other.prompt_accuracy <= 0.4 and 0.5 < other.velocity_error < 2
     picture = strip(row.images, scale=3, gap=1)

@@ -96,10 +96,10 @@ def test_write_demo_writes_the_trained_teacher_its_calibration_and_students(tmp_
     assert open_checkpoint(out / "teacher-wan").dtypes() == {"float16": 15 + 27 * 8}
     assert (out / "calibration.safetensors").read_bytes() == (dt.ASSETS / "calibration.safetensors").read_bytes()
     wanlite = Projector.open(str(out / "teacher-wan"), str(out / "student-wanlite.yaml"))
-    assert wanlite.mapping.coverage()["keys"] == {"transferred": 123, "total": 123, "rate": 1.0}
+    assert wanlite.mapping().coverage()["keys"] == {"transferred": 123, "total": 123, "rate": 1.0}
     assert wanlite.student.config["dim"] == 64 and wanlite.student.config["num_layers"] == 4  # half width, depth
     seed = Projector.open(str(out / "teacher-diffusers"), str(out / "student-seed.yaml"))
-    assert 0 < seed.mapping.coverage()["keys"]["transferred"] < seed.mapping.coverage()["keys"]["total"]
+    assert 0 < seed.mapping().coverage()["keys"]["transferred"] < seed.mapping().coverage()["keys"]["total"]
     assert write_demo(out) == out  # already there: left as it is
 
 

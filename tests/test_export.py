@@ -34,7 +34,7 @@ def test_round_trip_is_bit_identical_and_report_is_complete(tiny_wan, tmp_path):
     assert Strategy.from_yaml((out / "strategy.yaml").read_text()) == p.strategy
     on_disk = json.loads((out / "projection_report.json").read_text())
     assert on_disk["coverage"] == report["coverage"]
-    assert len(on_disk["entries"]) == len(p.mapping.entries)
+    assert len(on_disk["entries"]) == len(p.mapping().entries)
     assert {"student_key", "status", "teacher_keys", "retained_weight_energy", "reason"} <= set(on_disk["entries"][0])
     prov = on_disk["provenance"]
     assert prov["teacher"] == str(tiny_wan.diffusers_dir) and prov["teacher_files"][0]["bytes"] > 0
@@ -179,9 +179,9 @@ def test_a_custom_named_student_has_one_config_its_own_heads_and_projects_as_its
     twin = Projector.open(teacher, {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4})
     save_file(custom_names(build_student(twin.student.config).state_dict()), str(tmp_path / "custom.safetensors"))
     p = Projector.open(teacher, str(tmp_path / "custom.safetensors"), rules=parse_rules(CUSTOM_RULES))
-    config = p.student_config
+    config = p.student_config()
     assert {**config, "layout": "wanlite"} == twin.student.config
-    assert p.heads_inferred
+    assert p.heads_inferred()
     for r in twin.project():  # the same tensors: RoPE pairs chosen for heads of 32
         renamed = next(iter(custom_names({r.entry.student_key: r.tensor})))
         assert torch.equal(p.student_tensor(renamed), r.tensor), renamed
@@ -198,7 +198,7 @@ def test_a_diffusers_named_student_is_filled_and_stays_loadable_by_diffusers(tin
     torch.manual_seed(1)
     WanTransformer3DModel(**diffusers_kwargs(tiny_wan.config)).save_pretrained(tmp_path / "same")
     p = Projector.open(str(tiny_wan.original_dir), str(tmp_path / "same"))
-    assert (p.student.family, p.heads_inferred, p.mapping.coverage()["keys"]["rate"]) == ("wan-diffusers", False, 1.0)
+    assert (p.student.family, p.heads_inferred(), p.mapping().coverage()["keys"]["rate"]) == ("wan-diffusers", False, 1.0)
     export_student(p, tmp_path / "same-out")
     loaded = WanTransformer3DModel.from_pretrained(tmp_path / "same-out").eval()
     teacher = tiny_wan.model.state_dict()
@@ -211,7 +211,7 @@ def test_a_diffusers_named_student_is_filled_and_stays_loadable_by_diffusers(tin
     small = {**tiny_wan.config, "dim": 32, "num_heads": 1, "ffn_dim": 24, "num_layers": 2}
     WanTransformer3DModel(**diffusers_kwargs(small)).save_pretrained(tmp_path / "small")
     p = Projector.open(str(tiny_wan.diffusers_dir), str(tmp_path / "small"))
-    assert p.mapping.counts()["skipped"] == 0
+    assert p.mapping().counts()["skipped"] == 0
     export_student(p, tmp_path / "small-out")
     loaded = WanTransformer3DModel.from_pretrained(tmp_path / "small-out")
     assert loaded.config.num_attention_heads == 1 and loaded.config.attention_head_dim == 32
@@ -224,8 +224,7 @@ def test_a_diffusers_named_student_is_filled_and_stays_loadable_by_diffusers(tin
 def test_a_bfloat16_export_runs_forward_in_bfloat16(tiny_wan, tmp_path, layout):
     p = Projector.open(str(tiny_wan.original_dir), {**STUDENT, "layout": layout})
     export_student(p, tmp_path / "f32")
-    p.strategy = p.strategy.model_copy(update={"dtype": "bfloat16"})
-    export_student(p, tmp_path / "bf16")
+    export_student(p, tmp_path / "bf16", strategy=p.strategy.model_copy(update={"dtype": "bfloat16"}))
     f32, bf16 = load_student(tmp_path / "f32"), load_student(tmp_path / "bf16")
     assert {t.dtype for t in bf16.state_dict().values()} == {torch.bfloat16}
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, tiny_wan.config["text_dim"])

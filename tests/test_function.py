@@ -75,11 +75,11 @@ def test_per_block_fidelity_is_exact_for_identity_and_depth_only_students(tiny_w
     calib = calibration_for(tiny_wan.config)
     teacher = str(tiny_wan.diffusers_dir)
     same = Projector.open(teacher, {"layout": "wanlite"})
-    rows = block_fidelity(same, {"same": projected_student(same)}, calib.latents, calib.context, draws=1)["same"]
+    rows = block_fidelity(same.plan(), {"same": projected_student(same)}, calib.latents, calib.context, draws=1)["same"]
     assert [r["teacher_block"] for r in rows] == [0, 1, 2] and max(r["relative_error"] for r in rows) < 1e-10
 
     cut = Projector.open(teacher, WIDE, strategy=Strategy(layers=[0, 2]))
-    rows = block_fidelity(cut, {"cut": projected_student(cut)}, calib.latents, calib.context, draws=1)["cut"]
+    rows = block_fidelity(cut.plan(), {"cut": projected_student(cut)}, calib.latents, calib.context, draws=1)["cut"]
     x, t, ctx = noised_set(calib.latents, calib.context, 1)
     _, teacher_blocks = run(tiny_wan.model, x, t, ctx)
     _, student_blocks = run(pruned(tiny_wan, [0, 2]), x, t, ctx)

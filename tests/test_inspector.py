@@ -122,7 +122,7 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     out = load(client, app)
     p, results = core(root)
     table = rows(out)
-    assert len(table) == len(p.mapping.entries) == 123
+    assert len(table) == len(p.mapping().entries) == 123
     for r in results:
         row = table[r.entry.student_key]
         assert row["status"] == r.entry.status
@@ -139,7 +139,7 @@ def test_load_shows_the_cores_mapping_and_energies(client, app, root):
     from projection.function.fidelity import fidelity_table
 
     held_out = demo_calibration().subset(64)
-    found = fidelity_table({"student": projected_student(p), "random": random_student(p.student_config, 0)},
+    found = fidelity_table({"student": projected_student(p), "random": random_student(p.student_config(), 0)},
                            wanlite_from_teacher(root / TEACHER), held_out.latents, held_out.context, draws=2)
     card = re.search(r'Velocity error</div><div class="metric">([0-9.]+)</div><div class="card-line">([^<]*)<',
                      out["cards"])
@@ -165,7 +165,7 @@ def test_seed_student_shows_concatenated_and_skipped_with_reasons(client, app, r
     assert table["blocks.0.norm1.weight"]["status"] == "skipped"
     assert "no affine" in table["blocks.0.norm1.weight"]["reason"]
     p, _ = core(root, SEED)
-    assert {s: sum(r["status"] == s for r in table.values()) for s in ALL} == p.mapping.counts()
+    assert {s: sum(r["status"] == s for r in table.values()) for s in ALL} == p.mapping().counts()
 
 
 def test_bad_paths_get_clear_messages(client, app, root):
@@ -264,7 +264,7 @@ def test_activation_choices_rank_on_the_demos_calibration_set(client, app, root,
     p.calibrate(demo_calibration())
     results = p.project()
     assert "layers: influence" in out["strategy-yaml"] and "width: activation" in out["strategy-yaml"]
-    layers = [f"S{i} ← T{t}" for i, t in enumerate(p.mapping.layers)]
+    layers = [f"S{i} ← T{t}" for i, t in enumerate(p.mapping().layers)]
     assert figure(out, "layer-energy")["data"][0]["x"][1:] == layers
     table = rows(out)
     for r in results:
@@ -697,7 +697,7 @@ def test_function_tab_shows_the_cores_function_report(client, app, root, tmp_pat
         assert levels["s 0.50–1.00"][f"{name}: error"] == f"{students[name]['by_level'][1]['relative_error']:.3f}"
     assert float(levels["all levels"]["student: error"]) < float(levels["all levels"]["random init: error"])
     blocks = out["function-blocks"]
-    assert [r[:2] for r in blocks["data"]] == [[i, t] for i, t in enumerate(p.mapping.layers)]
+    assert [r[:2] for r in blocks["data"]] == [[i, t] for i, t in enumerate(p.mapping().layers)]
     per_block = report["fidelity"]["blocks"]["student"]
     assert [r[2] for r in blocks["data"]] == [f"{b['relative_error']:.3f}" for b in per_block]
     teacher = out["function-teacher"]["data"]

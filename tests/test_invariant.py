@@ -30,7 +30,7 @@ def student_out(folder, x, t, ctx) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ["diffusers_dir", "original_dir"])
 def test_same_config_student_equals_teacher_on_one_frame(tiny_wan, tmp_path, fmt):
     p = Projector.open(str(getattr(tiny_wan, fmt)), {"layout": "wanlite"})
-    assert p.mapping.counts()["skipped"] == 0
+    assert p.mapping().counts()["skipped"] == 0
     export_student(p, tmp_path / "student")
     x, t, ctx = inputs(tiny_wan.config)
     ref = reference(tiny_wan.model, x, t, ctx)
@@ -46,7 +46,7 @@ def test_shallower_student_equals_teacher_without_unselected_blocks(tiny_wan, tm
 
     p = Projector.open(str(getattr(tiny_wan, fmt)), {"layout": "wanlite", "num_layers": len(layers)},
                        strategy=Strategy(layers=layers))
-    assert p.mapping.layers == layers
+    assert p.mapping().layers == layers
     export_student(p, tmp_path / "student")
     pruned = WanTransformer3DModel(**diffusers_kwargs({**tiny_wan.config, "num_layers": len(layers)})).eval()
     state = {k: v for k, v in tiny_wan.model.state_dict().items() if not k.startswith("blocks.")}

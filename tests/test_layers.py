@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "projection"
-RANK = {"errors": 0, "cancel": 0, "runtime": 0, "io": 1, "arch": 1, "core": 2, "function": 3, "engine": 4, "demo": 5, "cli": 6,
-        "__main__": 7, "__init__": 7}
+RANK = {"errors": 0, "cancel": 0, "runtime": 0, "cache": 0, "io": 1, "arch": 1, "core": 2, "function": 3, "engine": 4,
+        "demo": 5, "cli": 6, "__main__": 7, "__init__": 7}
 
 
 def module_name(path: Path) -> str:

@@ -17,7 +17,7 @@ def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
     p = Projector.open(str(wan14b_headers), {"layout": "seed", "dim": 1024, "num_layers": 16, "num_heads": 16,
                                              "ffn_dim": 4096})
     assert len(p.teacher.shapes) == 1095
-    m = p.mapping
+    m = p.mapping()
     assert len(m.entries) == 202
     assert p.teacher.checkpoint.bytes_read == 0  # metadata only
     assert m.layers == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]  # evenly spaced, both ends
@@ -46,7 +46,7 @@ def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
 def test_wan14b_to_reference_student_covers_everything(wan14b_headers):
     p = Projector.open(str(wan14b_headers), {"layout": "wanlite", "dim": 1024, "num_layers": 16, "num_heads": 8,
                                              "ffn_dim": 4096})
-    m = p.mapping
+    m = p.mapping()
     assert m.counts()["skipped"] == 0
     q = m.entry("blocks.1.self_attn.q.weight")
     assert q.status == "mapped" and q.teacher_keys == ["blocks.3.self_attn.q.weight"]
@@ -56,14 +56,14 @@ def test_wan14b_to_reference_student_covers_everything(wan14b_headers):
 
 def test_more_student_heads_than_teacher_is_a_clear_error(tiny_wan):
     with pytest.raises(ProjectionError, match=r"4 heads of 16 but the teacher has 2 heads of 32.*at most 2 heads"):
-        Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "dim": 64, "num_heads": 4}).mapping
+        Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "dim": 64, "num_heads": 4}).mapping()
 
 
 def test_same_config_statuses_by_format(tiny_wan):
-    orig = Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite"}).mapping
+    orig = Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite"}).mapping()
     assert orig.counts() == {"exact": len(orig.entries) - 1, "mapped": 1, "concatenated": 0, "skipped": 0}
     assert orig.entry("patch_embedding.weight").status == "mapped"  # Conv3d -> Conv2d
-    diff = Projector.open(str(tiny_wan.diffusers_dir), {"layout": "wanlite"}).mapping
+    diff = Projector.open(str(tiny_wan.diffusers_dir), {"layout": "wanlite"}).mapping()
     assert diff.counts()["mapped"] == len(diff.entries) - 1
     assert diff.entry("patch_embedding.bias").status == "exact"  # same name, shape and values
     assert diff.entry("head.modulation").teacher_keys == ["scale_shift_table"]
@@ -90,7 +90,7 @@ def test_seed_in_proj_reduces_q_k_v_with_one_consistent_choice(tiny_wan):
     p = Projector.open(str(tiny_wan.original_dir), {"layout": "seed", "dim": 32, "num_heads": 2, "ffn_dim": 24,
                                                      "num_layers": 2}, strategy=Strategy(width="magnitude"))
     plan = p.plan()
-    block = p.mapping.layers[1]
+    block = p.mapping().layers[1]
     resid = plan.indices("resid", None)
     heads, qk, vo = (plan.indices(s, block) for s in ("sa_heads", "sa_qk", "sa_vo"))
     rows_qk = (heads[:, None] * 32 + qk[None, :]).reshape(-1)
@@ -121,12 +121,12 @@ def test_custom_student_transfers_nothing_until_rules_map_it(tiny_wan, tmp_path)
     save_file(state, str(folder / "model.safetensors"))
     p = Projector.open(str(tiny_wan.original_dir), str(folder))
     assert p.student.layout == "custom"
-    assert p.mapping.coverage()["keys"]["transferred"] == 0
+    assert p.mapping().coverage()["keys"]["transferred"] == 0
     assert any("Nothing transfers" in w for w in p.summary()["warnings"])
-    assert "no rule maps it" in p.mapping.entry("stem.weight").reason
+    assert "no rule maps it" in p.mapping().entry("stem.weight").reason
     p.rules = parse_rules("stem: patch_embedding\nlayers.{i}.wq: blocks.{i}.self_attn.q\n"
                           "layers.{i}.fc1: blocks.{i}.ffn.0\n")
-    m = p.mapping
+    m = p.mapping()
     assert m.coverage()["keys"]["rate"] == 1.0, [e.reason for e in m.entries]
     assert m.entry("layers.1.fc1.weight").teacher_keys == ["blocks.2.ffn.0.weight"]  # uniform: blocks 0 and 2 of 3
     assert torch.equal(p.student_tensor("layers.0.wq.weight"), p.teacher.read("blocks.0.self_attn.q.weight"))
@@ -176,7 +176,7 @@ def test_student_config_file_and_mapping_json_shape(tiny_wan, tmp_path):
     cfg.write_text(json.dumps({"layout": "wanlite", "dim": 32, "num_heads": 1, "num_layers": 2}))
     p = Projector.open(str(tiny_wan.diffusers_dir), str(cfg))
     assert p.student.config["ffn_dim"] == tiny_wan.config["ffn_dim"]  # omitted fields take the teacher's
-    d = p.mapping.to_dict()
+    d = p.mapping().to_dict()
     assert set(d["entries"][0]) >= {"student_key", "status", "teacher_keys", "student_shape", "teacher_shapes",
                                     "params", "reason"}
     assert set(d["coverage"]) == {"keys", "params"}
@@ -198,9 +198,9 @@ def test_wan14b_student_at_teacher_heads_limit(wan14b_headers):
     cfg = {**WAN14B, "dim": 1536, "num_heads": 12, "ffn_dim": 8960, "num_layers": 2}
     folder = write_shape_only_teacher(wan14b_headers.parent / "wan13b", cfg)
     with pytest.raises(ProjectionError, match="16 heads of 64 but the teacher has 12 heads of 128"):
-        Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 16, "num_layers": 2}).mapping
+        Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 16, "num_layers": 2}).mapping()
     ok = Projector.open(str(folder), {"layout": "seed", "dim": 1024, "num_heads": 8, "num_layers": 2})
-    assert ok.mapping.counts()["concatenated"] == 4
+    assert ok.mapping().counts()["concatenated"] == 4
 
 
 def test_wan21_i2v_image_keys_normalize_from_diffusers_names():
@@ -237,22 +237,22 @@ def test_a_checkpoint_students_heads_keep_the_teachers_head_dim_and_say_so(tmp_p
     teacher = str(write_shape_only_teacher(tmp_path / "teacher", SMALL_TEACHER))
     student = bare_seed_student(tmp_path / "student")
     p = Projector.open(teacher, student)
-    assert p.student.layout == "seed" and p.mapping.counts()["concatenated"] == 4  # maps, as 2 heads of 12
-    assert (p.student_config["num_heads"], p.student_config["head_dim"], p.student_config["dim"]) == (2, 12, 24)
-    assert "freq_dim" not in p.student_config  # nothing is filled in from the teacher's config
+    assert p.student.layout == "seed" and p.mapping().counts()["concatenated"] == 4  # maps, as 2 heads of 12
+    assert (p.student_config()["num_heads"], p.student_config()["head_dim"], p.student_config()["dim"]) == (2, 12, 24)
+    assert "freq_dim" not in p.student_config()  # nothing is filled in from the teacher's config
     summary = p.summary()
-    assert summary["student"]["heads_inferred"] is True and summary["student"]["config"] == p.student_config
+    assert summary["student"]["heads_inferred"] is True and summary["student"]["config"] == p.student_config()
     assert "heads inferred: 2 x 12; the checkpoint does not record heads" in summary["warnings"][0]
     with pytest.raises(ProjectionError, match=r"1 heads of 24 but the teacher has 4 heads of 12.*e\.g\. num_heads 2 "
                                               r"\(head dim 12\)"):
-        Projector.open(teacher, student, num_heads=1).mapping
+        Projector.open(teacher, student, num_heads=1).mapping()
     given = Projector.open(teacher, student, num_heads=4)
-    assert (given.student_config["num_heads"], given.student_config["head_dim"]) == (4, 6)
-    assert not given.heads_inferred and not given.summary()["warnings"]
+    assert (given.student_config()["num_heads"], given.student_config()["head_dim"]) == (4, 6)
+    assert not given.heads_inferred() and not given.summary()["warnings"]
     (tmp_path / "student" / "config.json").write_text(json.dumps({"num_heads": 4}))  # recorded beside it
     recorded = Projector.open(teacher, student)
-    assert recorded.student_config["num_heads"] == 4 and not recorded.heads_inferred
-    assert Projector.open(teacher, student, num_heads=2).student_config["num_heads"] == 2  # the option wins
+    assert recorded.student_config()["num_heads"] == 4 and not recorded.heads_inferred()
+    assert Projector.open(teacher, student, num_heads=2).student_config()["num_heads"] == 2  # the option wins
     with pytest.raises(ProjectionError, match=r"model\.safetensors: width 24 is not divisible by num_heads 5"):
         Projector.open(teacher, student, num_heads=5)
 
@@ -272,9 +272,9 @@ def test_a_rule_that_matches_no_student_key_is_an_error_naming_it(tiny_wan):
     typo = {"blocks.{i}.mlpp.0": "blocks.{i}.ffn.0"}
     with pytest.raises(ProjectionError, match=r"^rule 'blocks\.\{i\}\.mlpp\.0' matches no student key \(the student "
                                               r"has \d+ keys\); did you mean 'blocks\.\{i\}\.mlp\.0'\?$"):
-        Projector.open(str(tiny_wan.original_dir), seed, rules=typo).mapping
+        Projector.open(str(tiny_wan.original_dir), seed, rules=typo).mapping()
     ok = Projector.open(str(tiny_wan.original_dir), seed, rules={"blocks.{i}.mlp.0": "blocks.{i}.ffn.0"})
-    assert ok.mapping.entry("blocks.1.mlp.0.weight").status == "mapped"
+    assert ok.mapping().entry("blocks.1.mlp.0.weight").status == "mapped"
 
 # ---------------------------------------------------------------- suggested rules
 
@@ -311,8 +311,8 @@ def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_p
 
     student = custom_student(demo_dir, tmp_path / "custom", CUSTOM_NAMES)
     p = Projector.open(str(demo_dir / "teacher-wan"), student)
-    assert p.mapping.coverage()["keys"]["transferred"] == 0
-    suggested = suggest_rules(p.mapping)
+    assert p.mapping().coverage()["keys"]["transferred"] == 0
+    suggested = suggest_rules(p.mapping())
     assert p.teacher.checkpoint.bytes_read == 0  # from names and shapes alone
     # one rule per module, written for every block at once: 16 block modules + 6 top-level ones, not 123 keys
     assert len(suggested) == 22
@@ -324,7 +324,7 @@ def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_p
     assert suggested["layers.{i}.fc2"] == "blocks.{i}.ffn.2"
     assert suggested["patchify"] == "patch_embedding"  # a Conv2d from the teacher's Conv3d
     p.rules = suggested
-    m = p.mapping
+    m = p.mapping()
     assert m.coverage()["keys"]["rate"] == 1.0, [e.reason for e in m.entries if e.status == "skipped"]
     assert m.entry("layers.3.wv.bias").teacher_keys == ["blocks.7.self_attn.v.bias"]  # {i}: the chosen block (uniform: 0, 2, 5, 7)
     assert m.entry("t_embed.2.weight").teacher_keys == ["time_embedding.2.weight"]
@@ -337,13 +337,13 @@ def test_suggested_rules_are_module_prefixes_where_whole_modules_agree(demo_dir,
 
     student = custom_student(demo_dir, tmp_path / "custom", MODULE_NAMES)
     p = Projector.open(str(demo_dir / "teacher-wan"), student)
-    suggested = suggest_rules(p.mapping)
+    suggested = suggest_rules(p.mapping())
     assert suggested == {  # 7 rules for 123 keys
         "layers.{i}.attn": "blocks.{i}.self_attn", "layers.{i}.mlp": "blocks.{i}.ffn",
         "layers.{i}.modulation": "blocks.{i}.modulation", "layers.{i}.norm3": "blocks.{i}.norm3",
         "layers.{i}.xattn": "blocks.{i}.cross_attn", "out.proj": "head.head", "stem": "patch_embedding"}
     p.rules = suggested
-    assert p.mapping.coverage()["keys"]["rate"] == 1.0
+    assert p.mapping().coverage()["keys"]["rate"] == 1.0
 
 
 def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
@@ -354,12 +354,12 @@ def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
             "final.linear: {skip: \"trained from scratch\"}\n")
     rules = parse_rules(text)
     p = Projector.open(str(demo_dir / "teacher-wan"), student, rules=rules)
-    suggested = suggest_rules(p.mapping)
+    suggested = suggest_rules(p.mapping())
     assert "layers.{i}.wq" not in suggested and "final.linear" not in suggested
     assert suggested["layers.{i}.wk"] == "blocks.{i}.self_attn.q"  # one student module per teacher module
     assert "blocks.{i}.self_attn.k" not in suggested.values()
     p.rules = {**rules, **suggested}
-    m = p.mapping
+    m = p.mapping()
     assert m.entry("layers.2.wq.weight").teacher_keys == ["blocks.5.self_attn.k.weight"]  # uniform: 0, 2, 5, 7
     assert [e.student_key for e in m.entries if e.status == "skipped"] == ["final.linear.bias", "final.linear.weight"]
     assert m.entry("final.linear.weight").reason == "trained from scratch"
@@ -370,7 +370,7 @@ def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
     # a suggestion that replaces a rule of the text (one naming a missing teacher key) rewrites the text once
     typo = "layers.{i}.fc1: blocks.{i}.fnn.0\n"
     p.rules = parse_rules(typo)
-    fixed = suggest_rules(p.mapping)
+    fixed = suggest_rules(p.mapping())
     assert fixed["layers.{i}.fc1"] == "blocks.{i}.ffn.0"
     out = with_suggestions(typo, parse_rules(typo), fixed)
     assert "fnn" not in out.split("# Suggested")[0] and "replace your rule(s) for layers.{i}.fc1" in out

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from projection import ProjectionError, Projector, Strategy
-from projection.engine import projector as pipeline
+from projection.cache import Bound
 from projection.engine.projector import Caches, TensorCache
 
 from inspector.scratch import MARKER, Scratch, remove_stale
@@ -100,16 +100,16 @@ def test_max_sessions_closes_the_least_recently_used(demo_dir, tmp_path):
         pool.scratch.close()
 
 
-def test_projected_tensors_kept_by_a_projector_are_bounded(demo_dir, monkeypatch):
+def test_projected_tensors_kept_by_a_projector_are_bounded(demo_dir):
     p = Projector.open(str(demo_dir / "teacher-wan"), str(demo_dir / "student-wanlite.yaml"))
     expected = {r.entry.student_key: r.tensor for r in p.project()}
-    assert p._kept_bytes > 256 << 10
-    monkeypatch.setattr(pipeline, "KEPT_BYTES", 256 << 10)
+    assert p._kept.used > 256 << 10
     p.release()
+    p._kept.bound = Bound(256 << 10)
     got = {r.entry.student_key: r.tensor for r in p.project()}
     assert all(torch.equal(got[k], t) for k, t in expected.items() if t is not None)
     kept = [r for r in p._results[p.signature()].values() if r.tensor is not None and r.tensor.numel()]
-    assert p._kept_bytes <= 256 << 10 and sum(r.tensor.nbytes for r in kept) == p._kept_bytes
+    assert p._kept.used <= 256 << 10 and sum(r.tensor.nbytes for r in kept) == p._kept.used
     assert p.student_tensor("blocks.0.ffn.0.weight") is not None  # an evicted entry is projected again
 
 

@@ -62,5 +62,5 @@ def test_synthetic_demo_is_wan_shaped_in_both_formats_with_trained_like_spectra(
     assert cumulative_energy(s)[len(s) // 10 - 1] > 0.5
     for student in ("student-wanlite.yaml", "student-seed.yaml"):
         p = Projector.open(str(demo_dir / "teacher-diffusers"), str(demo_dir / student))
-        assert p.mapping.coverage()["keys"]["transferred"] > 0
+        assert p.mapping().coverage()["keys"]["transferred"] > 0
     assert "SYNTHETIC" in (demo_dir / "README.txt").read_text()

@@ -92,7 +92,7 @@ def test_each_option_changes_the_projection(demo_dir, field, values):
 
 def test_width_first_keeps_the_first_channels(tiny_wan):
     p = projector(tiny_wan, width="first", heads="first", head_dim="first", ffn="first")
-    assert p.mapping.layers == [0, 2]
+    assert p.mapping().layers == [0, 2]
     t = p.teacher.read("blocks.2.ffn.0.weight")
     assert torch.equal(p.student_tensor("blocks.1.ffn.0.weight"), t[:24, :32])
 
@@ -147,7 +147,7 @@ def test_residual_index_set_is_shared_by_every_reader_and_writer(tiny_wan):
     p = projector(tiny_wan)
     resid = p.plan().indices("resid", None)
     t = p.teacher
-    block = p.mapping.layers[1]
+    block = p.mapping().layers[1]
     assert torch.equal(p.student_tensor("patch_embedding.bias"), t.read("patch_embedding.bias")[resid])
     assert torch.equal(p.student_tensor("blocks.1.norm3.weight"), t.read(f"blocks.{block}.norm3.weight")[resid])
     assert torch.equal(p.student_tensor("blocks.1.modulation"), t.read(f"blocks.{block}.modulation")[:, :, resid])
@@ -176,7 +176,7 @@ def test_conv_option_reaches_the_patch_embedding(tiny_wan, conv):
     resid = p.plan().indices("resid", None)
     w = p.teacher.read("patch_embedding.weight")[resid]  # kt = 1: all three agree with the single slice
     assert torch.allclose(p.student_tensor("patch_embedding.weight"), w[:, :, 0])
-    assert any(conv in t for t in p.mapping.entry("patch_embedding.weight").transforms)
+    assert any(conv in t for t in p.mapping().entry("patch_embedding.weight").transforms)
 
 
 def test_variance_rescale_rule(tiny_wan):
@@ -348,7 +348,7 @@ def test_student_config_is_checked_against_the_teacher_before_anything_is_built(
 def test_a_deeper_student_needs_a_layer_list_as_long(tiny_wan):
     five = {"layout": "wanlite", "dim": 32, "num_heads": 1, "num_layers": 5}
     p = Projector.open(str(tiny_wan.original_dir), five, strategy=Strategy(layers=[0, 0, 1, 2, 2]))
-    assert p.mapping.layers == [0, 0, 1, 2, 2]
+    assert p.mapping().layers == [0, 0, 1, 2, 2]
     with pytest.raises(ProjectionError, match="num_layers 6 is more than the teacher's 3 blocks; the strategy's "
                                               "layer list has 5 entries"):
         Projector.open(str(tiny_wan.original_dir), {**five, "num_layers": 6}, strategy=Strategy(layers=[0] * 5))

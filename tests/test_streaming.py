@@ -99,9 +99,8 @@ def test_magnitude_statistics_read_each_teacher_tensor_once(tiny_wan):
     assert reads and len(reads) == len(set(reads))
     for key in reads:  # and the projection reuses their squared norms, exactly as it would take them
         assert p.stats.squared_norm(key) == squared_norm(p.teacher.read(key))
-    p.strategy = p.strategy.model_copy(update={"rescale": "variance"})
     reads.clear()
-    p.plan()
+    p.plan(p.strategy.model_copy(update={"rescale": "variance"}))
     assert reads == []  # a new plan on the same blocks reads nothing
 
 
@@ -113,8 +112,8 @@ def test_svd_per_matrix_takes_one_svd_per_teacher_matrix(tiny_wan, monkeypatch):
     first = {r.entry.student_key: r.tensor for r in p.project()}
     n = len(calls)
     assert n > 0
-    p.strategy = p.strategy.model_copy(update={"conv": "center"})  # a new plan: same matrices, cached bases
-    again = {r.entry.student_key: r.tensor for r in p.project()}
+    centered = p.strategy.model_copy(update={"conv": "center"})  # a new plan: same matrices, cached bases
+    again = {r.entry.student_key: r.tensor for r in p.project(centered)}
     assert len(calls) == n
     w = p.teacher.read("blocks.0.self_attn.q.weight")
     assert torch.equal(again["blocks.0.self_attn.q.weight"], svd_project(w, 32, 32))
@@ -157,11 +156,11 @@ def test_cached_plans_are_bounded(tiny_wan):
     signatures = set()
     for i in range(PLANS_KEPT + 3):  # 11 distinct strategies
         rescale = ("none", "variance")[i // 9]
-        p.strategy = p.strategy.model_copy(update={"layers": [i % 3, i // 3 % 3], "rescale": rescale})
-        list(p.stream(tensors="numbers"))
-        signatures.add(p.signature())
+        strategy = p.strategy.model_copy(update={"layers": [i % 3, i // 3 % 3], "rescale": rescale})
+        list(p.stream(strategy, tensors="numbers"))
+        signatures.add(p.signature(strategy))
     assert len(signatures) == PLANS_KEPT + 3
-    assert len(p._results) == PLANS_KEPT and p.signature() in p._results
+    assert len(p._results) == PLANS_KEPT and p.signature(strategy) in p._results
 
 
 def test_custom_student_config_comes_from_the_mapped_shapes(tiny_wan, tmp_path):

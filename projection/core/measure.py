@@ -7,6 +7,7 @@ not a measure of how well the student computes the teacher's function.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 from ..arch.anatomy import template_of
@@ -47,3 +48,24 @@ def retained_weight_energy(results: list[Projected]) -> dict[str, Any]:
     """The summary's energy section: the mean, per layer and per kind, and what the numbers mean."""
     return {"mean": mean_energy(results), "by_layer": energy_by(results), "by_kind": energy_by(results, kind_of),
             "meaning": MEANING}
+
+
+def matrix_kind(entry: Entry) -> str:
+    """A block matrix' kind in the teacher's vocabulary ('self_attn.q.weight'); stacked entries by their own name."""
+    if len(entry.parts) == 1:
+        return template_of(entry.parts[0].teacher_key)[0].removeprefix("blocks.{i}.")
+    return re.sub(r"^[\w.]*?\.\d+\.", "", entry.student_key)
+
+
+# the teacher's block and top-level matrices by kind (`matrix_kind`), as the app labels them, in its order
+MATRIX_LABELS = {
+    "self_attn.q.weight": "self-attention q", "self_attn.k.weight": "self-attention k",
+    "self_attn.v.weight": "self-attention v", "self_attn.o.weight": "self-attention o",
+    "cross_attn.q.weight": "cross-attention q", "cross_attn.k.weight": "cross-attention k",
+    "cross_attn.v.weight": "cross-attention v", "cross_attn.o.weight": "cross-attention o",
+    "ffn.0.weight": "FFN in", "ffn.2.weight": "FFN out", "modulation": "modulation",
+    "patch_embedding.weight": "patch embedding", "text_embedding.0.weight": "text embedding in",
+    "text_embedding.2.weight": "text embedding out", "time_embedding.0.weight": "time embedding in",
+    "time_embedding.2.weight": "time embedding out", "time_projection.1.weight": "time projection",
+    "head.head.weight": "head", "head.modulation": "head modulation",
+}

@@ -15,8 +15,9 @@ import torch
 
 from ..arch.anatomy import SPACES
 from ..arch.wan import rope_frequencies
+from ..cache import TEACHER_STATS, Lru
 from ..io.streaming import read_ahead
-from .mapping import Mapping, Part
+from .mapping import Entry, Mapping, Part
 from .spectra import slice_energy
 
 SpaceKey = tuple[str, "int | None"]  # (space, teacher block or None for global spaces)
@@ -64,32 +65,36 @@ def keep_rope_pairs(teacher_dim: int, student_dim: int, method: str) -> torch.Te
 
 @dataclass
 class TeacherStats:
-    """Per teacher key and axis: the squared norm of each slice along that axis. Cached, so a new plan after a
-    slider move reads only the blocks that became relevant."""
+    """Per teacher key and axis: the squared norm of each slice along that axis. Cached (within `TEACHER_STATS`),
+    so a new plan after a slider move reads only the blocks that became relevant."""
 
     read: Callable[[str], torch.Tensor]
     device: torch.device = torch.device("cpu")
     prefetch: Callable[[Sequence[str]], None] | None = None
-    cache: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    cache: Lru[str, dict[int, torch.Tensor]] = field(default_factory=lambda: Lru(TEACHER_STATS))
 
-    def prepare(self, wanted: dict[str, set[int]]) -> None:
-        """Compute every wanted axis, reading each tensor once, in the order given (file order streams best)."""
+    def prepare(self, wanted: dict[str, set[int]]) -> dict[str, dict[int, torch.Tensor]]:
+        """Compute every wanted axis, reading each tensor once, in the order given (file order streams best);
+        returns the statistics of the tensors read."""
         # Axis 0 always: its sum is the tensor's squared norm, so projection need not take it again.
-        todo = [(key, sorted((axes | {0}) - self.cache.get(key, {}).keys())) for key, axes in wanted.items()]
+        todo = [(key, sorted((axes | {0}) - self.cache.peek(key, {}).keys())) for key, axes in wanted.items()]
         todo = [(key, axes) for key, axes in todo if axes]
+        out = {}
         for i in read_ahead([[key] for key, _ in todo], self.prefetch):
             key, axes = todo[i]
             t = self.read(key).to(self.device)
-            self.cache.setdefault(key, {}).update({a: slice_energy(t, a).cpu() for a in axes})
+            found = {**self.cache.peek(key, {}), **{a: slice_energy(t, a).cpu() for a in axes}}
+            out[key] = self.cache.put(key, found)
             del t
+        return out
 
     def axis_energy(self, key: str, axis: int) -> torch.Tensor:
-        self.prepare({key: {axis}})
-        return self.cache[key][axis]
+        read = self.prepare({key: {axis}})
+        return (read.get(key) or self.cache.get(key))[axis]
 
     def squared_norm(self, key: str) -> float | None:
         """The tensor's squared norm (exactly `spectra.squared_norm`) if its statistics are known, else None."""
-        known = self.cache.get(key, {}).get(0)
+        known = self.cache.peek(key, {}).get(0)
         return known.sum().item() if known is not None else None
 
 
@@ -251,3 +256,29 @@ def rescale_factor(part: Part, mapping: Mapping) -> float:
     n = math.prod(mapping.teacher_sizes.get(s, 1) for s in part.axes[1])
     k = math.prod(mapping.student_sizes.get(s, 1) for s in part.axes[1])
     return math.sqrt(n / k) if k < n else 1.0
+
+
+@dataclass
+class IndexChoice:
+    label: str  # e.g. "residual stream (teacher block 2)"
+    kept: list[int]
+    total: int
+
+
+def index_choices(plan: Plan, entry: Entry) -> list[IndexChoice]:
+    """The kept teacher indices of every space the entry's axes live in, under `plan` (one per space and, for
+    per-block spaces, teacher block)."""
+    out, seen = [], set()
+    for part in entry.parts:
+        for axis in part.axes or ():
+            for space in axis:
+                per_block = SPACES[space].per_block
+                key = (space, part.block if per_block else None)
+                idx = plan.indices(space, part.block)
+                if key in seen or idx is None:
+                    continue
+                seen.add(key)
+                label = SPACES[space].label or space
+                label += f" (teacher block {part.block})" if per_block else ""
+                out.append(IndexChoice(label, idx.tolist(), plan.mapping.teacher_sizes[space]))
+    return out

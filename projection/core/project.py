@@ -5,13 +5,12 @@ writes each result as it comes, so the student is never whole in memory either.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from ..cache import SVD_BASES, Bound, Lru
 from ..errors import ProjectionError
 from .mapping import Entry, Part
 from .plan import Plan, flat_index, rescale_factor
@@ -58,42 +57,33 @@ class SvdCache:
     comparator then costs one SVD per teacher matrix, not one per refresh. `scoped(teacher)` gives a view for one
     teacher that shares the entries, lock and budget, so many projectors can share one cache."""
 
-    budget: int = 512 << 20
-    items: OrderedDict[tuple[str, str, bool, int], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=OrderedDict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
+    budget: int = SVD_BASES.bytes
+    items: Lru[tuple[str, str, bool, int], tuple[torch.Tensor, torch.Tensor]] | None = None  # thread-safe
     scope: str = ""  # the teacher's fingerprint
+
+    def __post_init__(self) -> None:
+        if self.items is None:
+            self.items = Lru(Bound(self.budget), lambda bases: bases[0].nbytes + bases[1].nbytes)
 
     def scoped(self, scope: str) -> SvdCache:
         return replace(self, scope=scope)
 
     @property
     def used(self) -> int:
-        with self.lock:
-            return sum(u.nbytes + vh.nbytes for u, vh in self.items.values())
+        return self.items.used
 
     def bases(self, key: str, w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         # LAPACK's last bits depend on the thread count: bases made at another count (a single-threaded refresh)
         # are not reused, so an export matches the same export from the CLI bit for bit.
         wanted = (self.scope, key, max(rows, cols) > min(w.shape), torch.get_num_threads())
-        with self.lock:
-            found = self.items.get(wanted)
-            if found is not None:
-                self.items.move_to_end(wanted)
-                return found
-        found = svd_bases(w, wanted[2])  # outside the lock: other matrices' SVDs run meanwhile
-        if found[0].nbytes + found[1].nbytes > self.budget:  # larger than the whole cache: used once, not kept
+        found = self.items.get(wanted)
+        if found is not None:
             return found
-        with self.lock:
-            self.items[wanted] = found
-            while sum(u.nbytes + vh.nbytes for u, vh in self.items.values()) > self.budget:
-                self.items.popitem(last=False)
-        return found
+        found = svd_bases(w, wanted[2])  # outside the lock: other matrices' SVDs run meanwhile
+        return self.items.put(wanted, found)  # larger than the whole cache: used once, not kept
 
     def drop(self, scope: str) -> None:
-        with self.lock:
-            for k in [k for k in self.items if k[0] == scope]:
-                del self.items[k]
+        self.items.drop(lambda k: k[0] == scope)
 
 
 def is_run(idx: torch.Tensor) -> bool:

@@ -88,7 +88,7 @@ def initial_student(teacher: str, run: Run, calibration: Calibration | None = No
     projector = Projector.open(teacher, {"layout": "wanlite", **run.student},
                                strategy=Strategy.checked(run.arm.strategy or {}, f"arm {run.arm.name}"))
     if run.arm.random:
-        return random_student(projector.student_config, run.seed)
+        return random_student(projector.student_config(), run.seed)
     if projector.strategy.needs_calibration and calibration is not None:
         projector.calibrate(calibration)
     return projected_student(projector)

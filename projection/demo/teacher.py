@@ -26,7 +26,7 @@ from . import digits
 from ..arch.anatomy import native_name
 from ..arch.config import build_student
 from ..arch.wan import WanLite, wan_state_dict
-from ..engine.build import wanlite_from_teacher
+from ..engine.build import init_module_, wanlite_from_teacher
 from ..errors import ProjectionError
 from ..function import calibration as sets
 from ..io.checkpoint import PathCheck
@@ -133,10 +133,9 @@ def diffusers_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def init_teacher(config: dict[str, Any] = CONFIG, seed: int = INIT_SEED) -> WanLite:
-    """A freshly initialized WanLite, seeded without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_student({"layout": "wanlite", **config})  # type: ignore[return-value]
+    """A freshly initialized WanLite, every value from one generator seeded with `seed` (never the global RNG)."""
+    model = build_student({"layout": "wanlite", **config}, "meta")
+    return init_module_(model, torch.Generator().manual_seed(seed))  # type: ignore[return-value]
 
 
 def train_teacher(out: Path = ASSETS, config: dict[str, Any] = CONFIG, training: TrainConfig = TRAINING,

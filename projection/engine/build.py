@@ -13,6 +13,7 @@ from torch import nn
 from ..arch.config import SIZES, build_student
 from ..arch.wan import WanLite, init_modulation_
 from ..core.models import open_teacher
+from ..core.strategy import Strategy
 from ..errors import ProjectionError
 from ..function.fit import compensate_dropped, fit_student
 from ..io.checkpoint import open_checkpoint
@@ -21,11 +22,18 @@ from .projector import Projector
 
 
 def random_student(config: dict[str, Any], seed: int) -> nn.Module:
-    """A freshly initialized student of a config (torch's default init), seeded without touching the global RNG:
-    the baseline a projection is measured against."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_student({"layout": "wanlite", **config})
+    """A freshly initialized student of a config: the baseline a projection is measured against. Every value comes
+    from one generator seeded with `seed` (`init_module_`), never the global RNG."""
+    return init_module_(build_student({"layout": "wanlite", **config}, "meta"), torch.Generator().manual_seed(seed))
+
+
+def init_module_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every parameter of `model` (built on 'meta', or anywhere) a fresh value from torch's own initialisation
+    of its module (the same distributions, `init_parameter_`), drawn from `generator` in parameter order; the
+    module's parameters are replaced, on the CPU, in float32."""
+    state = {k: init_parameter_(model, k, torch.empty(p.shape), generator) for k, p in model.named_parameters()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
 
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -108,8 +116,9 @@ def wanlite_from_teacher(source: str | Path, device: str | torch.device = "cpu",
     return model.to(device, dtype).eval()
 
 
-def initial_values(projector: Projector, keys: set[str]) -> dict[str, torch.Tensor]:
-    """Starting values of the student keys nothing transfers to: its checkpoint's, or a seeded fresh init.
+def initial_values(projector: Projector, keys: set[str], seed: int) -> dict[str, torch.Tensor]:
+    """Starting values of the student keys nothing transfers to: its checkpoint's, or a fresh init seeded by
+    `seed` (the strategy's).
 
     Each fresh tensor is drawn from its own generator, seeded from the strategy's seed and the key (never the
     global RNG), so the values do not depend on threads, order or anything else running in the process."""
@@ -117,28 +126,32 @@ def initial_values(projector: Projector, keys: set[str]) -> dict[str, torch.Tens
     if student.checkpoint is not None:
         return {c: student.read(c) for c in keys}
     model = build_student(student.config, "meta") if keys else None
-    return {k: fresh_value(model, k, projector.strategy.seed) for k in keys}
+    return {k: fresh_value(model, k, seed) for k in keys}
 
 
 def projected_student(projector: Projector, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The projected student as a runnable module in memory (what `export_student` writes, without the files):
-    for running, sampling and training it. Only runnable layouts (wanlite, seed)."""
-    keys = projector.mapping.coverage()["keys"]
+                      dtype: torch.dtype = torch.float32, strategy: Strategy | None = None) -> nn.Module:
+    """The student projected under `strategy` (the projector's default if None) as a runnable module in memory
+    (what `export_student` writes, without the files): for running, sampling and training it. Only runnable
+    layouts (wanlite, seed)."""
+    strategy = strategy or projector.strategy
+    mapping = projector.mapping(strategy)
+    keys = mapping.coverage()["keys"]
     if keys["transferred"] == 0:
         raise ProjectionError(f"{projector.student.source}: nothing transfers: none of the student's "
                               f"{keys['total']} keys maps to a teacher key")
-    model = build_student(projector.student_config, "meta")
-    skipped = {e.student_key for e in projector.mapping.entries if e.status == "skipped"}
-    state = initial_values(projector, skipped)
-    state.update({r.entry.student_key: r.tensor for r in projector.stream(tensors="yield") if r.tensor is not None})
+    model = build_student(projector.student_config(strategy), "meta")
+    skipped = {e.student_key for e in mapping.entries if e.status == "skipped"}
+    state = initial_values(projector, skipped, strategy.seed)
+    state.update({r.entry.student_key: r.tensor for r in projector.stream(strategy, tensors="yield")
+                  if r.tensor is not None})
     model.load_state_dict(state, assign=True, strict=True)
     model = model.to(device, torch.float32).eval()
-    if projector.strategy.fit == "least-squares":
+    if strategy.fit == "least-squares":
         if projector.calibration is None:
             raise ProjectionError("fit: least-squares refits on a calibration set: give one (CLI: --calibration "
                                   "FILE|demo|synthetic)")
-        fit_student(projector, model, projector.calibration, device=device)
-    if projector.strategy.compensate == "mean":
-        compensate_dropped(projector, model)  # after the fit, which solves every bias without the dropped blocks
+        fit_student(projector.plan(strategy), model, projector.calibration, device=device)
+    if strategy.compensate == "mean":  # after the fit, which solves every bias without the dropped blocks
+        compensate_dropped(projector.plan(strategy), projector.activations, model)
     return model.to(device, dtype)

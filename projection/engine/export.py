@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..core.project import pick_device
+from ..core.strategy import Strategy
 from ..errors import ProjectionError
 from ..io.writer import (MAX_SHARD_BYTES, WeightsWriter, check_destination, check_folder_name, check_replaceable,
                          exchange, missing_folders, remove_empty, remove_partial, remove_stale_partials, write_failure,
@@ -51,16 +53,17 @@ def run_inputs(projector: Projector, extra: Iterable[str | Path] = ()) -> set[Pa
     return {Path(p).expanduser().resolve() for p in [*named, *files] if Path(p).expanduser().exists()}
 
 
-def config_json(projector: Projector) -> dict[str, Any]:
+def config_json(projector: Projector, strategy: Strategy | None = None) -> dict[str, Any]:
     """The export's config.json: the student config the summary and report show, and the export dtype. A student
     checkpoint's own config.json keeps its other fields, so a diffusers student stays loadable by diffusers (which
     takes a `dtype` field as an argument: there, the weights' headers record it)."""
-    student, config = projector.student, projector.student_config
+    strategy = strategy or projector.strategy
+    student, config = projector.student, projector.student_config(strategy)
     own = dict(student.checkpoint.config) if student.checkpoint is not None else {}
     if student.family == "wan-diffusers":
         own.update(num_attention_heads=config["num_heads"], attention_head_dim=config["head_dim"])
         return {**own, **config}
-    return {**own, **config, "dtype": projector.strategy.dtype}
+    return {**own, **config, "dtype": strategy.dtype}
 
 
 def _version() -> str:
@@ -87,16 +90,20 @@ def report_json(data: Any) -> str:
 
 def export_student(projector: Projector, out: str | Path, force: bool = False, progress: Progress | None = None,
                    max_shard_bytes: int = MAX_SHARD_BYTES, inputs: Iterable[str | Path] = (),
-                   measure: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Project every entry by streaming and write the student folder. Returns the report.
+                   measure: Callable[[Path], dict[str, Any]] | None = None,
+                   strategy: Strategy | None = None) -> dict[str, Any]:
+    """Project every entry under `strategy` (the projector's default if None) by streaming and write the student
+    folder. Returns the report.
 
     inputs: files this run read besides the teacher and student (strategy, rules), which --force never replaces.
     measure: called with the written (not yet published) student folder; what it returns is the report's
     `function` (e.g. `report.student_fidelity` on a calibration set)."""
     out = Path(out).expanduser()
     teacher = projector.teacher
+    strategy = strategy or projector.strategy
+    mapping = projector.mapping(strategy)
     check_folder_name(out)
-    keys = projector.mapping.coverage()["keys"]
+    keys = mapping.coverage()["keys"]
     if keys["transferred"] == 0:  # before anything is written
         raise ProjectionError(f"{projector.student.source}: nothing to export: none of the student's "
                               f"{keys['total']} keys maps to a teacher key (add rules; `projection map` shows why)")
@@ -116,24 +123,24 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         remove_empty(created)
         raise ProjectionError(f"{out}: cannot create the output folder: {exc}") from exc
     started = time.time()
-    strategy = projector.strategy
     dtype = DTYPES[strategy.dtype]
     student = projector.student
     shapes = {student.native.get(k, k): shape for k, shape in student.shapes.items()}
     need = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
     try:
         skipped = {student.native.get(e.student_key, e.student_key)
-                   for e in projector.mapping.entries if e.status == "skipped"}
+                   for e in mapping.entries if e.status == "skipped"}
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
         stem = "diffusion_pytorch_model" if student.family == "wan-diffusers" else "model"  # diffusers' file names
         # fitted on the strategy's device (float64 least squares there), in memory
-        fitted = projected_student(projector, projector.device).state_dict() if strategy.refits else {}
+        fitted = (projected_student(projector, pick_device(strategy.device), strategy=strategy).state_dict()
+                  if strategy.refits else {})
         with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem) as writer:
-            for key, t in initial_values(projector, skipped).items():
+            for key, t in initial_values(projector, skipped, strategy.seed).items():
                 writer.write(key, t)
             # fitted: the projection already ran (its numbers are cached), so only the numbers are asked for
-            for r in projector.stream(progress=progress, tensors="numbers" if fitted else "yield"):
+            for r in projector.stream(strategy, progress=progress, tensors="numbers" if fitted else "yield"):
                 if r.tensor is not None:
                     t = fitted[r.entry.student_key] if fitted else r.tensor
                     writer.write(student.native.get(r.entry.student_key, r.entry.student_key), t)
@@ -141,19 +148,19 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
         if writer.missing:
             raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")
         files = writer.names
-        write_file(staged / "config.json", json.dumps(config_json(projector), indent=1))
+        write_file(staged / "config.json", json.dumps(config_json(projector, strategy), indent=1))
         write_file(staged / "strategy.yaml", strategy.to_yaml())
         report = {
-            **projector.summary(results),
-            "entries": entry_rows(projector.mapping, results),
-            "unused_teacher_keys": projector.mapping.unused_teacher_keys(),
+            **projector.summary(results, strategy),
+            "entries": entry_rows(mapping, results),
+            "unused_teacher_keys": mapping.unused_teacher_keys(),
             "provenance": {
                 "teacher": teacher.source,
                 "teacher_files": [{"path": str(f), "bytes": f.stat().st_size}
                                   for f in (teacher.checkpoint.files if teacher.checkpoint else [])],
                 "student": projector.student.source, "rules": projector.rules,
                 "projection_inspector": _version(), "torch": torch.__version__,
-                "device": str(projector.device), "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "device": str(pick_device(strategy.device)), "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                 "seconds": round(time.time() - started, 3),
                 "teacher_bytes_read": (teacher.checkpoint.bytes_read - bytes_before) if teacher.checkpoint else 0,
                 "weights": files, "weights_index": writer.index,

@@ -10,10 +10,8 @@ import json
 import math
 import os
 import struct
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Literal
@@ -21,6 +19,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from ..arch.anatomy import SPACES
+from ..cache import FILE_DIGESTS, PROJECTED_TENSORS, PROJECTIONS, SPECTRA, TEACHER_TENSORS, Bound, Lru
 from ..core.mapping import Entry, Mapping, Rule, build_mapping
 from ..core.measure import retained_weight_energy
 from ..core.models import ModelView, open_student, open_teacher
@@ -34,15 +33,13 @@ from ..function.noise import expert_band
 from ..io.checkpoint import MAX_HEADER_BYTES, PathCheck
 from ..io.inputs import regular_fd
 from ..io.streaming import WORKERS, in_order, read_ahead
+from .keys import ProjectionKey, Scope
 
 Progress = Callable[[int, int, str], None]
 Tensors = Literal["keep", "yield", "numbers"]
-PLANS_KEPT = 8  # projected entries are cached for this many recent strategies + rules (sliders moved back)
-SPECTRA_KEPT = 256
-KEPT_BYTES = 64 << 20  # projected tensors kept for reuse (details, spectra); older ones keep only their numbers
+PLANS_KEPT = PROJECTIONS.items  # projected entries are cached for this many recent strategies + rules
 
 
-@dataclass
 class TensorCache:
     """Least-recently-used teacher tensors, bounded in bytes (a 14B teacher streams, a demo stays in memory).
 
@@ -50,35 +47,32 @@ class TensorCache:
     the teacher's fingerprint and the tensor's name, so projectors on one teacher share them and the budget bounds
     them all together."""
 
-    budget: int = 1 << 30
-    items: OrderedDict[tuple[str, str], torch.Tensor] = field(default_factory=OrderedDict)
-    used: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # projections run in threads
+    def __init__(self, budget: int = TEACHER_TENSORS.bytes):
+        self.items: Lru[tuple[str, str], torch.Tensor] = Lru(Bound(budget))  # thread-safe: projections run in threads
+
+    @property
+    def budget(self) -> int:
+        return self.items.budget
+
+    @property
+    def used(self) -> int:
+        return self.items.used
 
     def get(self, teacher: str, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        with self.lock:
-            if (teacher, key) in self.items:
-                self.items.move_to_end((teacher, key))
-                return self.items[(teacher, key)]
+        found = self.items.get((teacher, key))
+        if found is not None:
+            return found
         t = read(key)
-        size = t.numel() * t.element_size()
-        if size <= self.budget:
+        if t.nbytes <= self.budget:
             t = t.clone()  # own the memory: a memory-mapped view would keep the file pages pinned
-            with self.lock:
-                if (teacher, key) not in self.items:
-                    self.items[(teacher, key)] = t
-                    self.used += size
-                while self.used > self.budget:
-                    _, old = self.items.popitem(last=False)
-                    self.used -= old.numel() * old.element_size()
+            with self.items.lock:
+                if (teacher, key) not in self.items:  # another thread may have read it meanwhile
+                    self.items.put((teacher, key), t)
         return t
 
     def drop(self, teacher: str) -> None:
         """Forget one teacher's tensors (its last user has gone)."""
-        with self.lock:
-            for k in [k for k in self.items if k[0] == teacher]:
-                old = self.items.pop(k)
-                self.used -= old.numel() * old.element_size()
+        self.items.drop(lambda k: k[0] == teacher)
 
 
 @dataclass
@@ -105,9 +99,7 @@ class Caches:
 WHOLE_FILE_BYTES = 64 << 20  # teacher files up to this size are hashed whole
 SAMPLES, SAMPLE_BYTES = 16, 64 << 10  # larger ones: their safetensors header and these blocks, evenly spaced
 SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within its ctime's granularity
-DIGESTS_KEPT = 1024
-_digests: OrderedDict[tuple, str] = OrderedDict()  # (path, dev, inode, size, mtime, ctime) -> digest
-_digests_lock = threading.Lock()
+_digests: Lru[tuple, str] = Lru(FILE_DIGESTS)  # (path, dev, inode, size, mtime, ctime) -> digest
 
 
 def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
@@ -121,10 +113,9 @@ def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
     try:
         st = os.fstat(fd)
         seen = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with _digests_lock:
-            if seen in _digests:
-                _digests.move_to_end(seen)
-                return _digests[seen]
+        known = _digests.get(seen)
+        if known is not None:
+            return known
         started, size = time.time_ns(), st.st_size
         h = hashlib.sha256(f"{size}\n".encode())
         if size <= WHOLE_FILE_BYTES:
@@ -142,10 +133,7 @@ def file_digest(path: str | os.PathLike, safetensors: bool) -> str:
         os.close(fd)
     digest = h.hexdigest()
     if started - st.st_ctime_ns >= SETTLED_NS:  # changed just before: a rewrite may keep this ctime
-        with _digests_lock:
-            _digests[seen] = digest
-            while len(_digests) > DIGESTS_KEPT:
-                _digests.popitem(last=False)
+        _digests.put(seen, digest)
     return digest
 
 
@@ -167,18 +155,20 @@ class Projector:
         """caches: keep teacher tensors and SVD bases between refreshes (interactive use; may be shared with other
         projectors); None streams the teacher (export) and keeps SVD bases for this projector only."""
         self.teacher, self.student = teacher, student
-        self.strategy = strategy or Strategy()
+        self._strategy = strategy or Strategy()  # the default of every method taking a strategy; never swapped
         self.rules: dict[str, Rule] = dict(rules or {})
         self.fingerprint = teacher_fingerprint(teacher)
         self.read = partial(caches.tensors.get, self.fingerprint, read=teacher.read) if caches else teacher.read
         self.svd = (caches.svd if caches else SvdCache()).scoped(self.fingerprint)
         self.stats = TeacherStats(self.read, pick_device(self.strategy.device), teacher.prefetch)
-        self._mapping: tuple[str, Mapping] | None = None
-        self._plan: tuple[str, Plan] | None = None
-        self._results: OrderedDict[str, dict[str, Projected]] = OrderedDict()  # plan signature -> entries
-        self._kept: OrderedDict[tuple[str, str], int] = OrderedDict()  # (plan, key) -> bytes of a kept tensor
-        self._kept_bytes = 0
-        self._spectra: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._mapping: tuple[ProjectionKey, Mapping] | None = None
+        self._plan: tuple[ProjectionKey, Plan] | None = None
+        # plan -> projected entries; their tensors are counted in `_kept` (plan, key) -> bytes: past its bound the
+        # oldest kept tensors go, their entries keep only their numbers
+        self._results: Lru[ProjectionKey, dict[str, Projected]] = Lru(PROJECTIONS, _numbers_size)
+        self._kept: Lru[tuple[ProjectionKey, str], int] = Lru(PROJECTED_TENSORS, int, keep_oversize=True,
+                                                              evicted=self._demote)
+        self._spectra: Lru[tuple[str, Any], torch.Tensor] = Lru(SPECTRA)
         self.activations: Any = None  # activations.Activations on a calibration set (see `calibrate`)
         self.calibration: Any = None  # calibration.Calibration given to `calibrate` (fitting runs on it)
 
@@ -200,17 +190,17 @@ class Projector:
         self._plan = None
         self._results.clear()
         self._kept.clear()
-        self._kept_bytes = 0
         self._spectra.clear()
         self.stats.cache.clear()
 
     def calibrate(self, calibration: Any, draws: int = 2, seed: int = 0, progress: Progress | None = None,
-                  cache: Any = None) -> Any:
-        """Run the teacher (streamed) on a calibration set and keep its activation statistics (cached on disk), so
-        that `activation` and `influence` choices can rank by them. The noise levels are those of the expert."""
+                  cache: Any = None, device: torch.device | None = None) -> Any:
+        """Run the teacher (streamed, on `device`: the default strategy's if None) on a calibration set and keep its
+        activation statistics (cached on disk), so that `activation` and `influence` choices can rank by them. The
+        noise levels are those of the expert."""
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
         band = expert_band(expert, self.teacher.config.get("in_dim"))
-        found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, self.device, cache,
+        found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, device or self.device, cache,
                                     progress)
         bad = next((k for k, v in found.scores.items() if not torch.isfinite(v).all()), None)
         if bad is not None or not all(math.isfinite(v) for v in found.influence):
@@ -219,6 +209,11 @@ class Projector:
                                   "this large overflow the teacher's float32 forward; nothing ranks on them")
         self.calibration, self.activations = calibration, found
         return found
+
+    @property
+    def strategy(self) -> Strategy:
+        """The strategy the projector was opened with: what its methods use when they are given none."""
+        return self._strategy
 
     def _resolved(self, strategy: Strategy) -> Strategy:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""
@@ -232,50 +227,64 @@ class Projector:
 
     @property
     def device(self) -> torch.device:
+        """The device of the default strategy (`device_of` for another)."""
         return pick_device(self.strategy.device)
 
-    def signature(self) -> str:
-        """What projected numbers depend on: the strategy (less export dtype, device, seed, expert) and rules."""
-        keep = self.strategy.model_dump(exclude={"dtype", "device", "seed", "expert"})
-        calibrated = self.activations.key if self.activations is not None and self.strategy.needs_activations else None
-        return json.dumps([keep, self.rules, calibrated], sort_keys=True)
+    def key(self, strategy: Strategy | None = None, scope: Scope = "numbers",
+            rules: dict[str, Rule] | None = None) -> ProjectionKey:
+        """What decides a projection under `strategy` (the default one if None) and `rules` (the projector's if
+        None), for what `scope` caches (`keys.SCOPES`)."""
+        return ProjectionKey.of(scope, strategy or self.strategy, self.rules if rules is None else rules,
+                                self.activations, self.fingerprint)
 
-    @property
-    def mapping(self) -> Mapping:
-        calibrated = self.activations.key if self.activations is not None else None
-        sig = json.dumps([self.strategy.model_dump(), self.rules, calibrated], sort_keys=True)
-        if self._mapping is None or self._mapping[0] != sig:
-            strategy = self._resolved(self.strategy)
-            self._mapping = (sig, build_mapping(self.teacher, self.student, strategy, self.rules))
-        return self._mapping[1]
+    def signature(self, strategy: Strategy | None = None) -> ProjectionKey:
+        """What projected numbers depend on: the strategy (less export dtype, device, seed, expert), the rules and
+        the calibration set where the strategy ranks on activations."""
+        return self.key(strategy, "numbers")
 
-    def plan(self) -> Plan:
-        sig = self.signature()
-        if self._plan is None or self._plan[0] != sig:
-            mapping = self.mapping
-            if self.strategy.needs_activations:
+    def mapping(self, strategy: Strategy | None = None, rules: dict[str, Rule] | None = None) -> Mapping:
+        """The mapping under `strategy` (the default one if None) and `rules` (the projector's if None)."""
+        strategy = strategy or self.strategy
+        rules = self.rules if rules is None else rules
+        sig = self.key(strategy, "mapping", rules)
+        found = self._mapping
+        if found is None or found[0] != sig:
+            found = (sig, build_mapping(self.teacher, self.student, self._resolved(strategy), rules))
+            self._mapping = found
+        return found[1]
+
+    def plan(self, strategy: Strategy | None = None) -> Plan:
+        strategy = strategy or self.strategy
+        sig = self.signature(strategy)
+        found = self._plan
+        if found is None or found[0] != sig:
+            mapping = self.mapping(strategy)
+            if strategy.needs_activations:
                 require(self.activations, "this strategy")
-            self._plan = (sig, make_plan(mapping, self.stats if needs_stats(mapping) else None, self.activations))
-        return self._plan[1]
+            found = (sig, make_plan(mapping, self.stats if needs_stats(mapping) else None, self.activations))
+            self._plan = found
+        return found[1]
 
-    def stream(self, keys: list[str] | None = None, progress: Progress | None = None,
-               tensors: Tensors = "keep") -> Iterator[Projected]:
-        """Projected entries (all, or the named student keys), one at a time, cached per plan.
+    def stream(self, strategy: Strategy | None = None, keys: list[str] | None = None,
+               progress: Progress | None = None, tensors: Tensors = "keep") -> Iterator[Projected]:
+        """Projected entries (all, or the named student keys) under `strategy` (the default one if None), one at a
+        time, cached per plan.
 
         tensors: "keep" yields them and caches them (interactive use); "yield" yields them but caches only the
         numbers, so an export holds each projected tensor once, in the caller's hands; "numbers" needs no
         tensors at all (yielded tensors are empty), so any cached entry serves."""
-        plan = self.plan()
-        sig = self.signature()
-        cache = self._results.setdefault(sig, {})
-        self._results.move_to_end(sig)
-        while len(self._results) > PLANS_KEPT:
-            self._results.popitem(last=False)
+        strategy = strategy or self.strategy
+        plan = self.plan(strategy)
+        sig = self.signature(strategy)
+        device = pick_device(strategy.device)
+        cache = self._results.get(sig)
+        if cache is None:
+            cache = self._results.put(sig, {})
         entries = plan.mapping.entries if keys is None else [plan.mapping.entry(k) for k in keys]
         usable = [self._usable(cache.get(e.student_key), tensors) for e in entries]
 
         def work(entry: Entry) -> Projected:  # runs in worker threads: touches only thread-safe caches
-            return project_entry(entry, plan, self.read, self.device, self.svd, self.stats.squared_norm)
+            return project_entry(entry, plan, self.read, device, self.svd, self.stats.squared_norm)
 
         computed = in_order(work, [e for e, ok in zip(entries, usable) if not ok], WORKERS)
         for i in read_ahead([[] if ok else [p.teacher_key for p in e.parts] for e, ok in zip(entries, usable)],
@@ -290,23 +299,22 @@ class Projector:
                 if tensors == "keep":
                     self._keep(sig, found)
             yield numbers_only(found) if tensors == "numbers" else found
+        self._results.put(sig, cache)  # counted again, with its new entries
         if progress:
             progress(len(entries), len(entries), "done")
 
-    def _keep(self, sig: str, found: Projected) -> None:
-        """Count a projected tensor kept for reuse; past KEPT_BYTES the oldest kept ones keep only their numbers."""
+    def _keep(self, sig: ProjectionKey, found: Projected) -> None:
+        """Count a projected tensor kept for reuse; past its bound the oldest kept ones keep only their numbers."""
         key = (sig, found.entry.student_key)
-        self._kept_bytes -= self._kept.pop(key, 0)
-        if found.tensor is None:
-            return
-        self._kept[key] = found.tensor.nbytes
-        self._kept_bytes += found.tensor.nbytes
-        while self._kept_bytes > KEPT_BYTES and len(self._kept) > 1:
-            (old_sig, old_key), size = self._kept.popitem(last=False)
-            self._kept_bytes -= size
-            entries = self._results.get(old_sig, {})
-            if old_key in entries:
-                entries[old_key] = numbers_only(entries[old_key])
+        self._kept.pop(key)
+        if found.tensor is not None:
+            self._kept.put(key, found.tensor.nbytes)
+
+    def _demote(self, kept: tuple[ProjectionKey, str], _: int) -> None:
+        old_sig, old_key = kept
+        entries = self._results.peek(old_sig, {})
+        if old_key in entries:
+            entries[old_key] = numbers_only(entries[old_key])
 
     @staticmethod
     def _usable(found: Projected | None, tensors: Tensors) -> bool:
@@ -315,70 +323,75 @@ class Projector:
         whole = found.tensor is None or found.tensor.numel() == math.prod(found.entry.student_shape)
         return whole or tensors == "numbers"
 
-    def project(self, keys: list[str] | None = None, progress: Progress | None = None) -> list[Projected]:
-        return list(self.stream(keys, progress))
+    def project(self, strategy: Strategy | None = None, keys: list[str] | None = None,
+                progress: Progress | None = None) -> list[Projected]:
+        return list(self.stream(strategy, keys, progress))
 
-    def student_tensor(self, key: str) -> torch.Tensor | None:
-        return self.project([key])[0].tensor
+    def student_tensor(self, key: str, strategy: Strategy | None = None) -> torch.Tensor | None:
+        return self.project(strategy, [key])[0].tensor
 
-    def spectrum(self, key: str, side: str = "teacher") -> torch.Tensor | None:
-        """Singular values of a teacher tensor (canonical key) or a projected student tensor (student key)."""
-        sig = key if side == "teacher" else f"{self.signature()}|{key}"
-        if (side, sig) not in self._spectra:
-            t = self.read(key) if side == "teacher" else self.student_tensor(key)
+    def spectrum(self, key: str, side: str = "teacher", strategy: Strategy | None = None) -> torch.Tensor | None:
+        """Singular values of a teacher tensor (canonical key) or a student tensor (student key) projected under
+        `strategy` (the default one if None), computed on the strategy's device."""
+        strategy = strategy or self.strategy
+        sig = key if side == "teacher" else (self.signature(strategy), key)
+        found = self._spectra.get((side, sig))
+        if found is None:
+            t = self.read(key) if side == "teacher" else self.student_tensor(key, strategy)
             if t is None:
                 return None
-            self._spectra[(side, sig)] = singular_values(t, self.device)
-            while len(self._spectra) > SPECTRA_KEPT:
-                self._spectra.popitem(last=False)
-        self._spectra.move_to_end((side, sig))
-        return self._spectra[(side, sig)]
+            found = self._spectra.put((side, sig), singular_values(t, pick_device(strategy.device)))
+        return found
 
-    @property
-    def student_config(self) -> dict[str, Any]:
+    def student_config(self, strategy: Strategy | None = None) -> dict[str, Any]:
         """THE student config: the summary, the report, the exported config.json and the app show this one.
 
         A student with unknown names knows none of its own: its sizes are what the mapper inferred from the
-        tensors its rules map (and its heads, unless given)."""
+        tensors its rules map (and its heads, unless given), under `strategy` (the default one if None)."""
         if self.student.layout != "custom":
             return {"layout": self.student.layout, **self.student.config}
-        mapping = self.mapping
+        mapping = self.mapping(strategy)
         out: dict[str, Any] = {"layout": "custom", "num_layers": len(mapping.layers)}
         for name, space in SPACES.items():  # the first space of each config field names it (resid: dim)
             if isinstance(space.size, str) and name in mapping.student_sizes:
                 out.setdefault(space.size, mapping.student_sizes[name])
         return out
 
-    @property
-    def heads_inferred(self) -> bool:
+    def heads_inferred(self, strategy: Strategy | None = None) -> bool:
         """The student's heads are a guess: its checkpoint does not record them and nobody set them."""
-        return not self.student.heads_recorded and "num_heads" in self.student_config
+        return not self.student.heads_recorded and "num_heads" in self.student_config(strategy)
 
-    def heads_note(self) -> str | None:
-        if not self.heads_inferred:
+    def heads_note(self, strategy: Strategy | None = None) -> str | None:
+        if not self.heads_inferred(strategy):
             return None
-        cfg = self.student_config
+        cfg = self.student_config(strategy)
         shape = f"{cfg['num_heads']} x {cfg['head_dim']}" if "head_dim" in cfg else str(cfg["num_heads"])
         return (f"heads inferred: {shape}; the checkpoint does not record heads. Set them if they differ "
                 "(CLI --num-heads, the Sources tab's Heads field, or num_heads in a config.json beside the "
                 "checkpoint).")
 
-    def summary(self, results: list[Projected] | None = None) -> dict[str, Any]:
-        mapping = self.mapping
-        note = self.heads_note()
+    def summary(self, results: list[Projected] | None = None, strategy: Strategy | None = None) -> dict[str, Any]:
+        strategy = strategy or self.strategy
+        mapping = self.mapping(strategy)
+        note = self.heads_note(strategy)
         out: dict[str, Any] = {
             "teacher": self.teacher.summary(),
-            "student": {**self.student.summary(), "config": self.student_config,
-                        "heads_inferred": self.heads_inferred},
+            "student": {**self.student.summary(), "config": self.student_config(strategy),
+                        "heads_inferred": self.heads_inferred(strategy)},
             "coverage": mapping.coverage(), "counts": mapping.counts(), "layers": mapping.layers,
-            "basis_consistent": self.strategy.basis_consistent,
+            "basis_consistent": strategy.basis_consistent,
             "activations_from": (self.activations.about if self.activations is not None
-                                 and self.strategy.needs_activations else None),
-            "warnings": ([f"Student {note}"] if note else []) + warnings(mapping, self.strategy),
+                                 and strategy.needs_activations else None),
+            "warnings": ([f"Student {note}"] if note else []) + warnings(mapping, strategy),
         }
         if results is not None:
             out["retained_weight_energy"] = retained_weight_energy(results)
         return out
+
+
+def _numbers_size(entries: dict[str, Projected]) -> int:
+    """A plan's cached entries, less their tensors (`PROJECTED_TENSORS` bounds those)."""
+    return 512 * (1 + len(entries))
 
 
 def numbers_only(r: Projected) -> Projected:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..arch.anatomy import SPACES
 from ..arch.wan import WanLite
+from ..core.project import pick_device
 from ..core.strategy import Strategy
 from ..function.activations import ranking_agreement, teacher_removal
 from ..function.calibration import Calibration
@@ -32,23 +33,26 @@ REMOVAL_DRAWS = 1  # noise draws per latent behind the removal effects (L(L+1)/2
 
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
                      draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
-                     blocks: bool = True) -> dict[str, Any]:
-    """The fidelity of a student (`student`, else the projector's projection) and, for scale, of two reference
+                     blocks: bool = True, strategy: Strategy | None = None) -> dict[str, Any]:
+    """The fidelity of a student (`student`, else the projector's projection under `strategy`, its default if
+    None) and, for scale, of two reference
     students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
     streams (one block in memory); the noise levels are those its expert serves. The request is checked against
     the work bounds (`budget`) before anything runs."""
+    strategy = strategy or projector.strategy
+    config = projector.student_config(strategy)
     check_request(calibration.source, projector.teacher.config, calibration.latents, calibration.context, draws,
-                  models=4, streams=block_streams(projector, 3) if blocks else 1)
+                  models=4, streams=block_streams(projector.teacher.config, config, 3) if blocks else 1)
     teacher = StreamedTeacher(projector.teacher, device)
-    reference = Strategy(width="svd-per-matrix", layers=projector.mapping.layers, seed=projector.strategy.seed)
+    reference = Strategy(width="svd-per-matrix", layers=projector.mapping(strategy).layers, seed=strategy.seed)
     svd = Projector(projector.teacher, projector.student, reference, projector.rules)
-    students = {"student": (student or projected_student(projector)).to(device).float(),
-                "random init": random_student(projector.student_config, projector.strategy.seed).to(device),
+    students = {"student": (student or projected_student(projector, strategy=strategy)).to(device).float(),
+                "random init": random_student(config, strategy.seed).to(device),
                 "svd-per-matrix": projected_student(svd, device)}
     expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
     band = expert_band(expert, projector.teacher.config.get("in_dim"))
     table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
-    per_block = (block_fidelity(projector, students, calibration.latents, calibration.context, draws, seed, band,
+    per_block = (block_fidelity(projector.plan(strategy), students, calibration.latents, calibration.context, draws, seed, band,
                                 device) if blocks and isinstance(students["student"], WanLite) else None)
     return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
             "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
@@ -61,23 +65,27 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
 
 
 def function_report(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,
-                    progress: Progress | None = None) -> dict[str, Any]:
-    """Calibrate the projector on `calibration` (activation statistics, cached) and measure everything above."""
+                    progress: Progress | None = None, strategy: Strategy | None = None) -> dict[str, Any]:
+    """Calibrate the projector on `calibration` (activation statistics, cached) and measure everything above, for
+    the student projected under `strategy` (the projector's default if None)."""
+    strategy = strategy or projector.strategy
+    device = pick_device(strategy.device)
+
     def stage(name: str) -> Progress | None:
         return (lambda i, n, what: progress(i, n, f"{name}: {what}")) if progress else None
 
-    acts = projector.calibrate(calibration, draws, seed, progress=stage("teacher activations"))
+    acts = projector.calibrate(calibration, draws, seed, progress=stage("teacher activations"), device=device)
     expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
     band = expert_band(expert, projector.teacher.config.get("in_dim"))
     removal = teacher_removal(projector.teacher, projector.fingerprint, calibration, REMOVAL_DRAWS, seed, band,
-                              projector.device, progress=stage("each teacher block removed"))
+                              device, progress=stage("each teacher block removed"))
     if progress:
         progress(0, 1, "fidelity: the student, random init and svd-per-matrix against the teacher")
-    fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=projector.device)
-    layers = projector.mapping.layers
+    fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=device, strategy=strategy)
+    layers = projector.mapping(strategy).layers
     teacher = [{"block": b, "influence": acts.influence[b], "removal_error": removal[b],
                 "feeds": [i for i, t in enumerate(layers) if t == b]} for b in range(len(acts.influence))]
     agreement = [{"space": space, "label": SPACES[space].label, "overlap": shared, "chance": chance}
-                 for space, (shared, chance) in ranking_agreement(projector).items()]
+                 for space, (shared, chance) in ranking_agreement(projector, strategy).items()]
     return {"fidelity": fidelity, "teacher_blocks": teacher, "removal_draws": REMOVAL_DRAWS,
             "agreement": agreement, "activations_from": acts.about}

@@ -339,18 +339,14 @@ def require(activations: Activations | None, what: str) -> Activations:
     return activations
 
 
-def ranking_agreement(projector) -> dict[str, tuple[float, float]]:
+def ranking_agreement(projector, strategy=None) -> dict[str, tuple[float, float]]:
     """How far the weights and the activations agree on what to keep: per space, the overlap of the magnitude
-    plan's and the activation plan's index sets (`plan.overlap`), under the projector's layers and rules. Needs
-    the projector calibrated; its own strategy is restored afterwards."""
+    plan's and the activation plan's index sets (`plan.overlap`), under `strategy`'s layers (the projector's
+    default strategy if None) and the projector's rules. Needs the projector calibrated."""
     require(projector.activations, "the weight/activation agreement")
-    own, layers = projector.strategy, projector.mapping.layers
-    plans = []
-    try:
-        for method, rope in (("magnitude", "frequency"), ("activation", "activation")):
-            projector.strategy = own.model_copy(update={"width": method, "heads": method, "ffn": method,
-                                                        "head_dim": rope, "layers": layers})
-            plans.append(projector.plan())
-    finally:
-        projector.strategy = own
+    own = strategy or projector.strategy
+    layers = projector.mapping(own).layers
+    plans = [projector.plan(own.model_copy(update={"width": method, "heads": method, "ffn": method,
+                                                   "head_dim": rope, "layers": layers}))
+             for method, rope in (("magnitude", "frequency"), ("activation", "activation"))]
     return {space: v for space, v in overlap(*plans).items() if space in SCORED}

@@ -28,8 +28,8 @@ from . import budget
 from .forward import StreamedTeacher, TeacherCursor, predict
 from .noise import noised_set
 
-if TYPE_CHECKING:  # block_fidelity reads a projector's teacher, plan and layers; the engine imports this module
-    from ..engine.projector import Projector
+if TYPE_CHECKING:
+    from ..core.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -115,22 +115,25 @@ def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, 
 
 
 @torch.no_grad()
-def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents: torch.Tensor,
+def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Tensor,
                    context: torch.Tensor, draws: int = 2, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
                    device: str | torch.device = "cpu") -> dict[str, list[dict[str, float]]]:
-    """Per student block, for students of the projector's shape: relative error of the block's output against
-    teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's residual stream). The
-    teacher streams once (again from the start only where the layer list goes back)."""
-    check_request("calibration set", projector.teacher.config, latents, context, draws, models=1 + len(students),
-                  streams=block_streams(projector, len(students)))
+    """Per student block, for WanLite students projected under `plan` (or of its shape): relative error of the
+    block's output against teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's
+    residual stream). The plan's teacher streams once (again from the start only where the layer list goes
+    back)."""
+    teacher = plan.mapping.teacher
+    student = budget.module_config(next(iter(students.values()))) if students else None
+    check_request("calibration set", teacher.config, latents, context, draws, models=1 + len(students),
+                  streams=block_streams(teacher.config, student or {}, len(students)))
     x, t, ctx = noised_set(latents, context, draws, seed, band)
-    cursor = TeacherCursor(StreamedTeacher(projector.teacher, device), x, t, ctx)
-    kept = projector.plan().indices("resid", None)
+    cursor = TeacherCursor(StreamedTeacher(teacher, device), x, t, ctx)
+    kept = plan.indices("resid", None)
     embedded = {name: [m.embed(x[c].to(cursor.teacher.device), t[c].to(cursor.teacher.device),
                                ctx[c].to(cursor.teacher.device)) for c in cursor.chunks] for name, m in students.items()}
     streams = {name: [e.tokens for e in parts] for name, parts in embedded.items()}
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in students}
-    for i, b in enumerate(projector.mapping.layers):
+    for i, b in enumerate(plan.mapping.layers):
         block = cursor.block(b)
         cursor.hidden = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(cursor.hidden, cursor.parts)]
         cursor.done(b)
@@ -145,9 +148,10 @@ def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents
     return rows
 
 
-def block_streams(projector: Projector, students: int) -> float:
+def block_streams(teacher: dict[str, Any], student: dict[str, Any], students: int) -> float:
     """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
-    stream, its float64 target on the kept channels, and each student's embedded tokens and stream."""
-    width = projector.teacher.config["dim"]
-    ratio = (projector.student_config.get("dim") or width) / width
+    stream, its float64 target on the kept channels, and each student's embedded tokens and stream (teacher,
+    student: their configs)."""
+    width = teacher["dim"]
+    ratio = (student.get("dim") or width) / width
     return 2 + 2 * ratio * (1 + students)

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..cancel import checkpoint
-from ..core.plan import flat_index
+from ..core.plan import Plan, flat_index
 from ..errors import ProjectionError
 from . import budget
-from .activations import require
+from .activations import Activations, require
 from .calibration import Calibration
 from .noise import noised_set
 from .forward import StreamedTeacher, TeacherCursor
@@ -79,32 +79,32 @@ class FitReport:
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _kept_rows(projector, student_key: str) -> torch.Tensor | None:
-    entry = projector.mapping.entry(student_key)
+def _kept_rows(plan: Plan, student_key: str) -> torch.Tensor | None:
+    entry = plan.mapping.entry(student_key)
     if entry.status == "skipped" or not entry.parts:
         return None
     part = entry.parts[0]
-    plan = projector.plan()
-    return flat_index(part.axes[0], part.block, plan, projector.mapping.teacher_sizes) if part.axes else None
+    return flat_index(part.axes[0], part.block, plan, plan.mapping.teacher_sizes) if part.axes else None
 
 
 @torch.no_grad()
-def fit_student(projector, student: nn.Module, calibration: Calibration, draws: int = 2, seed: int = 0,
+def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws: int = 2, seed: int = 0,
                 lam: float = RIDGE, device: str | torch.device = "cpu", micro_batch: int = 32) -> FitReport:
-    """Refit `student` (a WanLite projected by `projector`) in place; see the module's docstring. The request is
-    checked against the work bounds (`budget`) before anything runs."""
+    """Refit `student` (a WanLite projected under `plan`, from the plan's teacher) in place; see the module's
+    docstring. The request is checked against the work bounds (`budget`) before anything runs."""
     device = torch.device(device)
-    _check(projector, calibration, draws, micro_batch)
+    teacher = plan.mapping.teacher
+    _check(teacher.config, budget.module_config(student) or {}, calibration, draws, micro_batch)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
-    cursor = TeacherCursor(StreamedTeacher(projector.teacher, device, micro_batch=micro_batch), x, t, ctx)
+    cursor = TeacherCursor(StreamedTeacher(teacher, device, micro_batch=micro_batch), x, t, ctx)
     t_in = cursor.parts
     s_in = [student.embed(x[c].to(device), t[c].to(device), ctx[c].to(device)) for c in cursor.chunks]
     s_hidden = [p.tokens.float() for p in s_in]
     report = FitReport()
-    for i, b in enumerate(projector.mapping.layers):
+    for i, b in enumerate(plan.mapping.layers):
         t_block = cursor.block(b)
         s_block = student.blocks[i]
-        kept = {name: _kept_rows(projector, f"blocks.{i}.{name}.weight") for name in LINEARS}
+        kept = {name: _kept_rows(plan, f"blocks.{i}.{name}.weight") for name in LINEARS}
         moments = {name: Moments() for name in LINEARS}
         before = {name: [0.0, 0.0] for name in LINEARS}
         for j in range(len(cursor.chunks)):
@@ -137,10 +137,9 @@ def fit_student(projector, student: nn.Module, calibration: Calibration, draws: 
     return report
 
 
-def _check(projector, calibration: Calibration, draws: int, micro_batch: int) -> None:
+def _check(teacher: dict, student: dict, calibration: Calibration, draws: int, micro_batch: int) -> None:
     """`budget.check_work` for a fit: the teacher's two residual streams, the student's two (at its width), and
-    the float64 moments of every student layer's least-squares problem."""
-    teacher, student = projector.teacher.config, projector.student_config
+    the float64 moments of every student layer's least-squares problem (teacher, student: their configs)."""
     dim, ffn = int(student.get("dim") or teacher["dim"]), int(student.get("ffn_dim") or teacher["ffn_dim"])
     inputs = {name: (ffn if name == "ffn.2" else dim) for name in LINEARS}
     outputs = {name: (ffn if name == "ffn.0" else dim) for name in LINEARS}
@@ -164,14 +163,15 @@ def fold_targets(layers: list[int], depth: int) -> dict[int, list[int]]:
 
 
 @torch.no_grad()
-def compensate_dropped(projector, student: nn.Module) -> dict[int, list[int]]:
-    """Fold dropped blocks' mean updates into `student` (in place); returns which blocks went where."""
-    if not projector.strategy.basis_consistent:
+def compensate_dropped(plan: Plan, activations: Activations | None, student: nn.Module) -> dict[int, list[int]]:
+    """Fold dropped blocks' mean updates (the teacher's `activations` on a calibration set) into `student`, projected
+    under `plan` (in place); returns which blocks went where."""
+    if not plan.mapping.strategy.basis_consistent:
         raise ProjectionError("compensate: mean adds teacher residual vectors to the student's: it needs a "
                               "basis-consistent width (not svd-per-matrix)")
-    updates = require(projector.activations, "compensate: mean")
-    kept = projector.plan().indices("resid", None)
-    folds = fold_targets(projector.mapping.layers, int(projector.teacher.config["num_layers"]))
+    updates = require(activations, "compensate: mean")
+    kept = plan.indices("resid", None)
+    folds = fold_targets(plan.mapping.layers, int(plan.mapping.teacher.config["num_layers"]))
     for i, dropped in folds.items():
         bias = student.blocks[i].cross_attn.o.bias
         for d in dropped:
