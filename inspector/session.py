@@ -214,7 +214,7 @@ class Session:
 
     @property
     def teacher_blocks(self) -> int:
-        return int(self.projector.teacher.config.get("num_layers", 0))
+        return int(self.projector.teacher.config.num_layers or 0)
 
     def signature(self) -> str:
         return self.projector.signature()
@@ -457,7 +457,7 @@ class Session:
         or None when they can."""
         if self.teacher_bytes > AUTO_ENERGY_BYTES:
             return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
-        layout = self.projector.student_config.get("layout")
+        layout = self.projector.student_config.layout
         if layout not in ("wanlite", "seed"):
             return f"the student's layout '{layout}' has no runnable module here"
         if not self.previews:
@@ -470,8 +470,8 @@ class Session:
     def function_problem(self) -> str | None:
         """Why the Function view cannot measure this pair, or None when it can."""
         student = self.projector.student_config
-        if student.get("layout") not in ("wanlite", "seed"):
-            return (f"the student's layout '{student.get('layout')}' has no runnable module here: measure an exported "
+        if student.layout not in ("wanlite", "seed"):
+            return (f"the student's layout '{student.layout}' has no runnable module here: measure an exported "
                     "student with the CLI (projection fidelity --student FOLDER)")
         size = 4 * sum(math.prod(shape) for shape in self.projector.student.shapes.values())
         if size > MAX_FUNCTION_STUDENT_BYTES:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import ProjectionError
+from .config import SIZES, ModelConfig, as_config
 
 Axis = tuple[str, ...]
 SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]
@@ -229,9 +230,10 @@ def axes_of(canonical_key: str) -> tuple[Axis, ...] | None:
     return WAN_TENSORS.get(template_of(canonical_key)[0])
 
 
-def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, Any]:
-    """Architecture numbers from config.json where present, else from canonical shapes. Heads only where the
-    config records them: a state dict cannot tell them (see `infer_heads`)."""
+def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> ModelConfig:
+    """Architecture numbers from config.json (`config`, the checkpoint's own dict) where present, else from
+    canonical shapes. Heads only where the config records them: a state dict cannot tell them (see
+    `infer_heads`)."""
     cfg: dict[str, Any] = {}
     fam = FAMILIES.get(family or "")
     for field, (key, axis) in (fam.shapes or {}).items() if fam else ():
@@ -240,23 +242,19 @@ def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config:
     if "head.head.weight" in shapes:
         cfg["out_dim"] = shapes["head.head.weight"][0] // 4
     cfg["num_layers"] = num_blocks(list(shapes))
-    for field in ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
+    for field in (f for f in SIZES if f != "num_heads"):  # deserialization: the checkpoint's config.json
         if field in config and field not in cfg:
             cfg[field] = config[field]
     heads = config.get("num_heads") or config.get("num_attention_heads")
     if not heads and config.get("attention_head_dim") and cfg.get("dim"):
         heads = cfg["dim"] // config["attention_head_dim"]
-    return with_heads(cfg, int(heads)) if heads else cfg
+    found = ModelConfig.from_dict(cfg)
+    return with_heads(found, int(heads)) if heads else found
 
 
-def with_heads(config: dict[str, Any], heads: int) -> dict[str, Any]:
+def with_heads(config: ModelConfig, heads: int) -> ModelConfig:
     """The config with `heads` heads (and the head dim they give its width)."""
-    config = {**config, "num_heads": heads}
-    if config.get("dim"):
-        if config["dim"] % heads:
-            raise ProjectionError(f"width {config['dim']} is not divisible by num_heads {heads}")
-        config["head_dim"] = config["dim"] // heads
-    return config
+    return config.updated(num_heads=heads, **({"head_dim": None} if config.dim else {}))
 
 
 def infer_heads(dim: int, teacher_head_dim: int | None, default_head_dim: int) -> int:
@@ -268,26 +266,27 @@ def infer_heads(dim: int, teacher_head_dim: int | None, default_head_dim: int) -
     return dim // min(head_dims, key=lambda d: (abs(d - default_head_dim), -d))
 
 
-def space_size(space: str, config: dict[str, Any]) -> int | None:
+def space_size(space: str, config: ModelConfig) -> int | None:
     size = SPACES[space].size
-    return size if isinstance(size, int) else config.get(size)
+    return size if isinstance(size, int) else getattr(config, size)
 
 
-def space_sizes(config: dict[str, Any]) -> dict[str, int]:
+def space_sizes(config: ModelConfig | dict[str, Any]) -> dict[str, int]:
     """Size of every space a config defines (head_dim derived from dim / num_heads)."""
-    if "head_dim" not in config and config.get("dim") and config.get("num_heads"):
-        config = {**config, "head_dim": config["dim"] // config["num_heads"]}
+    config = as_config(config)
     return {s: n for s in SPACES if (n := space_size(s, config)) is not None}
 
 
-def wan_tensors(config: dict[str, Any], image: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Axis, ...]]]:
+def wan_tensors(config: ModelConfig | dict[str, Any],
+                image: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Axis, ...]]]:
     """Every canonical key of a Wan config with its shape and axes (T2V layout unless image=True)."""
+    config = as_config(config)
     sizes = space_sizes(config)
     out = {}
     for template, axes in WAN_TENSORS.items():
         if "img" in template and not image:
             continue
         shape = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
-        for block in range(config["num_layers"]) if "{i}" in template else [None]:
+        for block in range(config.num_layers or 0) if "{i}" in template else [None]:
             out[template.replace("{i}", str(block))] = (shape, axes)
     return out

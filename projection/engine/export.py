@@ -58,9 +58,9 @@ def config_json(projector: Projector) -> dict[str, Any]:
     student, config = projector.student, projector.student_config
     own = dict(student.checkpoint.config) if student.checkpoint is not None else {}
     if student.family == "wan-diffusers":
-        own.update(num_attention_heads=config["num_heads"], attention_head_dim=config["head_dim"])
-        return {**own, **config}
-    return {**own, **config, "dtype": projector.strategy.dtype}
+        own.update(num_attention_heads=config.num_heads, attention_head_dim=config.head_dim)
+        return {**own, **config.to_dict()}
+    return {**own, **config.to_dict(), "dtype": projector.strategy.dtype}
 
 
 def _version() -> str:

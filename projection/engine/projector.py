@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from ..arch.anatomy import SPACES
+from ..arch.config import ModelConfig
 from ..core.mapping import Entry, Mapping, Rule, build_mapping
 from ..core.measure import retained_weight_energy
 from ..core.models import ModelView, open_student, open_teacher
@@ -156,7 +157,7 @@ def teacher_fingerprint(teacher: ModelView) -> str:
     ckpt = teacher.checkpoint
     if ckpt is None or not ckpt.files:
         return f"unnamed-{uuid.uuid4().hex}"  # shares nothing
-    parts = [ckpt.format, str(ckpt.expert), json.dumps(teacher.config, sort_keys=True, default=str)]
+    parts = [ckpt.format, str(ckpt.expert), json.dumps(teacher.config.to_dict(), sort_keys=True, default=str)]
     parts += [file_digest(f, ckpt.format != "torch-pickle") for f in ckpt.files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
@@ -209,7 +210,7 @@ class Projector:
         """Run the teacher (streamed) on a calibration set and keep its activation statistics (cached on disk), so
         that `activation` and `influence` choices can rank by them. The noise levels are those of the expert."""
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
-        band = expert_band(expert, self.teacher.config.get("in_dim"))
+        band = expert_band(expert, self.teacher.config.in_dim)
         found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, self.device, cache,
                                     progress)
         bad = next((k for k, v in found.scores.items() if not torch.isfinite(v).all()), None)
@@ -224,7 +225,7 @@ class Projector:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""
         if strategy.layers != "influence":
             return strategy
-        depth = self.student.config.get("num_layers") if self.student.layout != "custom" else None
+        depth = self.student.config.num_layers if self.student.layout != "custom" else None
         if depth is None:
             raise ProjectionError(f"{self.student.source}: layers: influence needs the student's block count")
         return strategy.model_copy(update={"layers": require(self.activations, "layers: influence")
@@ -335,30 +336,30 @@ class Projector:
         return self._spectra[(side, sig)]
 
     @property
-    def student_config(self) -> dict[str, Any]:
+    def student_config(self) -> ModelConfig:
         """THE student config: the summary, the report, the exported config.json and the app show this one.
 
         A student with unknown names knows none of its own: its sizes are what the mapper inferred from the
         tensors its rules map (and its heads, unless given)."""
         if self.student.layout != "custom":
-            return {"layout": self.student.layout, **self.student.config}
+            return ModelConfig.from_dict({"layout": self.student.layout, **self.student.config.to_dict()})
         mapping = self.mapping
         out: dict[str, Any] = {"layout": "custom", "num_layers": len(mapping.layers)}
         for name, space in SPACES.items():  # the first space of each config field names it (resid: dim)
             if isinstance(space.size, str) and name in mapping.student_sizes:
                 out.setdefault(space.size, mapping.student_sizes[name])
-        return out
+        return ModelConfig.from_dict(out)
 
     @property
     def heads_inferred(self) -> bool:
         """The student's heads are a guess: its checkpoint does not record them and nobody set them."""
-        return not self.student.heads_recorded and "num_heads" in self.student_config
+        return not self.student.heads_recorded and self.student_config.num_heads is not None
 
     def heads_note(self) -> str | None:
         if not self.heads_inferred:
             return None
         cfg = self.student_config
-        shape = f"{cfg['num_heads']} x {cfg['head_dim']}" if "head_dim" in cfg else str(cfg["num_heads"])
+        shape = f"{cfg.num_heads} x {cfg.head_dim}" if "head_dim" in cfg.keys_ else str(cfg.num_heads)
         return (f"heads inferred: {shape}; the checkpoint does not record heads. Set them if they differ "
                 "(CLI --num-heads, the Sources tab's Heads field, or num_heads in a config.json beside the "
                 "checkpoint).")
@@ -368,7 +369,7 @@ class Projector:
         note = self.heads_note()
         out: dict[str, Any] = {
             "teacher": self.teacher.summary(),
-            "student": {**self.student.summary(), "config": self.student_config,
+            "student": {**self.student.summary(), "config": self.student_config.to_dict(),
                         "heads_inferred": self.heads_inferred},
             "coverage": mapping.coverage(), "counts": mapping.counts(), "layers": mapping.layers,
             "basis_consistent": self.strategy.basis_consistent,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..arch.config import ModelConfig
 from ..cancel import checkpoint
 from ..errors import ProjectionError
 from . import budget
@@ -72,7 +73,7 @@ class Reference:
         return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band)
 
 
-def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> dict[str, Any] | None:
+def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> ModelConfig | None:
     """The teacher's config as `budget.check_work` reads it: a streamed teacher's, or an in-memory WanLite's."""
     if isinstance(teacher, StreamedTeacher):
         return teacher.teacher.config
@@ -148,6 +149,6 @@ def block_fidelity(projector: Projector, students: dict[str, nn.Module], latents
 def block_streams(projector: Projector, students: int) -> float:
     """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
     stream, its float64 target on the kept channels, and each student's embedded tokens and stream."""
-    width = projector.teacher.config["dim"]
-    ratio = (projector.student_config.get("dim") or width) / width
+    width = projector.teacher.config.dim
+    ratio = (projector.student_config.dim or width) / width
     return 2 + 2 * ratio * (1 + students)
