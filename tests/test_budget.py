@@ -108,7 +108,7 @@ teacher_reference(teacher, latents, context, draws=2)
 grown = status("VmHWM") - before
 print(json.dumps([grown, budget.estimate_bytes(latents.shape, context.shape, teacher.teacher.config, 2, models=2)]))
 """
-    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "projection/demo_assets/teacher-wan")],
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "projection/demo/demo_assets/teacher-wan")],
                           env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     grown, estimate = json.loads(done.stdout)
