@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from ..errors import ProjectionError
 from .config import SIZES, ModelConfig, as_config
+from .family import _CHANGED, FAMILIES, Family, register
 
 Axis = tuple[str, ...]
 SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]
@@ -128,16 +129,6 @@ DIFFUSERS_MODULES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    description: str
-    signature: str  # a key template only this family has
-    renames: dict[str, str]  # canonical module (or parameter) -> this family's name
-    default_head_dim: int = 128
-    shapes: dict[str, tuple[str, int]] | None = None  # config field -> (canonical key, axis) to infer it from
-
-
 WAN_SHAPES = {
     "dim": ("patch_embedding.weight", 0), "in_dim": ("patch_embedding.weight", 1),
     "ffn_dim": ("blocks.0.ffn.0.weight", 0), "text_dim": ("text_embedding.0.weight", 1),
@@ -148,13 +139,11 @@ SEED_SHAPES = {
     "out_dim": ("conv_out.weight", 0), "ffn_dim": ("blocks.0.mlp.0.weight", 0),
 }
 
-FAMILIES: dict[str, Family] = {
-    "wan": Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES),
-    "wan-diffusers": Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)",
-                            "blocks.{i}.attn1.to_q.weight", DIFFUSERS_MODULES, shapes=WAN_SHAPES),
-    "seed": Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
-                   "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES),
-}
+register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES))
+register(Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)", "blocks.{i}.attn1.to_q.weight",
+                DIFFUSERS_MODULES, shapes=WAN_SHAPES))
+register(Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
+                "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed"))
 
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
@@ -177,35 +166,53 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
 
 
-def native_name(canonical: str, family: str) -> str:
-    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
-    renames = FAMILIES[family].renames
-    template, block = template_of(canonical)
+def tensors_of(family: str | None) -> dict[str, tuple[Axis, ...]]:
+    """The canonical templates a family has, with their axes (Wan's all for Wan and for unknown names)."""
+    fam = FAMILIES.get(family or "")
+    tensors = fam.tensors if fam is not None and fam.tensors is not None else None
+    return WAN_TENSORS if tensors is None else {t: WAN_TENSORS.get(t, a) for t, a in tensors.items()}
+
+
+def _native_template(template: str, renames: dict[str, str] | Any) -> str:
+    """A canonical template ('blocks.{i}.self_attn.q.weight') in a family's naming ('layers.{i}.attn.q.weight')."""
     module, _, param = template.rpartition(".")
     if template in renames:  # a bare parameter such as `modulation`
-        native = renames[template]
-    elif module in renames:
-        native = f"{renames[module]}.{param}"
-    else:
-        native = template
+        return renames[template]
+    if module in renames:
+        return f"{renames[module]}.{param}"
+    return template
+
+
+def native_name(canonical: str, family: str) -> str:
+    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
+    template, block = template_of(canonical)
+    native = _native_template(template, FAMILIES[family].renames)
     return native.replace("{i}", str(block)) if block is not None else native
 
 
 def _rename_table(family: Family) -> list[tuple[re.Pattern[str], str]]:
     """(pattern for this family's key, canonical template) for every canonical tensor."""
-    table = []
-    for canonical in WAN_TENSORS:
-        native = native_name(canonical.replace("{i}", "0"), family.name)
-        table.append((_template_regex(native.replace("blocks.0.", "blocks.{i}.", 1)), canonical))
-    return table
+    return [(_template_regex(_native_template(canonical, family.renames)), canonical)
+            for canonical in tensors_of(family.name)]
 
 
-_RENAMES = {name: _rename_table(f) for name, f in FAMILIES.items() if f.renames}
+_RENAMES: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+
+
+def _renames(family: str) -> list[tuple[re.Pattern[str], str]] | None:
+    while _CHANGED:  # a family (re)registered since the tables were built
+        _RENAMES.pop(_CHANGED.pop(), None)
+    fam = FAMILIES.get(family)
+    if fam is None or not fam.renames:
+        return None
+    if family not in _RENAMES:
+        _RENAMES[family] = _rename_table(fam)
+    return _RENAMES[family]
 
 
 def to_canonical(keys: list[str], family: str) -> dict[str, str]:
     """canonical name -> native key for every key; keys the family does not know keep their name."""
-    table = _RENAMES.get(family)
+    table = _renames(family)
     out: dict[str, str] = {}
     for key in keys:
         name = key
@@ -220,14 +227,14 @@ def to_canonical(keys: list[str], family: str) -> dict[str, str]:
 
 def detect_family(keys: list[str]) -> str | None:
     for name, family in FAMILIES.items():
-        pattern = _template_regex(family.signature)
+        pattern = _template_regex(family.signature)  # in registration order
         if any(pattern.match(k) for k in keys):
             return name
     return None
 
 
-def axes_of(canonical_key: str) -> tuple[Axis, ...] | None:
-    return WAN_TENSORS.get(template_of(canonical_key)[0])
+def axes_of(canonical_key: str, family: str | None = None) -> tuple[Axis, ...] | None:
+    return tensors_of(family).get(template_of(canonical_key)[0])
 
 
 def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> ModelConfig:
@@ -239,8 +246,9 @@ def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config:
     for field, (key, axis) in (fam.shapes or {}).items() if fam else ():
         if key in shapes:
             cfg[field] = shapes[key][axis]
-    if "head.head.weight" in shapes:
-        cfg["out_dim"] = shapes["head.head.weight"][0] // 4
+    out_dim = (fam or FAMILIES["wan"]).out_dim(shapes)  # the output head's rows over the patch volume
+    if out_dim is not None:
+        cfg["out_dim"] = out_dim
     cfg["num_layers"] = num_blocks(list(shapes))
     for field in (f for f in SIZES if f != "num_heads"):  # deserialization: the checkpoint's config.json
         if field in config and field not in cfg:

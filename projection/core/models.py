@@ -72,7 +72,7 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     recorded = config.num_heads is not None
     if not recorded and config.dim:  # a guess, flagged as one (heads_inferred)
         config = with_heads(config, infer_heads(config.dim, None, default_head_dim(family)))
-    layout = {"wan": "wan", "wan-diffusers": "wan", "seed": "seed"}.get(family or "", "custom")
+    layout = FAMILIES[family].layout if family in FAMILIES else "custom"
     if ckpt.config.get("layout") in LAYOUTS:
         layout = ckpt.config["layout"]  # one of our exported students
     elif layout == "wan" and len(shapes.get("patch_embedding.weight", ())) == 4:
