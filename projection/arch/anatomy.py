@@ -139,9 +139,10 @@ SEED_SHAPES = {
     "out_dim": ("conv_out.weight", 0), "ffn_dim": ("blocks.0.mlp.0.weight", 0),
 }
 
-register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES))
+register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES,
+                wan_blocks=True))
 register(Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)", "blocks.{i}.attn1.to_q.weight",
-                DIFFUSERS_MODULES, shapes=WAN_SHAPES))
+                DIFFUSERS_MODULES, shapes=WAN_SHAPES, wan_blocks=True))
 register(Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
                 "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed"))
 

@@ -30,6 +30,7 @@ class Family:
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w): the output head writes one value per patch cell
     out_key: str | None = "head.head.weight"  # canonical key whose rows are patch volume x out_dim
     layout: str = "wan"  # how the mapper reads it: wan (canonical Wan names), seed; unregistered names are custom
+    wan_blocks: bool = False  # a teacher: its blocks run as Wan's (the streamed forward, activation statistics)
 
     def out_dim(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
         """The output width its tensors show: the output head's rows over the patch volume."""

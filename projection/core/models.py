@@ -82,7 +82,7 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
 
 def open_teacher(source: str, expert: str | None = None, check: PathCheck | None = None) -> ModelView:
     view = view_checkpoint(open_checkpoint(source, expert, check))
-    if view.family not in ("wan", "wan-diffusers"):
+    if view.family not in FAMILIES or not FAMILIES[view.family].wan_blocks:
         raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
                               f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
     return view

@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..arch.anatomy import FAMILIES
 from ..arch.config import build_student
 from ..arch.wan import Block, WanLite
 from ..core.models import ModelView
@@ -54,7 +55,8 @@ class StreamedTeacher:
         others, as a depth-only student computes). micro_batch: latents per micro-batch at most; fewer where their
         working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
         patch = teacher.shapes.get("patch_embedding.weight")
-        if teacher.family not in ("wan", "wan-diffusers") or patch is None or len(patch) != 5 or patch[2] != 1:
+        family = FAMILIES.get(teacher.family or "")
+        if family is None or not family.wan_blocks or patch is None or len(patch) != 5 or patch[2] != 1:
             raise ProjectionError(f"{teacher.source}: the streamed forward runs Wan teachers whose patch embedding is "
                                   "[D, C, 1, 2, 2] (one latent frame)")
         self.teacher, self.device, self.dtype = teacher, torch.device(device), dtype
