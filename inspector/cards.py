@@ -4,6 +4,8 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from projection.arch.config import as_config
+
 from .palette import STATUS_COLORS, STUDENT, TEACHER
 from .units import human_bytes, human_count, percent
 
@@ -18,17 +20,19 @@ LAYOUTS = {
 }
 
 
-def _config_line(cfg: dict[str, Any]) -> str:
+def _config_line(config: dict[str, Any]) -> str:
+    """A summary's config (its dict) in one line."""
+    cfg = as_config(config)
     parts = []
-    if "dim" in cfg:
-        parts.append(f"width {cfg['dim']}")
-    if "num_layers" in cfg:
-        parts.append(f"{cfg['num_layers']} blocks")
-    if "num_heads" in cfg:
-        head = f" × {cfg['head_dim']}" if cfg.get("head_dim") else ""
-        parts.append(f"{cfg['num_heads']} heads{head}")
-    if "ffn_dim" in cfg:
-        parts.append(f"FFN {cfg['ffn_dim']}")
+    if cfg.dim is not None:
+        parts.append(f"width {cfg.dim}")
+    if cfg.num_layers is not None:
+        parts.append(f"{cfg.num_layers} blocks")
+    if cfg.num_heads is not None:
+        head = f" × {cfg.head_dim}" if cfg.head_dim else ""
+        parts.append(f"{cfg.num_heads} heads{head}")
+    if cfg.ffn_dim is not None:
+        parts.append(f"FFN {cfg.ffn_dim}")
     return " · ".join(parts) or "config unknown"
 
 
@@ -36,8 +40,8 @@ def _heads_inferred(s: dict[str, Any]) -> str:
     """A guess, shown as one: a state dict does not record heads."""
     if not s.get("heads_inferred"):
         return ""
-    cfg = s["config"]
-    shape = f"{cfg['num_heads']} × {cfg['head_dim']}" if cfg.get("head_dim") else str(cfg["num_heads"])
+    cfg = as_config(s["config"])
+    shape = f"{cfg.num_heads} × {cfg.head_dim}" if cfg.head_dim else str(cfg.num_heads)
     return (f'<div class="card-line heads-inferred" title="Set them in the Sources tab (Heads), with --num-heads, '
             f'or in a config.json beside the checkpoint">⚠ heads inferred: {shape}; the checkpoint does not record '
             f'heads</div>')

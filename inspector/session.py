@@ -24,6 +24,7 @@ import torch
 from projection import ProjectionError, Projector, Strategy, export_student, parse_rules, projected_student
 from projection.cache import GALLERY, MEASURES, STACKED_SPECTRA, Lru
 from projection.arch.anatomy import template_of
+from projection.arch.config import ModelConfig
 from projection.cancel import CancelToken, checkpoint
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.core.measure import MATRIX_LABELS, energy_by, layer_of, matrix_kind
@@ -194,7 +195,7 @@ class Session:
         return pick_device(self.strategy.device)
 
     @property
-    def student_config(self) -> dict[str, Any]:
+    def student_config(self) -> ModelConfig:
         return self.projector.student_config(self.strategy)
 
     @property
@@ -214,7 +215,7 @@ class Session:
 
     @property
     def teacher_blocks(self) -> int:
-        return int(self.projector.teacher.config.get("num_layers", 0))
+        return int(self.projector.teacher.config.num_layers or 0)
 
     def signature(self, strategy: Strategy | None = None) -> ProjectionKey:
         return self.projector.signature(strategy or self.strategy)
@@ -438,7 +439,7 @@ class Session:
         or None when they can."""
         if self.teacher_bytes > AUTO_ENERGY_BYTES:
             return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
-        layout = self.student_config.get("layout")
+        layout = self.student_config.layout
         if layout not in ("wanlite", "seed"):
             return f"the student's layout '{layout}' has no runnable module here"
         if not self.previews:
@@ -451,8 +452,8 @@ class Session:
     def function_problem(self) -> str | None:
         """Why the Function view cannot measure this pair, or None when it can."""
         student = self.student_config
-        if student.get("layout") not in ("wanlite", "seed"):
-            return (f"the student's layout '{student.get('layout')}' has no runnable module here: measure an exported "
+        if student.layout not in ("wanlite", "seed"):
+            return (f"the student's layout '{student.layout}' has no runnable module here: measure an exported "
                     "student with the CLI (projection fidelity --student FOLDER)")
         size = 4 * sum(math.prod(shape) for shape in self.projector.student.shapes.values())
         if size > MAX_FUNCTION_STUDENT_BYTES:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import ProjectionError
+from .config import SIZES, ModelConfig, as_config
+from .family import _CHANGED, FAMILIES, Family, register
 
 Axis = tuple[str, ...]
 SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]
@@ -127,16 +129,6 @@ DIFFUSERS_MODULES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    description: str
-    signature: str  # a key template only this family has
-    renames: dict[str, str]  # canonical module (or parameter) -> this family's name
-    default_head_dim: int = 128
-    shapes: dict[str, tuple[str, int]] | None = None  # config field -> (canonical key, axis) to infer it from
-
-
 WAN_SHAPES = {
     "dim": ("patch_embedding.weight", 0), "in_dim": ("patch_embedding.weight", 1),
     "ffn_dim": ("blocks.0.ffn.0.weight", 0), "text_dim": ("text_embedding.0.weight", 1),
@@ -147,13 +139,12 @@ SEED_SHAPES = {
     "out_dim": ("conv_out.weight", 0), "ffn_dim": ("blocks.0.mlp.0.weight", 0),
 }
 
-FAMILIES: dict[str, Family] = {
-    "wan": Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES),
-    "wan-diffusers": Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)",
-                            "blocks.{i}.attn1.to_q.weight", DIFFUSERS_MODULES, shapes=WAN_SHAPES),
-    "seed": Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
-                   "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES),
-}
+register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES,
+                wan_blocks=True))
+register(Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)", "blocks.{i}.attn1.to_q.weight",
+                DIFFUSERS_MODULES, shapes=WAN_SHAPES, wan_blocks=True))
+register(Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
+                "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed"))
 
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
@@ -176,35 +167,53 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
 
 
-def native_name(canonical: str, family: str) -> str:
-    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
-    renames = FAMILIES[family].renames
-    template, block = template_of(canonical)
+def tensors_of(family: str | None) -> dict[str, tuple[Axis, ...]]:
+    """The canonical templates a family has, with their axes (Wan's all for Wan and for unknown names)."""
+    fam = FAMILIES.get(family or "")
+    tensors = fam.tensors if fam is not None and fam.tensors is not None else None
+    return WAN_TENSORS if tensors is None else {t: WAN_TENSORS.get(t, a) for t, a in tensors.items()}
+
+
+def _native_template(template: str, renames: dict[str, str] | Any) -> str:
+    """A canonical template ('blocks.{i}.self_attn.q.weight') in a family's naming ('layers.{i}.attn.q.weight')."""
     module, _, param = template.rpartition(".")
     if template in renames:  # a bare parameter such as `modulation`
-        native = renames[template]
-    elif module in renames:
-        native = f"{renames[module]}.{param}"
-    else:
-        native = template
+        return renames[template]
+    if module in renames:
+        return f"{renames[module]}.{param}"
+    return template
+
+
+def native_name(canonical: str, family: str) -> str:
+    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
+    template, block = template_of(canonical)
+    native = _native_template(template, FAMILIES[family].renames)
     return native.replace("{i}", str(block)) if block is not None else native
 
 
 def _rename_table(family: Family) -> list[tuple[re.Pattern[str], str]]:
     """(pattern for this family's key, canonical template) for every canonical tensor."""
-    table = []
-    for canonical in WAN_TENSORS:
-        native = native_name(canonical.replace("{i}", "0"), family.name)
-        table.append((_template_regex(native.replace("blocks.0.", "blocks.{i}.", 1)), canonical))
-    return table
+    return [(_template_regex(_native_template(canonical, family.renames)), canonical)
+            for canonical in tensors_of(family.name)]
 
 
-_RENAMES = {name: _rename_table(f) for name, f in FAMILIES.items() if f.renames}
+_RENAMES: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+
+
+def _renames(family: str) -> list[tuple[re.Pattern[str], str]] | None:
+    while _CHANGED:  # a family (re)registered since the tables were built
+        _RENAMES.pop(_CHANGED.pop(), None)
+    fam = FAMILIES.get(family)
+    if fam is None or not fam.renames:
+        return None
+    if family not in _RENAMES:
+        _RENAMES[family] = _rename_table(fam)
+    return _RENAMES[family]
 
 
 def to_canonical(keys: list[str], family: str) -> dict[str, str]:
     """canonical name -> native key for every key; keys the family does not know keep their name."""
-    table = _RENAMES.get(family)
+    table = _renames(family)
     out: dict[str, str] = {}
     for key in keys:
         name = key
@@ -219,44 +228,42 @@ def to_canonical(keys: list[str], family: str) -> dict[str, str]:
 
 def detect_family(keys: list[str]) -> str | None:
     for name, family in FAMILIES.items():
-        pattern = _template_regex(family.signature)
+        pattern = _template_regex(family.signature)  # in registration order
         if any(pattern.match(k) for k in keys):
             return name
     return None
 
 
-def axes_of(canonical_key: str) -> tuple[Axis, ...] | None:
-    return WAN_TENSORS.get(template_of(canonical_key)[0])
+def axes_of(canonical_key: str, family: str | None = None) -> tuple[Axis, ...] | None:
+    return tensors_of(family).get(template_of(canonical_key)[0])
 
 
-def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, Any]:
-    """Architecture numbers from config.json where present, else from canonical shapes. Heads only where the
-    config records them: a state dict cannot tell them (see `infer_heads`)."""
+def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> ModelConfig:
+    """Architecture numbers from config.json (`config`, the checkpoint's own dict) where present, else from
+    canonical shapes. Heads only where the config records them: a state dict cannot tell them (see
+    `infer_heads`)."""
     cfg: dict[str, Any] = {}
     fam = FAMILIES.get(family or "")
     for field, (key, axis) in (fam.shapes or {}).items() if fam else ():
         if key in shapes:
             cfg[field] = shapes[key][axis]
-    if "head.head.weight" in shapes:
-        cfg["out_dim"] = shapes["head.head.weight"][0] // 4
+    out_dim = (fam or FAMILIES["wan"]).out_dim(shapes)  # the output head's rows over the patch volume
+    if out_dim is not None:
+        cfg["out_dim"] = out_dim
     cfg["num_layers"] = num_blocks(list(shapes))
-    for field in ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
+    for field in (f for f in SIZES if f != "num_heads"):  # deserialization: the checkpoint's config.json
         if field in config and field not in cfg:
             cfg[field] = config[field]
     heads = config.get("num_heads") or config.get("num_attention_heads")
     if not heads and config.get("attention_head_dim") and cfg.get("dim"):
         heads = cfg["dim"] // config["attention_head_dim"]
-    return with_heads(cfg, int(heads)) if heads else cfg
+    found = ModelConfig.from_dict(cfg)
+    return with_heads(found, int(heads)) if heads else found
 
 
-def with_heads(config: dict[str, Any], heads: int) -> dict[str, Any]:
+def with_heads(config: ModelConfig, heads: int) -> ModelConfig:
     """The config with `heads` heads (and the head dim they give its width)."""
-    config = {**config, "num_heads": heads}
-    if config.get("dim"):
-        if config["dim"] % heads:
-            raise ProjectionError(f"width {config['dim']} is not divisible by num_heads {heads}")
-        config["head_dim"] = config["dim"] // heads
-    return config
+    return config.updated(num_heads=heads, **({"head_dim": None} if config.dim else {}))
 
 
 def infer_heads(dim: int, teacher_head_dim: int | None, default_head_dim: int) -> int:
@@ -268,26 +275,27 @@ def infer_heads(dim: int, teacher_head_dim: int | None, default_head_dim: int) -
     return dim // min(head_dims, key=lambda d: (abs(d - default_head_dim), -d))
 
 
-def space_size(space: str, config: dict[str, Any]) -> int | None:
+def space_size(space: str, config: ModelConfig) -> int | None:
     size = SPACES[space].size
-    return size if isinstance(size, int) else config.get(size)
+    return size if isinstance(size, int) else getattr(config, size)
 
 
-def space_sizes(config: dict[str, Any]) -> dict[str, int]:
+def space_sizes(config: ModelConfig | dict[str, Any]) -> dict[str, int]:
     """Size of every space a config defines (head_dim derived from dim / num_heads)."""
-    if "head_dim" not in config and config.get("dim") and config.get("num_heads"):
-        config = {**config, "head_dim": config["dim"] // config["num_heads"]}
+    config = as_config(config)
     return {s: n for s in SPACES if (n := space_size(s, config)) is not None}
 
 
-def wan_tensors(config: dict[str, Any], image: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Axis, ...]]]:
+def wan_tensors(config: ModelConfig | dict[str, Any],
+                image: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Axis, ...]]]:
     """Every canonical key of a Wan config with its shape and axes (T2V layout unless image=True)."""
+    config = as_config(config)
     sizes = space_sizes(config)
     out = {}
     for template, axes in WAN_TENSORS.items():
         if "img" in template and not image:
             continue
         shape = tuple(math.prod(sizes[s] for s in axis) for axis in axes)
-        for block in range(config["num_layers"]) if "{i}" in template else [None]:
+        for block in range(config.num_layers or 0) if "{i}" in template else [None]:
             out[template.replace("{i}", str(block))] = (shape, axes)
     return out

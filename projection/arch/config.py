@@ -1,8 +1,11 @@
-"""Student configs: a layout and its sizes, checked against the teacher before anything is built, completed from
+"""Model configs: the frozen, typed `ModelConfig` every module reads (validated in one place, (de)serialized by
+`from_dict` / `to_dict`); student configs, checked against the teacher before anything is built and completed from
 the teacher's; and the runnable module of each layout (`wanlite`: `wan.WanLite`, `seed`: `seed.SeedStudent`)."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,13 +21,101 @@ SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text
 FIELDS = ("layout", *SIZES)
 PROJECTED = ("dim", "ffn_dim")  # selected from the teacher's: at most the teacher's
 MAX_IO_DIM = 1 << 14  # in/out/text/freq widths may differ from the teacher's (those tensors start fresh)
+SERIALIZED = (*FIELDS, "head_dim")  # the fields a config dict (config.json, reports, the app) may hold
 
 
-def check_fields(fields: dict[str, Any], teacher: dict[str, Any], max_layers: int | None = None) -> None:
+def heads_error(dim: int, heads: int, what: str = "width") -> ProjectionError:
+    return ProjectionError(f"{what} {dim} is not divisible by num_heads {heads}")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelConfig(Mapping):
+    """A model's architecture numbers. A field is None where the model does not tell it (a state dict records
+    no heads; a student with unknown names knows only what its rules map). `head_dim` is derived from `dim` and
+    `num_heads` here, once, where both are known and no head dim is given (a student with unknown names has the
+    head dim its tensors show, which its attention width need not share with its residual width).
+
+    Wan's own numbers are fields too (patch size, eps, q/k norm, cross-attention norm), at Wan's values; like
+    `head_dim`, they are written out only where the dict the config came from held them: `to_dict` gives back
+    exactly the keys, in the order, of `from_dict`'s input, so config.json, the report and the app's cards keep
+    their bytes. The config also reads as a read-only mapping of those keys (`cfg["dim"]`, `{**cfg}`) for callers
+    written against the dict it replaces; the library reads attributes."""
+    layout: str | None = None  # a student's runnable module (wanlite, seed) or custom; None for a teacher
+    dim: int | None = None
+    ffn_dim: int | None = None
+    num_heads: int | None = None
+    num_layers: int | None = None
+    in_dim: int | None = None
+    out_dim: int | None = None
+    text_dim: int | None = None
+    freq_dim: int | None = None
+    head_dim: int | None = None  # derived: dim // num_heads
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    keys_: tuple[str, ...] = field(default=(), repr=False)  # the serialized keys, in order
+
+    def __post_init__(self) -> None:
+        for name in SIZES:  # a model without blocks (a shell around the teacher's streamed ones) has 0 layers
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < (0 if name == "num_layers" else 1)):
+                raise ProjectionError(f"config: '{name}' must be a positive integer, got {value!r:.60}")
+        if self.head_dim is None and self.dim is not None and self.num_heads is not None:
+            if self.dim % self.num_heads:
+                raise heads_error(self.dim, self.num_heads)
+            object.__setattr__(self, "head_dim", self.dim // self.num_heads)  # derived, here only
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """A config from its dict (the keys of SERIALIZED; other keys are refused)."""
+        if isinstance(data, ModelConfig):
+            return data
+        unknown = [k for k in data if k not in SERIALIZED]
+        if unknown:
+            raise ProjectionError(f"config: unknown field {unknown[0]!r:.60}; the fields are {', '.join(SERIALIZED)}")
+        return cls(**dict(data), keys_=tuple(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.keys_}
+
+    def updated(self, **changes: Any) -> ModelConfig:
+        """The config with these fields set, as a dict update would (new keys last); a changed width or head
+        count derives its head dim again."""
+        data = self.to_dict()
+        data.update(changes)
+        if {"dim", "num_heads"} & set(changes) and "head_dim" not in changes and "head_dim" in data:
+            data["head_dim"] = None  # derived again
+        return ModelConfig.from_dict(data)
+
+    # a read-only mapping of the serialized keys
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys_:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def as_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """A ModelConfig from a config or a dict that holds one among other keys (an export's config.json and its
+    dtype): the boundary where callers hand dicts in."""
+    if isinstance(config, ModelConfig):
+        return config
+    return ModelConfig.from_dict({k: v for k, v in config.items() if k in SERIALIZED})
+
+
+def check_fields(fields: Mapping[str, Any], teacher: ModelConfig | Mapping[str, Any],
+                 max_layers: int | None = None) -> None:
     """Refuse, before anything is built, a student config the teacher cannot fill: unknown fields, sizes that
     are not positive integers, and sizes past the teacher's. Channels and FFN neurons are kept or dropped, never
     invented; blocks past the teacher's need an explicit layer list (`max_layers` entries); heads divide the
     width, and the mapper says how many fit the teacher's."""
+    teacher = as_config(teacher)
     for name in fields:
         if name not in FIELDS:
             close = difflib.get_close_matches(str(name), FIELDS, 1)
@@ -36,53 +127,56 @@ def check_fields(fields: dict[str, Any], teacher: dict[str, Any], max_layers: in
         if type(value) is not int or value <= 0:  # not a bool, a float or a string
             raise ProjectionError(f"student config: '{name}' must be a positive integer, got {value!r:.60}")
         if name == "num_layers":
-            depth = teacher.get("num_layers") or 0
+            depth = teacher.num_layers or 0
             if value > max(depth, max_layers or 0):
                 how = (f"the strategy's layer list has {max_layers} entries" if (max_layers or 0) > depth else
                        "a deeper student needs a strategy 'layers' list that repeats blocks")
                 raise ProjectionError(f"student config: num_layers {value} is more than the teacher's {depth} "
                                       f"blocks; {how}")
         elif name in PROJECTED:
-            bound = teacher.get(name) or MAX_IO_DIM
+            bound = getattr(teacher, name) or MAX_IO_DIM
             if value > bound:
                 raise ProjectionError(f"student config: {name} {value} is more than the teacher's {bound}; a "
                                       f"projection keeps or drops what the teacher has")
-        elif name != "num_heads" and value > max(teacher.get(name) or 0, MAX_IO_DIM):
+        elif name != "num_heads" and value > max(getattr(teacher, name) or 0, MAX_IO_DIM):
             raise ProjectionError(f"student config: {name} {value} is more than {MAX_IO_DIM}, the most allowed "
-                                  f"where it differs from the teacher's ({teacher.get(name)})")
+                                  f"where it differs from the teacher's ({getattr(teacher, name)})")
 
 
-def student_config(layout: str, fields: dict[str, Any], teacher: dict[str, Any],
-                   max_layers: int | None = None) -> dict[str, Any]:
+def student_config(layout: str, fields: Mapping[str, Any], teacher: ModelConfig | Mapping[str, Any],
+                   max_layers: int | None = None) -> ModelConfig:
     """A full student config: given fields, else the teacher's (the seed layout keeps its 4 latent channels)."""
+    teacher = as_config(teacher)
     check_fields(fields, teacher, max_layers)
     if layout not in LAYOUTS:
         raise ProjectionError(f"student layout '{layout}' is unknown; choose one of {', '.join(LAYOUTS)}")
     cfg: dict[str, Any] = {"layout": layout}
     seed_defaults = {"in_dim": 4, "out_dim": 4} if layout == "seed" else {}
-    for field in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
-        value = fields.get(field, seed_defaults.get(field, teacher.get(field, DEFAULTS.get(field))))
+    for name in SIZES:
+        own = getattr(teacher, name) if name in teacher.keys_ else DEFAULTS.get(name)
+        value = fields.get(name, seed_defaults.get(name, own))
         if value is None:
-            raise ProjectionError(f"student config: '{field}' is missing and the teacher does not define it")
+            raise ProjectionError(f"student config: '{name}' is missing and the teacher does not define it")
         if not isinstance(value, int) or value <= 0:
-            raise ProjectionError(f"student config: '{field}' must be a positive integer, got {value!r}")
-        cfg[field] = value
-    if "num_heads" not in fields and "dim" in fields and teacher.get("head_dim"):
-        cfg["num_heads"] = max(1, cfg["dim"] // teacher["head_dim"])  # keep the teacher's head dim
+            raise ProjectionError(f"student config: '{name}' must be a positive integer, got {value!r}")
+        cfg[name] = value
+    if "num_heads" not in fields and "dim" in fields and teacher.head_dim:
+        cfg["num_heads"] = max(1, cfg["dim"] // teacher.head_dim)  # keep the teacher's head dim
     if cfg["dim"] % cfg["num_heads"]:
-        raise ProjectionError(f"student config: dim {cfg['dim']} is not divisible by num_heads {cfg['num_heads']}")
-    cfg["head_dim"] = cfg["dim"] // cfg["num_heads"]
-    return cfg
+        raise heads_error(cfg["dim"], cfg["num_heads"], "student config: dim")
+    return ModelConfig.from_dict({**cfg, "head_dim": None})  # derived
 
 
-def build_student(config: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+def build_student(config: ModelConfig | Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
     """The student module for a config; on device 'meta' it costs no memory (for mapping)."""
-    layout = config.get("layout", "wanlite")
+    config = as_config(config)
+    layout = config.layout or "wanlite"
     if layout not in LAYOUTS:
         raise ProjectionError(f"layout '{layout}' has no runnable module here (only {', '.join(LAYOUTS)}); load it "
                               "with the code it came from (e.g. diffusers' WanTransformer3DModel)")
-    kwargs = {k: config[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers")}
-    kwargs.update({k: config[k] for k in ("in_dim", "out_dim", "text_dim", "freq_dim") if k in config})
+    kwargs = {k: getattr(config, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers")}
+    kwargs.update({k: v for k in ("in_dim", "out_dim", "text_dim", "freq_dim")
+                   if (v := getattr(config, k)) is not None})
     cls = {"wanlite": WanLite, "seed": SeedStudent}[layout]
     with torch.device(device):
         return cls(**kwargs)

@@ -267,11 +267,11 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
     _check_rules_match(rules or {}, student)
     rules = {**preset_rules(student.layout), **(rules or {})}
     t_sizes = space_sizes(teacher.config)
-    n_student = student.config.get("num_layers", 0)
+    n_student = student.config.num_layers or 0
     if student.layout == "custom":  # its blocks are whatever the rules' `{i}` match
         n_student = 1 + max((f[2] for k in student.shapes if (f := find_rule(rules, k)) and f[2] is not None),
                             default=n_student - 1)
-    layers = select_layers(strategy.layers, teacher.config.get("num_layers", 0), n_student)
+    layers = select_layers(strategy.layers, teacher.config.num_layers or 0, n_student)
     if student.layout == "custom":  # unknown names: learn the student's widths from what the rules map
         s_sizes = _infer_sizes(student, teacher, layers, rules, t_sizes)
     else:
@@ -307,8 +307,8 @@ def _infer_sizes(student: ModelView, teacher: ModelView, layers: list[int], rule
             axes = [a for a in part.axes or () if not (part.collapses_time and a == ("kt",))]
             pairs += [(key, axis, n) for axis, n in zip(axes, part.student_shape)] if len(axes) == len(shape) else []
     sizes = {s: space.size for s, space in SPACES.items() if isinstance(space.size, int)}  # e.g. the 2x2 patch
-    if student.config.get("num_heads"):
-        sizes.update(sa_heads=student.config["num_heads"], ca_heads=student.config["num_heads"])
+    if student.config.num_heads:
+        sizes.update(sa_heads=student.config.num_heads, ca_heads=student.config.num_heads)
     changed = True
     while changed:
         changed = False

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
-from ..arch.config import LAYOUTS, build_student, student_config
+from ..arch.config import LAYOUTS, ModelConfig, build_student, student_config
 from ..errors import ProjectionError
 from ..io.checkpoint import PICKLE_SUFFIXES, Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from ..io.inputs import load_json, load_yaml, read_text
@@ -21,7 +21,7 @@ class ModelView:
     source: str
     family: str | None  # wan | wan-diffusers | seed | None (unknown names)
     layout: str  # wan | wanlite | seed | custom
-    config: dict[str, Any]
+    config: ModelConfig
     shapes: dict[str, tuple[int, ...]]  # canonical key -> shape
     native: dict[str, str]  # canonical key -> key in the files
     checkpoint: Checkpoint | None = None  # None for a student built from a config
@@ -29,7 +29,7 @@ class ModelView:
 
     @property
     def heads_inferred(self) -> bool:
-        return not self.heads_recorded and "num_heads" in self.config
+        return not self.heads_recorded and self.config.num_heads is not None
 
     @property
     def num_params(self) -> int:
@@ -51,7 +51,7 @@ class ModelView:
         return {
             "source": self.source, "family": self.family, "layout": self.layout,
             "description": FAMILIES[self.family].description if self.family in FAMILIES else "unknown names",
-            "config": self.config, "heads_inferred": self.heads_inferred,
+            "config": self.config.to_dict(), "heads_inferred": self.heads_inferred,
             "keys": len(self.shapes), "params": self.num_params,
             "format": ckpt.format if ckpt else "config", "expert": ckpt.expert if ckpt else None,
             "dtypes": ckpt.dtypes() if ckpt else {"float32": len(self.shapes)},
@@ -69,10 +69,10 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     native = to_canonical(ckpt.keys(), family or "")
     shapes = {c: ckpt.tensors[n].shape for c, n in native.items()}
     config = infer_config(family, shapes, ckpt.config)
-    recorded = "num_heads" in config
-    if not recorded and config.get("dim"):  # a guess, flagged as one (heads_inferred)
-        config = with_heads(config, infer_heads(config["dim"], None, default_head_dim(family)))
-    layout = {"wan": "wan", "wan-diffusers": "wan", "seed": "seed"}.get(family or "", "custom")
+    recorded = config.num_heads is not None
+    if not recorded and config.dim:  # a guess, flagged as one (heads_inferred)
+        config = with_heads(config, infer_heads(config.dim, None, default_head_dim(family)))
+    layout = FAMILIES[family].layout if family in FAMILIES else "custom"
     if ckpt.config.get("layout") in LAYOUTS:
         layout = ckpt.config["layout"]  # one of our exported students
     elif layout == "wan" and len(shapes.get("patch_embedding.weight", ())) == 4:
@@ -82,7 +82,7 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
 
 def open_teacher(source: str, expert: str | None = None, check: PathCheck | None = None) -> ModelView:
     view = view_checkpoint(open_checkpoint(source, expert, check))
-    if view.family not in ("wan", "wan-diffusers"):
+    if view.family not in FAMILIES or not FAMILIES[view.family].wan_blocks:
         raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
                               f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
     return view
@@ -104,7 +104,7 @@ def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str 
         raise ProjectionError(f"{source}: {exc}" if source != "config" else str(exc)) from exc
     state = build_student(config, "meta").state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return ModelView(source, "seed" if config["layout"] == "seed" else "wan", config["layout"], config, shapes,
+    return ModelView(source, "seed" if config.layout == "seed" else "wan", str(config.layout), config, shapes,
                      {k: k for k in shapes})
 
 
@@ -134,8 +134,8 @@ def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: in
     try:
         if num_heads:
             view.config, view.heads_recorded = with_heads(view.config, num_heads), True
-        elif not view.heads_recorded and view.config.get("dim"):
-            guess = infer_heads(view.config["dim"], teacher.config.get("head_dim"), default_head_dim(view.family))
+        elif not view.heads_recorded and view.config.dim:
+            guess = infer_heads(view.config.dim, teacher.config.head_dim, default_head_dim(view.family))
             view.config = with_heads(view.config, guess)
     except ProjectionError as exc:
         raise ProjectionError(f"{source}: {exc}") from exc

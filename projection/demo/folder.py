@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from ..arch.anatomy import space_sizes, template_of, wan_tensors
+from ..arch.config import as_config
 from ..errors import ProjectionError
 from . import teacher as dt
 from .teacher import copy_demo_teacher, save_teacher
@@ -66,7 +67,7 @@ def demo_state_dict(config: dict[str, Any] = SYNTHETIC, seed: int = 0) -> dict[s
     sizes = space_sizes(config)
     global_gains = {s: _gains(sizes[s], g, 0.6) for s in ("resid", "context", "text_hidden", "time_hidden")}
     block_gains = [{s: _gains(sizes[s], g, 0.5) for s in ("ffn", "sa_heads", "ca_heads")}
-                   for _ in range(config["num_layers"])]
+                   for _ in range(as_config(config).num_layers or 0)]
     state: dict[str, torch.Tensor] = {}
     for key, (shape, axes) in wan_tensors(config).items():
         block = template_of(key)[1]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import digits
+from ..arch.config import ModelConfig, as_config
 from ..errors import ProjectionError
 from ..function import budget
 from ..function.calibration import Calibration
@@ -29,9 +30,10 @@ PREVIEW_COLUMNS = 8  # samples per preview row: the calibration set's first prom
 MAX_PREVIEW_PIXELS = 64 * 64  # latent pixels per sample (a 512 x 512 image for Wan's VAE)
 
 
-def demo_space(config: dict[str, Any]) -> bool:
+def demo_space(config: ModelConfig | dict[str, Any]) -> bool:
     """Whether a model reads and writes the demo's latents and prompt states (so digits decode and score)."""
-    return (config.get("in_dim"), config.get("out_dim"), config.get("text_dim")) == (
+    config = as_config(config)
+    return (config.in_dim, config.out_dim, config.text_dim) == (
         digits.CHANNELS, digits.CHANNELS, digits.TEXT_DIM)
 
 
@@ -44,11 +46,12 @@ class GalleryRow:
     velocity_error: float | None  # relative to the teacher at the same inputs (None for the teacher)
 
 
-def preview_problem(config: dict[str, Any], calibration: Calibration) -> str | None:
+def preview_problem(config: ModelConfig | dict[str, Any], calibration: Calibration) -> str | None:
     """Why `preview_row` cannot draw this teacher's samples on `calibration`, or None when it can."""
-    channels = config.get("out_dim")
-    if config.get("in_dim") != channels:
-        return (f"this teacher reads {config.get('in_dim')} channels and writes {channels} (image-to-video: it "
+    config = as_config(config)
+    channels = config.out_dim
+    if config.in_dim != channels:
+        return (f"this teacher reads {config.in_dim} channels and writes {channels} (image-to-video: it "
                 "needs its conditioning frames); the preview samples text-to-video teachers")
     if channels != len(RGB_FACTORS):
         return (f"the RGB preview is Wan 2.1's, for 16-channel latents; this teacher writes {channels} channels "

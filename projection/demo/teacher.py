@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import digits
 from ..arch.anatomy import native_name
-from ..arch.config import build_student
+from ..arch.config import ModelConfig, as_config, build_student
 from ..arch.wan import WanLite, wan_state_dict
 from ..engine.build import init_module_, wanlite_from_teacher
 from ..errors import ProjectionError
@@ -123,11 +123,13 @@ def save_teacher(state: dict[str, torch.Tensor], config: dict[str, Any], wan: Pa
     (diffusers / "config.json").write_text(json.dumps(diffusers_config(config), indent=1))
 
 
-def diffusers_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def diffusers_config(config: ModelConfig | dict[str, Any]) -> dict[str, Any]:
+    """A Wan config as diffusers' WanTransformer3DModel's config.json (serialization)."""
+    cfg = as_config(config)
     return {"_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2],
-            "num_attention_heads": cfg["num_heads"], "attention_head_dim": cfg["dim"] // cfg["num_heads"],
-            "in_channels": cfg["in_dim"], "out_channels": cfg["out_dim"], "text_dim": cfg["text_dim"],
-            "freq_dim": cfg["freq_dim"], "ffn_dim": cfg["ffn_dim"], "num_layers": cfg["num_layers"],
+            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
+            "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim,
+            "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
             "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
             "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch.config import SIZES, build_student
+from ..arch.config import build_student
 from ..arch.wan import WanLite, init_modulation_
 from ..core.models import open_teacher
 from ..core.strategy import Strategy
@@ -109,7 +110,7 @@ def wanlite_from_teacher(source: str | Path, device: str | torch.device = "cpu",
     if len(patch) != 5 or patch[2] != 1:
         raise ProjectionError(f"{source}: patch_embedding.weight is {list(patch)}; a Wan teacher with a temporal "
                               "patch of 1 has [D, C, 1, 2, 2]")
-    model = build_student({"layout": "wanlite", **{k: config[k] for k in SIZES}}, "meta")
+    model = build_student(replace(config, layout="wanlite"), "meta")
     state = {k: teacher.read(k) for k in model.state_dict()}  # a missing key raises, naming it
     state["patch_embedding.weight"] = state["patch_embedding.weight"].squeeze(2)
     model.load_state_dict(state, assign=True, strict=True)

@@ -61,9 +61,9 @@ def config_json(projector: Projector, strategy: Strategy | None = None) -> dict[
     student, config = projector.student, projector.student_config(strategy)
     own = dict(student.checkpoint.config) if student.checkpoint is not None else {}
     if student.family == "wan-diffusers":
-        own.update(num_attention_heads=config["num_heads"], attention_head_dim=config["head_dim"])
-        return {**own, **config}
-    return {**own, **config, "dtype": strategy.dtype}
+        own.update(num_attention_heads=config.num_heads, attention_head_dim=config.head_dim)
+        return {**own, **config.to_dict()}
+    return {**own, **config.to_dict(), "dtype": strategy.dtype}
 
 
 def _version() -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from ..arch.anatomy import SPACES
+from ..arch.config import ModelConfig
 from ..cache import FILE_DIGESTS, PROJECTED_TENSORS, PROJECTIONS, SPECTRA, TEACHER_TENSORS, Bound, Lru
 from ..core.mapping import Entry, Mapping, Rule, build_mapping
 from ..core.measure import retained_weight_energy
@@ -144,7 +145,7 @@ def teacher_fingerprint(teacher: ModelView) -> str:
     ckpt = teacher.checkpoint
     if ckpt is None or not ckpt.files:
         return f"unnamed-{uuid.uuid4().hex}"  # shares nothing
-    parts = [ckpt.format, str(ckpt.expert), json.dumps(teacher.config, sort_keys=True, default=str)]
+    parts = [ckpt.format, str(ckpt.expert), json.dumps(teacher.config.to_dict(), sort_keys=True, default=str)]
     parts += [file_digest(f, ckpt.format != "torch-pickle") for f in ckpt.files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
@@ -199,7 +200,7 @@ class Projector:
         activation statistics (cached on disk), so that `activation` and `influence` choices can rank by them. The
         noise levels are those of the expert."""
         expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
-        band = expert_band(expert, self.teacher.config.get("in_dim"))
+        band = expert_band(expert, self.teacher.config.in_dim)
         found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, device or self.device, cache,
                                     progress)
         bad = next((k for k, v in found.scores.items() if not torch.isfinite(v).all()), None)
@@ -219,7 +220,7 @@ class Projector:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""
         if strategy.layers != "influence":
             return strategy
-        depth = self.student.config.get("num_layers") if self.student.layout != "custom" else None
+        depth = self.student.config.num_layers if self.student.layout != "custom" else None
         if depth is None:
             raise ProjectionError(f"{self.student.source}: layers: influence needs the student's block count")
         return strategy.model_copy(update={"layers": require(self.activations, "layers: influence")
@@ -343,29 +344,29 @@ class Projector:
             found = self._spectra.put((side, sig), singular_values(t, pick_device(strategy.device)))
         return found
 
-    def student_config(self, strategy: Strategy | None = None) -> dict[str, Any]:
+    def student_config(self, strategy: Strategy | None = None) -> ModelConfig:
         """THE student config: the summary, the report, the exported config.json and the app show this one.
 
         A student with unknown names knows none of its own: its sizes are what the mapper inferred from the
         tensors its rules map (and its heads, unless given), under `strategy` (the default one if None)."""
         if self.student.layout != "custom":
-            return {"layout": self.student.layout, **self.student.config}
+            return ModelConfig.from_dict({"layout": self.student.layout, **self.student.config.to_dict()})
         mapping = self.mapping(strategy)
         out: dict[str, Any] = {"layout": "custom", "num_layers": len(mapping.layers)}
         for name, space in SPACES.items():  # the first space of each config field names it (resid: dim)
             if isinstance(space.size, str) and name in mapping.student_sizes:
                 out.setdefault(space.size, mapping.student_sizes[name])
-        return out
+        return ModelConfig.from_dict(out)
 
     def heads_inferred(self, strategy: Strategy | None = None) -> bool:
         """The student's heads are a guess: its checkpoint does not record them and nobody set them."""
-        return not self.student.heads_recorded and "num_heads" in self.student_config(strategy)
+        return not self.student.heads_recorded and self.student_config(strategy).num_heads is not None
 
     def heads_note(self, strategy: Strategy | None = None) -> str | None:
         if not self.heads_inferred(strategy):
             return None
         cfg = self.student_config(strategy)
-        shape = f"{cfg['num_heads']} x {cfg['head_dim']}" if "head_dim" in cfg else str(cfg["num_heads"])
+        shape = f"{cfg.num_heads} x {cfg.head_dim}" if "head_dim" in cfg.keys_ else str(cfg.num_heads)
         return (f"heads inferred: {shape}; the checkpoint does not record heads. Set them if they differ "
                 "(CLI --num-heads, the Sources tab's Heads field, or num_heads in a config.json beside the "
                 "checkpoint).")
@@ -376,7 +377,7 @@ class Projector:
         note = self.heads_note(strategy)
         out: dict[str, Any] = {
             "teacher": self.teacher.summary(),
-            "student": {**self.student.summary(), "config": self.student_config(strategy),
+            "student": {**self.student.summary(), "config": self.student_config(strategy).to_dict(),
                         "heads_inferred": self.heads_inferred(strategy)},
             "coverage": mapping.coverage(), "counts": mapping.counts(), "layers": mapping.layers,
             "basis_consistent": strategy.basis_consistent,

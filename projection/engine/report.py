@@ -50,7 +50,7 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
                 "random init": random_student(config, strategy.seed).to(device),
                 "svd-per-matrix": projected_student(svd, device)}
     expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
-    band = expert_band(expert, projector.teacher.config.get("in_dim"))
+    band = expert_band(expert, projector.teacher.config.in_dim)
     table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
     per_block = (block_fidelity(projector.plan(strategy), students, calibration.latents, calibration.context, draws, seed, band,
                                 device) if blocks and isinstance(students["student"], WanLite) else None)
@@ -76,7 +76,7 @@ def function_report(projector: Projector, calibration: Calibration, draws: int =
 
     acts = projector.calibrate(calibration, draws, seed, progress=stage("teacher activations"), device=device)
     expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
-    band = expert_band(expert, projector.teacher.config.get("in_dim"))
+    band = expert_band(expert, projector.teacher.config.in_dim)
     removal = teacher_removal(projector.teacher, projector.fingerprint, calibration, REMOVAL_DRAWS, seed, band,
                               device, progress=stage("each teacher block removed"))
     if progress:

@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
+from ..arch.config import ModelConfig, as_config
 from ..cancel import checkpoint
 from ..core.models import ModelView
 from ..core.plan import overlap
@@ -122,7 +123,7 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
             progress: Callable[[int, int, str], None] | None = None) -> Activations:
     """One streamed forward of the teacher over the noised calibration set, recording the statistics above."""
     cfg = teacher.config
-    heads, dim = int(cfg["num_heads"]), int(cfg["dim"])
+    heads, dim = int(cfg.num_heads), int(cfg.dim)
     sums: dict[tuple[str, int | None], torch.Tensor] = {}
     cos_sum: dict[int, float] = {}
     count: dict[int, int] = {}
@@ -148,7 +149,7 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
         count[block] = count.get(block, 0) + cos.numel()
         add(("update", block), (x_out.double() - x_in.double()).flatten(0, -2).sum(0).cpu())
         if progress:
-            progress(block, int(cfg["num_layers"]), f"teacher block {block}")
+            progress(block, int(cfg.num_layers), f"teacher block {block}")
 
     def on_weights(block: int, module: torch.nn.Module) -> None:
         columns[block] = module.get_submodule(NEURONS).weight.double().pow(2).sum(0).cpu()
@@ -161,7 +162,7 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
     for energy in readers.values():
         resid += _share(energy)
     sums[("resid", None)] = resid
-    depth = int(cfg["num_layers"])
+    depth = int(cfg.num_layers)
     for b in range(depth):
         sums[("ffn_wanda", b)] = sums[("ffn", b)] * columns[b]
         sums[("update", b)] = sums[("update", b)] / count[b]
@@ -169,9 +170,10 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
     return Activations(sums, influence, describe(calibration, draws, band), key)
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig | dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of an activations entry (`Activations.to_tensors`) and its shape, from the teacher's config."""
-    dim, heads, ffn, depth = (int(config[k]) for k in ("dim", "num_heads", "ffn_dim", "num_layers"))
+    config = as_config(config)
+    dim, heads, ffn, depth = (int(v) for v in (config.dim, config.num_heads, config.ffn_dim, config.num_layers))
     shapes: dict[str, tuple[int, ...]] = {"resid/global": (dim,), "influence": (depth,)}
     for b in range(depth):
         shapes.update({f"sa_heads/{b}": (heads,), f"sa_vo/{b}": (dim // heads,), f"ca_heads/{b}": (heads,),
@@ -180,7 +182,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checked_entry(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def checked_entry(tensors: dict[str, torch.Tensor], config: ModelConfig | dict) -> dict[str, torch.Tensor]:
     """The tensors of a cache entry if they are exactly what `collect` records for this teacher (the groups,
     their shapes, float64, all finite); else ValueError, so that the entry is measured again."""
     shapes = expected_shapes(config)
@@ -281,7 +283,7 @@ def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1
     b, and every later block also runs on it (L(L+1)/2 block evaluations; L+1 residual streams held at once,
     bounded by MAX_REMOVAL_BYTES before anything runs)."""
     cfg = teacher.config
-    depth, dim = int(cfg["num_layers"]), int(cfg["dim"])
+    depth, dim = int(cfg.num_layers), int(cfg.dim)
     check_work(calibration.source, calibration.latents.shape, calibration.context.shape, cfg, draws,
                streams=depth + 1, batch=MICRO_BATCH)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
@@ -325,7 +327,7 @@ def teacher_removal(teacher: ModelView, fingerprint: str, calibration: Calibrati
     """`removal_effects`, through the on-disk cache."""
     key = cache_key(fingerprint, calibration, draws, seed, band)
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}-removal.json"
-    depth = int(teacher.config["num_layers"])
+    depth = int(teacher.config.num_layers)
     return _cached(fingerprint, path, 64 + 32 * depth,
                    lambda data: checked_removal(load_json(data, str(path)), depth),
                    lambda: removal_effects(teacher, calibration, draws, seed, band, device, progress),

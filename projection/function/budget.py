@@ -41,6 +41,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from ..arch.config import ModelConfig, as_config
 from ..errors import ProjectionError
 
 PATCH = 2  # Wan's spatial patch: one token per 2 x 2 latent pixels
@@ -108,25 +109,26 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def micro_batch_bytes(config: dict[str, Any], tokens: int, context_tokens: int, latents: int = 1) -> int:
+def micro_batch_bytes(config: ModelConfig | dict[str, Any], tokens: int, context_tokens: int, latents: int = 1) -> int:
     """The working set of `latents` latents inside one block (see the module's docstring): per token, q, k, v,
     the attention output and the residual temporaries (float32, ~12 x dim), RoPE's float64 copies of q and k
     (~6 x dim in float32 units), the statistics hooks' float64 copies of a block's input and output (4 x dim) and
     of the FFN hidden layer (2 x ffn_dim, after its float32 output and GELU, 2 x ffn_dim); per context token, the
     cross-attention's keys and values (3 x dim)."""
-    dim, ffn = int(config["dim"]), int(config["ffn_dim"])
+    config = as_config(config)
+    dim, ffn = int(config.dim), int(config.ffn_dim)
     per_token = F32 * (12 * dim + 2 * ffn) + F64 * (3 * dim + 2 * dim + 2 * ffn)
     return latents * (tokens * per_token + context_tokens * 3 * dim * F32)
 
 
-def micro_batch(config: dict[str, Any], tokens: int, context_tokens: int, most: int = MICRO_BATCH) -> int:
+def micro_batch(config: ModelConfig | dict[str, Any], tokens: int, context_tokens: int, most: int = MICRO_BATCH) -> int:
     """Latents per micro-batch: at most `most`, fewer if their working set would pass MICRO_BATCH_BYTES (at
     least one)."""
     one = micro_batch_bytes(config, tokens, context_tokens)
     return max(1, min(most, MICRO_BATCH_BYTES // max(one, 1)))
 
 
-def estimate_bytes(latents: Sequence[int], context: Sequence[int], config: dict[str, Any], draws: int,
+def estimate_bytes(latents: Sequence[int], context: Sequence[int], config: ModelConfig | dict[str, Any], draws: int,
                    streams: float = 1, models: int = 1, batch: int | None = None, extra: int = 0) -> int:
     """Peak bytes a request holds (see the module's docstring): `latents` [N, Cin, H, W] and `context`
     [N, L, text_dim] shapes, `draws` noise draws per latent, `streams` residual streams of the teacher's width
@@ -136,8 +138,9 @@ def estimate_bytes(latents: Sequence[int], context: Sequence[int], config: dict[
     _, context_tokens, text_dim = (int(v) for v in context)
     n = n_set * draws
     tokens = tokens_per_latent(h, w)
-    dim = int(config["dim"])
-    out = int(config.get("out_dim") or cin)
+    config = as_config(config)
+    dim = int(config.dim)
+    out = int(config.out_dim or cin)
     pixels = cin * h * w
     b = min(n, batch or micro_batch(config, tokens, context_tokens))
     held = F32 * (n_set * (pixels + context_tokens * text_dim)  # the set
@@ -163,8 +166,8 @@ def check_set(where: str, latents: Sequence[int], context: Sequence[int]) -> Non
                               f"values per latent; at most {MAX_CONTEXT_PER_LATENT:,} (Wan's 512 x 4096 is 2,097,152)")
 
 
-def check_work(where: str, latents: Sequence[int], context: Sequence[int], config: dict[str, Any], draws: int,
-               streams: float = 1, models: int = 1, batch: int | None = None, extra: int = 0) -> Work:
+def check_work(where: str, latents: Sequence[int], context: Sequence[int], config: ModelConfig | dict[str, Any],
+               draws: int, streams: float = 1, models: int = 1, batch: int | None = None, extra: int = 0) -> Work:
     """Refuse, before any compute, a request on a set of these shapes (`latents` [N, Cin, H, W], `context`
     [N, L, text_dim]) with `draws` noise draws per latent that passes a bound (see the module's docstring); the
     error names the numbers. Returns what the request asks for."""
@@ -194,11 +197,11 @@ def check_work(where: str, latents: Sequence[int], context: Sequence[int], confi
     return work
 
 
-def module_config(model: Any) -> dict[str, Any] | None:
+def module_config(model: Any) -> ModelConfig | None:
     """The sizes `check_work` needs, read from an in-memory WanLite (None for another module)."""
     blocks = getattr(model, "blocks", None)
     dim = getattr(model, "dim", None)
     if dim is None or not blocks or not hasattr(blocks[0], "ffn"):
         return None
-    return {"dim": dim, "ffn_dim": blocks[0].ffn[0].out_features, "num_heads": getattr(model, "num_heads", 1),
-            "out_dim": getattr(model, "out_dim", None)}
+    return ModelConfig(dim=dim, ffn_dim=blocks[0].ffn[0].out_features, num_heads=getattr(model, "num_heads", 1),
+                       out_dim=getattr(model, "out_dim", None))

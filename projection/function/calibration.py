@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..arch.config import ModelConfig, as_config
 from ..errors import ProjectionError
 from ..io.checkpoint import PathCheck, _safetensors_infos, read_tensor, resolve_checked
 from ..io.inputs import clip, printable, regular_fd
@@ -69,7 +70,7 @@ class Calibration:
 
 
 def check_shapes(where: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
-                 config: dict[str, Any] | None) -> None:
+                 config: ModelConfig | dict[str, Any] | None) -> None:
     """Refuse, before reading data, a set whose tensors the teacher cannot take (names the file and tensor)."""
     for name, rank in (("latents", 4), ("context", 3)):
         if name not in shapes:
@@ -99,12 +100,13 @@ def check_shapes(where: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[st
                               f"than a calibration set may hold (at most {MAX_SAMPLES} latents, {MAX_TOKENS} latent "
                               f"pixels, {MAX_CONTEXT} context values)")
     if config:
-        if config.get("in_dim") not in (None, cin):
-            raise ProjectionError(f"{where}: tensor 'latents' has {cin} channels; the teacher reads {config['in_dim']}")
+        config = as_config(config)
+        if config.in_dim not in (None, cin):
+            raise ProjectionError(f"{where}: tensor 'latents' has {cin} channels; the teacher reads {config.in_dim}")
         text = shapes["context"][2]
-        if config.get("text_dim") not in (None, text):
+        if config.text_dim not in (None, text):
             raise ProjectionError(f"{where}: tensor 'context' has width {text}; the teacher's text_dim is "
-                                  f"{config['text_dim']}")
+                                  f"{config.text_dim}")
         if h % 2 or w % 2:
             raise ProjectionError(f"{where}: latents of {h}x{w}: height and width must be even (2x2 patches)")
 
@@ -136,7 +138,7 @@ def shown(metadata: dict[str, str]) -> dict[str, str]:
     return {clip(printable(k[:240]), 60): clip(printable(v[:4 * MAX_SHOWN]), MAX_SHOWN) for k, v in metadata.items()}
 
 
-def load_calibration(path: str | Path, config: dict[str, Any] | None = None,
+def load_calibration(path: str | Path, config: ModelConfig | dict[str, Any] | None = None,
                      check: PathCheck | None = None) -> Calibration:
     """A calibration file, checked against the teacher's config (channels, text width) before its data is read.
     `check` sees the path resolved before anything is opened (the app confines it to its roots)."""
@@ -164,18 +166,19 @@ def load_calibration(path: str | Path, config: dict[str, Any] | None = None,
     return Calibration(latents, context, where, False, lengths, metadata, tensors)
 
 
-def synthetic_calibration(config: dict[str, Any], n: int = 16, size: tuple[int, int] = (16, 16), tokens: int = 16,
+def synthetic_calibration(config: ModelConfig | dict[str, Any], n: int = 16, size: tuple[int, int] = (16, 16), tokens: int = 16,
                           seed: int = 0) -> Calibration:
     """Gaussian latents [n, in_dim, *size] and context [n, tokens, text_dim] (seeded, the global RNG untouched),
     for teachers that come without a calibration set. Labelled synthetic everywhere it is shown."""
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(n, config["in_dim"], *size, generator=g)
-    context = torch.randn(n, tokens, config["text_dim"], generator=g)
+    config = as_config(config)
+    latents = torch.randn(n, config.in_dim, *size, generator=g)
+    context = torch.randn(n, tokens, config.text_dim, generator=g)
     return Calibration(latents, context, SYNTHETIC, True, torch.full((n,), tokens),
                        {"format": FORMAT, "source": f"synthetic: standard normal, seed {seed}"})
 
 
-def open_calibration(spec: str | Path, config: dict[str, Any], check: PathCheck | None = None) -> Calibration:
+def open_calibration(spec: str | Path, config: ModelConfig | dict[str, Any], check: PathCheck | None = None) -> Calibration:
     """`synthetic`, or a file path (seen by `check`); checked against the teacher's config. (The demo's held-out
     digits, `demo`, are opened by `demo.teacher.open_calibration`, which passes other sources on to this.)"""
     if str(spec) == SYNTHETIC:

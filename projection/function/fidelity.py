@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..arch.config import ModelConfig
 from ..cancel import checkpoint
 from ..errors import ProjectionError
 from . import budget
@@ -72,7 +73,7 @@ class Reference:
         return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band)
 
 
-def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> dict[str, Any] | None:
+def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> ModelConfig | None:
     """The teacher's config as `budget.check_work` reads it: a streamed teacher's, or an in-memory WanLite's."""
     if isinstance(teacher, StreamedTeacher):
         return teacher.teacher.config
@@ -148,10 +149,10 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
     return rows
 
 
-def block_streams(teacher: dict[str, Any], student: dict[str, Any], students: int) -> float:
+def block_streams(teacher: ModelConfig, student: ModelConfig | dict[str, Any], students: int) -> float:
     """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
     stream, its float64 target on the kept channels, and each student's embedded tokens and stream (teacher,
     student: their configs)."""
-    width = teacher["dim"]
+    width = teacher.dim
     ratio = (student.get("dim") or width) / width
     return 2 + 2 * ratio * (1 + students)

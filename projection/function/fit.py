@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..arch.config import ModelConfig
 from ..cancel import checkpoint
 from ..core.plan import Plan, flat_index
 from ..errors import ProjectionError
@@ -137,16 +138,16 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     return report
 
 
-def _check(teacher: dict, student: dict, calibration: Calibration, draws: int, micro_batch: int) -> None:
+def _check(teacher: ModelConfig, student: dict, calibration: Calibration, draws: int, micro_batch: int) -> None:
     """`budget.check_work` for a fit: the teacher's two residual streams, the student's two (at its width), and
     the float64 moments of every student layer's least-squares problem (teacher, student: their configs)."""
-    dim, ffn = int(student.get("dim") or teacher["dim"]), int(student.get("ffn_dim") or teacher["ffn_dim"])
+    dim, ffn = int(student.get("dim") or teacher.dim), int(student.get("ffn_dim") or teacher.ffn_dim)
     inputs = {name: (ffn if name == "ffn.2" else dim) for name in LINEARS}
     outputs = {name: (ffn if name == "ffn.0" else dim) for name in LINEARS}
     moments = 8 * sum(inputs[n] * (inputs[n] + outputs[n] + 2) + outputs[n] for n in LINEARS)
     latents, context = tuple(calibration.latents.shape), tuple(calibration.context.shape)
     batch = budget.micro_batch(teacher, budget.tokens_per_latent(*latents[-2:]), context[1], micro_batch)
-    budget.check_work(calibration.source, latents, context, teacher, draws, streams=2 + 2 * dim / teacher["dim"],
+    budget.check_work(calibration.source, latents, context, teacher, draws, streams=2 + 2 * dim / teacher.dim,
                       models=2, batch=batch, extra=moments)
 
 
@@ -171,7 +172,7 @@ def compensate_dropped(plan: Plan, activations: Activations | None, student: nn.
                               "basis-consistent width (not svd-per-matrix)")
     updates = require(activations, "compensate: mean")
     kept = plan.indices("resid", None)
-    folds = fold_targets(plan.mapping.layers, int(plan.mapping.teacher.config["num_layers"]))
+    folds = fold_targets(plan.mapping.layers, int(plan.mapping.teacher.config.num_layers))
     for i, dropped in folds.items():
         bias = student.blocks[i].cross_attn.o.bias
         for d in dropped:

@@ -12,11 +12,13 @@ statistics and per-block fidelity.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from ..arch.config import SIZES, build_student
+from ..arch.anatomy import FAMILIES
+from ..arch.config import build_student
 from ..arch.wan import Block, WanLite
 from ..core.models import ModelView
 from ..cancel import checkpoint
@@ -36,7 +38,7 @@ def build_block(teacher: ModelView, index: int, device: torch.device, dtype: tor
     """Teacher block `index` as a module on `device` (its tensors read now, nothing else)."""
     cfg = teacher.config
     with torch.device("meta"):
-        block = Block(cfg["dim"], cfg["ffn_dim"], cfg["num_heads"])
+        block = Block(cfg.dim, cfg.ffn_dim, cfg.num_heads)
     prefix = f"blocks.{index}."
     block.load_state_dict({k: teacher.read(prefix + k) for k in block.state_dict()}, assign=True, strict=True)
     return block.to(device, dtype).eval()
@@ -53,17 +55,17 @@ class StreamedTeacher:
         others, as a depth-only student computes). micro_batch: latents per micro-batch at most; fewer where their
         working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
         patch = teacher.shapes.get("patch_embedding.weight")
-        if teacher.family not in ("wan", "wan-diffusers") or patch is None or len(patch) != 5 or patch[2] != 1:
+        family = FAMILIES.get(teacher.family or "")
+        if family is None or not family.wan_blocks or patch is None or len(patch) != 5 or patch[2] != 1:
             raise ProjectionError(f"{teacher.source}: the streamed forward runs Wan teachers whose patch embedding is "
                                   "[D, C, 1, 2, 2] (one latent frame)")
         self.teacher, self.device, self.dtype = teacher, torch.device(device), dtype
         self.micro_batch = max(1, micro_batch)
-        depth = int(teacher.config["num_layers"])
+        depth = int(teacher.config.num_layers)
         self.blocks = list(range(depth)) if blocks is None else list(blocks)
         if any(not 0 <= b < depth for b in self.blocks):
             raise ProjectionError(f"blocks {self.blocks}: the teacher has blocks 0..{depth - 1}")
-        shell = build_student({"layout": "wanlite", **{k: teacher.config[k] for k in SIZES}, "num_layers": 0},
-                              "meta")
+        shell = build_student(replace(teacher.config, layout="wanlite", num_layers=0), "meta")
         state = {k: teacher.read(k) for k in top_keys(shell)}
         state["patch_embedding.weight"] = state["patch_embedding.weight"].squeeze(2)
         shell.load_state_dict(state, assign=True, strict=True)
