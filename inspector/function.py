@@ -60,6 +60,13 @@ def upload_folder() -> Path:
     return Path(gr.utils.get_upload_folder()).resolve()
 
 
+def check_size(path: Path, what: str, limit: int, accepted: str, otherwise: str) -> None:
+    """Refuse a set larger than the app reads, before reading it (one line naming it and both sizes)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise ProjectionError(f"{what} is {human_bytes(size)}; {accepted} up to {human_bytes(limit)} ({otherwise})")
+
+
 def open_upload(upload: Any, config: dict[str, Any]) -> Calibration:
     """An uploaded set: a file in Gradio's upload folder only (never a path a client typed), named by its
     uploaded name, at most MAX_CALIBRATION_UPLOAD_BYTES."""
@@ -76,10 +83,8 @@ def open_upload(upload: Any, config: dict[str, Any]) -> Calibration:
     inside(path, path.resolve())
     if not path.is_file():
         raise ProjectionError(f"calibration upload '{name}': not a file")
-    size = path.stat().st_size
-    if size > MAX_CALIBRATION_UPLOAD_BYTES:
-        raise ProjectionError(f"calibration upload '{name}' is {human_bytes(size)}; uploads are accepted up to "
-                              f"{human_bytes(MAX_CALIBRATION_UPLOAD_BYTES)} (place larger sets under --root)")
+    check_size(path, f"calibration upload '{name}'", MAX_CALIBRATION_UPLOAD_BYTES, "uploads are accepted",
+               "place larger sets under --root")
     try:
         calibration = sets.load_calibration(path, config, check=inside)
     except ProjectionError as exc:  # named by the uploaded name, not the server's copy
@@ -108,10 +113,8 @@ def open_source(source: str, path_text: str, count: float | None, roots: Roots, 
         path = Path(roots.source(path_text, "calibration file", hub_ids=False))  # resolved, under a root
         if not path.is_file():
             raise ProjectionError(f"calibration file '{path_text}': not a file (a .safetensors with latents, context)")
-        size = path.stat().st_size
-        if size > MAX_CALIBRATION_BYTES:
-            raise ProjectionError(f"calibration file '{path_text}' is {human_bytes(size)}; the app reads sets up to "
-                                  f"{human_bytes(MAX_CALIBRATION_BYTES)} (use the CLI for larger ones)")
+        check_size(path, f"calibration file '{path_text}'", MAX_CALIBRATION_BYTES, "the app reads sets",
+                   "use the CLI for larger ones")
         calibration = sets.load_calibration(path, config, check=roots.check)  # checked again as it is opened
     else:
         raise ProjectionError(f"calibration source '{source}': choose one of {', '.join(SOURCES)}")

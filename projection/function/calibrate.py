@@ -30,6 +30,7 @@ import stat
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -476,21 +477,8 @@ def probe(item: Item) -> None:
     """Refuse, from its header alone, a file that is no readable image or video or has more than MAX_PIXELS
     (ProjectionError with the reason); the pixels are decoded later, one batch at a time."""
     if item.video:
-        import av
-
-        with open_regular(item.path, "video") as f:
-            try:
-                container = av.open(f)
-            except Exception as exc:
-                raise ProjectionError(f"not a readable video ({_image_error(exc)})") from None
-            with container:
-                if not container.streams.video:
-                    raise ProjectionError("no video stream")
-                ctx = container.streams.video[0].codec_context
-                big = _too_big(ctx.width or 0, ctx.height or 0)
-        if big:
-            raise ProjectionError(big)
-        return
+        with _video(item.path):
+            return
     from PIL import Image
 
     with open_regular(item.path, "image") as f, warnings.catch_warnings():
@@ -525,6 +513,28 @@ def select(listing: Listing, limit: int) -> list[Item]:
 def read_frames(path: Path, every: int | None) -> Iterator[tuple[int, Any]]:
     """(frame index, RGB image) of a video: the first frame, or every `every`-th from the first; ProjectionError
     with the reason when the video cannot be read."""
+    with _video(path) as (container, stream):
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i >= MAX_VIDEO_FRAMES:
+                    return
+                big = _too_big(frame.width, frame.height)
+                if big:
+                    raise ProjectionError(big)
+                if every is None or i % every == 0:
+                    yield i, frame.to_image().convert("RGB")
+                    if every is None:
+                        return
+        except ProjectionError:
+            raise
+        except Exception as exc:
+            raise ProjectionError(f"unreadable video frame ({_image_error(exc)})") from None
+
+
+@contextmanager
+def _video(path: Path) -> Iterator[tuple[Any, Any]]:
+    """(container, video stream) of a readable video whose frame size passes MAX_PIXELS, from its header;
+    ProjectionError with the reason otherwise."""
     import av
 
     with open_regular(path, "video") as f:
@@ -539,21 +549,7 @@ def read_frames(path: Path, every: int | None) -> Iterator[tuple[int, Any]]:
             big = _too_big(stream.codec_context.width or 0, stream.codec_context.height or 0)
             if big:
                 raise ProjectionError(big)
-            try:
-                for i, frame in enumerate(container.decode(stream)):
-                    if i >= MAX_VIDEO_FRAMES:
-                        return
-                    big = _too_big(frame.width, frame.height)
-                    if big:
-                        raise ProjectionError(big)
-                    if every is None or i % every == 0:
-                        yield i, frame.to_image().convert("RGB")
-                        if every is None:
-                            return
-            except ProjectionError:
-                raise
-            except Exception as exc:
-                raise ProjectionError(f"unreadable video frame ({_image_error(exc)})") from None
+            yield container, stream
 
 
 def fit(image, height: int, width: int):
