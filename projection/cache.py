@@ -30,7 +30,7 @@ class Bound:
 # shared by every projector of a process (the app: all its sessions)
 TEACHER_TENSORS = Bound(1 << 30)  # recently read teacher tensors (engine.projector.TensorCache)
 SVD_BASES = Bound(512 << 20)  # singular vectors of teacher matrices (core.project.SvdCache)
-FILE_DIGESTS = Bound(1 << 20, 1024)  # content digests of teacher files (engine.projector.file_digest)
+FILE_DIGESTS = Bound(1 << 20, 1024)  # content digests of teacher and pipeline files (io.digest.file_digest)
 # per projector (the app: per session)
 TEACHER_STATS = Bound(256 << 20)  # squared norms per teacher tensor and axis (core.plan.TeacherStats)
 PROJECTED_TENSORS = Bound(64 << 20)  # projected tensors kept for reuse; older ones keep only their numbers

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import projection.function.activations as act
-import projection.engine.projector as pipeline
+import projection.io.digest as digest
 from projection.cache import Lru
 from projection.function.calibration import Calibration
 from projection.core.models import open_teacher
@@ -227,16 +227,16 @@ def test_teacher_rewritten_in_place_gets_a_new_fingerprint(tmp_path):
 
 def test_large_teacher_file_is_fingerprinted_by_header_and_sampled_blocks(tmp_path, monkeypatch):
     weights = copy_teacher(tmp_path) / "diffusion_pytorch_model.safetensors"
-    monkeypatch.setattr(pipeline, "WHOLE_FILE_BYTES", 1 << 20)  # the 4 MB demo teacher counts as large
-    monkeypatch.setattr(pipeline, "SAMPLE_BYTES", 4096)  # its 21 kB header reaches past the first block
+    monkeypatch.setattr(digest, "WHOLE_FILE_BYTES", 1 << 20)  # the 4 MB demo teacher counts as large
+    monkeypatch.setattr(digest, "SAMPLE_BYTES", 4096)  # its 21 kB header reaches past the first block
     size = weights.stat().st_size
-    blocks = [i * (size - 4096) // (pipeline.SAMPLES - 1) for i in range(pipeline.SAMPLES)]
+    blocks = [i * (size - 4096) // (digest.SAMPLES - 1) for i in range(digest.SAMPLES)]
     gap = blocks[1] + 4096 + 1000  # between the second and third sampled blocks
     assert gap + 8 < blocks[2]
-    digests = [pipeline.file_digest(weights, True)]
+    digests = [digest.file_digest(weights, True)]
     for offset in (blocks[5] + 100, 10_000, gap):  # a sampled block, the header past block 0, neither
         rewrite_in_place(weights, offset)
-        digests.append(pipeline.file_digest(weights, True))
+        digests.append(digest.file_digest(weights, True))
     assert len(set(digests[:3])) == 3  # a change in a sampled block or in the header is seen
     assert digests[3] == digests[2]  # as documented: a change outside both is not
 
@@ -245,11 +245,11 @@ def test_fingerprint_is_kept_per_file_state_within_the_process(tmp_path, monkeyp
     folder = copy_teacher(tmp_path)
     weights = folder / "diffusion_pytorch_model.safetensors"
     view = open_teacher(str(folder))
-    monkeypatch.setattr(pipeline, "SETTLED_NS", -(1 << 62))  # keep digests of files however recently changed
-    monkeypatch.setattr(pipeline, "_digests", Lru(pipeline._digests.bound))
+    monkeypatch.setattr(digest, "SETTLED_NS", -(1 << 62))  # keep digests of files however recently changed
+    monkeypatch.setattr(digest, "_digests", Lru(digest._digests.bound))
     reads = []
-    real = pipeline.os.pread
-    monkeypatch.setattr(pipeline.os, "pread", lambda *a: reads.append(1) or real(*a))
+    real = digest.os.pread
+    monkeypatch.setattr(digest.os, "pread", lambda *a: reads.append(1) or real(*a))
     first = teacher_fingerprint(view)
     n = len(reads)
     assert n and teacher_fingerprint(view) == first and len(reads) == n  # not hashed again

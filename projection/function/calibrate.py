@@ -41,6 +41,7 @@ import torch
 from ..core.project import pick_device
 from ..errors import ProjectionError
 from ..io.checkpoint import _hub_prefix, hub_source, within
+from ..io.digest import file_digest
 from ..io.inputs import clip, open_regular, printable, read_json
 from .calibration import FORMAT, MAX_CONTEXT, MAX_SAMPLES, MAX_TOKENS, check_shapes, load_calibration
 
@@ -59,8 +60,6 @@ MAX_FILES = 200_000  # files listed in the data folder (walked in sorted order, 
 MAX_VIDEO_FRAMES = 100_000  # frames decoded of one video
 MAX_SIDE = 4096  # --size: pixels per side
 MAX_BATCH = 64
-FULL_HASH_BYTES = 32 << 20  # fingerprints hash files up to this size whole, larger ones by samples
-SAMPLE_BYTES = 1 << 16
 
 
 Log = Callable[[str], None]
@@ -221,24 +220,14 @@ def open_pipeline(spec: str) -> Pipeline:
 
 
 def fingerprint(folder: Path, check: Callable[[Path, Path], None] | None = None) -> str:
-    """sha256 over a component folder's files (names, sizes, contents): whole for files up to 32 MiB (configs,
-    tokenizers), sampled for larger ones (weights: the first MiB, which holds a safetensors header, and 16 spread
-    64 KiB pieces), so it costs milliseconds even for a 22 GB text encoder."""
+    """sha256 over a component folder's files: each one's name and content digest (`io.digest.file_digest`: whole
+    up to 64 MiB, a safetensors header and sampled blocks above), so it costs milliseconds even for a 22 GB text
+    encoder."""
     h = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         if check is not None:
             check(path.absolute(), path.resolve())
-        with open_regular(path, "a pipeline file") as f:
-            size = os.fstat(f.fileno()).st_size
-            h.update(f"{path.name}\0{size}\0".encode())
-            if size <= FULL_HASH_BYTES:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-                continue
-            h.update(f.read(1 << 20))
-            for i in range(16):
-                f.seek((size - SAMPLE_BYTES) * (i + 1) // 16)
-                h.update(f.read(SAMPLE_BYTES))
+        h.update(f"{path.name}\0{file_digest(path, path.suffix == '.safetensors')}\0".encode())
     return "sha256:" + h.hexdigest()
 
 
