@@ -19,29 +19,12 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from projection.function.calibrate import MAX_CAPTION, MAX_PIXELS, bound, list_data  # noqa: E402
 from projection.function.calibration import FORMAT, load_calibration  # noqa: E402
-from projection.cli import main  # noqa: E402
 from conftest import TINY, build_tiny_wan  # noqa: E402
+from test_cli import assert_error, run  # noqa: E402
 
 SIZE = (32, 48)  # height x width: latents 4 x 6 with the 8x VAE
 WORDS = "a cat dog on the mat red blue green image of small big photo".split()
 CAPTIONS = {"a.png": "a cat on the mat", "b.jpg": "big red dog", "c.webp": "a " * 1200}  # c: cut, then truncated
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_error(code: int, out: str, err: str, *parts: str) -> str:
-    """Exit 2, nothing on stdout, exactly one 'error: ...' line on stderr naming `parts`."""
-    assert code == 2 and out == ""
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for part in parts:
-        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def tokenizer():

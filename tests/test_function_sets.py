@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from projection import Strategy
 from projection.demo.folder import write_demo
+from test_inspector import output_names
 
 TABLE = [["exact", "mapped", "concatenated", "skipped"], "", "student order"]
 
@@ -82,15 +83,12 @@ def client(app) -> Client:
     return Client(app.local_url, verbose=False)
 
 
-def outputs(app, api: str) -> list[str]:
-    fn = next(f for f in app.fns.values() if f.api_name == api)
-    return [o.elem_id or o.label or type(o).__name__ for o in fn.outputs if not o.skip_api]
-
-
 def call(client: Client, app, api: str, *args: Any) -> dict[str, Any]:
+    """An endpoint's outputs by elem_id, updates kept whole (a dropdown's choices; test_inspector.call keeps only
+    their values)."""
     result = client.predict(*args, api_name=f"/{api}")
     result = result if isinstance(result, tuple) else (result,)
-    return dict(zip(outputs(app, api), result))
+    return dict(zip(output_names(app, api), result))
 
 
 def load(client: Client, app, teacher: str = "demo/teacher-wan", student: str = "demo/student-wanlite.yaml") -> None:
