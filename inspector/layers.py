@@ -18,6 +18,23 @@ from .session import Session
 MAX_BLOCKS = 48  # Gradio needs a fixed number of sliders: this many are created and shown as needed
 SLIDER_CLASSES = ["block-slider"]
 
+# Run on page load. Leaving an emptied number box makes Gradio clamp it to the slider's minimum (block 0), and an
+# input event Gradio deferred while a refresh was in flight then sends that 0 as if typed. So the value a box holds
+# before each edit is kept, and an emptied box gets it back before Gradio's own blur handler runs.
+SLIDER_JS = """() => {
+  const boxOf = (event) => event.target.closest?.(".block-slider") && event.target.type === "number" && event.target;
+  document.addEventListener("beforeinput", (event) => {
+    const box = boxOf(event);
+    if (box && box.value !== "") box.dataset.before = box.value;
+  }, true);
+  document.addEventListener("blur", (event) => {
+    const box = boxOf(event);
+    if (!box || box.value !== "" || box.dataset.before === undefined) return;
+    box.value = box.dataset.before;
+    box.dispatchEvent(new Event("input", {bubbles: true}));
+  }, true);
+}"""
+
 
 def block_problem(value: Any, top: int) -> str | None:
     """Why a slider value is not a teacher block 0..top (None when it is one)."""

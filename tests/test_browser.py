@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -219,14 +220,23 @@ def test_sliders_follow_arrow_keys_and_the_number_box(page):
     expect_hidden.wait_for(state="detached")
     assert "invalid" not in slider.get_attribute("class")
 
-    # Let that refresh finish first: Gradio defers an always_last event while the previous one is in flight and
-    # reads the box only when it runs, by which time leaving the box has clamped it to the minimum (block 0).
-    page.wait_for_timeout(500)
-    box.fill("")  # an emptied box, left: shows the block in use again (not Gradio's minimum)
+    # An emptied box, left, while a refresh is still in flight: Gradio defers the box's input event until that
+    # refresh ends and reads the box only then, after leaving the box clamped it to its minimum (block 0). The box
+    # must show the block in use again, and the projection keep it. Each request is held back 1 s here, so the
+    # race happens every time, not only on a loaded machine.
+    def held(route):
+        time.sleep(1)
+        route.continue_()
+
+    page.route("**/queue/join*", held)
+    box.fill("5")
+    box.fill("")
     box.press("Tab")
-    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for S1 ← T\"]').value === '6'")
-    page.wait_for_timeout(500)
-    assert box.input_value() == "6" and shown_layers(page) == [0, 6, 5, 7]
+    page.wait_for_timeout(4000)  # the three requests (input 5, release, the deferred input) have gone out
+    page.unroute("**/queue/join*")
+    wait_for_block(page, 1, 5)
+    page.wait_for_timeout(1000)
+    assert box.input_value() == "5" and shown_layers(page) == [0, 5, 5, 7]
 
 
 def test_spectra_follow_the_layer_picked(page):
