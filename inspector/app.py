@@ -275,5 +275,5 @@ def launch(blocks: gr.Blocks, sessions: Sessions, host: str = "127.0.0.1", port:
         app_kwargs["middleware"] = [Middleware(uploads.middleware)]
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, theme=theme(), css_paths=[STYLE], ssr_mode=False,
-                         footer_links=["api"], show_error=True, js=SLIDER_JS, max_file_size=MAX_CALIBRATION_UPLOAD_BYTES,
-                         app_kwargs=app_kwargs, **kwargs)
+                         footer_links=["api"], show_error=True, js=SLIDER_JS,
+                         max_file_size=MAX_CALIBRATION_UPLOAD_BYTES, app_kwargs=app_kwargs, **kwargs)
