@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from .session import Step0
 
 LAYOUTS = {
-    "wan": "Wan (3D video DiT)",
+    "diffusers": "Wan, diffusers' WanTransformer3DModel",
+    "wan": "Wan, original WanModel names",
     "wanlite": "reference 2D Wan student",
     "seed": "the seeds' layout (fused in_proj)",
     "custom": "custom names: mapped by rules",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEMO_TEACHER, DEMO_STUDENT = "teacher-wan", "student-wanlite.yaml"
+DEMO_TEACHER, DEMO_STUDENT = "teacher-wan", "student-diffusers.yaml"
 STOP_SECONDS = 30  # at a stop signal, how long running work may take to reach its next step (one block) and end
 GRACE_SECONDS = 1  # then how long the server waits for open connections before closing them
 

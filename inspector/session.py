@@ -25,6 +25,7 @@ from projection import ProjectionError, Projector, Strategy, export_student, par
 from projection.cache import GALLERY, MEASURES, STACKED_SPECTRA, Lru
 from projection.arch.anatomy import template_of
 from projection.arch.config import ModelConfig
+from projection.arch.layout import LAYOUTS
 from projection.cancel import CancelToken, checkpoint
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.core.measure import MATRIX_LABELS, energy_by, layer_of, matrix_kind
@@ -440,7 +441,7 @@ class Session:
         if self.teacher_bytes > AUTO_ENERGY_BYTES:
             return f"the teacher is {self.teacher_bytes >> 20} MiB: the gallery runs teachers up to 1 GiB in memory"
         layout = self.student_config.layout
-        if layout not in ("wanlite", "seed"):
+        if layout not in LAYOUTS:
             return f"the student's layout '{layout}' has no runnable module here"
         if not self.previews:
             return None
@@ -452,7 +453,7 @@ class Session:
     def function_problem(self) -> str | None:
         """Why the Function view cannot measure this pair, or None when it can."""
         student = self.student_config
-        if student.layout not in ("wanlite", "seed"):
+        if student.layout not in LAYOUTS:
             return (f"the student's layout '{student.layout}' has no runnable module here: measure an exported "
                     "student with the CLI (projection fidelity --student FOLDER)")
         size = 4 * sum(math.prod(shape) for shape in self.projector.student.shapes.values())

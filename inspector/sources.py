@@ -20,6 +20,8 @@ from .session import Session
 from .units import human_bytes
 
 NO_EXPERT = "single model"
+LAYOUT_CHOICES = [("diffusers (WanTransformer3DModel)", "diffusers"), ("Wan's original (WanModel)", "wan"),
+                  ("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")]
 
 
 def expert_of(choice: str | None) -> str | None:
@@ -55,8 +57,7 @@ class SourcesView:
                     self.student_heads = gr.Number(0, label="Heads", precision=0, elem_id="student-heads", scale=1,
                                                    min_width=160, info="0: as recorded, else inferred")
                 with gr.Row(visible=False) as self.form:
-                    self.layout = gr.Dropdown([("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")],
-                                              value="wanlite", label="Layout", min_width=200)
+                    self.layout = gr.Dropdown(LAYOUT_CHOICES, value="diffusers", label="Layout", min_width=200)
                     self.dim = gr.Number(128, label="Width", precision=0, minimum=2, min_width=90)
                     self.num_layers = gr.Number(4, label="Blocks", precision=0, minimum=1, min_width=90)
                     self.num_heads = gr.Number(2, label="Heads", precision=0, minimum=1, min_width=90)
@@ -66,7 +67,7 @@ class SourcesView:
             self.download_btn = gr.Button("Download and load", variant="primary", visible=False, scale=0,
                                           min_width=260, elem_id="download-button")
             if demo_dir is not None:
-                self.demo_ref = gr.Button("Demo: Wan → reference student", scale=0, min_width=320)
+                self.demo_ref = gr.Button("Demo: Wan → diffusers student", scale=0, min_width=320)
                 self.demo_seed = gr.Button("Demo: Wan (diffusers, 3 shards) → seeds' layout", scale=0, min_width=460)
         self.msg = gr.HTML(elem_id="source-msg")
         hub = ("hub ids through the Hugging Face cache; a download shows its size and waits for your confirmation"
@@ -97,7 +98,7 @@ class SourcesView:
         blocks.load(load, state, outputs, inputs_kwargs=inputs, api_visibility="private")
         if self.demo_dir is not None:
             demo = self.roots.display(self.demo_dir)
-            for button, student, teacher in ((self.demo_ref, "student-wanlite.yaml", "teacher-wan"),
+            for button, student, teacher in ((self.demo_ref, "student-diffusers.yaml", "teacher-wan"),
                                              (self.demo_seed, "student-seed.yaml", "teacher-diffusers")):
                 button.click(lambda a=f"{demo}/{teacher}", b=f"{demo}/{student}": (a, NO_EXPERT, "file", b),
                              None, [self.teacher, self.expert, self.student_kind, self.student_path],

@@ -53,7 +53,7 @@ def _projector(args: argparse.Namespace):
     from .engine.projector import Projector
 
     p = Projector.open(args.teacher, args.student, strategy=_strategy(args), rules=_read_rules(args)[1],
-                       num_heads=args.num_heads)
+                       num_heads=args.num_heads, layout=getattr(args, "layout", None))
     if p.strategy.needs_calibration and getattr(args, "calibration", None) is not None:
         with _room(p):
             p.calibrate(_calibration(args, p))  # activation choices rank on it (statistics cached on disk)
@@ -317,6 +317,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 MAX_DRAWS = 64  # noise draws per latent: the teacher runs once per draw
+LAYOUT_NAMES = ("diffusers", "wan", "wanlite", "seed")  # layout.LAYOUTS, not imported: torch (tested equal)
 MAX_SAMPLES = 4096  # calibration.MAX_SAMPLES, not imported: torch would slow every command's start (tested equal)
 
 
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "overrides the strategy's")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the exported weights' dtype; "
                    "overrides the strategy's")
+    p.add_argument("--layout", choices=LAYOUT_NAMES, help="names, files and config.json of the export (overrides the "
+                   "student config's): diffusers (WanTransformer3DModel, the default), wan (Wan's WanModel), wanlite "
+                   "(this tool's reference module), seed (the seed documents')")
     p.add_argument("--force", action="store_true", help="replace a previous export in --out (only that: never "
                    "other files or an input of this run)")
     p.set_defaults(func=cmd_export)

@@ -113,7 +113,8 @@ def tiny_student(tmp_path) -> Path:
 
 def test_demo_command_writes_a_teacher_in_two_formats_and_student_configs(demo, capsys):
     assert sorted(p.name for p in demo.iterdir()) == ["README.txt", "calibration.safetensors", "demo.json",
-                                                      "student-seed.yaml", "student-wanlite.yaml",
+                                                      "student-diffusers.yaml", "student-seed.yaml",
+                                                      "student-wanlite.yaml",
                                                       "teacher-diffusers", "teacher-wan"]
     assert "TRAINED" in (demo / "README.txt").read_text()
     assert json.loads((demo / "teacher-wan" / "config.json").read_text())["_class_name"] == "WanModel"
@@ -123,6 +124,16 @@ def test_demo_command_writes_a_teacher_in_two_formats_and_student_configs(demo, 
     code, out, err = run(capsys, "demo", "--out", demo)  # already there: left as it is
     assert (code, err) == (0, "") and "demo written to" in out
     assert snapshot(demo) == before
+
+
+def test_an_older_demo_folder_gains_the_student_configs_it_lacks(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    assert run(capsys, "demo", "--out", demo)[0] == 0
+    (demo / "student-diffusers.yaml").unlink()  # a demo written before the diffusers layout existed
+    (demo / "student-seed.yaml").write_text("layout: seed\ndim: 32\n")  # the user's edit
+    assert run(capsys, "demo", "--out", demo)[0] == 0
+    assert yaml.safe_load((demo / "student-diffusers.yaml").read_text())["layout"] == "diffusers"
+    assert (demo / "student-seed.yaml").read_text() == "layout: seed\ndim: 32\n"  # never replaced
 
 
 def test_demo_command_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
@@ -417,14 +428,15 @@ def test_export_writes_the_student_and_never_touches_the_teacher(demo, tmp_path,
     assert f"retained weight energy {100 * exported:.1f}% (a weight statistic), " in out  # the app's format
     assert "function: not measured; --calibration" in out
     assert "[58/58]" in err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors",
+    assert sorted(p.name for p in out_dir.iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                         "projection_report.json", "strategy.yaml"]
     student = open_checkpoint(out_dir)
     report = json.loads((out_dir / "projection_report.json").read_text())
     assert sorted(student.keys()) == sorted(e["student_key"] for e in report["entries"])
     assert student.dtypes() == {"bfloat16": 58}
     assert report["provenance"]["teacher"] == str(teacher)
-    assert json.loads((out_dir / "config.json").read_text())["layout"] == "seed"
+    assert report["provenance"]["layout"] == "seed"
+    assert "layout" not in json.loads((out_dir / "config.json").read_text())  # the report holds it
     assert snapshot(teacher) == before
 
     # an existing folder is refused without --force, and left as it was
@@ -555,7 +567,7 @@ def test_a_checkpoint_students_heads_are_inferred_loudly_or_given_with_num_heads
     assert code == 0, err
     assert "WARNING: Student heads inferred: 2 x 12" in out
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert (config["dim"], config["num_heads"], config["head_dim"]) == (24, 2, 12)
+    assert (config["dim"], config["num_heads"]) == (24, 2)
     model = load_student(tmp_path / "a")  # the one config builds the exported student
     assert model.blocks[0].attn.num_heads == 2
     assert model(torch.randn(1, 4, 6, 6), torch.tensor([3.0]), torch.randn(1, 2, 32)).shape == (1, 4, 6, 6)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from projection import ProjectionError, Projector, Strategy, export_student, load_student, open_checkpoint
 from projection.arch.config import build_student
@@ -19,8 +20,8 @@ def test_round_trip_is_bit_identical_and_report_is_complete(tiny_wan, tmp_path):
     p = Projector.open(str(tiny_wan.diffusers_dir), STUDENT, strategy=Strategy(width="uniform"))
     out = tmp_path / "student"
     report = export_student(p, out)
-    assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors", "projection_report.json",
-                                                     "strategy.yaml"]
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "projection_report.json", "strategy.yaml"]
     expected = {r.entry.student_key: r.tensor for r in p.project()}
     saved = open_checkpoint(out)
     from safetensors.torch import load_file
@@ -43,7 +44,7 @@ def test_round_trip_is_bit_identical_and_report_is_complete(tiny_wan, tmp_path):
     assert set(energy["by_layer"]) == {"top", "block 0", "block 1"}
     assert 0 < energy["mean"] < 1 and "weight statistic" in energy["meaning"]
     config = json.loads((out / "config.json").read_text())
-    assert config["layout"] == "wanlite" and config["dim"] == 32
+    assert config["dim"] == 32 and "layout" not in config and prov["layout"] == "wanlite"  # tensors tell the layout
 
 
 def test_existing_folder_is_refused_unless_forced(tiny_wan, tmp_path):
@@ -136,7 +137,10 @@ def test_seed_layout_has_the_seeds_202_keys():
 
 
 def test_load_student_errors(tmp_path):
-    with pytest.raises(ProjectionError, match="no config.json"):
+    with pytest.raises(ProjectionError, match=r"no \*\.safetensors"):
+        load_student(tmp_path)
+    save_file({"layers.0.w": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ProjectionError, match="no layout this tool runs"):
         load_student(tmp_path)
 
 
@@ -186,7 +190,8 @@ def test_a_custom_named_student_has_one_config_its_own_heads_and_projects_as_its
         renamed = next(iter(custom_names({r.entry.student_key: r.tensor})))
         assert torch.equal(p.student_tensor(renamed), r.tensor), renamed
     report = export_student(p, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {**config, "dtype": "float32"}
+    own = {k: v for k, v in config.items() if k not in ("layout", "head_dim")}  # the project's records are elsewhere
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == own
     assert report["student"]["config"] == config and report["student"]["heads_inferred"] is True
     assert any("heads inferred: 2 x 32" in w for w in report["warnings"])
 

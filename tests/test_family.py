@@ -57,7 +57,7 @@ def write_student(folder, config: dict) -> dict[str, str]:
 def test_a_family_registered_by_a_test_is_read_mapped_and_exported(family, tiny_wan, tmp_path):
     names = write_student(tmp_path / "student", tiny_wan.config)
     view = view_checkpoint(open_checkpoint(str(tmp_path / "student")))
-    assert (view.family, view.layout) == ("test-no-cross", "wan")
+    assert (view.family, view.layout) == ("test-no-cross", "test-no-cross")  # its own names: no export layout
     assert view.native == names  # every name read back to Wan's
     assert (view.config.dim, view.config.ffn_dim, view.config.num_heads, view.config.head_dim) == (64, 48, 2, 32)
     assert view.config.out_dim == 4  # the output head's rows over the family's 1 x 2 x 2 patch

@@ -713,6 +713,21 @@ def test_function_tab_shows_the_cores_function_report(client, app, root, tmp_pat
     assert f"{report['teacher_blocks'][3]['removal_error']:.4f}" in bars["hovertext"][3]
 
 
+def test_function_tab_measures_a_diffusers_layout_student(client, app, root, tmp_path, monkeypatch):
+    """The default layout runs here as the reference module it equals: the same function as the wanlite student."""
+    from projection.demo.teacher import demo_calibration
+    from projection.engine.report import function_report
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    load(client, app, student="demo/student-diffusers.yaml")
+    out = call(client, app, "function", "demo held-out digits", "", 16)
+    assert "inline-ok" in out["function-msg"]
+    twin = Projector.open(str(root / TEACHER), str(root / WANLITE))
+    expected = function_report(twin, demo_calibration().subset(16))["fidelity"]["students"]["student"]
+    levels = {r[0]: dict(zip(out["function-levels"]["headers"], r)) for r in out["function-levels"]["data"]}
+    assert levels["all levels"]["student: error"] == f"{expected['relative_error']:.3f}"
+
+
 def test_function_tab_labels_synthetic_sets_and_refuses_bad_files(client, app, root, tmp_path, monkeypatch):
     from gradio_client.exceptions import AppError
 

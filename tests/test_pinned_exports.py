@@ -1,7 +1,9 @@
 """Exports pinned byte for byte (issue 19: the redesign moves code, never what it writes). The weights, config.json
-and strategy.yaml of three demo exports are hashed: the default strategy, activation width with influence layers
-and the least-squares fit (on the demo's held-out set), and the seeds' layout. projection_report.json holds times
-and paths, so it is not pinned. A change that should alter these bytes must say why in its commit."""
+and strategy.yaml of four demo exports are hashed: the default strategy, activation width with influence layers
+and the least-squares fit (on the demo's held-out set), the seeds' layout, and the diffusers layout.
+projection_report.json and README.md hold times and paths, so they are not pinned. A change that should alter these
+bytes must say why in its commit (issue 20: config.json lost the project's records, the weights' headers gained the
+layout and the teacher's fingerprint; every tensor's bytes stayed)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,24 +15,27 @@ from projection.demo.teacher import demo_calibration
 from projection.engine.export import export_student
 
 PINNED = {
-    "default": {"config.json": "48f6e66d5b08246a", "model.safetensors": "3f02ae2152e9e7e3",
+    "default": {"config.json": "500d23132b57d29c", "model.safetensors": "7f48a9957dcfd333",
                 "strategy.yaml": "6caa4ac16a486d9d"},
-    "activation-influence-fit": {"config.json": "48f6e66d5b08246a", "model.safetensors": "550f99cad9d17279",
+    "activation-influence-fit": {"config.json": "500d23132b57d29c", "model.safetensors": "94746a81c57a8338",
                                  "strategy.yaml": "0403c0a62842f3b8"},
-    "seed-layout": {"config.json": "101bd20c9a7080ac", "model.safetensors": "37ba7dd1a71ef8e2",
+    "seed-layout": {"config.json": "500d23132b57d29c", "model.safetensors": "2eedee84cb9a7d6a",
                     "strategy.yaml": "6caa4ac16a486d9d"},
+    "diffusers-layout": {"config.json": "ce6637c5a4185664", "diffusion_pytorch_model.safetensors": "3f5902881296e833",
+                         "strategy.yaml": "6caa4ac16a486d9d"},
 }
 STRATEGIES = {
     "default": ("student-wanlite.yaml", Strategy()),
     "activation-influence-fit": ("student-wanlite.yaml", Strategy(width="activation", layers="influence",
                                                                   fit="least-squares")),
     "seed-layout": ("student-seed.yaml", Strategy()),
+    "diffusers-layout": ("student-diffusers.yaml", Strategy()),
 }
 
 
 def digests(folder) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(folder.iterdir())
-            if f.name != "projection_report.json"}
+            if f.name not in ("projection_report.json", "README.md")}
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -140,9 +140,9 @@ SEED_SHAPES = {
 }
 
 register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES,
-                wan_blocks=True))
+                layout="wan", wan_blocks=True))
 register(Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)", "blocks.{i}.attn1.to_q.weight",
-                DIFFUSERS_MODULES, shapes=WAN_SHAPES, wan_blocks=True))
+                DIFFUSERS_MODULES, shapes=WAN_SHAPES, layout="diffusers", wan_blocks=True))
 register(Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
                 "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed"))
 

@@ -1,6 +1,6 @@
 """Model configs: the frozen, typed `ModelConfig` every module reads (validated in one place, (de)serialized by
 `from_dict` / `to_dict`); student configs, checked against the teacher before anything is built and completed from
-the teacher's; and the runnable module of each layout (`wanlite`: `wan.WanLite`, `seed`: `seed.SeedStudent`)."""
+the teacher's; and the runnable module of a config (its layout's, `layout.LAYOUTS`)."""
 from __future__ import annotations
 
 import difflib
@@ -12,10 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ProjectionError
-from .seed import SeedStudent
-from .wan import WanLite
-
-LAYOUTS = ("wanlite", "seed")
+from .layout import DEFAULT_LAYOUT, layout_of
 DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
 SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim")
 FIELDS = ("layout", *SIZES)
@@ -40,7 +37,7 @@ class ModelConfig(Mapping):
     exactly the keys, in the order, of `from_dict`'s input, so config.json, the report and the app's cards keep
     their bytes. The config also reads as a read-only mapping of those keys (`cfg["dim"]`, `{**cfg}`) for callers
     written against the dict it replaces; the library reads attributes."""
-    layout: str | None = None  # a student's runnable module (wanlite, seed) or custom; None for a teacher
+    layout: str | None = None  # a student's layout (layout.LAYOUTS) or custom; None for a teacher
     dim: int | None = None
     ffn_dim: int | None = None
     num_heads: int | None = None
@@ -148,8 +145,7 @@ def student_config(layout: str, fields: Mapping[str, Any], teacher: ModelConfig 
     """A full student config: given fields, else the teacher's (the seed layout keeps its 4 latent channels)."""
     teacher = as_config(teacher)
     check_fields(fields, teacher, max_layers)
-    if layout not in LAYOUTS:
-        raise ProjectionError(f"student layout '{layout}' is unknown; choose one of {', '.join(LAYOUTS)}")
+    layout_of(layout)  # a known one
     cfg: dict[str, Any] = {"layout": layout}
     seed_defaults = {"in_dim": 4, "out_dim": 4} if layout == "seed" else {}
     for name in SIZES:
@@ -168,15 +164,14 @@ def student_config(layout: str, fields: Mapping[str, Any], teacher: ModelConfig 
 
 
 def build_student(config: ModelConfig | Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """The student module for a config; on device 'meta' it costs no memory (for mapping)."""
+    """The runnable student module of a config (every Wan layout runs as `WanLite`); on device 'meta' it costs no
+    memory (for mapping)."""
     config = as_config(config)
-    layout = config.layout or "wanlite"
-    if layout not in LAYOUTS:
-        raise ProjectionError(f"layout '{layout}' has no runnable module here (only {', '.join(LAYOUTS)}); load it "
-                              "with the code it came from (e.g. diffusers' WanTransformer3DModel)")
+    if config.layout == "custom":
+        raise ProjectionError("a student with its own tensor names has no runnable module here; export it and load "
+                              "it with the code it came from")
     kwargs = {k: getattr(config, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers")}
     kwargs.update({k: v for k in ("in_dim", "out_dim", "text_dim", "freq_dim")
                    if (v := getattr(config, k)) is not None})
-    cls = {"wanlite": WanLite, "seed": SeedStudent}[layout]
     with torch.device(device):
-        return cls(**kwargs)
+        return layout_of(config.layout or DEFAULT_LAYOUT).module(**kwargs)

@@ -29,7 +29,7 @@ class Family:
     tensors: Mapping[str, tuple[AxisSpec, ...]] | None = None  # canonical templates it has (None: Wan's all)
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w): the output head writes one value per patch cell
     out_key: str | None = "head.head.weight"  # canonical key whose rows are patch volume x out_dim
-    layout: str = "wan"  # how the mapper reads it: wan (canonical Wan names), seed; unregistered names are custom
+    layout: str | None = None  # the export layout its files are (layout.LAYOUTS); None: its own (the family's name)
     wan_blocks: bool = False  # a teacher: its blocks run as Wan's (the streamed forward, activation statistics)
 
     def out_dim(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:

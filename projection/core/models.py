@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, to_canonical, with_heads
-from ..arch.config import LAYOUTS, ModelConfig, build_student, student_config
+from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, native_name, to_canonical, with_heads
+from ..arch.config import ModelConfig, build_student, student_config
+from ..arch.layout import DEFAULT_LAYOUT, PATCH, layout_of, stored_shape
 from ..errors import ProjectionError
 from ..io.checkpoint import PICKLE_SUFFIXES, Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from ..io.inputs import load_json, load_yaml, read_text
@@ -20,7 +21,7 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 class ModelView:
     source: str
     family: str | None  # wan | wan-diffusers | seed | None (unknown names)
-    layout: str  # wan | wanlite | seed | custom
+    layout: str  # the layout its files are (layout.LAYOUTS: diffusers | wan | wanlite | seed) or custom
     config: ModelConfig
     shapes: dict[str, tuple[int, ...]]  # canonical key -> shape
     native: dict[str, str]  # canonical key -> key in the files
@@ -72,10 +73,8 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     recorded = config.num_heads is not None
     if not recorded and config.dim:  # a guess, flagged as one (heads_inferred)
         config = with_heads(config, infer_heads(config.dim, None, default_head_dim(family)))
-    layout = FAMILIES[family].layout if family in FAMILIES else "custom"
-    if ckpt.config.get("layout") in LAYOUTS:
-        layout = ckpt.config["layout"]  # one of our exported students
-    elif layout == "wan" and len(shapes.get("patch_embedding.weight", ())) == 4:
+    layout = (FAMILIES[family].layout or family) if family in FAMILIES else "custom"  # unregistered names: custom
+    if layout == "wan" and len(shapes.get(PATCH, ())) == 4:  # the reference module's Conv2d patch
         layout = "wanlite"
     return ModelView(ckpt.source, family, layout, config, shapes, native, ckpt, recorded)
 
@@ -98,18 +97,20 @@ def read_student_config(path: Path) -> dict[str, Any]:
 
 def student_from_config(fields: dict[str, Any], teacher: ModelView, source: str = "config",
                         max_layers: int | None = None) -> ModelView:
+    """A student of a config: its runnable module's tensors, named and shaped as its layout stores them."""
     try:
-        config = student_config(fields.get("layout", "wanlite"), fields, teacher.config, max_layers)
+        layout = layout_of(fields.get("layout", DEFAULT_LAYOUT))
+        config = student_config(layout.name, fields, teacher.config, max_layers)
     except ProjectionError as exc:
         raise ProjectionError(f"{source}: {exc}" if source != "config" else str(exc)) from exc
     state = build_student(config, "meta").state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return ModelView(source, "seed" if config.layout == "seed" else "wan", str(config.layout), config, shapes,
-                     {k: k for k in shapes})
+    shapes = {k: stored_shape(layout, k, tuple(v.shape)) for k, v in state.items()}
+    native = {k: native_name(k, layout.family) for k in shapes}
+    return ModelView(source, layout.family, layout.name, config, shapes, native)
 
 
 def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: int | None = None,
-                 check: PathCheck | None = None, max_layers: int | None = None) -> ModelView:
+                 check: PathCheck | None = None, max_layers: int | None = None, layout: str | None = None) -> ModelView:
     """A student config (dict, .json or .yaml with a 'layout') or a checkpoint to fill (Wan's original names, the
     diffusers names, the seeds' layout, or unknown names mapped by rules); `check` as for open_checkpoint.
 
@@ -117,20 +118,24 @@ def open_student(source: str | dict[str, Any], teacher: ModelView, num_heads: in
     a checkpoint's shapes and config.json say for a checkpoint, never the teacher's numbers. `num_heads` sets the
     heads (a state dict does not record them); without it, unrecorded heads keep the teacher's head dim when it
     divides the width, and are flagged as inferred. A config is checked against the teacher before anything is
-    built; max_layers: the depth an explicit layer list allows."""
+    built; max_layers: the depth an explicit layer list allows. `layout` overrides a config's; a checkpoint's names
+    decide its own."""
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise ProjectionError(f"num_heads must be a positive integer, got {num_heads!r}")
-    heads = {"num_heads": num_heads} if num_heads else {}
+    given = {**({"num_heads": num_heads} if num_heads else {}), **({"layout": layout} if layout else {})}
     if isinstance(source, dict):
-        return student_from_config({**source, **heads}, teacher, max_layers=max_layers)
+        return student_from_config({**source, **given}, teacher, max_layers=max_layers)
     path = Path(source)
     if path.is_file() and path.suffix in CONFIG_SUFFIXES and not path.name.endswith(".index.json"):
         resolve_checked(path, check)
-        return student_from_config({**read_student_config(path), **heads}, teacher, str(path), max_layers)
+        return student_from_config({**read_student_config(path), **given}, teacher, str(path), max_layers)
     if path.is_file() and not (path.suffix in (".safetensors", *PICKLE_SUFFIXES) or path.name.endswith(".index.json")):
         raise ProjectionError(f"{path}: unknown student file type; a student is a config ({'/'.join(CONFIG_SUFFIXES)}) "
                               f"or a checkpoint to fill (.safetensors, an index json, {'/'.join(PICKLE_SUFFIXES)})")
     view = view_checkpoint(open_checkpoint(source, check=check))
+    if layout and layout != view.layout:
+        raise ProjectionError(f"{source}: a checkpoint's tensor names decide its layout ({view.layout}); a layout "
+                              f"({layout}) applies to a student config")
     try:
         if num_heads:
             view.config, view.heads_recorded = with_heads(view.config, num_heads), True

@@ -31,12 +31,14 @@ from .teacher import copy_demo_teacher, save_teacher
 
 # The trained teacher (teacher.CONFIG: width 128, 8 blocks, 4 heads of 32, FFN 512) at half width and depth.
 STUDENTS = {
+    "student-diffusers.yaml": {"layout": "diffusers", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
     "student-wanlite.yaml": {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
     "student-seed.yaml": {"layout": "seed", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
 }
 SYNTHETIC = {"dim": 256, "ffn_dim": 768, "num_heads": 4, "num_layers": 8, "in_dim": 16, "out_dim": 16,
              "text_dim": 512, "freq_dim": 256}
 SYNTHETIC_STUDENTS = {
+    "student-diffusers.yaml": {"layout": "diffusers", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
     "student-wanlite.yaml": {"layout": "wanlite", "dim": 128, "num_heads": 2, "ffn_dim": 384, "num_layers": 4},
     "student-seed.yaml": {"layout": "seed", "dim": 128, "num_heads": 4, "ffn_dim": 512, "num_layers": 4},
 }
@@ -96,15 +98,19 @@ MARKER = "demo.json"  # records which demo a folder holds
 
 def write_demo(out: str | Path, force: bool = False, synthetic: bool = False) -> Path:
     """Write the demo into `out`: the trained teacher (original and sharded diffusers formats) and its calibration
-    set, or the synthetic teacher, plus student configs. A folder that already holds this demo is left as it is."""
+    set, or the synthetic teacher, plus student configs. A folder that already holds this demo is left as it is, but
+    for the student configs it lacks."""
     out = Path(out)
     kind = "synthetic" if synthetic else "trained"
     if out.exists() and not out.is_dir():
         raise ProjectionError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         held = demo_kind(out)
-        if held == kind:
-            return out  # already there
+        if held == kind:  # already there; a student config a newer version added is written, none replaced
+            for name, fields in (SYNTHETIC_STUDENTS if synthetic else STUDENTS).items():
+                if not (out / name).exists():
+                    (out / name).write_text(yaml.safe_dump(fields, sort_keys=False))
+            return out
         if held is not None:
             raise ProjectionError(f"{out}: holds the {held} demo; pass --force to write the {kind} one over it")
         raise ProjectionError(f"{out}: exists and is not a demo folder; choose another or pass --force")
@@ -124,7 +130,8 @@ def write_demo(out: str | Path, force: bool = False, synthetic: bool = False) ->
     (out / "README.txt").write_text(
         f"Projection Inspector demo: {about}\n"
         "teacher-wan/: original Wan names, one safetensors file. teacher-diffusers/: the same weights under\n"
-        "diffusers names, in 3 shards. student-*.yaml: student configs (reference 2D Wan, and the seeds' layout).\n")
+        "diffusers names, in 3 shards. student-*.yaml: student configs, one per layout (diffusers'\n"
+        "WanTransformer3DModel, the reference 2D Wan, the seeds' layout).\n")
     (out / MARKER).write_text(json.dumps({"demo": kind}))
     return out
 

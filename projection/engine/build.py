@@ -1,5 +1,5 @@
-"""Runnable students in memory: a random one of a config (the baseline), an exported folder loaded back, seeded fresh
-values for the keys nothing transfers to, and a Wan teacher as the WanLite of its own config."""
+"""Runnable students in memory: a random one of a config (the baseline), a student folder of any layout loaded back,
+seeded fresh values for the keys nothing transfers to, and a Wan teacher as the WanLite of its own config."""
 from __future__ import annotations
 
 import hashlib
@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from ..arch.config import build_student
+from ..arch.layout import LAYOUTS, runnable_tensor
 from ..arch.wan import WanLite, init_modulation_
-from ..core.models import open_teacher
+from ..core.models import ModelView, open_teacher, view_checkpoint
 from ..core.strategy import Strategy
 from ..errors import ProjectionError
 from ..function.fit import compensate_dropped, fit_student
 from ..io.checkpoint import open_checkpoint
-from ..io.inputs import read_json
 from .projector import Projector
 
 
@@ -38,23 +38,26 @@ def init_module_(model: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load an exported student folder back into its module: in the dtype it was exported in, or `dtype`."""
-    folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ProjectionError(f"{folder}: no config.json: not an exported student")
-    config = read_json(cfg_path, "config")
+    """A student folder of any layout (diffusers, wan, wanlite, seed: this tool's exports, or a diffusers or Wan
+    checkpoint folder of the user's) as its runnable module, in the dtype it was stored in, or `dtype`."""
+    view = view_checkpoint(open_checkpoint(str(folder)))
+    if view.layout not in LAYOUTS:
+        raise ProjectionError(f"{folder}: its tensor names are no layout this tool runs ({', '.join(LAYOUTS)})")
+    if not view.heads_recorded:
+        raise ProjectionError(f"{folder}: config.json records no heads (num_heads or num_attention_heads); the "
+                              "student's function depends on them")
+    return runnable(view).to(device, dtype)
+
+
+def runnable(view: ModelView, layout: str | None = None) -> nn.Module:
+    """A checkpoint's runnable module (`layout`: the one to build, its own by default), its tensors read whole."""
+    model = build_student(replace(view.config, layout=layout or view.layout), "meta")
     try:
-        model = build_student(config, "meta")
+        state = {k: runnable_tensor(k, view.read(k), tuple(p.shape)) for k, p in model.state_dict().items()}
     except ProjectionError as exc:
-        raise ProjectionError(f"{cfg_path}: {exc}") from exc
-    ckpt = open_checkpoint(folder)
-    state = {k: ckpt.get(k) for k in ckpt.keys()}
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise ProjectionError(f"{folder}: weights lack {len(missing)} key(s), e.g. '{sorted(missing)[0]}'")
+        raise ProjectionError(f"{view.source}: {exc}") from exc
     model.load_state_dict(state, assign=True, strict=True)
-    return model.to(device, dtype)
+    return model
 
 
 def count_params(model: nn.Module) -> int:
@@ -104,17 +107,7 @@ def wanlite_from_teacher(source: str | Path, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32) -> WanLite:
     """A Wan teacher (either format) as the WanLite of its own config: on one latent frame it computes the
     teacher's function exactly. For teachers whose Conv3d patch is one frame deep (T2V); whole in memory."""
-    teacher = open_teacher(str(source))
-    config = teacher.config
-    patch = teacher.shapes["patch_embedding.weight"]
-    if len(patch) != 5 or patch[2] != 1:
-        raise ProjectionError(f"{source}: patch_embedding.weight is {list(patch)}; a Wan teacher with a temporal "
-                              "patch of 1 has [D, C, 1, 2, 2]")
-    model = build_student(replace(config, layout="wanlite"), "meta")
-    state = {k: teacher.read(k) for k in model.state_dict()}  # a missing key raises, naming it
-    state["patch_embedding.weight"] = state["patch_embedding.weight"].squeeze(2)
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.to(device, dtype).eval()
+    return runnable(open_teacher(str(source)), "wanlite").to(device, dtype).eval()
 
 
 def initial_values(projector: Projector, keys: set[str], seed: int) -> dict[str, torch.Tensor]:
@@ -127,14 +120,14 @@ def initial_values(projector: Projector, keys: set[str], seed: int) -> dict[str,
     if student.checkpoint is not None:
         return {c: student.read(c) for c in keys}
     model = build_student(student.config, "meta") if keys else None
-    return {k: fresh_value(model, k, seed) for k in keys}
+    return {k: fresh_value(model, k, seed).reshape(student.shapes[k]) for k in keys}  # as its layout stores it
 
 
 def projected_student(projector: Projector, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32, strategy: Strategy | None = None) -> nn.Module:
     """The student projected under `strategy` (the projector's default if None) as a runnable module in memory
-    (what `export_student` writes, without the files): for running, sampling and training it. Only runnable
-    layouts (wanlite, seed)."""
+    (what `export_student` writes, without the files): for running, sampling and training it. Every layout but a
+    student with its own names (custom)."""
     strategy = strategy or projector.strategy
     mapping = projector.mapping(strategy)
     keys = mapping.coverage()["keys"]
@@ -146,7 +139,8 @@ def projected_student(projector: Projector, device: str | torch.device = "cpu",
     state = initial_values(projector, skipped, strategy.seed)
     state.update({r.entry.student_key: r.tensor for r in projector.stream(strategy, tensors="yield")
                   if r.tensor is not None})
-    model.load_state_dict(state, assign=True, strict=True)
+    shapes = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    model.load_state_dict({k: runnable_tensor(k, t, shapes[k]) for k, t in state.items()}, assign=True, strict=True)
     model = model.to(device, torch.float32).eval()
     if strategy.fit == "least-squares":
         if projector.calibration is None:

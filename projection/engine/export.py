@@ -1,4 +1,5 @@
-"""Write a projected student: weights, config.json, strategy.yaml and projection_report.json.
+"""Write a projected student: weights and config.json in its layout (`arch.layout`: what diffusers, Wan's code or
+this tool loads), strategy.yaml, projection_report.json and a model card (README.md).
 
 Everything goes to a hidden sibling folder (`.OUT.partial-XXXXXXXX`, marked as this tool's and its process')
 and is swapped into place only when complete. An existing folder is refused unless forced, and forcing replaces
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..arch.layout import LAYOUTS, own_config
 from ..core.project import pick_device
 from ..core.strategy import Strategy
 from ..errors import ProjectionError
@@ -27,6 +29,7 @@ from ..io.writer import (MAX_SHARD_BYTES, WeightsWriter, check_destination, chec
                          exchange, missing_folders, remove_empty, remove_partial, remove_stale_partials, write_failure,
                          write_file, write_marker)
 from .build import initial_values, projected_student
+from .card import model_card
 from .projector import Progress, Projector, entry_rows, numbers_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,17 +56,17 @@ def run_inputs(projector: Projector, extra: Iterable[str | Path] = ()) -> set[Pa
     return {Path(p).expanduser().resolve() for p in [*named, *files] if Path(p).expanduser().exists()}
 
 
+RECORDS = ("layout", "head_dim", "dtype")  # the project's records: its report and the weights' metadata hold them
+
+
 def config_json(projector: Projector, strategy: Strategy | None = None) -> dict[str, Any]:
-    """The export's config.json: the student config the summary and report show, and the export dtype. A student
-    checkpoint's own config.json keeps its other fields, so a diffusers student stays loadable by diffusers (which
-    takes a `dtype` field as an argument: there, the weights' headers record it)."""
+    """The export's config.json: only the keys its layout's loader takes (an unknown key is an argument diffusers
+    and Wan's code refuse). A student checkpoint's own config.json keeps its other fields."""
     strategy = strategy or projector.strategy
     student, config = projector.student, projector.student_config(strategy)
     own = dict(student.checkpoint.config) if student.checkpoint is not None else {}
-    if student.family == "wan-diffusers":
-        own.update(num_attention_heads=config.num_heads, attention_head_dim=config.head_dim)
-        return {**own, **config.to_dict()}
-    return {**own, **config.to_dict(), "dtype": strategy.dtype}
+    written = LAYOUTS[config.layout].config(config) if config.layout in LAYOUTS else own_config(config)
+    return {**{k: v for k, v in own.items() if k not in RECORDS}, **written}
 
 
 def _version() -> str:
@@ -132,30 +135,34 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
                    for e in mapping.entries if e.status == "skipped"}
         bytes_before = teacher.checkpoint.bytes_read if teacher.checkpoint else 0
         results = []
-        stem = "diffusion_pytorch_model" if student.family == "wan-diffusers" else "model"  # diffusers' file names
+        layout = projector.student_config(strategy).layout
+        stem = LAYOUTS[layout].stem if layout in LAYOUTS else "model"
+        metadata = {"layout": str(layout), "teacher_fingerprint": projector.fingerprint}  # no paths: stable bytes
         # fitted on the strategy's device (float64 least squares there), in memory
         fitted = (projected_student(projector, pick_device(strategy.device), strategy=strategy).state_dict()
                   if strategy.refits else {})
-        with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem) as writer:
+        with WeightsWriter(staged, shapes, dtype, max_shard_bytes, stem, metadata) as writer:
             for key, t in initial_values(projector, skipped, strategy.seed).items():
                 writer.write(key, t)
             # fitted: the projection already ran (its numbers are cached), so only the numbers are asked for
             for r in projector.stream(strategy, progress=progress, tensors="numbers" if fitted else "yield"):
                 if r.tensor is not None:
-                    t = fitted[r.entry.student_key] if fitted else r.tensor
-                    writer.write(student.native.get(r.entry.student_key, r.entry.student_key), t)
+                    key = r.entry.student_key  # a fitted Conv2d patch is stored as its layout's Conv3d
+                    t = fitted[key].reshape(student.shapes[key]) if fitted else r.tensor
+                    writer.write(student.native.get(key, key), t)
                 results.append(numbers_only(r))
         if writer.missing:
             raise RuntimeError(f"export wrote no value for {sorted(writer.missing)[:3]}")
         files = writer.names
-        write_file(staged / "config.json", json.dumps(config_json(projector, strategy), indent=1))
+        config = config_json(projector, strategy)
+        write_file(staged / "config.json", json.dumps(config, indent=1))
         write_file(staged / "strategy.yaml", strategy.to_yaml())
         report = {
             **projector.summary(results, strategy),
             "entries": entry_rows(mapping, results),
             "unused_teacher_keys": mapping.unused_teacher_keys(),
             "provenance": {
-                "teacher": teacher.source,
+                "teacher": teacher.source, "teacher_fingerprint": projector.fingerprint,
                 "teacher_files": [{"path": str(f), "bytes": f.stat().st_size}
                                   for f in (teacher.checkpoint.files if teacher.checkpoint else [])],
                 "student": projector.student.source, "rules": projector.rules,
@@ -163,12 +170,13 @@ def export_student(projector: Projector, out: str | Path, force: bool = False, p
                 "device": str(pick_device(strategy.device)), "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                 "seconds": round(time.time() - started, 3),
                 "teacher_bytes_read": (teacher.checkpoint.bytes_read - bytes_before) if teacher.checkpoint else 0,
-                "weights": files, "weights_index": writer.index,
+                "layout": layout, "dtype": strategy.dtype, "weights": files, "weights_index": writer.index,
             },
         }
         if measure is not None:
             report = {"function": measure(staged), **report}  # what the student computes leads the report
         write_file(staged / "projection_report.json", report_json(report))
+        write_file(staged / "README.md", model_card(report, config, strategy.to_yaml(), str(out)))
         # forced: swap in one step where the system can (the replaced export lands in tmp); otherwise move the old
         # one into tmp first. Either way it is deleted only once the new one is in place.
         if not (out.exists() and exchange(staged, out)):

@@ -133,13 +133,14 @@ class Projector:
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None = None,
              strategy: Strategy | None = None, rules: dict[str, Rule] | None = None,
              caches: Caches | None = None, num_heads: int | None = None,
-             check: PathCheck | None = None) -> "Projector":
+             check: PathCheck | None = None, layout: str | None = None) -> "Projector":
         """num_heads: the student's heads, for a checkpoint that does not record them (see `open_student`); `check`
-        sees every file the sources lead to before it is read (see open_checkpoint)."""
+        sees every file the sources lead to before it is read (see open_checkpoint); layout: overrides a student
+        config's."""
         strategy = strategy or Strategy()
         t = open_teacher(teacher, expert or strategy.expert, check)
         listed = len(strategy.layers) if isinstance(strategy.layers, list) else None  # may repeat blocks
-        return cls(t, open_student(student, t, num_heads, check, listed), strategy, rules, caches)
+        return cls(t, open_student(student, t, num_heads, check, listed, layout), strategy, rules, caches)
 
     def release(self) -> None:
         """Drop everything this projector keeps for itself (projected entries, spectra, statistics, plan); what

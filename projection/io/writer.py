@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..errors import ProjectionError
 
@@ -62,8 +63,9 @@ def previous_export_files(folder: Path) -> set[str] | None:
     weights = provenance.get("weights") if ours else None
     if not isinstance(weights, list) or not all(isinstance(w, str) and w == Path(w).name for w in weights):
         return None
-    index = ["model.safetensors.index.json"] if len(weights) > 1 else []
-    return {"config.json", "strategy.yaml", report.name, *weights, *index}
+    index = provenance.get("weights_index")
+    index = [index] if isinstance(index, str) and index == Path(index).name else []
+    return {"config.json", "strategy.yaml", "README.md", report.name, *weights, *index}
 
 
 def check_replaceable(out: Path, inputs: set[Path]) -> None:
@@ -255,27 +257,23 @@ def exchange(a: Path, b: Path) -> bool:
 
 class WeightsWriter:
     """Writes safetensors files tensor by tensor, in any order: headers first (shapes are known up front),
-    each tensor at its offset as it arrives, so the student is never held whole in memory."""
+    each tensor at its offset as it arrives, so the student is never held whole in memory. Shards and their names
+    are huggingface_hub's plan (`{stem}-00001-of-0000N.safetensors` and `{stem}.safetensors.index.json`, as
+    diffusers and transformers name them); `metadata` goes into every header's `__metadata__`."""
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                 max_shard_bytes: int = MAX_SHARD_BYTES, stem: str = "model"):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, stem: str = "model", metadata: dict[str, str] | None = None):
         size = {k: math.prod(shape) * dtype.itemsize for k, shape in shapes.items()}
-        shards: list[list[str]] = [[]]
-        used = 0
-        for key in shapes:  # never split a tensor; start a new shard past the limit
-            if shards[-1] and used + size[key] > max_shard_bytes:
-                shards.append([])
-                used = 0
-            shards[-1].append(key)
-            used += size[key]
-        self.names = ([f"{stem}.safetensors"] if len(shards) == 1 else
-                      [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        self.index = f"{stem}.safetensors.index.json" if len(shards) > 1 else None
-        self.dtype, self.total = dtype, sum(size.values())
+        plan = split_torch_state_dict_into_shards(  # on meta tensors: a plan, no memory
+            {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in shapes.items()},
+            filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_shard_bytes)
+        self.names = list(plan.filename_to_tensors)
+        self.index = f"{stem}.safetensors.index.json" if plan.is_sharded else None
+        self.dtype, self.total, self.shapes = dtype, sum(size.values()), {k: tuple(s) for k, s in shapes.items()}
         self.where: dict[str, tuple[Path, int]] = {}
         self.fds: dict[Path, int] = {}
-        for name, keys in zip(self.names, shards):
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for name, keys in plan.filename_to_tensors.items():
+            header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
             offset = 0
             for k in keys:
                 header[k] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shapes[k]),
@@ -303,6 +301,8 @@ class WeightsWriter:
 
     def write(self, key: str, t: torch.Tensor) -> None:
         path, offset = self.where[key]
+        if tuple(t.shape) != self.shapes[key]:  # the bytes would fit another shape's header and load wrong
+            raise RuntimeError(f"'{key}' is {list(t.shape)}; its header says {list(self.shapes[key])}")
         data = memoryview(t.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy())
         done = 0
         with naming(path):
