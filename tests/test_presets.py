@@ -12,9 +12,9 @@ import yaml
 from conftest import diffusers_kwargs
 from projection import ProjectionError
 from projection.arch.config import ModelConfig, student_config
-from projection.arch.plan import (FLOPS_MEANING, count_params, ffn_for, flops_per_token, layer_counts, parse_params,
-                                  plan_students)
-from projection.arch.presets import PRESETS, STOCK, expand_preset, frameworks
+from projection.arch.plan import (FLOPS_MEANING, count_params, ffn_for, flops_per_token, frameworks, layer_counts,
+                                  parse_params, plan_students)
+from projection.arch.presets import PRESETS, STOCK, expand_preset
 from test_cli import TEACHER, assert_error, run
 
 ALL = ["diffusers", "Wan", "ComfyUI", "diffusion-pipe", "DiffSynth-Studio", "musubi-tuner"]

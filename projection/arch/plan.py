@@ -1,6 +1,6 @@
 """Student shapes near a parameter target, for a given teacher: the widths, depths and FFN widths a projection
-can fill (the teacher's head dim kept, blocks chosen evenly), counted exactly from Wan's tensor shapes, and the
-presets that fit. Pure arithmetic on configs: nothing is built or read."""
+can fill (the teacher's head dim kept, blocks chosen evenly), counted exactly from Wan's tensor shapes, the presets
+that fit, and the frameworks that load each shape as it is. Pure arithmetic on configs: nothing is built or read."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import ProjectionError
 from .anatomy import wan_tensors
 from .config import SIZES, ModelConfig, as_config, student_config
-from .presets import PRESETS, frameworks
+from .presets import FRAMEWORKS, PRESETS, STOCK, Framework
 
 FFN_MULTIPLE = 128  # a planned FFN width is rounded to this (tensor-core friendly), or to the teacher's if smaller
 FLOPS_MEANING = ("FLOPs per latent token: 2 x the multiply-adds of every linear one latent token (one 1x2x2 patch) "
@@ -56,6 +56,25 @@ def parse_params(text: str, most: int | None = None) -> int:
     if most is not None and number >= most:
         raise ProjectionError(f"params: {str(text)[:40]} is not less than the teacher's {most:,} parameters")
     return round(number)
+
+
+def stock_name(config: ModelConfig) -> str | None:
+    """The released Wan shape this config has exactly, if any."""
+    return next((name for name, shape in STOCK.items() if all(getattr(config, k) == v for k, v in shape.items())),
+                None)
+
+
+def loads(framework: Framework, config: ModelConfig) -> bool:
+    head_dim = config.head_dim or (config.dim // config.num_heads if config.dim and config.num_heads else None)
+    return ((framework.dims is None or config.dim in framework.dims)
+            and (framework.head_dim is None or head_dim == framework.head_dim)
+            and (framework.freq_dim is None or config.freq_dim == framework.freq_dim)
+            and (not framework.stock or stock_name(config) is not None))
+
+
+def frameworks(config: ModelConfig) -> list[str]:
+    """The frameworks that load a Wan model of this shape as it is, in FRAMEWORKS' order."""
+    return [f.name for f in FRAMEWORKS if loads(f, config)]
 
 
 @dataclass(frozen=True)

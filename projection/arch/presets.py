@@ -1,6 +1,6 @@
-"""Stock Wan shapes as data: the presets a student config may name, and which training frameworks load a shape as
-it is (shared/wan-reference.md, sections 3 and 10). Pure data and lookups: `config` imports this module (a student
-config's `preset` expands here), so it imports nothing of the package but `errors`.
+"""Stock Wan shapes as data: the presets a student config may name, and what each training framework loads as it is
+(shared/wan-reference.md, sections 3 and 10; `plan.frameworks` applies these rules to a config). Data and the
+preset's expansion only: `config` imports this module, so it imports nothing of the package but `errors`.
 
 Only Wan2.1 T2V-1.3B is a preset: it is the one stock shape that fits inside a larger Wan teacher with the same
 latent channels (16). The 5B shape has 48 (the Wan2.2 VAE), so from a 14B teacher its patch embedding and head
@@ -10,12 +10,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ProjectionError
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
 
 _WAN = {"text_dim": 4096, "freq_dim": 256}  # every released Wan: umT5 context, 256-wide timestep sinusoid
 
@@ -69,22 +66,3 @@ def expand_preset(fields: Mapping[str, Any]) -> dict[str, Any]:
         raise ProjectionError(f"student config: unknown preset {name!r:.60}{hint}; the presets are "
                               f"{', '.join(PRESETS)}")
     return {**PRESETS[name], **{k: v for k, v in fields.items() if k != "preset"}}
-
-
-def stock_name(config: ModelConfig) -> str | None:
-    """The released Wan shape this config has exactly, if any."""
-    return next((name for name, shape in STOCK.items() if all(getattr(config, k) == v for k, v in shape.items())),
-                None)
-
-
-def loads(framework: Framework, config: ModelConfig) -> bool:
-    head_dim = config.head_dim or (config.dim // config.num_heads if config.dim and config.num_heads else None)
-    return ((framework.dims is None or config.dim in framework.dims)
-            and (framework.head_dim is None or head_dim == framework.head_dim)
-            and (framework.freq_dim is None or config.freq_dim == framework.freq_dim)
-            and (not framework.stock or stock_name(config) is not None))
-
-
-def frameworks(config: ModelConfig) -> list[str]:
-    """The frameworks that load a Wan model of this shape as it is, in FRAMEWORKS' order."""
-    return [f.name for f in FRAMEWORKS if loads(f, config)]
