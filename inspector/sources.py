@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from projection import ProjectionError
-from projection.arch.plan import FLOPS_MEANING, count_params, parse_params, plan_students
+from projection.arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
 from projection.arch.presets import PRESETS
 from projection.io.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 

@@ -200,7 +200,7 @@ def test_a_form_preset_reaches_the_student_config(client, app):
 
 def test_plan_a_student_for_the_loaded_teacher_and_fill_the_form(client, app, root):
     from inspector.sources import NO_PRESET, SourcesView, form_values
-    from projection.arch.plan import plan_students
+    from projection.arch.sizing import plan_students
     from projection.core.models import open_teacher
 
     load(client, app)

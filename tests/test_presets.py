@@ -12,8 +12,8 @@ import yaml
 from conftest import diffusers_kwargs
 from projection import ProjectionError
 from projection.arch.config import ModelConfig, student_config
-from projection.arch.plan import (FLOPS_MEANING, count_params, ffn_for, flops_per_token, frameworks, layer_counts,
-                                  parse_params, plan_students)
+from projection.arch.sizing import (FLOPS_MEANING, count_params, ffn_for, flops_per_token, frameworks,
+                                    layer_counts, parse_params, plan_students)
 from projection.arch.presets import PRESETS, STOCK, expand_preset
 from test_cli import TEACHER, assert_error, run
 

@@ -1,5 +1,5 @@
 """Stock Wan shapes as data: the presets a student config may name, and what each training framework loads as it is
-(shared/wan-reference.md, sections 3 and 10; `plan.frameworks` applies these rules to a config). Data and the
+(`../shared/wan-reference.md` 3 and 10; `sizing.frameworks` applies these rules to a config). Data and the
 preset's expansion only: `config` imports this module, so it imports nothing of the package but `errors`.
 
 Only Wan2.1 T2V-1.3B is a preset: it is the one stock shape that fits inside a larger Wan teacher with the same
