@@ -11,8 +11,8 @@ from typing import Any
 import gradio as gr
 
 from projection import ProjectionError
-from projection.arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
 from projection.arch.presets import PRESETS
+from projection.arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
 from projection.io.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 
 from . import cards
@@ -82,7 +82,7 @@ class SourcesView:
                                                    min_width=160, info="0: as recorded, else inferred")
                 with gr.Row(visible=False) as self.form:
                     self.preset = gr.Dropdown([NO_PRESET, *PRESETS], value=NO_PRESET, label="Preset", min_width=160,
-                                              info="its in/out widths come too")
+                                              info="its in/out widths come with it")
                     self.layout = gr.Dropdown([("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")],
                                               value="wanlite", label="Layout", min_width=200)
                     self.dim = gr.Number(128, label="Width", precision=0, minimum=2, min_width=90)

@@ -315,8 +315,8 @@ def _si(n: float) -> str:
 
 def cmd_plan_student(args: argparse.Namespace) -> None:
     """Student shapes near a parameter target that the teacher can fill (headers only), closest first."""
-    from .arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
     from .arch.presets import FRAMEWORKS
+    from .arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
     from .core.models import open_teacher
 
     teacher = open_teacher(args.teacher, args.expert)
