@@ -34,7 +34,7 @@ from .paths import Roots, unique_export_name
 from .rules import RulesView
 from .session import Session
 from .sessions import Sessions
-from .sources import SourcesView, expert_of, missing_downloads
+from .sources import NO_PRESET, SourcesView, expert_of, missing_downloads
 from .spectra import SpectraView
 from .strategy import StrategyView
 from .units import human_bytes
@@ -146,14 +146,17 @@ class Inspector:
 
     def load(self, state: Session | None, request: gr.Request, progress: gr.Progress = gr.Progress(), *,
              teacher: str, expert: str, kind: str, student_path: str, student_heads: float | None, layout: str,
-             dim: float, num_layers: float, num_heads: float, ffn_dim: float, **table_view: Any) -> dict:
-        """A new session from the Sources tab's values, drawn in every view (`table_view`: the Mapping tab's)."""
+             dim: float, num_layers: float, num_heads: float, ffn_dim: float, preset: str = NO_PRESET,
+             **table_view: Any) -> dict:
+        """A new session from the Sources tab's values, drawn in every view (`table_view`: the Mapping tab's). A
+        form with a preset names it beside its numbers: they override the preset's (presets.expand_preset)."""
         started = time.perf_counter()
         roots = self.config.roots
         try:
             teacher_src = roots.source(teacher, "teacher")
             if kind == "form":
-                student: str | dict[str, Any] = {"layout": layout, **{
+                named = {"preset": preset} if preset and preset != NO_PRESET else {}
+                student: str | dict[str, Any] = {**named, "layout": layout, **{
                     name: _positive(value, name) for name, value in (("dim", dim), ("num_layers", num_layers),
                                                                      ("num_heads", num_heads), ("ffn_dim", ffn_dim))}}
             else:

@@ -1,6 +1,7 @@
 """The Sources view: the teacher (path or hub id, and the expert of a two-expert checkpoint) and the student
-(a config or checkpoint file and its heads, or a form). Loading is the app's (it fills every view); hub files
-missing from the local cache are downloaded here, only after the user saw their size and confirmed."""
+(a config or checkpoint file and its heads, or a form, which a preset or a planned shape fills). Loading is the
+app's (it fills every view); hub files missing from the local cache are downloaded here, only after the user saw
+their size and confirmed."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,6 +11,8 @@ from typing import Any
 import gradio as gr
 
 from projection import ProjectionError
+from projection.arch.presets import PRESETS
+from projection.arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
 from projection.io.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 
 from . import cards
@@ -22,6 +25,8 @@ from .units import human_bytes
 NO_EXPERT = "single model"
 LAYOUT_CHOICES = [("diffusers (WanTransformer3DModel)", "diffusers"), ("Wan's original (WanModel)", "wan"),
                   ("reference 2D Wan (wanlite)", "wanlite"), ("seeds' layout", "seed")]
+NO_PRESET = "none"
+FORM = ("layout", "dim", "num_layers", "num_heads", "ffn_dim")  # the form's fields, in its order
 
 
 def expert_of(choice: str | None) -> str | None:
@@ -32,6 +37,27 @@ def missing_downloads(teacher: str, expert: str | None, student: str | dict[str,
     """The hub files these sources need that the local cache lacks (none offline, or for local paths)."""
     found = [hub_download(teacher, expert), hub_download(student) if isinstance(student, str) else None]
     return [d for d in found if d is not None and d.files]
+
+
+def form_values(fields: dict[str, Any]) -> tuple:
+    """The form's values (FORM) for a student config's fields; a preset's numbers for a preset."""
+    shape = {"layout": "wanlite", **PRESETS.get(fields.get("preset", ""), {}), **fields}
+    return tuple(shape[f] for f in FORM)
+
+
+def plan_table(s: Session, target: str) -> tuple[str, list[dict[str, Any]]]:
+    """The candidates for the session's teacher near `target` parameters: a markdown table, and each one's
+    student config fields (to fill the form)."""
+    teacher = s.projector.teacher.config
+    found = plan_students(teacher, parse_params(target, count_params(teacher)))
+    rows = [f"| {i} | {c.preset or ''} | {c.config.dim} | {c.config.ffn_dim} | {c.config.num_heads}×"
+            f"{c.config.head_dim} | {c.config.num_layers} | {c.params:,} | {c.share:.1%} | {c.flops:,} | "
+            f"{', '.join(c.frameworks)} |" for i, c in enumerate(found, 1)]
+    table = "\n".join(["| # | preset | width | FFN | heads | blocks | params | of the teacher | FLOPs/token | "
+                       "loads as is in |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|", *rows])
+    note = (f"\n\n{FLOPS_MEANING}. ComfyUI needs head dim 128 and freq dim 256; diffusion-pipe, width 1536 or "
+            "5120; DiffSynth-Studio and musubi-tuner, a stock Wan shape.")
+    return table + note, [c.fields for c in found]
 
 
 class SourcesView:
@@ -57,6 +83,8 @@ class SourcesView:
                     self.student_heads = gr.Number(0, label="Heads", precision=0, elem_id="student-heads", scale=1,
                                                    min_width=160, info="0: as recorded, else inferred")
                 with gr.Row(visible=False) as self.form:
+                    self.preset = gr.Dropdown([NO_PRESET, *PRESETS], value=NO_PRESET, label="Preset", min_width=160,
+                                              info="its in/out widths come with it")
                     self.layout = gr.Dropdown(LAYOUT_CHOICES, value="diffusers", label="Layout", min_width=200)
                     self.dim = gr.Number(128, label="Width", precision=0, minimum=2, min_width=90)
                     self.num_layers = gr.Number(4, label="Blocks", precision=0, minimum=1, min_width=90)
@@ -70,6 +98,13 @@ class SourcesView:
                 self.demo_ref = gr.Button("Demo: Wan → diffusers student", scale=0, min_width=320)
                 self.demo_seed = gr.Button("Demo: Wan (diffusers, 3 shards) → seeds' layout", scale=0, min_width=460)
         self.msg = gr.HTML(elem_id="source-msg")
+        with gr.Accordion("Plan a student: shapes near a parameter target for the loaded teacher", open=False):
+            with gr.Row():
+                self.target = gr.Textbox("", label="Parameter target", placeholder="e.g. 1.3B, 300M, 5e8", scale=2)
+                self.plan_btn = gr.Button("Plan", scale=0, min_width=160)
+                self.plan_pick = gr.Dropdown([], label="Fill the form with row", scale=1)
+            self.plan = gr.Markdown(elem_id="student-plan")
+            self.planned = gr.State([])  # the rows' student config fields
         hub = ("hub ids through the Hugging Face cache; a download shows its size and waits for your confirmation"
                if roots.hub else "hub ids are off: start the app with --allow-hub to allow them")
         gr.Markdown(f"Opens sources only under `{roots.describe()}`, links and shards included ({hub}), and "
@@ -86,8 +121,18 @@ class SourcesView:
     def wire(self, state: gr.State, blocks: gr.Blocks, load: Callable[..., dict], inputs: Components,
              outputs: list[gr.components.Component]) -> None:
         """`load` runs on `state` and the named `inputs` (these sources, the table view) into `outputs`: when the
-        page opens, on Load, after a confirmed download, and from the demo buttons."""
+        page opens, on Load, after a confirmed download, and from the demo buttons. The form's preset comes last,
+        so API clients that call `load` with positional values still can (it defaults to none)."""
         outputs = outputs + [self.msg, self.pending, self.download_btn]
+        inputs = {**inputs, "preset": self.preset}
+        form = [getattr(self, f) for f in FORM]
+        self.preset.change(lambda p: form_values({"preset": p}) if p in PRESETS else tuple(gr.update() for _ in FORM),
+                           self.preset, form, api_visibility="private")
+        self.plan_btn.click(self.plan_student, [state, self.target], [self.plan, self.planned, self.plan_pick],
+                            api_name="plan_student")
+        self.plan_pick.input(self.fill_form, [self.planned, self.plan_pick],
+                             [self.student_kind, self.student_file, self.form, self.preset, *form],
+                             api_visibility="private")
         self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
                                  self.student_kind, [self.student_file, self.form], api_visibility="private")
         self.load_btn.click(load, state, outputs, inputs_kwargs=inputs, api_name="load")
@@ -104,6 +149,26 @@ class SourcesView:
                              None, [self.teacher, self.expert, self.student_kind, self.student_path],
                              api_visibility="private").then(load, state, outputs, inputs_kwargs=inputs,
                                                             api_visibility="private")
+
+    @staticmethod
+    def plan_student(state: Session | None, target: str) -> tuple[str, list[dict[str, Any]], dict]:
+        """Candidate shapes near `target` parameters for the loaded teacher, and the rows to fill the form from."""
+        if state is None or state.closed:
+            raise gr.Error("Load a teacher first: the plan is for the loaded teacher.", title="Nothing loaded")
+        try:
+            table, planned = plan_table(state, target)
+        except ProjectionError as exc:
+            raise gr.Error(str(exc), title="Cannot plan") from exc
+        return table, planned, gr.update(choices=[str(i) for i in range(1, len(planned) + 1)], value=None)
+
+    @staticmethod
+    def fill_form(planned: list[dict[str, Any]], row: str | None) -> tuple:
+        """The form, shown and filled with a planned row (its preset, if it is one)."""
+        if not row:
+            return tuple(gr.update() for _ in range(4 + len(FORM)))
+        fields = planned[int(row) - 1]
+        return ("form", gr.update(visible=False), gr.update(visible=True), fields.get("preset", NO_PRESET),
+                *form_values(fields))
 
     def loaded(self, s: Session, seconds: float) -> dict:
         return {self.msg: keys_mapped(s, f"Loaded in {seconds:.1f} s (headers only): "), self.pending: None,

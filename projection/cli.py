@@ -6,6 +6,7 @@
     projection export --teacher T --student S [--strategy F] --out DIR [--device D] [--dtype D] [--force]
     projection spectra --teacher T --key KEY [--json]
     projection demo --out DIR [--synthetic] [--force]
+    projection plan-student --teacher T --params 1.3B [--count N] [--expert E] [--json]
     projection calibrate --pipeline P --data FOLDER --size HxW --out FILE.safetensors [--max N] [--teacher T] ...
 
 Errors are one line on stderr: exit 2 for bad input or a file that cannot be read or written, 1 for an
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import threading
 import traceback
 from contextlib import contextmanager
@@ -305,6 +307,42 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "a small Wan teacher trained on handwritten digits, with its calibration set") + ")")
 
 
+def _si(n: float) -> str:
+    """3 significant digits and an SI prefix: 2.5G, 463k."""
+    prefix = next(((p, x) for p, x in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)) if n >= x), ("", 1))
+    return f"{n / prefix[1]:.3g}{prefix[0]}"
+
+
+def cmd_plan_student(args: argparse.Namespace) -> None:
+    """Student shapes near a parameter target that the teacher can fill (headers only), closest first."""
+    from .arch.presets import FRAMEWORKS
+    from .arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
+    from .core.models import open_teacher
+
+    teacher = open_teacher(args.teacher, args.expert)
+    total = count_params(teacher.config)
+    target = parse_params(args.params, total)
+    found = plan_students(teacher.config, target, args.count)
+    if args.json:
+        return _print_json({"teacher": teacher.config.to_dict(), "teacher_params": total, "target": target,
+                            "flops_per_token": FLOPS_MEANING, "candidates": [c.to_dict() for c in found]})
+    cfg = teacher.config
+    inferred = " (inferred: the checkpoint does not record heads)" if teacher.heads_inferred else ""
+    print(f"teacher {args.teacher}: {total:,} params; dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.num_heads} heads x "
+          f"{cfg.head_dim}{inferred}, {cfg.num_layers} layers; target {target:,}\n")
+    line = "{:<12} {:>6} {:>6} {:>8} {:>6} {:>15} {:>6} {:>11}  {}"
+    print(line.format("preset", "dim", "ffn", "heads", "layers", "params", "share", "FLOPs/token", "loads as is in"))
+    for c in found:
+        s = c.config
+        print(line.format(c.preset or "", s.dim, s.ffn_dim, f"{s.num_heads}x{s.head_dim}", s.num_layers,
+                          f"{c.params:,}", _percent(c.share), _si(c.flops), ", ".join(c.frameworks)))
+    notes = (FLOPS_MEANING + ".", "Frameworks: " + "; ".join(f"{f.name}: {f.needs}" for f in FRAMEWORKS) + ".")
+    print("\n" + "\n".join(textwrap.fill(n, 120) for n in notes))
+    print("Use a row as the student config (--student FILE.yaml): a preset row as `preset: NAME`, another as its "
+          "fields; the first:\n" +
+          "".join(f"  {k}: {v}\n" for k, v in found[0].fields.items()), end="")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """A calibration set from a diffusers Wan pipeline (VAE, text encoder) and a folder of captioned images."""
     from .function.calibrate import calibrate
@@ -419,6 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "trained-like spectra, width 256: for spectra at a larger size)")
     p.add_argument("--force", action="store_true", help="write over a demo folder of the other kind")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan-student", parents=[debug], help="student shapes near a parameter target that the "
+                       "teacher can fill, with their FLOPs and the frameworks that load them")
+    p.add_argument("--teacher", required=True, help="checkpoint file, folder or hub id (headers only are read)")
+    p.add_argument("--params", required=True, metavar="N", help="the target parameter count: 1.3B, 300M, 5e8, ...")
+    p.add_argument("--count", type=count(50), default=5, metavar="N",
+                   help="candidates besides the presets that fit (default %(default)s)")
+    p.add_argument("--expert", choices=["high", "low"], help="expert of a two-expert teacher")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    p.set_defaults(func=cmd_plan_student)
 
     p = sub.add_parser("calibrate", parents=[debug], help="a calibration set from a diffusers Wan pipeline's VAE "
                        "and text encoder and a folder of captioned images (needs the [calibrate] extra)")

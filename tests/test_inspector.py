@@ -93,8 +93,8 @@ def call(client: Client, app, api: str, *args: Any) -> dict[str, Any]:
 
 
 def load(client: Client, app, teacher: str = TEACHER, student: str = WANLITE, kind: str = "file",
-         form: tuple = ("wanlite", 64, 4, 2, 256), heads: int | None = None) -> dict[str, Any]:
-    return call(client, app, "load", teacher, "single model", kind, student, heads, *form, *TABLE, None)
+         form: tuple = ("wanlite", 64, 4, 2, 256), heads: int | None = None, preset: str = "none") -> dict[str, Any]:
+    return call(client, app, "load", teacher, "single model", kind, student, heads, *form, *TABLE, None, preset)
 
 
 def sliders(layers: list[int]) -> list[int]:
@@ -184,6 +184,41 @@ def test_student_from_the_form(client, app, root):
     table = rows(out)
     assert {k.split(".")[1] for k in table if k.startswith("blocks.")} == {"0", "1"}
     assert "layout: seed" in out["cli"] and 'cat > "$inputs/student.yaml"' in out["cli"]
+
+
+def test_a_form_preset_reaches_the_student_config(client, app):
+    out = load(client, app, kind="form", preset="wan2.1-1.3b")  # the numbers beside it override its widths
+    assert "preset: wan2.1-1.3b" in out["cli"] and "dim: 64" in out["cli"]
+    table = rows(out)
+    assert table["patch_embedding.weight"]["status"] == "skipped"  # the preset's 16 latent channels, not the demo's 4
+    assert table["blocks.0.ffn.0.weight"]["status"] != "skipped"
+    none = rows(load(client, app, kind="form"))  # no preset: the teacher's latent channels
+    assert none["patch_embedding.weight"]["status"] != "skipped"
+    with pytest.raises(Exception, match="dim 1536 is more than the teacher's 128"):
+        load(client, app, kind="form", form=("wanlite", 1536, 30, 12, 8960), preset="wan2.1-1.3b")
+
+
+def test_plan_a_student_for_the_loaded_teacher_and_fill_the_form(client, app, root):
+    from inspector.sources import NO_PRESET, SourcesView, form_values
+    from projection.arch.sizing import plan_students
+    from projection.core.models import open_teacher
+
+    load(client, app)
+    out = call(client, app, "plan_student", "300k")
+    found = plan_students(open_teacher(str(root / TEACHER)).config, 300_000)
+    lines = [line for line in out["student-plan"].splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(lines) == len(found) == 4
+    first = found[0]
+    assert lines[0] == (f"| 1 |  | 64 | 256 | 2×32 | 4 | {first.params:,} | {first.share:.1%} | {first.flops:,} | "
+                        "diffusers, Wan |")
+    assert "ComfyUI needs head dim 128 and freq dim 256" in out["student-plan"]
+    with pytest.raises(Exception, match="is not a parameter count"):
+        call(client, app, "plan_student", "lots")
+    # a row fills the form (and shows it); a preset fills the form's numbers
+    filled = SourcesView.fill_form([c.fields for c in found], "2")
+    assert filled[0] == "form" and filled[3] == NO_PRESET and filled[4:] == ("wanlite", 96, 1, 3, 384)
+    assert form_values({"preset": "wan2.1-1.3b"}) == ("wanlite", 1536, 30, 12, 8960)
+    assert SourcesView.fill_form([{"preset": "wan2.1-1.3b"}], "1")[3:] == ("wan2.1-1.3b", "wanlite", 1536, 30, 12, 8960)
 
 
 # ------------------------------------------------------------------ refreshes

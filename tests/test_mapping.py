@@ -54,6 +54,20 @@ def test_wan14b_to_reference_student_covers_everything(wan14b_headers):
     assert m.entry("patch_embedding.weight").transforms[0].startswith("Conv3d->Conv2d")
 
 
+def test_other_latent_channels_skip_the_patch_embedding_and_the_head(demo_dir):
+    """The head's rows are patch x output channels, one flattened axis: other channels (a preset's 16 on the demo's
+    4) have no faithful source there either, and the projection writes the rest."""
+    p = Projector.open(str(demo_dir / "teacher-wan"), {"preset": "wan2.1-1.3b", "dim": 64, "num_layers": 4,
+                                                       "num_heads": 2, "ffn_dim": 256})
+    m = p.mapping()
+    reason = "latent channels out 4 vs 16: no faithful source"
+    assert [(m.entry(k).status, m.entry(k).reason) for k in ("head.head.weight", "head.head.bias")] == [
+        ("skipped", reason)] * 2
+    assert m.entry("patch_embedding.weight").status == "skipped" and m.entry("head.modulation").status == "mapped"
+    projected = {r.entry.student_key: r.tensor for r in p.project()}  # it used to stop at the head's shape
+    assert projected["head.head.weight"] is None and projected["head.modulation"].shape == (1, 2, 64)
+
+
 def test_more_student_heads_than_teacher_is_a_clear_error(tiny_wan):
     with pytest.raises(ProjectionError, match=r"4 heads of 16 but the teacher has 2 heads of 32.*at most 2 heads"):
         Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "dim": 64, "num_heads": 4}).mapping()

@@ -13,12 +13,14 @@ from torch import nn
 
 from ..errors import ProjectionError
 from .layout import DEFAULT_LAYOUT, layout_of
+from .presets import expand_preset
 DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
 SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim")
 FIELDS = ("layout", *SIZES)
 PROJECTED = ("dim", "ffn_dim")  # selected from the teacher's: at most the teacher's
 MAX_IO_DIM = 1 << 14  # in/out/text/freq widths may differ from the teacher's (those tensors start fresh)
 SERIALIZED = (*FIELDS, "head_dim")  # the fields a config dict (config.json, reports, the app) may hold
+STUDENT_FIELDS = (*FIELDS, "preset")  # a student config's: `preset` names a stock shape (presets.py)
 
 
 def heads_error(dim: int, heads: int, what: str = "width") -> ProjectionError:
@@ -114,11 +116,11 @@ def check_fields(fields: Mapping[str, Any], teacher: ModelConfig | Mapping[str, 
     width, and the mapper says how many fit the teacher's."""
     teacher = as_config(teacher)
     for name in fields:
-        if name not in FIELDS:
-            close = difflib.get_close_matches(str(name), FIELDS, 1)
+        if name not in STUDENT_FIELDS:
+            close = difflib.get_close_matches(str(name), STUDENT_FIELDS, 1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ProjectionError(f"student config: unknown field {name!r:.60}{hint}; the fields are "
-                                  f"{', '.join(FIELDS)}")
+                                  f"{', '.join(STUDENT_FIELDS)}")
     for name in (n for n in SIZES if n in fields):
         value = fields[name]
         if type(value) is not int or value <= 0:  # not a bool, a float or a string
@@ -142,7 +144,9 @@ def check_fields(fields: Mapping[str, Any], teacher: ModelConfig | Mapping[str, 
 
 def student_config(layout: str, fields: Mapping[str, Any], teacher: ModelConfig | Mapping[str, Any],
                    max_layers: int | None = None) -> ModelConfig:
-    """A full student config: given fields, else the teacher's (the seed layout keeps its 4 latent channels)."""
+    """A full student config: given fields, else the preset's they name (presets.expand_preset), else the
+    teacher's (the seed layout keeps its 4 latent channels)."""
+    fields = expand_preset(fields)
     teacher = as_config(teacher)
     check_fields(fields, teacher, max_layers)
     layout_of(layout)  # a known one

@@ -231,6 +231,11 @@ def _problems(part: Part, t_sizes: dict[str, int], s_sizes: dict[str, int]) -> l
             elif s_sizes.get(space, s_n) != s_n:
                 out.append(f"{label}: {s_n} here but {s_sizes[space]} in the student config")
             continue
+        resized = [f"{SPACES[s].label or s} {t_sizes[s]} vs {s_sizes[s]}" for s in axis if SPACES[s].kind == "fixed"
+                   and s in s_sizes and s in t_sizes and s_sizes[s] != t_sizes[s]]
+        if resized:  # e.g. the head's output channels: a fixed space inside a flattened axis
+            out.append(f"{', '.join(resized)}: no faithful source")
+            continue
         expected = math.prod(s_sizes.get(s, t_sizes.get(s, 0)) for s in axis)
         if expected != s_n:
             fixed = [f"{SPACES[s].label or s} {t_sizes[s]}" for s in axis if SPACES[s].kind == "fixed"]
