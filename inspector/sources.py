@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from projection import ProjectionError
+from projection.arch.config import DEFAULT_LAYOUT
 from projection.arch.presets import PRESETS
 from projection.arch.sizing import FLOPS_MEANING, count_params, parse_params, plan_students
 from projection.io.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
@@ -41,7 +42,7 @@ def missing_downloads(teacher: str, expert: str | None, student: str | dict[str,
 
 def form_values(fields: dict[str, Any]) -> tuple:
     """The form's values (FORM) for a student config's fields; a preset's numbers for a preset."""
-    shape = {"layout": "wanlite", **PRESETS.get(fields.get("preset", ""), {}), **fields}
+    shape = {"layout": DEFAULT_LAYOUT, **PRESETS.get(fields.get("preset", ""), {}), **fields}
     return tuple(shape[f] for f in FORM)
 
 

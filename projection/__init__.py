@@ -6,7 +6,7 @@
 
 Importing it changes no process-wide state; programs choose those settings in `projection.runtime`.
 """
-from .arch.config import build_student
+from .arch.layout import build_student
 from .arch.seed import SeedStudent
 from .arch.wan import WanLite
 from .core.mapping import Mapping, build_mapping, parse_rules, preset_rules

@@ -302,7 +302,8 @@ def renamed_student(demo: Path, path: Path) -> Path:
     """The demo's reference student with its own names (layers.N.wq, ...): nothing maps without rules."""
     import re
 
-    from projection.arch.config import build_student, student_config
+    from projection.arch.config import student_config
+    from projection.arch.layout import build_student
     from projection.core.models import open_teacher
 
     teacher = open_teacher(str(demo / "teacher-wan"))

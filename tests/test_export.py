@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import save_file
 
 from projection import ProjectionError, Projector, Strategy, export_student, load_student, open_checkpoint
-from projection.arch.config import build_student
+from projection.arch.layout import build_student
 from projection.engine.build import fresh_value
 from projection.io.writer import WeightsWriter
 

@@ -49,7 +49,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """The app's --root: the demo, a custom-named student and (later) exports live here."""
-    from projection.arch.config import build_student, student_config
+    from projection.arch.config import student_config
+    from projection.arch.layout import build_student
     from projection.core.models import open_teacher
 
     root = tmp_path_factory.mktemp("inspector-root")
@@ -216,9 +217,9 @@ def test_plan_a_student_for_the_loaded_teacher_and_fill_the_form(client, app, ro
         call(client, app, "plan_student", "lots")
     # a row fills the form (and shows it); a preset fills the form's numbers
     filled = SourcesView.fill_form([c.fields for c in found], "2")
-    assert filled[0] == "form" and filled[3] == NO_PRESET and filled[4:] == ("wanlite", 96, 1, 3, 384)
-    assert form_values({"preset": "wan2.1-1.3b"}) == ("wanlite", 1536, 30, 12, 8960)
-    assert SourcesView.fill_form([{"preset": "wan2.1-1.3b"}], "1")[3:] == ("wan2.1-1.3b", "wanlite", 1536, 30, 12, 8960)
+    assert filled[0] == "form" and filled[3] == NO_PRESET and filled[4:] == ("diffusers", 96, 1, 3, 384)
+    assert form_values({"preset": "wan2.1-1.3b"}) == ("diffusers", 1536, 30, 12, 8960)
+    assert SourcesView.fill_form([{"preset": "wan2.1-1.3b"}], "1")[3:] == ("wan2.1-1.3b", "diffusers", 1536, 30, 12, 8960)
 
 
 # ------------------------------------------------------------------ refreshes

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from projection import Projector, Strategy, export_student
-from projection.arch.config import build_student
+from projection.arch.layout import build_student
 from projection.arch.wan import Block, modulation
 from projection.engine.build import fresh_value, init_parameter_
 

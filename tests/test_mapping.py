@@ -235,7 +235,7 @@ SMALL_TEACHER = {"dim": 48, "ffn_dim": 64, "num_heads": 4, "num_layers": 2, "in_
 
 def bare_seed_student(folder, dim: int = 24) -> str:
     """A seeds'-layout student saved as a bare state dict: nothing records its heads."""
-    from projection.arch.config import build_student
+    from projection.arch.layout import build_student
 
     folder.mkdir(parents=True, exist_ok=True)
     fields = {"layout": "seed", "dim": dim, "num_heads": 1, "ffn_dim": 32, "num_layers": 2, "in_dim": 4, "out_dim": 4,
@@ -305,7 +305,8 @@ MODULE_NAMES = [(r"^blocks\.", "layers."), (r"\.self_attn\.", ".attn."), (r"\.cr
 
 
 def custom_student(demo_dir, folder, names) -> str:
-    from projection.arch.config import build_student, student_config
+    from projection.arch.config import student_config
+    from projection.arch.layout import build_student
 
     teacher = open_teacher(str(demo_dir / "teacher-wan"))
     fields = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}

@@ -131,7 +131,7 @@ def test_plan_for_a_14b_teacher_near_1_3b():
     for c in grid:
         assert 40 % c.config.num_layers == 0 and c.config.ffn_dim % 128 == 0
         assert c.config.ffn_dim == ffn_for(c.config.dim, WAN14B)
-        assert c.fields == {"layout": "wanlite", "dim": c.config.dim, "ffn_dim": c.config.ffn_dim,
+        assert c.fields == {"layout": "diffusers", "dim": c.config.dim, "ffn_dim": c.config.ffn_dim,
                             "num_heads": c.config.num_heads, "num_layers": c.config.num_layers}
     assert len({c.config.num_layers for c in grid}) == 5  # one width per depth: the trade-off shows
     preset = next(c for c in found if c.preset)
@@ -174,7 +174,7 @@ def test_plan_student_command_on_14b_headers(capsys, wan14b_headers, tmp_path):
     assert data["teacher_params"] == 14_288_491_584 and data["target"] == 1_300_000_000
     assert len(data["candidates"]) == 3 and data["flops_per_token"] == FLOPS_MEANING
     first = data["candidates"][0]
-    assert first["student_config"]["layout"] == "wanlite" and first["head_dim"] == 128
+    assert first["student_config"]["layout"] == "diffusers" and first["head_dim"] == 128
     # a row is a student config the projection takes as it is, with the parameters the plan counted
     student = tmp_path / "student.yaml"
     student.write_text(yaml.safe_dump(first["student_config"]))
@@ -187,7 +187,7 @@ def test_plan_student_command_on_the_demo_teacher_and_bad_targets(capsys, demo_d
     teacher = demo_dir / "teacher-wan"
     code, out, _ = run(capsys, "plan-student", "--teacher", teacher, "--params", "300k")
     assert code == 0 and "wan2.1-1.3b" not in out  # too wide for this teacher
-    assert out.rstrip().endswith("  layout: wanlite\n  dim: 64\n  ffn_dim: 256\n  num_heads: 2\n  num_layers: 4")
+    assert out.rstrip().endswith("  layout: diffusers\n  dim: 64\n  ffn_dim: 256\n  num_heads: 2\n  num_layers: 4")
     assert_error(*run(capsys, "plan-student", "--teacher", teacher, "--params", "lots"), "params: 'lots' is not a "
                  "parameter count")
     assert_error(*run(capsys, "plan-student", "--teacher", teacher, "--params", "1T"), "params: 1T is not less than "

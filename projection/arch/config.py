@@ -1,6 +1,6 @@
 """Model configs: the frozen, typed `ModelConfig` every module reads (validated in one place, (de)serialized by
 `from_dict` / `to_dict`); student configs, checked against the teacher before anything is built and completed from
-the teacher's; and the runnable module of a config (its layout's, `layout.LAYOUTS`)."""
+the teacher's, in one of the student layouts (`layout.py` says what each writes and runs)."""
 from __future__ import annotations
 
 import difflib
@@ -8,12 +8,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..errors import ProjectionError
-from .layout import DEFAULT_LAYOUT, layout_of
 from .presets import expand_preset
+LAYOUT_NAMES = ("diffusers", "wan", "wanlite", "seed")  # layout.LAYOUTS describes each
+DEFAULT_LAYOUT = "diffusers"  # what the training frameworks load (diffusers and those built on it)
 DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}
 SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim")
 FIELDS = ("layout", *SIZES)
@@ -100,6 +98,12 @@ class ModelConfig(Mapping):
         return len(self.keys_)
 
 
+def check_layout(name: Any) -> str:
+    if name not in LAYOUT_NAMES:
+        raise ProjectionError(f"student layout {name!r:.60} is unknown; choose one of {', '.join(LAYOUT_NAMES)}")
+    return name
+
+
 def as_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:
     """A ModelConfig from a config or a dict that holds one among other keys (an export's config.json and its
     dtype): the boundary where callers hand dicts in."""
@@ -149,7 +153,7 @@ def student_config(layout: str, fields: Mapping[str, Any], teacher: ModelConfig 
     fields = expand_preset(fields)
     teacher = as_config(teacher)
     check_fields(fields, teacher, max_layers)
-    layout_of(layout)  # a known one
+    check_layout(layout)
     cfg: dict[str, Any] = {"layout": layout}
     seed_defaults = {"in_dim": 4, "out_dim": 4} if layout == "seed" else {}
     for name in SIZES:
@@ -165,17 +169,3 @@ def student_config(layout: str, fields: Mapping[str, Any], teacher: ModelConfig 
     if cfg["dim"] % cfg["num_heads"]:
         raise heads_error(cfg["dim"], cfg["num_heads"], "student config: dim")
     return ModelConfig.from_dict({**cfg, "head_dim": None})  # derived
-
-
-def build_student(config: ModelConfig | Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """The runnable student module of a config (every Wan layout runs as `WanLite`); on device 'meta' it costs no
-    memory (for mapping)."""
-    config = as_config(config)
-    if config.layout == "custom":
-        raise ProjectionError("a student with its own tensor names has no runnable module here; export it and load "
-                              "it with the code it came from")
-    kwargs = {k: getattr(config, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers")}
-    kwargs.update({k: v for k in ("in_dim", "out_dim", "text_dim", "freq_dim")
-                   if (v := getattr(config, k)) is not None})
-    with torch.device(device):
-        return layout_of(config.layout or DEFAULT_LAYOUT).module(**kwargs)

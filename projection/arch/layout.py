@@ -12,18 +12,17 @@ fidelity) go to projection_report.json, strategy.yaml and the weights' metadata.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import ProjectionError
+from .config import DEFAULT_LAYOUT, LAYOUT_NAMES, ModelConfig, as_config, check_layout
 from .seed import SeedStudent
 from .wan import WanLite
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
 
 PATCH = "patch_embedding.weight"  # the one tensor whose stored rank differs between Wan layouts
 DIFFUSERS_VERSION = "0.33.0"  # the first diffusers with WanTransformer3DModel (informational to from_pretrained)
@@ -72,13 +71,26 @@ LAYOUTS: dict[str, Layout] = {
     "wanlite": Layout("wanlite", "wan", WanLite, False, "model", own_config, "projection.load_student (Conv2d patch)"),
     "seed": Layout("seed", "seed", SeedStudent, False, "model", own_config, "projection.load_student (SeedStudent)"),
 }
-DEFAULT_LAYOUT = "diffusers"
+if tuple(LAYOUTS) != LAYOUT_NAMES:
+    raise RuntimeError("layout.LAYOUTS and config.LAYOUT_NAMES name different layouts")
 
 
 def layout_of(name: str | None) -> Layout:
-    if name not in LAYOUTS:
-        raise ProjectionError(f"student layout {name!r:.60} is unknown; choose one of {', '.join(LAYOUTS)}")
-    return LAYOUTS[name]
+    return LAYOUTS[check_layout(name)]
+
+
+def build_student(config: ModelConfig | Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """The runnable student module of a config (every Wan layout runs as `WanLite`); on device 'meta' it costs no
+    memory (for mapping)."""
+    config = as_config(config)
+    if config.layout == "custom":
+        raise ProjectionError("a student with its own tensor names has no runnable module here; export it and load "
+                              "it with the code it came from")
+    kwargs = {k: getattr(config, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers")}
+    kwargs.update({k: v for k in ("in_dim", "out_dim", "text_dim", "freq_dim")
+                   if (v := getattr(config, k)) is not None})
+    with torch.device(device):
+        return layout_of(config.layout or DEFAULT_LAYOUT).module(**kwargs)
 
 
 def stored_shape(layout: Layout, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ProjectionError
 from .anatomy import wan_tensors
-from .config import SIZES, ModelConfig, as_config, student_config
+from .config import DEFAULT_LAYOUT, SIZES, ModelConfig, as_config, student_config
 from .presets import FRAMEWORKS, PRESETS, STOCK, Framework
 
 FFN_MULTIPLE = 128  # a planned FFN width is rounded to this (tensor-core friendly), or to the teacher's if smaller
@@ -80,7 +80,7 @@ def frameworks(config: ModelConfig) -> list[str]:
 @dataclass(frozen=True)
 class Candidate:
     """A student shape the teacher can fill."""
-    config: ModelConfig  # complete (layout wanlite); its other widths are the teacher's, or the preset's
+    config: ModelConfig  # complete (the default layout); its other widths are the teacher's, or the preset's
     params: int
     flops: int  # per latent token (FLOPS_MEANING)
     share: float  # of the teacher's parameters
@@ -92,8 +92,8 @@ class Candidate:
         """The student config to write for it."""
         if self.preset:
             return {"preset": self.preset}
-        return {"layout": "wanlite", **{k: getattr(self.config, k) for k in ("dim", "ffn_dim", "num_heads",
-                                                                             "num_layers")}}
+        return {"layout": DEFAULT_LAYOUT, **{k: getattr(self.config, k) for k in ("dim", "ffn_dim", "num_heads",
+                                                                                 "num_layers")}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, "student_config": self.fields, "config": self.config.to_dict(),
@@ -136,17 +136,17 @@ def plan_students(teacher: ModelConfig | dict[str, Any], params: float, count: i
     def off(n: int) -> float:
         return abs(math.log(n / params))
 
-    sizes = {w: _split(student_config("wanlite", {"dim": w, "ffn_dim": ffn_for(w, teacher), "num_heads": w // head,
+    sizes = {w: _split(student_config(DEFAULT_LAYOUT, {"dim": w, "ffn_dim": ffn_for(w, teacher), "num_heads": w // head,
                                                   "num_layers": 1}, teacher)) for w in widths}
     grid = []
     for depth in layer_counts(teacher.num_layers):
         w = min(widths, key=lambda w: off(sizes[w][0] + depth * sizes[w][1]))  # outside + depth x one block
         grid.append({"dim": w, "ffn_dim": ffn_for(w, teacher), "num_heads": w // head, "num_layers": depth})
-    found = [_candidate(student_config("wanlite", f, teacher), total) for f in grid]
+    found = [_candidate(student_config(DEFAULT_LAYOUT, f, teacher), total) for f in grid]
     found = sorted(found, key=lambda c: off(c.params))[:count]
     for name, shape in PRESETS.items():
         if _fits(shape, teacher):
-            found.append(_candidate(student_config("wanlite", {"preset": name}, teacher), total, name))
+            found.append(_candidate(student_config(DEFAULT_LAYOUT, {"preset": name}, teacher), total, name))
     return sorted(found, key=lambda c: off(c.params))
 
 

@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import torch
 
 from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, native_name, to_canonical, with_heads
-from ..arch.config import ModelConfig, build_student, student_config
-from ..arch.layout import DEFAULT_LAYOUT, PATCH, layout_of, stored_shape
+from ..arch.config import DEFAULT_LAYOUT, ModelConfig, student_config
+from ..arch.layout import PATCH, build_student, layout_of, stored_shape
 from ..errors import ProjectionError
 from ..io.checkpoint import PICKLE_SUFFIXES, Checkpoint, PathCheck, open_checkpoint, resolve_checked
 from ..io.inputs import load_json, load_yaml, read_text

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from . import digits
 from ..arch.anatomy import native_name
-from ..arch.config import ModelConfig, as_config, build_student
+from ..arch.config import ModelConfig, as_config
+from ..arch.layout import build_student
 from ..arch.wan import WanLite, wan_state_dict
 from ..engine.build import init_module_, wanlite_from_teacher
 from ..errors import ProjectionError

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.config import build_student
-from ..arch.layout import LAYOUTS, runnable_tensor
+from ..arch.layout import LAYOUTS, build_student, runnable_tensor
 from ..arch.wan import WanLite, init_modulation_
 from ..core.models import ModelView, open_teacher, view_checkpoint
 from ..core.strategy import Strategy

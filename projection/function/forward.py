@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch.anatomy import FAMILIES
-from ..arch.config import build_student
+from ..arch.layout import build_student
 from ..arch.wan import Block, WanLite
 from ..core.models import ModelView
 from ..cancel import checkpoint
