@@ -53,13 +53,13 @@ WAN13B = {"dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30, "in_d
 # config.json exactly as Wan2.1-T2V-1.3B ships it (text_dim is not in it: the mapper reads it from the shapes).
 WAN13B_CONFIG = {"_class_name": "WanModel", "dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30,
                  "in_dim": 16, "out_dim": 16, "freq_dim": 256, "text_len": 512, "eps": 1e-06, "model_type": "t2v"}
-STUDENT = {"layout": "wanlite", "dim": 1024, "num_layers": 16, "num_heads": 8, "ffn_dim": 4096}
+STUDENT = {"dim": 1024, "num_layers": 16, "num_heads": 8, "ffn_dim": 4096}
 
 # --small: a quick smoke check of the whole harness (same head dim 128, so the same mapping code paths).
 SMALL = {"dim": 256, "ffn_dim": 1024, "num_heads": 2, "num_layers": 6, "in_dim": 16, "out_dim": 16,
          "text_dim": 512, "freq_dim": 256}
 SMALL_CONFIG = {"_class_name": "WanModel", **SMALL, "text_len": 512, "eps": 1e-06, "model_type": "t2v"}
-SMALL_STUDENT = {"layout": "wanlite", "dim": 128, "num_layers": 3, "num_heads": 1, "ffn_dim": 512}
+SMALL_STUDENT = {"dim": 128, "num_layers": 3, "num_heads": 1, "ffn_dim": 512}
 
 STRATEGIES: dict[str, dict[str, str]] = {
     "magnitude": {},  # the default Strategy()
@@ -312,6 +312,8 @@ def main() -> None:
     parser.add_argument("--cache", choices=("cold", "warm", "both"), default="both",
                         help="cold: the teacher file evicted from the page cache before each run; warm: read first")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the table shows the fastest")
+    parser.add_argument("--layout", default="diffusers", choices=("diffusers", "wan", "wanlite", "seed"),
+                        help="the student's layout (what the export writes; default: the default layout)")
     parser.add_argument("--only", default="", help="comma-separated child kinds to run (read-needed is always run)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="", help=argparse.SUPPRESS)
@@ -326,6 +328,7 @@ def main() -> None:
 
     config, config_json, student = (SMALL, SMALL_CONFIG, SMALL_STUDENT) if args.small else \
         (WAN13B, WAN13B_CONFIG, STUDENT)
+    student = {"layout": args.layout, **student}
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine()}")
     print(f"load average at start (1/5/15 min): {loadavg()}")

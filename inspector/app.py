@@ -24,7 +24,7 @@ from projection.cancel import current as current_token
 from projection.runtime import setup_runtime
 
 from . import cards
-from .bridge import progress_to, stoppable
+from .bridge import progress_to, stoppable, user_error
 from .export import ExportView
 from .function import MAX_CALIBRATION_UPLOAD_BYTES, FunctionView
 from .gallery import GalleryView
@@ -133,10 +133,10 @@ class Inspector:
     @staticmethod
     def _session(state: Session | None) -> Session:
         if state is None:
-            raise gr.Error("Load a teacher and a student first (Sources tab).", title="Nothing loaded")
+            raise user_error("Load a teacher and a student first (Sources tab).", "Nothing loaded")
         if state.closed:
-            raise gr.Error(f"This session was closed to free memory: {state.closed}. Press Load (Sources tab) "
-                           "to start again.", title="Session closed")
+            raise user_error(f"This session was closed to free memory: {state.closed}. Press Load (Sources tab) "
+                             "to start again.", "Session closed")
         state.last_used = time.monotonic()
         state.attach(current_token())  # a long request (`stoppable`) stops when the session closes
         return state
@@ -172,7 +172,7 @@ class Inspector:
                                          num_heads=heads, check=roots.check,
                                          client=request.client.host if request.client else None)
         except ProjectionError as exc:
-            raise gr.Error(str(exc), title="Cannot load", duration=None) from exc
+            raise user_error(exc, "Cannot load") from exc
         if session.auto_energy:
             session.measure(progress=progress_to(progress, "measuring retained energy"))
         session.out_dir = unique_export_name(session.projector.student.layout)

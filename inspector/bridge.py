@@ -1,10 +1,12 @@
 """What the core hands over, in the form Gradio takes: figures as plot payloads, progress callbacks as
-gr.Progress updates, a strategy field's values and help as control options. Shared by every view."""
+gr.Progress updates, a user's mistake as an error toast (and one server log line), a strategy field's values and
+help as control options. Shared by every view."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,6 +18,9 @@ from projection import ProjectionError, Strategy
 from projection.cancel import CancelToken, cancellable
 
 from . import charts
+
+LOG = logging.getLogger("inspector")
+ERROR_SECONDS = 15  # an error toast closes on its own (one at a time: style.css)
 
 
 def plot(fig: charts.Figure) -> PlotData:
@@ -30,10 +35,18 @@ def progress_to(progress: gr.Progress, label: str) -> Callable[[int, int, str], 
     return report
 
 
+def user_error(message: str | Exception, title: str = "Error") -> gr.Error:
+    """A user's mistake (bad input, a refused request) as an error toast that closes on its own, and one line in
+    the server's log: it is not a bug, so no traceback (a bug's exception is not one of these, and keeps its)."""
+    text = str(message)
+    LOG.warning("%s: %s", title, " ".join(text.split())[:2000])
+    return gr.Error(text, title=title, duration=ERROR_SECONDS, print_exception=False)
+
+
 def toast(title: str) -> Callable[[ProjectionError], dict]:
     """A rejection shown as an error toast with this title."""
     def fail(exc: ProjectionError) -> dict:
-        raise gr.Error(str(exc), title=title) from exc
+        raise user_error(exc, title) from exc
     return fail
 
 

@@ -14,7 +14,7 @@ from projection import ProjectionError, Strategy
 from projection.core.mapping import rules_to_yaml
 
 from . import cards
-from .bridge import choices, progress_to
+from .bridge import choices, progress_to, user_error
 from .paths import Roots, unique_export_name
 from .session import Session
 from .units import percent
@@ -93,7 +93,7 @@ class ExportView:
             try:
                 s.update_strategy(dtype=dtype, device=device)
             except ProjectionError as exc:
-                raise gr.Error(str(exc), title="Export option rejected") from exc
+                raise user_error(exc, "Export option rejected") from exc
             return export_command(s, self.roots), s.strategy.to_yaml()
 
     def export(self, state: Session | None, out_dir: str, dtype: str, device: str,
@@ -107,7 +107,7 @@ class ExportView:
                 started = time.perf_counter()
                 report, files = s.export(out, progress_to(progress, "exporting"))
             except (ProjectionError, OSError) as exc:
-                raise gr.Error(str(exc), title="Export refused", duration=None) from exc
+                raise user_error(exc, "Export refused") from exc
             cov = report["coverage"]
             msg = cards.inline_ok(
                 f"Wrote {self.roots.display(out)} in {time.perf_counter() - started:.1f} s: "

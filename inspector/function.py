@@ -24,7 +24,7 @@ from projection.io.checkpoint import read_safetensors_header
 from projection.io.inputs import load_json, open_regular
 
 from . import cards
-from .bridge import stoppable
+from .bridge import stoppable, user_error
 from .paths import Roots
 from .session import Session
 from .units import human_bytes
@@ -308,7 +308,7 @@ class FunctionView:
                 calibration = open_source(source, path, count, self.roots, s.projector.teacher.config, upload)
                 report = s.measure_function(calibration, lambda i, n, what: progress((i, max(n, 1)), desc=what))
             except ProjectionError as exc:
-                raise gr.Error(str(exc), title="Function not measured") from exc
+                raise user_error(exc, "Function not measured") from exc
         fidelity = report["fidelity"]
         return (summary(report, calibration), levels_frame(fidelity), blocks_frame(fidelity), teacher_frame(report),
                 agreement_frame(report))

@@ -17,7 +17,7 @@ from projection.arch.sizing import FLOPS_MEANING, count_params, parse_params, pl
 from projection.io.checkpoint import HubDownload, fetch_from_hub, hub_download, hub_source
 
 from . import cards
-from .bridge import Components
+from .bridge import Components, user_error
 from .mapping import keys_mapped
 from .paths import Roots
 from .session import Session
@@ -136,7 +136,9 @@ class SourcesView:
                              api_visibility="private")
         self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
                                  self.student_kind, [self.student_file, self.form], api_visibility="private")
-        self.load_btn.click(load, state, outputs, inputs_kwargs=inputs, api_name="load")
+        # the previous load's message goes first: a load that fails leaves no stale "Loaded" beside its error
+        self.load_btn.click(lambda: "", None, self.msg, api_visibility="private", queue=False).then(
+            load, state, outputs, inputs_kwargs=inputs, api_name="load")
         fetched = {k: v for k, v in self.inputs.items() if k in ("teacher", "expert", "kind", "student_path")}
         self.download_btn.click(self.download, self.pending, [self.pending, self.download_btn, self.msg],
                                 inputs_kwargs=fetched, api_name="download").success(
@@ -155,11 +157,11 @@ class SourcesView:
     def plan_student(state: Session | None, target: str) -> tuple[str, list[dict[str, Any]], dict]:
         """Candidate shapes near `target` parameters for the loaded teacher, and the rows to fill the form from."""
         if state is None or state.closed:
-            raise gr.Error("Load a teacher first: the plan is for the loaded teacher.", title="Nothing loaded")
+            raise user_error("Load a teacher first: the plan is for the loaded teacher.", "Nothing loaded")
         try:
             table, planned = plan_table(state, target)
         except ProjectionError as exc:
-            raise gr.Error(str(exc), title="Cannot plan") from exc
+            raise user_error(exc, "Cannot plan") from exc
         return table, planned, gr.update(choices=[str(i) for i in range(1, len(planned) + 1)], value=None)
 
     @staticmethod
@@ -190,7 +192,7 @@ class SourcesView:
         """Fetch what Load showed, if the sources and the hub's files are still those the user saw (if not, the
         Load that follows asks again)."""
         if not pending:
-            raise gr.Error("Press Load first: it shows what would be downloaded.", title="Nothing to download")
+            raise user_error("Press Load first: it shows what would be downloaded.", "Nothing to download")
         done = {self.pending: None, self.download_btn: gr.update(visible=False)}
         try:
             teacher_src = self.roots.source(teacher, "teacher")
@@ -203,5 +205,5 @@ class SourcesView:
                 if isinstance(source, str) and (hub := hub_source(source)):
                     fetch_from_hub(*hub, source_expert)
         except ProjectionError as exc:
-            raise gr.Error(str(exc), title="Download failed", duration=None) from exc
+            raise user_error(exc, "Download failed") from exc
         return {**done, self.msg: cards.inline_ok("Downloaded; loading.")}

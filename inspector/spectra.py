@@ -10,7 +10,7 @@ import gradio as gr
 from projection import ProjectionError
 
 from . import charts
-from .bridge import plot
+from .bridge import plot, user_error
 from .session import Session
 
 
@@ -69,7 +69,7 @@ class SpectraView:
             try:
                 sp = s.spectrum(choice)
             except ProjectionError as exc:
-                raise gr.Error(str(exc)) from exc
+                raise user_error(exc) from exc
         student = None if sp.student is None else sp.student.tolist()
         return (plot(charts.spectrum(sp.teacher.tolist(), student, sp.title)),
                 plot(charts.cumulative(sp.curve.tolist(), sp.rank, sp.energy, sp.stacked)))

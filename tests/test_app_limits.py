@@ -214,3 +214,20 @@ def test_closing_the_browser_tab_stops_its_measurement(app):
         finally:
             browser.close()
     assert "stopped: its" in app.log.read_text()  # its client went away, or its tab closed: whichever came first
+
+
+def test_a_users_mistake_is_one_log_line(app):
+    """Bad input is not a bug: the server logs one line naming it, no traceback."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app.url, verbose=False, download_files=False)
+    bad = [LOAD[0].replace("teacher-wan", "does-not-exist"), *LOAD[1:]]
+    with pytest.raises(AppError, match="does-not-exist"):
+        client.predict(*bad, api_name="/load")
+    deadline = time.monotonic() + 10
+    while "does-not-exist" not in app.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [ln for ln in app.log.read_text().splitlines() if "does-not-exist" in ln]
+    assert len(lines) == 1 and lines[0].startswith("Cannot load: ") and "no such file or folder" in lines[0]
+    assert "Traceback" not in app.log.read_text()

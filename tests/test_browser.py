@@ -420,3 +420,25 @@ def test_function_tab_lists_the_sets_found_and_a_choice_fills_the_path(page, app
     page.locator("#function-measure").click()
     page.locator("#function-msg").get_by_text("(uploaded calibration.safetensors): 8 latents").wait_for(
         timeout=4 * TIMEOUT)
+
+
+def test_a_failed_load_says_why_in_a_toast_that_closes_below_the_cards(browser, app):
+    from inspector.bridge import ERROR_SECONDS
+
+    page = open_app(browser, app, 1280, 720)
+    try:
+        page.get_by_role("tab", name="Sources").click()
+        page.get_by_text("Loaded in").wait_for()  # the page's own load
+        page.locator("#teacher-path textarea, #teacher-path input").first.fill("demo/does-not-exist")
+        page.locator("#load-button").click()
+        toast = page.locator(".toast-body").filter(has_text="no such file or folder")
+        toast.wait_for()
+        assert "demo/does-not-exist" in toast.inner_text() and "hub" in toast.inner_text()
+        assert page.get_by_text("Loaded in").count() == 0  # the previous success is not left beside the error
+        cards = page.locator("#cards").bounding_box()
+        assert toast.bounding_box()["y"] >= cards["y"] + cards["height"]  # the cards stay readable
+        started = time.monotonic()
+        toast.wait_for(state="detached", timeout=(ERROR_SECONDS + 10) * 1000)  # it closes on its own
+        assert time.monotonic() - started <= ERROR_SECONDS + 10
+    finally:
+        page.close()
