@@ -572,6 +572,23 @@ def test_export_matches_the_cli_and_never_overwrites(client, app, root):
         call(client, app, "export", "../escaped", "float32", "cpu")
 
 
+def test_the_apps_export_records_the_function_measured_on_that_projection(client, app, root, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    load(client, app, student="demo/student-diffusers.yaml")
+    measured = call(client, app, "function", "demo held-out digits", "", 16)
+    levels = {r[0]: dict(zip(measured["function-levels"]["headers"], r)) for r in measured["function-levels"]["data"]}
+    call(client, app, "export", "out/measured", "float32", "cpu")
+    report = json.loads((root / "out" / "measured" / "projection_report.json").read_text())
+    student = report["function"]["students"]["student"]
+    assert f"{student['relative_error']:.3f}" == levels["all levels"]["student: error"]
+    assert "Function view" in report["function"]["measured_on"]
+    card = (root / "out" / "measured" / "README.md").read_text()
+    assert f"| student | {student['relative_error']:.4f} |" in card and "Not measured" not in card
+    call(client, app, "set_layers", *TABLE, None, *sliders([0, 1, 5, 7]))  # another projection: not measured
+    call(client, app, "export", "out/changed", "float32", "cpu")
+    assert "function" not in json.loads((root / "out" / "changed" / "projection_report.json").read_text())
+
+
 def test_export_names_with_control_characters_are_refused(client, app, root):
     load(client, app)
     for name, char in (("out/bad\nname", "000A"), ("out/bad\x1b[2Jname", "001B"), ("out/bad\u202etxt", "202E")):

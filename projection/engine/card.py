@@ -26,6 +26,8 @@ def _function(function: dict[str, Any] | None, out: str, teacher: str) -> list[s
              f"draws per latent, noise levels s in [{levels[0]:g}, {levels[1]:g}] (0: the teacher's function; random "
              "init and per-matrix SVD for scale).", "", "| start | velocity error | cosine |", "|---|---|---|"]
     lines += [f"| {name} | {f['relative_error']:.4f} | {f['cosine']:.3f} |" for name, f in function["students"].items()]
+    if function.get("measured_on"):
+        lines += ["", f"Measured in {function['measured_on']}."]
     if function.get("calibration_synthetic"):
         lines += ["", "**Synthetic calibration (Gaussian inputs): these numbers say little about real inputs.**"]
     return lines
