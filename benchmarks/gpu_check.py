@@ -959,7 +959,7 @@ def scale(rec: Recorder, device: str, work: Path, tiny: bool, quick: bool, block
         found = write_scale_teacher(folder, config, device)
         state["files"] = found.pop("files")
         state["teacher"] = open_teacher(str(folder))
-        ok = (state["teacher"].config["num_layers"] == plan.blocks and state["teacher"].config["dim"] == config["dim"]
+        ok = (state["teacher"].config.num_layers == plan.blocks and state["teacher"].config.dim == config["dim"]
               and found["tensor_bytes"] == predicted)
         return {"value": round(found["file_bytes"] / GB, 3), "tolerance": None, "ok": ok, **found,
                 "predicted_tensor_bytes": predicted, "embeddings_head_bytes": top, "block_bytes": block,

@@ -34,8 +34,8 @@ def teacher():
 @pytest.fixture(scope="module")
 def calib(teacher):
     g = torch.Generator().manual_seed(3)
-    return Calibration(torch.randn(2, teacher.config["in_dim"], 4, 4, generator=g),
-                       torch.randn(2, 3, teacher.config["text_dim"], generator=g), "cache test latents")
+    return Calibration(torch.randn(2, teacher.config.in_dim, 4, 4, generator=g),
+                       torch.randn(2, 3, teacher.config.text_dim, generator=g), "cache test latents")
 
 
 @pytest.fixture(scope="module")

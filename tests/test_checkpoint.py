@@ -285,7 +285,7 @@ def test_original_wan_folder(tmp_path):
     view = view_checkpoint(ckpt)
     assert view.family == "wan" and view.layout == "wan"
     assert view.native == {k: k for k in state}
-    assert {k: view.config[k] for k in TINY} == TINY and view.config["head_dim"] == 32
+    assert {k: getattr(view.config, k) for k in TINY} == TINY and view.config.head_dim == 32
     # a file opened directly still finds the config.json beside it
     assert open_checkpoint(tmp_path / "Wan2.1-T2V-tiny" / "diffusion_pytorch_model.safetensors").config["dim"] == 64
 
@@ -323,10 +323,10 @@ def test_diffusers_folder_is_sharded_and_bit_identical(diffusers_wan):
 def test_view_checkpoint_normalizes_diffusers_names_and_infers_config(diffusers_wan):
     model, folder = diffusers_wan
     view = view_checkpoint(open_checkpoint(folder))
-    assert view.family == "wan-diffusers" and view.layout == "wan"
+    assert view.family == "wan-diffusers" and view.layout == "diffusers"
     config = {"dim": 64, "num_heads": 2, "ffn_dim": 48, "num_layers": 2, "in_dim": 4, "out_dim": 4, "text_dim": 24,
               "freq_dim": 16}
-    assert {k: view.config[k] for k in config} == config and view.config["head_dim"] == 32
+    assert {k: getattr(view.config, k) for k in config} == config and view.config.head_dim == 32
     # exactly the original Wan key set, with the original shapes
     expected = {k: shape for k, (shape, _) in wan_tensors(config).items()}
     assert view.shapes == expected

@@ -34,7 +34,7 @@ def test_the_shipped_files_fit_the_budget_and_agree():
     assert wan.family == "wan" and diff.family == "wan-diffusers"
     assert diff.checkpoint.format == "sharded-safetensors" and len(diff.checkpoint.files) == 3
     for view in (wan, diff):
-        assert {k: view.config[k] for k in dt.CONFIG} == dt.CONFIG and view.config["num_heads"] == 4
+        assert {k: getattr(view.config, k) for k in dt.CONFIG} == dt.CONFIG and view.config.num_heads == 4
         assert view.checkpoint.dtypes() == {"float16": 15 + 27 * 8}
     assert wan.shapes["patch_embedding.weight"] == (128, 4, 1, 2, 2)  # Conv3d, as WanModel stores it
     assert all(torch.equal(wan.read(k), diff.read(k)) for k in wan.shapes)
@@ -97,7 +97,7 @@ def test_write_demo_writes_the_trained_teacher_its_calibration_and_students(tmp_
     assert (out / "calibration.safetensors").read_bytes() == (dt.ASSETS / "calibration.safetensors").read_bytes()
     wanlite = Projector.open(str(out / "teacher-wan"), str(out / "student-wanlite.yaml"))
     assert wanlite.mapping().coverage()["keys"] == {"transferred": 123, "total": 123, "rate": 1.0}
-    assert wanlite.student.config["dim"] == 64 and wanlite.student.config["num_layers"] == 4  # half width, depth
+    assert wanlite.student.config.dim == 64 and wanlite.student.config.num_layers == 4  # half width, depth
     seed = Projector.open(str(out / "teacher-diffusers"), str(out / "student-seed.yaml"))
     assert 0 < seed.mapping().coverage()["keys"]["transferred"] < seed.mapping().coverage()["keys"]["total"]
     assert write_demo(out) == out  # already there: left as it is
@@ -106,7 +106,7 @@ def test_write_demo_writes_the_trained_teacher_its_calibration_and_students(tmp_
 def test_the_synthetic_demo_stays_an_option_and_kinds_never_overwrite_each_other(tmp_path):
     synthetic = write_demo(tmp_path / "synthetic", synthetic=True)
     assert demo_kind(synthetic) == "synthetic" and "SYNTHETIC" in (synthetic / "README.txt").read_text()
-    assert open_teacher(str(synthetic / "teacher-wan")).config["dim"] == 256
+    assert open_teacher(str(synthetic / "teacher-wan")).config.dim == 256
     before = (synthetic / "teacher-wan" / "diffusion_pytorch_model.safetensors").read_bytes()
     with pytest.raises(ProjectionError, match="holds the synthetic demo; pass --force"):
         write_demo(synthetic)
@@ -114,7 +114,7 @@ def test_the_synthetic_demo_stays_an_option_and_kinds_never_overwrite_each_other
     (synthetic / "demo.json").unlink()  # a demo written before the marker existed was the synthetic one
     assert demo_kind(synthetic) == "synthetic"
     write_demo(synthetic, force=True)
-    assert demo_kind(synthetic) == "trained" and open_teacher(str(synthetic / "teacher-wan")).config["dim"] == 128
+    assert demo_kind(synthetic) == "trained" and open_teacher(str(synthetic / "teacher-wan")).config.dim == 128
 
 
 def test_cli_demo_writes_either_kind(tmp_path):

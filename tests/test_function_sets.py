@@ -56,8 +56,8 @@ def places(tmp_path_factory) -> dict[str, Path]:
     from projection.core.models import open_teacher
 
     wan = open_teacher(str(root / "synthetic" / "teacher-wan")).config  # 16 channels, as Wan's
-    a_set(root / "synthetic" / "wan-set.safetensors", n=4, source="wan frames", channels=wan["in_dim"],
-          width=wan["text_dim"])
+    a_set(root / "synthetic" / "wan-set.safetensors", n=4, source="wan frames", channels=wan.in_dim,
+          width=wan.text_dim)
     return {"root": root, "outside": outside, "cache": cache}
 
 

@@ -189,7 +189,7 @@ def test_student_config_file_and_mapping_json_shape(tiny_wan, tmp_path):
     cfg = tmp_path / "student.json"
     cfg.write_text(json.dumps({"layout": "wanlite", "dim": 32, "num_heads": 1, "num_layers": 2}))
     p = Projector.open(str(tiny_wan.diffusers_dir), str(cfg))
-    assert p.student.config["ffn_dim"] == tiny_wan.config["ffn_dim"]  # omitted fields take the teacher's
+    assert p.student.config.ffn_dim == tiny_wan.config["ffn_dim"]  # omitted fields take the teacher's
     d = p.mapping().to_dict()
     assert set(d["entries"][0]) >= {"student_key", "status", "teacher_keys", "student_shape", "teacher_shapes",
                                     "params", "reason"}
@@ -252,21 +252,22 @@ def test_a_checkpoint_students_heads_keep_the_teachers_head_dim_and_say_so(tmp_p
     student = bare_seed_student(tmp_path / "student")
     p = Projector.open(teacher, student)
     assert p.student.layout == "seed" and p.mapping().counts()["concatenated"] == 4  # maps, as 2 heads of 12
-    assert (p.student_config()["num_heads"], p.student_config()["head_dim"], p.student_config()["dim"]) == (2, 12, 24)
-    assert "freq_dim" not in p.student_config()  # nothing is filled in from the teacher's config
+    config = p.student_config()
+    assert (config.num_heads, config.head_dim, config.dim) == (2, 12, 24)
+    assert config.freq_dim is None and "freq_dim" not in config.to_dict()  # nothing filled in from the teacher's
     summary = p.summary()
-    assert summary["student"]["heads_inferred"] is True and summary["student"]["config"] == p.student_config()
+    assert summary["student"]["heads_inferred"] is True and summary["student"]["config"] == config.to_dict()
     assert "heads inferred: 2 x 12; the checkpoint does not record heads" in summary["warnings"][0]
     with pytest.raises(ProjectionError, match=r"1 heads of 24 but the teacher has 4 heads of 12.*e\.g\. num_heads 2 "
                                               r"\(head dim 12\)"):
         Projector.open(teacher, student, num_heads=1).mapping()
     given = Projector.open(teacher, student, num_heads=4)
-    assert (given.student_config()["num_heads"], given.student_config()["head_dim"]) == (4, 6)
+    assert (given.student_config().num_heads, given.student_config().head_dim) == (4, 6)
     assert not given.heads_inferred() and not given.summary()["warnings"]
     (tmp_path / "student" / "config.json").write_text(json.dumps({"num_heads": 4}))  # recorded beside it
     recorded = Projector.open(teacher, student)
-    assert recorded.student_config()["num_heads"] == 4 and not recorded.heads_inferred()
-    assert Projector.open(teacher, student, num_heads=2).student_config()["num_heads"] == 2  # the option wins
+    assert recorded.student_config().num_heads == 4 and not recorded.heads_inferred()
+    assert Projector.open(teacher, student, num_heads=2).student_config().num_heads == 2  # the option wins
     with pytest.raises(ProjectionError, match=r"model\.safetensors: width 24 is not divisible by num_heads 5"):
         Projector.open(teacher, student, num_heads=5)
 

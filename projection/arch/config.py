@@ -4,7 +4,7 @@ the teacher's, in one of the student layouts (`layout.py` says what each writes 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,8 @@ def heads_error(dim: int, heads: int, what: str = "width") -> ProjectionError:
     return ProjectionError(f"{what} {dim} is not divisible by num_heads {heads}")
 
 
-@dataclass(frozen=True, eq=False)
-class ModelConfig(Mapping):
+@dataclass(frozen=True)
+class ModelConfig:
     """A model's architecture numbers. A field is None where the model does not tell it (a state dict records
     no heads; a student with unknown names knows only what its rules map). `head_dim` is derived from `dim` and
     `num_heads` here, once, where both are known and no head dim is given (a student with unknown names has the
@@ -35,8 +35,7 @@ class ModelConfig(Mapping):
     Wan's own numbers are fields too (patch size, eps, q/k norm, cross-attention norm), at Wan's values; like
     `head_dim`, they are written out only where the dict the config came from held them: `to_dict` gives back
     exactly the keys, in the order, of `from_dict`'s input, so config.json, the report and the app's cards keep
-    their bytes. The config also reads as a read-only mapping of those keys (`cfg["dim"]`, `{**cfg}`) for callers
-    written against the dict it replaces; the library reads attributes."""
+    their bytes. Two configs are equal when their fields are, whichever keys they were written with."""
     layout: str | None = None  # a student's layout (layout.LAYOUTS) or custom; None for a teacher
     dim: int | None = None
     ffn_dim: int | None = None
@@ -51,7 +50,7 @@ class ModelConfig(Mapping):
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
-    keys_: tuple[str, ...] = field(default=(), repr=False)  # the serialized keys, in order
+    keys_: tuple[str, ...] = field(default=(), repr=False, compare=False)  # the serialized keys, in order
 
     def __post_init__(self) -> None:
         for name in SIZES:  # a model without blocks (a shell around the teacher's streamed ones) has 0 layers
@@ -84,18 +83,6 @@ class ModelConfig(Mapping):
         if {"dim", "num_heads"} & set(changes) and "head_dim" not in changes and "head_dim" in data:
             data["head_dim"] = None  # derived again
         return ModelConfig.from_dict(data)
-
-    # a read-only mapping of the serialized keys
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.keys_:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_)
-
-    def __len__(self) -> int:
-        return len(self.keys_)
 
 
 def check_layout(name: Any) -> str:

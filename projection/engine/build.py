@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch.config import ModelConfig
 from ..arch.layout import LAYOUTS, build_student, runnable_tensor
 from ..arch.wan import WanLite, init_modulation_
 from ..core.models import ModelView, open_teacher, view_checkpoint
@@ -21,10 +23,10 @@ from ..io.checkpoint import open_checkpoint
 from .projector import Projector
 
 
-def random_student(config: dict[str, Any], seed: int) -> nn.Module:
+def random_student(config: ModelConfig | Mapping[str, Any], seed: int) -> nn.Module:
     """A freshly initialized student of a config: the baseline a projection is measured against. Every value comes
     from one generator seeded with `seed` (`init_module_`), never the global RNG."""
-    return init_module_(build_student({"layout": "wanlite", **config}, "meta"), torch.Generator().manual_seed(seed))
+    return init_module_(build_student(config, "meta"), torch.Generator().manual_seed(seed))
 
 
 def init_module_(model: nn.Module, generator: torch.Generator) -> nn.Module:

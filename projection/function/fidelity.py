@@ -80,7 +80,7 @@ def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> ModelConfig | None:
     return budget.module_config(teacher)
 
 
-def check_request(where: str, sizes: dict[str, Any] | None, latents: torch.Tensor, context: torch.Tensor,
+def check_request(where: str, sizes: ModelConfig | None, latents: torch.Tensor, context: torch.Tensor,
                   draws: int, **kwargs: Any) -> None:
     """`budget.check_work` on a set's tensors for a teacher of these sizes (its config), before any compute;
     sizes unknown (a module other than WanLite): the per-latent bounds only."""
@@ -126,7 +126,7 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
     teacher = plan.mapping.teacher
     student = budget.module_config(next(iter(students.values()))) if students else None
     check_request("calibration set", teacher.config, latents, context, draws, models=1 + len(students),
-                  streams=block_streams(teacher.config, student or {}, len(students)))
+                  streams=block_streams(teacher.config, student, len(students)))
     x, t, ctx = noised_set(latents, context, draws, seed, band)
     cursor = TeacherCursor(StreamedTeacher(teacher, device), x, t, ctx)
     kept = plan.indices("resid", None)
@@ -149,10 +149,10 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
     return rows
 
 
-def block_streams(teacher: ModelConfig, student: ModelConfig | dict[str, Any], students: int) -> float:
+def block_streams(teacher: ModelConfig, student: ModelConfig | None, students: int) -> float:
     """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
     stream, its float64 target on the kept channels, and each student's embedded tokens and stream (teacher,
     student: their configs)."""
     width = teacher.dim
-    ratio = (student.get("dim") or width) / width
+    ratio = ((student.dim if student else None) or width) / width
     return 2 + 2 * ratio * (1 + students)

@@ -95,7 +95,7 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     docstring. The request is checked against the work bounds (`budget`) before anything runs."""
     device = torch.device(device)
     teacher = plan.mapping.teacher
-    _check(teacher.config, budget.module_config(student) or {}, calibration, draws, micro_batch)
+    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
     cursor = TeacherCursor(StreamedTeacher(teacher, device, micro_batch=micro_batch), x, t, ctx)
     t_in = cursor.parts
@@ -138,10 +138,12 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     return report
 
 
-def _check(teacher: ModelConfig, student: dict, calibration: Calibration, draws: int, micro_batch: int) -> None:
+def _check(teacher: ModelConfig, student: ModelConfig | None, calibration: Calibration, draws: int,
+           micro_batch: int) -> None:
     """`budget.check_work` for a fit: the teacher's two residual streams, the student's two (at its width), and
     the float64 moments of every student layer's least-squares problem (teacher, student: their configs)."""
-    dim, ffn = int(student.get("dim") or teacher.dim), int(student.get("ffn_dim") or teacher.ffn_dim)
+    dim = int((student.dim if student else None) or teacher.dim)
+    ffn = int((student.ffn_dim if student else None) or teacher.ffn_dim)
     inputs = {name: (ffn if name == "ffn.2" else dim) for name in LINEARS}
     outputs = {name: (ffn if name == "ffn.0" else dim) for name in LINEARS}
     moments = 8 * sum(inputs[n] * (inputs[n] + outputs[n] + 2) + outputs[n] for n in LINEARS)
