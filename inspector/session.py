@@ -257,7 +257,7 @@ class Session:
             raise ProjectionError("activation, influence, wanda, compensation and least-squares choices run the "
                                   "teacher on a calibration set: choose one in the Function tab (a file under the "
                                   "app's root, or synthetic) and press Measure")
-        with heavy_work():
+        with heavy_work(self.projector.teacher.config.dim):
             self.projector.calibrate(calibration or demo_calibration(), progress=progress, device=self.device)
 
     def update_strategy(self, **fields: Any) -> None:
@@ -311,7 +311,7 @@ class Session:
             return found
         if not (force or self.auto_energy):
             return None
-        with nullcontext() if self.auto_energy else heavy_work():
+        with nullcontext() if self.auto_energy else heavy_work(self.projector.teacher.config.dim):
             results = []
             for result in self.projector.stream(strategy, progress=progress, tensors="numbers"):
                 checkpoint()  # a comparison or a large teacher's energies stop when their request is cancelled
@@ -383,7 +383,7 @@ class Session:
         return [(label, value) for label, value, _ in out]
 
     def spectrum(self, choice: str) -> Spectrum:
-        with heavy_work():
+        with heavy_work(self.projector.teacher.config.dim):
             return self._spectrum(choice)
 
     def _spectrum(self, choice: str) -> Spectrum:
@@ -422,7 +422,7 @@ class Session:
         """Coverage and retained energy under two strategies (same sources and rules); the session's own
         strategy stays, and the core's caches make coming back to it free."""
         out = {}
-        with heavy_work():
+        with heavy_work(self.projector.teacher.config.dim):
             for name, strategy in (("A", a), ("B", b)):
                 out[name] = self.measure(force=True, progress=progress, strategy=self._usable(strategy)).summary
         return out
@@ -468,7 +468,7 @@ class Session:
         why = self.function_problem()
         if why:
             raise ProjectionError(why)
-        with heavy_work():
+        with heavy_work(self.projector.teacher.config.dim):
             self.function = function_report(self.projector, calibration, progress=progress, strategy=self.strategy)
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
@@ -547,7 +547,7 @@ class Session:
             def draw(name: str, model: torch.nn.Module, reference: torch.nn.Module | None) -> GalleryRow:
                 return draw_row(name, model, classifier, GALLERY_SAMPLER, reference,
                                 calibration if reference is not None else None)
-        with heavy_work():
+        with heavy_work(self.projector.teacher.config.dim):
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
             elif which == RANDOM:
@@ -562,7 +562,7 @@ class Session:
         measured = self.function if self.function is not None and self._function_for == self.projection_key() else None
         # the Function view measured this very projection: the report records it, as the CLI's --calibration does
         measure = (lambda _: {**measured["fidelity"], "measured_on": MEASURED_ON}) if measured else None
-        with heavy_work():
+        with heavy_work(self.projector.teacher.config.dim):
             report = export_student(self.projector, out, force=False, progress=progress, strategy=self.strategy,
                                     measure=measure)
         names = ["projection_report.json", "config.json", "strategy.yaml", "README.md"]

@@ -62,11 +62,15 @@ def _projector(args: argparse.Namespace):
     return p
 
 
-def _room(p):
-    """The work bound for this command's device: the operator's GPU may hold more than the app's default."""
+@contextmanager
+def _room(p) -> Iterator[None]:
+    """The work bound for this command's device (the operator's GPU may hold more than the app's default), and the
+    threads that pay for this teacher's width (`runtime.parallel_pays`)."""
     from .function.budget import device_limit, work_limit
+    from .runtime import command_threads
 
-    return work_limit(device_limit(p.device))
+    with work_limit(device_limit(p.device)), command_threads(p.teacher.config.dim):
+        yield
 
 
 def _progress(i: int, n: int, what: str) -> None:

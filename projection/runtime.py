@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 
 MMAP_THRESHOLD = 1 << 20  # bytes; see setup_runtime
+PARALLEL_MIN_WIDTH = 1024  # models narrower than this run on one thread (`parallel_pays`); Wan's narrowest is 1536
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 _threads_lock = threading.Lock()
@@ -52,12 +53,24 @@ def setup_runtime(interactive_threads: int | None = None) -> None:
                 torch.set_num_threads(interactive_threads)
 
 
+def parallel_pays(width: int | None) -> bool:
+    """Whether torch's intra-op threads pay for work on a model this wide (unknown: assumed so). A narrow model's
+    work is many small tensor operations whose thread hand-offs cost more than they save, and on a busy machine
+    each one waits for a descheduled thread: `projection fidelity` on the demo teacher (width 128) with other work
+    on both cores took 230 s on 2 threads and 9 s on 1."""
+    return width is None or width >= PARALLEL_MIN_WIDTH
+
+
 @contextmanager
-def heavy_work() -> Iterator[None]:
-    """Every core while any heavy operation (a full-teacher pass, an export, spectra) runs; back to the interactive
-    thread count when the last one ends. Torch's setting is process-wide, so concurrent operations share it. Does
-    nothing unless `setup_runtime` chose an interactive thread count."""
+def heavy_work(width: int | None = None) -> Iterator[None]:
+    """Every core while any heavy operation (a full-teacher pass, an export, spectra) on a model of this width runs
+    (`parallel_pays`; a narrow one keeps the interactive count); back to the interactive thread count when the last
+    one ends. Torch's setting is process-wide, so concurrent operations share it. Does nothing unless
+    `setup_runtime` chose an interactive thread count."""
     global _heavy
+    if not parallel_pays(width):
+        yield
+        return
     with _threads_lock:
         _heavy += 1
         if _interactive_threads is not None:
@@ -69,3 +82,18 @@ def heavy_work() -> Iterator[None]:
             _heavy -= 1
             if _heavy == 0 and _interactive_threads is not None:
                 torch.set_num_threads(_interactive_threads)
+
+
+@contextmanager
+def command_threads(width: int | None) -> Iterator[None]:
+    """One CLI command's threads for work on a teacher this wide: one thread where `parallel_pays` says threads
+    do not pay, torch's own count otherwise; restored afterwards."""
+    if parallel_pays(width):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

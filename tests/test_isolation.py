@@ -202,3 +202,29 @@ def test_library_changes_no_process_wide_setting(tiny_wan, tmp_path):
     assert setup["mmap_pinned"] and setup["env"] == ["THP_MEM_ALLOC_ENABLE"]
     cli = run("cli")
     assert cli["env"] == ["THP_MEM_ALLOC_ENABLE"] and cli["mmap_pinned"]
+
+
+def test_narrow_models_run_on_one_thread_and_the_count_comes_back(monkeypatch):
+    """Threads pay only for wide models (runtime.parallel_pays): a CLI command on a narrow teacher runs on one
+    thread, the app's heavy work on one keeps the interactive count; both give back what was there."""
+    from projection import runtime
+
+    assert not runtime.parallel_pays(128) and runtime.parallel_pays(1536) and runtime.parallel_pays(None)
+    before = torch.get_num_threads()
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # what setup_runtime sets: given back after the test
+    try:
+        torch.set_num_threads(2)
+        with runtime.command_threads(128):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with runtime.command_threads(5120):
+            assert torch.get_num_threads() == 2
+        runtime.setup_runtime(interactive_threads=1)  # the app's setting: one thread, every core for heavy work
+        with runtime.heavy_work(128):
+            assert torch.get_num_threads() == 1
+        with runtime.heavy_work(5120):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        runtime._interactive_threads, runtime._all_threads = None, 0
+        torch.set_num_threads(before)
