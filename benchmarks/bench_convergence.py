@@ -532,6 +532,9 @@ def report(path: Path, plot: Path | None) -> str:
     return "\n".join(out)
 
 
+LOSS_TICKS = (0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0)
+
+
 def plot_budgets(rep: Report, floor: tuple[float, float], path: Path) -> None:
     """Final validation loss against the budget: random init's ladders as lines with their seed spread, each
     arm's budgets as points with theirs; the teacher's loss as the floor."""
@@ -539,8 +542,9 @@ def plot_budgets(rep: Report, floor: tuple[float, float], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110, sharey=True)
     for ax, objective in zip(axes, ("distill", "denoise")):
         ladder = rep.ladder(HEADLINE, objective)
         if ladder[0]:
@@ -560,6 +564,10 @@ def plot_budgets(rep: Report, floor: tuple[float, float], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="training steps N (batch 64; each its own schedule)",
                ylabel="final validation loss (denoising, fixed noise)",
                title=f"{HEADLINE}: {'distillation' if objective == 'distill' else 'denoising'}")
+        ax.set_xticks(LADDER, [str(n) for n in LADDER])
+        ax.set_yticks(LOSS_TICKS, [f"{v:g}" for v in LOSS_TICKS])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -575,6 +583,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables and write the PNG only")
     parser.add_argument("--estimate", action="store_true", help="time a few steps and print the grid's time")
     parser.add_argument("--scale", type=int, default=1, help="a smoke run: every budget N trains N // scale steps")
+    parser.add_argument("--plot", type=Path, default=PLOT, help=f"the plot's path (default {PLOT.relative_to(ROOT)})")
     args = parser.parse_args()
     if args.estimate:
         estimate(args.workers)
@@ -585,7 +594,7 @@ def main() -> None:
               f"load {os.getloadavg()}; the teacher saw {teacher_samples():,} samples", flush=True)
         run_all(args.results, args.workers, args.scale)
         print(f"all runs in {time.time() - started:.0f} s, load {os.getloadavg()}", flush=True)
-    print(report(args.results, PLOT))
+    print(report(args.results, args.plot))
 
 
 if __name__ == "__main__":

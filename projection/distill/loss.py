@@ -139,6 +139,9 @@ def distill_loss(student: nn.Module, teacher: Teacher | nn.Module, x0: torch.Ten
     if len(hints.teacher_blocks) != len(student.blocks):
         raise ProjectionError(f"hints for {len(hints.teacher_blocks)} blocks; the student has {len(student.blocks)}")
     v_teacher, targets = _teacher_out(teacher, x, t, context, set(hints.teacher_blocks))
+    missing = sorted(set(hints.teacher_blocks) - targets.keys())
+    if missing:
+        raise ProjectionError(f"teacher blocks {missing}: hinted, but the teacher does not run them")
     v_student, outputs = _blocks_out(student, x, t, context, set(range(len(student.blocks))))
     output = (v_student.float() - v_teacher.float()).pow(2).mean()
     hint = hint_loss([outputs[i] for i in range(len(student.blocks))], [targets[b] for b in hints.teacher_blocks],
