@@ -1,14 +1,27 @@
-"""Convergence benchmark: students of the trained demo teacher, trained from different initializations.
+"""Convergence benchmark at the budgets users have: students of the trained demo teacher, trained for N in
+{50, 100, 200, 400} steps of batch 64 (1.25-10% of the samples the teacher saw), each with its own schedule
+(10% warmup, cosine to N), against random init's ladder of budgets up to 1,600 steps.
 
-Every arm of a student shape trains with the same data order, noise, optimizer (AdamW), schedule (warmup, cosine)
-and number of steps; only the initialization (and, for random init, the learning rate of a small sweep) differs.
-See `projection/convergence.py` for the columns.
+    python benchmarks/bench_convergence.py --estimate   # the grid's runs and its time from a few timed steps
+    python benchmarks/bench_convergence.py              # the grid (2 workers of 1 thread; resumable)
+    python benchmarks/bench_convergence.py --report     # markdown tables and assets/convergence_budgets.png
 
-    python benchmarks/bench_convergence.py            # the full grid (40 runs, about 70 min on 2 cores, 2 workers)
-    python benchmarks/bench_convergence.py --report   # tables (markdown) and assets/convergence.png from results
+Groups (`projection/demo/convergence.py` scores them; `projection.distill` is the distillation loss):
+  headline     half width, half depth (14% of the teacher's parameters), distillation from the teacher: random
+               init's ladder, the default projection, default + per-block hints; 3 seeds at each chosen rate
+  denoising    the same student on Wan's denoising objective: random init's ladder and the default (2 seeds)
+  hint weight  {0, 0.1, 1} at N = 200 (distillation): the weight the hints arm uses
+  compression  depth only and width only, distilled, the default at N = 200 against each shape's own ladder
+  data-limited the student sees a fixed 20% of the training digits (the teacher saw all), N = 200
+Rates: a 3-point grid per arm and budget, chosen on the mean of seeds 0 and 1. Cuts that keep the grid inside 90
+minutes: the 1,600-step rung (headline only; elsewhere the ladder ends at 800 and larger equivalents are lower
+bounds) and the denoising ladder's 800-step rung run one seed at the distillation 800-step rung's chosen rate, the
+compression and data-limited ladders one seed at the headline's chosen rates, and prompt accuracy takes 500
+samples on the headline group, 200 elsewhere.
 
-Results go to benchmarks/results/convergence.jsonl, one line per finished run; a rerun skips finished runs.
-Each worker runs torch on one thread, so the numbers do not depend on the machine's core count.
+Results go to benchmarks/results/convergence_budgets.jsonl, one line per finished run; a rerun skips finished
+runs. The 1,600-step full-retraining group is read from benchmarks/results/convergence.jsonl (the earlier
+benchmark's runs). Each worker runs torch on one thread, so the numbers do not depend on the machine's cores.
 """
 from __future__ import annotations
 
@@ -19,8 +32,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,83 +46,205 @@ import torch  # noqa: E402
 
 from projection.demo import convergence as cv, digits, teacher as dt  # noqa: E402
 from projection.demo.training import TrainConfig  # noqa: E402
+from projection.engine.build import count_params, random_student  # noqa: E402
 from projection.function.calibration import Calibration  # noqa: E402
+from projection.function.noise import validation_noise  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "convergence.jsonl"
-PLOT = ROOT / "assets" / "convergence.png"
-TRAINING = TrainConfig(steps=1600, batch=64, lr=1e-3, warmup=50, eval_every=50, val_draws=2)
-SAMPLER = dt.Sampler(per_class=20)  # 200 samples, 20 Euler steps, no guidance
+RESULTS = ROOT / "benchmarks" / "results" / "convergence_budgets.jsonl"
+FULL_RESULTS = ROOT / "benchmarks" / "results" / "convergence.jsonl"  # the earlier 1,600-step benchmark
+PLOT = ROOT / "assets" / "convergence_budgets.png"
+TEACHER = str(dt.ASSETS / "teacher-wan")
+BASE = TrainConfig(steps=200, batch=64, lr=1e-3, val_draws=2)  # each run: `cv.budget_config(BASE, N)`
+BUDGETS = (50, 100, 200, 400)
+LADDER = (50, 100, 200, 400, 800, 1600)
+GRIDDED = LADDER[:-1]  # rungs with a rate grid (denoising: to 400); the rest: one seed at the distillation 800 rung's
+RANDOM_RATES = (4e-3, 8e-3, 1.6e-2)
+PROJECTED_RATES = (2e-3, 4e-3, 8e-3)
+HINT_WEIGHTS = (0.1, 1.0)  # beside 0 (the default arm), at HINT_BUDGET
+HINT_BUDGET = MAP_BUDGET = 200
+DATA_SHARE, DATA_SEED = 0.2, 1234  # the data-limited student's fixed share of the training digits
 HEADLINE = "half width, half depth (64 x 4 blocks)"
-SHAPES = {
-    HEADLINE: {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4},
-    "depth only (128 x 4 blocks)": {"num_layers": 4},
-    "width only (64 x 8 blocks)": {"dim": 64, "num_heads": 2, "ffn_dim": 256},
-}
-SWEEP = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)  # random init's rates: the sweep grew until its best was inside it
-PROJECTED_SWEEP = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # the default strategy's rates; every projected arm uses its best
-FIRST = {"width": "first", "heads": "first", "head_dim": "first", "ffn": "first"}
-ACTIVATION = {"width": "activation", "heads": "activation", "head_dim": "activation", "ffn": "activation"}
-CALIBRATION = 256  # training latents that activation choices rank on (the validation split stays unseen)
-ARMS = {  # name -> strategy fields
-    "default": {},
-    "width: svd-per-matrix (the seeds' method)": {"width": "svd-per-matrix"},
-    "naive truncation (first everywhere)": {**FIRST, "layers": "first"},
-    "layers: first": {"layers": "first"},
-    "layers: last": {"layers": "last"},
-    "activation (width, heads, head dim, FFN)": ACTIVATION,
-    "layers: influence": {"layers": "influence"},
-    "activation + influence": {**ACTIVATION, "layers": "influence"},
-    "fit: least-squares": {"fit": "least-squares"},
-    "activation + influence + least-squares": {**ACTIVATION, "layers": "influence", "fit": "least-squares"},
-    "ffn: wanda": {"ffn": "wanda"},
-    "compensate: mean": {"compensate": "mean"},
-    "all: activation, ffn wanda, influence, least-squares, compensate": {
-        **ACTIVATION, "ffn": "wanda", "layers": "influence", "fit": "least-squares", "compensate": "mean"},
-}
-SEEDED = ["default", "width: svd-per-matrix (the seeds' method)", "activation + influence",
-          "activation + influence + least-squares"]  # the headline rows: every seed (random init too)
-DISTILLED = SEEDED  # the distillation table's rows (one seed)
-ARMS_BY_SHAPE = {  # arms that differ from the default for that shape
-    HEADLINE: list(ARMS),
-    "depth only (128 x 4 blocks)": ["default", "layers: first", "layers: last"],
-    "width only (64 x 8 blocks)": ["default", "width: svd-per-matrix (the seeds' method)", "width: first"],
-}
-EXTRA_ARMS = {"width: first": FIRST}
+DEPTH, WIDTH = "depth only (128 x 4 blocks)", "width only (64 x 8 blocks)"
+SHAPES = {HEADLINE: {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}, DEPTH: {"num_layers": 4},
+          WIDTH: {"dim": 64, "num_heads": 2, "ffn_dim": 256}}
+RANDOM, DEFAULT, HINTS = "random init", "default", "default + hints"
+LIMITED = f"{DATA_SHARE:.0%} of the digits"
+CALIBRATION = 256
+ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # headline group: 500 samples
 
 
-def random_arm(lr: float) -> cv.Arm:
-    return cv.Arm(f"random init, lr {lr:g}", None, lr)
+# ---------------------------------------------------------------- the grid
+
+def arm(name: str, lr: float, weight: float = 0.0) -> cv.Arm:
+    return cv.Arm(name, None if name == RANDOM else {}, lr, weight)
 
 
-def arm(name: str, lr: float) -> cv.Arm:
-    return cv.Arm(name, {**ARMS, **EXTRA_ARMS}[name], lr)
+def run(shape: str, name: str, lr: float, steps: int, seed: int, objective: str = "distill", data: str = "all",
+        weight: float = 0.0) -> cv.Run:
+    return cv.Run(SHAPES[shape], arm(name, lr, weight), seed, objective, shape, steps, data)
 
 
-def run_key(run: cv.Run) -> str:
-    return json.dumps([run.shape, run.objective, run.arm.name, run.arm.lr, run.seed])
+def run_key(r: cv.Run) -> str:
+    return json.dumps([r.shape, r.objective, r.data, r.arm.name, r.arm.hint_weight, r.arm.lr, r.steps, r.seed])
 
+
+def headline_group(r: cv.Run) -> bool:
+    return r.shape == HEADLINE and r.objective == "distill" and r.data == "all"
+
+
+Cell = tuple[str, str, str, str, float, int]  # shape, objective, data, arm, hint weight, steps
+
+
+def cell_of(d: dict[str, Any]) -> Cell:
+    r = d["run"]
+    return (r["shape"], r["objective"], r.get("data", "all"), r["arm"]["name"], r["arm"].get("hint_weight", 0.0),
+            r.get("steps") or d["history"]["steps"][-1])
+
+
+class Choices:
+    """Finished runs' final losses by cell, rate and seed, and the rates and hint weight they choose."""
+
+    def __init__(self, results: list[dict[str, Any]]):
+        self.found: dict[Cell, dict[float, dict[int, float]]] = {}
+        for d in results:
+            self.found.setdefault(cell_of(d), {}).setdefault(d["run"]["arm"]["lr"], {})[d["run"]["seed"]] = \
+                d["final_val_loss"]
+
+    def losses(self, cell: Cell, rates: tuple[float, ...]) -> dict[float, list[float]]:
+        by_rate = self.found.get(cell, {})
+        return {lr: [by_rate.get(lr, {})[s] for s in (0, 1) if s in by_rate.get(lr, {})] for lr in rates}
+
+    def rate(self, cell: Cell, rates: tuple[float, ...]) -> float | None:
+        return cv.choose_rate(self.losses(cell, rates))
+
+    def weight(self) -> float | None:
+        """The hint weight whose best rate gives the lowest mean loss at HINT_BUDGET (0: the default arm)."""
+        best: dict[float, float] = {}
+        for w in (0.0, *HINT_WEIGHTS):
+            cell = (HEADLINE, "distill", "all", DEFAULT if w == 0 else HINTS, w, HINT_BUDGET)
+            lr = self.rate(cell, PROJECTED_RATES)
+            if lr is None:
+                return None
+            best[w] = mean(self.losses(cell, PROJECTED_RATES)[lr])
+        return min(best, key=best.get)
+
+    def hinted(self) -> float | None:
+        """The weight the hints arm runs at: the best positive one (the report says when 0 beat it)."""
+        if self.weight() is None:
+            return None
+
+        def best(w: float) -> float:
+            cell = (HEADLINE, "distill", "all", HINTS, w, HINT_BUDGET)
+            return mean(self.losses(cell, PROJECTED_RATES)[self.rate(cell, PROJECTED_RATES)])
+        return min(HINT_WEIGHTS, key=best)
+
+
+class Assumed(Choices):
+    """Every choice made (the grid's first rate, the first hint weight): the whole grid, for the estimate."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def rate(self, cell: Cell, rates: tuple[float, ...]) -> float | None:
+        return rates[0]
+
+    def weight(self) -> float | None:
+        return HINT_WEIGHTS[0]
+
+    def hinted(self) -> float | None:
+        return HINT_WEIGHTS[0]
+
+
+def grid(shape: str, objective: str, name: str, budgets: tuple[int, ...], rates: tuple[float, ...],
+         weight: float = 0.0) -> list[cv.Run]:
+    return [run(shape, name, lr, n, seed, objective, weight=weight) for n in budgets for lr in rates
+            for seed in (0, 1)]
+
+
+def jobs(choices: Choices) -> list[cv.Run]:
+    """Every run whose rate is known now: the grids, then what their choices decide."""
+    out = []
+    for objective in ("distill", "denoise"):
+        out += grid(HEADLINE, objective, RANDOM, GRIDDED if objective == "distill" else GRIDDED[:-1], RANDOM_RATES)
+        out += grid(HEADLINE, objective, DEFAULT, BUDGETS, PROJECTED_RATES)
+    for w in HINT_WEIGHTS:
+        out += grid(HEADLINE, "distill", HINTS, (HINT_BUDGET,), PROJECTED_RATES, w)
+    rate = lambda name, n, w=0.0, rates=PROJECTED_RATES: choices.rate(  # noqa: E731
+        (HEADLINE, "distill", "all", name, w, n), rates)
+    for n in GRIDDED:
+        lr = rate(RANDOM, n, rates=RANDOM_RATES)
+        if lr is not None:
+            out.append(run(HEADLINE, RANDOM, lr, n, 2))
+            out += [run(s, RANDOM, lr, n, 0) for s in (DEPTH, WIDTH)]
+            out.append(run(HEADLINE, RANDOM, lr, n, 0, data=LIMITED))
+            if n == GRIDDED[-1]:  # the rungs without a grid of their own
+                out += [run(HEADLINE, RANDOM, lr, LADDER[-1], 0), run(HEADLINE, RANDOM, lr, n, 0, "denoise")]
+    for n in BUDGETS:
+        lr = rate(DEFAULT, n)
+        if lr is not None:
+            out.append(run(HEADLINE, DEFAULT, lr, n, 2))
+            if n == MAP_BUDGET:
+                out += [run(s, DEFAULT, lr, n, seed, data=d) for s, d in ((DEPTH, "all"), (WIDTH, "all"),
+                                                                          (HEADLINE, LIMITED)) for seed in (0, 1)]
+    w = choices.hinted()
+    if w is not None:
+        out += grid(HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET), PROJECTED_RATES, w)
+        for n in BUDGETS:
+            lr = rate(HINTS, n, w)
+            if lr is not None:
+                out.append(run(HEADLINE, HINTS, lr, n, 2, weight=w))
+                if n == HINT_BUDGET:
+                    out += [run(HEADLINE, HINTS, lr, n, seed, data=LIMITED, weight=w) for seed in (0, 1)]
+    return out
+
+
+# ---------------------------------------------------------------- running
 
 _CONTEXT: dict[str, Any] = {}
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # a program's choice: one thread per worker, two workers on two cores
+def limited(data: cv.Data, share: float = DATA_SHARE, seed: int = DATA_SEED) -> cv.Data:
+    """The same data with a fixed share of the training latents (one seeded choice for every run)."""
+    keep = torch.randperm(len(data.latents), generator=torch.Generator().manual_seed(seed))
+    keep = keep[: round(share * len(data.latents))].sort().values
+    return cv.Data(data.latents[keep], data.context[keep], data.val_latents, data.val_context, data.empty,
+                   data.calibration)
+
+
+def demo_data() -> cv.Data:
     train, val = digits.load_digits("train"), digits.load_digits("val")
     latents, context = digits.encode(train.images), digits.label_states(train.labels)
     calibration = Calibration(latents[:CALIBRATION], context[:CALIBRATION],
                               f"the first {CALIBRATION} latents of the demo's training split")
-    _CONTEXT["data"] = cv.Data(latents, context, digits.encode(val.images), digits.label_states(val.labels),
-                               digits.empty_states(), calibration)
+    return cv.Data(latents, context, digits.encode(val.images), digits.label_states(val.labels),
+                   digits.empty_states(), calibration)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # a program's choice: one thread per worker, two workers on two cores
+    _load_context()
+
+
+def _load_context() -> None:
+    data = demo_data()
+    _CONTEXT["data"] = {"all": data, LIMITED: limited(data)}
     _CONTEXT["teacher"] = dt.load_teacher()
-    classifier = dt.load_demo_classifier()
-    _CONTEXT["score"] = lambda model: dt.prompt_accuracy_of(model, classifier, SAMPLER)
+    _CONTEXT["classifier"] = dt.load_demo_classifier()
 
 
-def _work(args: tuple[cv.Run, TrainConfig]) -> dict[str, Any]:
-    run, training = args
-    result = cv.train_run(str(dt.ASSETS / "teacher-wan"), _CONTEXT["teacher"], _CONTEXT["data"], run, training,
-                          _CONTEXT["score"])
-    return {**result.to_dict(), "key": run_key(run), "load_average": os.getloadavg()}
+def work(r: cv.Run, scale: int = 1) -> dict[str, Any]:
+    """One run, as one line of the results file. scale > 1 (a smoke run, the tests): it trains N // scale steps
+    (at least 2) and scores 20 samples; the line still names its nominal N."""
+    if not _CONTEXT:
+        _load_context()
+    trained = replace(r, steps=max(2, r.steps // scale)) if scale > 1 else r
+    sampler = ACCURACY[headline_group(r)] if scale == 1 else dt.Sampler(per_class=2)
+    classifier = _CONTEXT["classifier"]
+    result = cv.train_run(TEACHER, _CONTEXT["teacher"], _CONTEXT["data"][r.data], trained, BASE,
+                          lambda model: dt.prompt_accuracy_of(model, classifier, sampler))
+    d = result.to_dict()
+    d["run"]["steps"] = r.steps
+    return {**d, "key": run_key(r), "scale": scale, "load_average": os.getloadavg()}
 
 
 def load_results(path: Path) -> list[dict[str, Any]]:
@@ -115,211 +253,323 @@ def load_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def as_result(d: dict[str, Any]) -> cv.Result:
-    r = d["run"]
-    run = cv.Run(r["student"], cv.Arm(**r["arm"]), r["seed"], r["objective"], r["shape"])
-    return cv.Result(run, d["val_loss_0"], d["error_0"], d["cosine_0"], d["history"], d["final_val_loss"],
-                     d["seconds"], d["prompt_accuracy"])
+STEP_COST = {HEADLINE: 1.0, DEPTH: 1.6, WIDTH: 1.45}  # a distillation step against the headline's (timed)
+DENOISE_COST = 0.83  # a denoising step against a distillation step (no teacher forward)
 
 
-def sweep(results: list[dict[str, Any]], random: bool) -> dict[float, list[float]]:
-    """Final validation losses by learning rate (headline student, denoising): random init's, or the default's."""
-    found: dict[float, dict[int, float]] = {}
-    for d in results:
-        r = d["run"]
-        if (r["shape"] == HEADLINE and r["objective"] == "denoise"
-                and (r["arm"]["strategy"] is None if random else r["arm"]["name"] == "default")):
-            found.setdefault(r["arm"]["lr"], {})[r["seed"]] = d["final_val_loss"]
-    return {lr: [by_seed[k] for k in sorted(by_seed)] for lr, by_seed in found.items()}
+def cost(r: cv.Run) -> float:
+    """A run's cost in headline distillation steps, for longest-first scheduling and the estimate: its steps,
+    its prompt accuracy (500 samples: about 37 steps; 200: 15) and its start (projection, evaluations)."""
+    step = STEP_COST[r.shape] * (DENOISE_COST if r.objective == "denoise" else 1.0)
+    return step * (r.steps + 10) + (37 if headline_group(r) else 15)
 
 
-def finalists(results: list[dict[str, Any]]) -> list[float] | None:
-    """Random init's two best rates on seed 0; they are run on seed 1 too, and the better mean wins (one seed
-    can pick a rate at the edge of stability)."""
-    seed0 = {d["run"]["arm"]["lr"]: d["final_val_loss"] for d in results if d["run"]["shape"] == HEADLINE
-             and d["run"]["objective"] == "denoise" and d["run"]["arm"]["strategy"] is None and d["run"]["seed"] == 0}
-    if not all(lr in seed0 for lr in SWEEP):
-        return None
-    return sorted(SWEEP, key=lambda lr: seed0[lr])[:2]
-
-
-def best_lr(results: list[dict[str, Any]], random: bool) -> float | None:
-    """Random init: of the two finalists, the lower mean final loss over seeds 0 and 1. The default strategy: the
-    lowest final loss of its sweep on seed 0 (every projected arm then uses it). None until that is known."""
-    losses = sweep(results, random)
-    if random:
-        best = finalists(results)
-        if best is None or any(len(losses.get(lr, [])) < 2 for lr in best):
-            return None
-        return min(best, key=lambda lr: sum(losses[lr]) / len(losses[lr]))
-    if not all(lr in losses for lr in PROJECTED_SWEEP):
-        return None
-    return min(PROJECTED_SWEEP, key=lambda lr: losses[lr][0])
-
-
-def jobs(results: list[dict[str, Any]], seeds: int) -> tuple[list[cv.Run], list[cv.Run]]:
-    """(the two learning-rate sweeps, the runs that use their best rates)."""
-    now = [cv.Run(SHAPES[HEADLINE], random_arm(lr), 0, "denoise", HEADLINE) for lr in SWEEP]
-    now += [cv.Run(SHAPES[HEADLINE], arm("default", lr), 0, "denoise", HEADLINE) for lr in PROJECTED_SWEEP]
-    now += [cv.Run(SHAPES[HEADLINE], random_arm(lr), 1, "denoise", HEADLINE) for lr in finalists(results) or []]
-    rate, projected = best_lr(results, True), best_lr(results, False)
-    if rate is None or projected is None:
-        return now, []
-    base = random_arm(rate)
-    later = [cv.Run(SHAPES[HEADLINE], base, seed, "denoise", HEADLINE) for seed in range(1, seeds)]
-    later += [cv.Run(SHAPES[HEADLINE], arm(name, projected), seed, "denoise", HEADLINE)
-              for seed in range(seeds) for name in ARMS_BY_SHAPE[HEADLINE] if seed == 0 or name in SEEDED]
-    for shape in list(SHAPES)[1:]:
-        later += [cv.Run(SHAPES[shape], a, 0, "denoise", shape)
-                  for a in [base, *(arm(n, projected) for n in ARMS_BY_SHAPE[shape])]]
-    later += [cv.Run(SHAPES[HEADLINE], a, 0, "distill", HEADLINE)
-              for a in [base, *(arm(n, projected) for n in DISTILLED)]]
-    return now, later
-
-
-def chosen(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs the tables show: random init at its best rate, every projected arm at the default's best rate."""
-    rate, projected = best_lr(results, True), best_lr(results, False)
-    return [d for d in results if d["run"]["arm"]["lr"] == (rate if d["run"]["arm"]["strategy"] is None
-                                                            else projected)]
-
-
-def run_all(path: Path, training: TrainConfig, seeds: int, workers: int) -> None:
+def run_all(path: Path, workers: int, scale: int = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init) as pool:
-        for phase in range(3):  # the seed-0 sweeps, random init's finalists on seed 1, then the rest
+        for phase in range(1, 10):  # the grids, then the runs their choices unlock, until none is left
             results = load_results(path)
             done = {d["key"] for d in results}
-            todo = [r for r in jobs(results, seeds)[min(phase, 1)] if run_key(r) not in done]
-            print(f"phase {phase + 1}: {len(todo)} runs", flush=True)
-            for d in pool.imap_unordered(_work, [(r, training) for r in todo]):
+            todo = sorted({run_key(r): r for r in jobs(Choices(results)) if run_key(r) not in done}.values(),
+                          key=cost, reverse=True)
+            if not todo:
+                return
+            print(f"phase {phase}: {len(todo)} runs", flush=True)
+            for d in pool.imap_unordered(partial(work, scale=scale), todo):
                 with path.open("a") as f:
                     f.write(json.dumps(d) + "\n")
-                print(f"{d['run']['shape']:<40} {d['run']['objective']:<8} {d['run']['arm']['name']:<44} "
-                      f"seed {d['run']['seed']}  error_0 {d['error_0']:.3f}  final {d['final_val_loss']:.4f}  "
-                      f"acc {d['prompt_accuracy']:.2f}  {d['seconds']:.0f} s", flush=True)
+                r = d["run"]
+                print(f"{r['shape'][:20]:<20} {r['objective']:<7} {r['data']:<16} {r['arm']['name']:<15} "
+                      f"w {r['arm']['hint_weight']:<4g} lr {r['arm']['lr']:<6g} N {r['steps']:<4} seed {r['seed']}  "
+                      f"final {d['final_val_loss']:.4f}  acc {d['prompt_accuracy']:.2f}  {d['seconds']:.0f} s",
+                      flush=True)
 
 
-def fmt(spread: dict[str, float] | None, digits_: int = 3, pct: bool = False) -> str:
-    if spread is None:
+def estimate(workers: int, steps: int = 30) -> float:
+    """Seconds the whole grid takes: the headline student's distillation step timed here (one thread), scaled
+    by each run's cost, spread over `workers`."""
+    torch.set_num_threads(1)
+    _worker_init()
+    probe = run(HEADLINE, DEFAULT, PROJECTED_RATES[0], steps, 0)
+    started = time.perf_counter()
+    work(probe)
+    per_step = (time.perf_counter() - started) / cost(probe)
+    todo = jobs(Assumed())
+    total = sum(cost(r) for r in todo) * per_step
+    print(f"{len(todo)} runs, {sum(r.steps for r in todo)} steps; {per_step * 1000:.0f} ms per headline step "
+          f"(with its share of scoring); about {total / workers / 60:.0f} min on {workers} workers", flush=True)
+    return total / workers
+
+
+# ---------------------------------------------------------------- the report
+
+def teacher_samples() -> int:
+    return dt.TRAINING.steps * dt.TRAINING.batch
+
+
+def share(n: int) -> str:
+    return f"{100 * n * BASE.batch / teacher_samples():.2g}%"
+
+
+def floors(data: cv.Data) -> tuple[float, float]:
+    """(the teacher's validation loss, predicting zero's): the gap between them is what a student can close."""
+    from projection.demo.sampling import validation_loss
+
+    teacher = validation_loss(dt.load_teacher(), data.val_latents, data.val_context, BASE.val_draws)
+    eps, _ = validation_noise(len(data.val_latents), BASE.val_draws, data.val_latents.shape[1:], 0)
+    zero = (eps - data.val_latents[None]).pow(2).mean().item()
+    return teacher, zero
+
+
+def fmt(values: list[float], f: Callable[[float], str]) -> str:
+    if not values:
         return "—"
-    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.{digits_}f}")
-    if spread["n"] == 1:
-        return f(spread["mean"])
-    return f"{f(spread['mean'])} ({f(spread['min'])}–{f(spread['max'])})"
+    if len(values) == 1:
+        return f(values[0])
+    return f"{f(mean(values))} ({f(min(values))}–{f(max(values))})"
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.0f}%"
+
+
+def loss_and_gap(losses: list[float], floor: tuple[float, float]) -> str:
+    """Two cells: the final losses, and the share of the gap between predicting zero and the teacher left."""
+    teacher, zero = floor
+    return f"{fmt(losses, lambda v: f'{v:.4f}')} | {fmt([(v - teacher) / (zero - teacher) for v in losses], pct)}"
+
+
+class Report:
+    def __init__(self, results: list[dict[str, Any]]):
+        self.results, self.choices = results, Choices(results)
+        self.by_cell: dict[Cell, dict[float, list[dict[str, Any]]]] = {}
+        for d in results:
+            self.by_cell.setdefault(cell_of(d), {}).setdefault(d["run"]["arm"]["lr"], []).append(d)
+
+    def chosen(self, cell: Cell, rates: tuple[float, ...]) -> tuple[float | None, list[dict[str, Any]]]:
+        """The cell's runs at its chosen rate (or its only rate, for cells run at one), by seed."""
+        by_rate = self.by_cell.get(cell, {})
+        lr = self.choices.rate(cell, rates) if all(lr in by_rate for lr in rates) else None
+        if lr is None and len(by_rate) == 1:
+            lr = next(iter(by_rate))
+        return lr, sorted(by_rate.get(lr, []), key=lambda d: d["run"]["seed"])
+
+    def ladder(self, shape: str, objective: str, data: str = "all") -> tuple[list[int], list[float], list[list[float]]]:
+        """Random init's ladder: budgets, mean final loss at each rung's chosen rate, and the per-seed losses."""
+        budgets, means, seeds = [], [], []
+        for n in LADDER:
+            _, runs = self.chosen((shape, objective, data, RANDOM, 0.0, n), RANDOM_RATES)
+            if runs:
+                budgets.append(n)
+                seeds.append([d["final_val_loss"] for d in runs])
+                means.append(mean(seeds[-1]))
+        return budgets, means, seeds
+
+    def speedup(self, losses: list[float], n: int, ladder: tuple[list[int], list[float], Any]) -> str:
+        """The speedup of the mean loss, and in brackets of each seed's (min-max), against the ladder's means."""
+        if not losses or not ladder[0]:
+            return "—"
+        at = [cv.equivalent_budget(ladder[0], ladder[1], v).speedup(n) for v in losses]
+        centre = cv.equivalent_budget(ladder[0], ladder[1], mean(losses)).speedup(n)
+        text = f"{centre:.1f}x"
+        if len(losses) > 1:
+            lo, hi = min(at, key=lambda e: e.budget), max(at, key=lambda e: e.budget)
+            text += f" ({lo:.1f}–{hi:.1f})"
+        return text
+
+    def budget_table(self, objective: str, arms: list[tuple[str, float]], floor: tuple[float, float]) -> list[str]:
+        distilled, denoised = self.ladder(HEADLINE, objective), self.ladder(HEADLINE, "denoise")
+        out = ["| init | N | share of the teacher's samples | lr | final val loss | gap to the teacher left | "
+               "random budget, same loss | speedup | speedup against random init denoising | prompt accuracy |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        teacher, zero = floor
+        for n in LADDER:
+            _, runs = self.chosen((HEADLINE, objective, "all", RANDOM, 0.0, n), RANDOM_RATES)
+            if runs:
+                out.append(self.row(RANDOM, n, runs, floor, None, None))
+        for name, w in arms:
+            for n in BUDGETS:
+                lr, runs = self.chosen((HEADLINE, objective, "all", name, w, n), PROJECTED_RATES)
+                if runs:
+                    out.append(self.row(name if not w else f"{name} (weight {w:g})", n, runs, floor, distilled,
+                                        denoised if objective == "distill" else None))
+        out.append(f"\nThe teacher's validation loss: {teacher:.4f}; predicting zero: {zero:.4f}. Gap left = (loss - "
+                   "teacher's) / (zero's - teacher's).")
+        return out
+
+    def row(self, name: str, n: int, runs: list[dict[str, Any]], floor: tuple[float, float], ladder: Any,
+            other: Any) -> str:
+        losses = [d["final_val_loss"] for d in runs]
+        acc = [d["prompt_accuracy"] for d in runs if d["prompt_accuracy"] is not None]
+        equivalent = "—"
+        if ladder is not None and ladder[0]:
+            equivalent = str(cv.equivalent_budget(ladder[0], ladder[1], mean(losses)))
+        return (f"| {name} | {n} | {share(n)} | {runs[0]['run']['arm']['lr']:g} | {loss_and_gap(losses, floor)} | "
+                f"{equivalent} | "
+                f"{self.speedup(losses, n, ladder) if ladder else '—'} | "
+                f"{self.speedup(losses, n, other) if other else '—'} | {fmt(acc, pct)} |")
+
+    def rate_grid(self) -> list[str]:
+        rates = sorted({*RANDOM_RATES, *PROJECTED_RATES})
+        out = ["| objective | init | N | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
+               "|---|---|---|" + "---|" * len(rates)]
+        for (shape, objective, data, name, w, n), by_rate in sorted(self.by_cell.items(), key=lambda c: (
+                c[0][1], c[0][3], c[0][4], c[0][5])):
+            grid_ = RANDOM_RATES if name == RANDOM else PROJECTED_RATES
+            if shape != HEADLINE or data != "all" or not all(lr in by_rate for lr in grid_):
+                continue
+            lr = self.choices.rate((shape, objective, data, name, w, n), grid_)
+            cells = []
+            for r in rates:
+                seeds = [d["final_val_loss"] for d in by_rate.get(r, []) if d["run"]["seed"] in (0, 1)]
+                text = f"{mean(seeds):.4f}" if seeds else "—"
+                cells.append(f"**{text}**" if r == lr else text)
+            label = name if not w else f"{name} (weight {w:g})"
+            out.append(f"| {objective} | {label} | {n} | " + " | ".join(cells) + " |")
+        return out
+
+    def compression(self, floor: tuple[float, float]) -> list[str]:
+        teacher_params = count_params(dt.load_teacher())
+        out = ["| student | parameters kept | N | default: final val loss | gap left | random budget, same loss | "
+               "speedup |", "|---|---|---|---|---|---|---|"]
+        for shape in (DEPTH, WIDTH, HEADLINE):
+            params = count_params(random_student(cv.open_projector(TEACHER, cv.Run(SHAPES[shape], cv.Arm(
+                RANDOM))).student_config(), 0))
+            lr = self.choices.rate((HEADLINE, "distill", "all", DEFAULT, 0.0, MAP_BUDGET), PROJECTED_RATES)
+            runs = [d for d in self.by_cell.get((shape, "distill", "all", DEFAULT, 0.0, MAP_BUDGET), {}).get(lr, [])
+                    if d["run"]["seed"] in (0, 1)]
+            ladder = self.ladder(shape, "distill")
+            if not runs or not ladder[0]:
+                continue
+            losses = [d["final_val_loss"] for d in runs]
+            out.append(f"| {shape} | {params / teacher_params:.0%} | {MAP_BUDGET} | {loss_and_gap(losses, floor)} | "
+                       f"{cv.equivalent_budget(ladder[0], ladder[1], mean(losses))} | "
+                       f"{self.speedup(losses, MAP_BUDGET, ladder)} |")
+        return out
+
+    def data_limited(self, floor: tuple[float, float]) -> list[str]:
+        ladder = self.ladder(HEADLINE, "distill", LIMITED)
+        out = ["| init | N | final val loss | gap left | random budget (same 20%), same loss | speedup | "
+               "prompt accuracy |", "|---|---|---|---|---|---|---|"]
+        for n, losses in zip(ladder[0], ladder[2]):
+            out.append(f"| {RANDOM} | {n} | {loss_and_gap(losses, floor)} | — | — | — |")
+        for (shape, objective, data, name, w, n), by_rate in self.by_cell.items():
+            if data != LIMITED or name == RANDOM:
+                continue
+            for lr, runs in by_rate.items():
+                losses = [d["final_val_loss"] for d in runs]
+                acc = [d["prompt_accuracy"] for d in runs if d["prompt_accuracy"] is not None]
+                label = name if not w else f"{name} (weight {w:g})"
+                out.append(f"| {label} | {n} | {loss_and_gap(losses, floor)} | "
+                           f"{cv.equivalent_budget(ladder[0], ladder[1], mean(losses)) if ladder[0] else '—'} | "
+                           f"{self.speedup(losses, n, ladder)} | {fmt(acc, pct)} |")
+        return out
+
+    def hint_weights(self) -> list[str]:
+        out = ["| hint weight | best lr | final val loss (seeds 0, 1) |", "|---|---|---|"]
+        for w in (0.0, *HINT_WEIGHTS):
+            cell = (HEADLINE, "distill", "all", DEFAULT if w == 0 else HINTS, w, HINT_BUDGET)
+            lr = self.choices.rate(cell, PROJECTED_RATES)
+            if lr is not None:
+                losses = self.choices.losses(cell, PROJECTED_RATES)[lr]
+                out.append(f"| {w:g} | {lr:g} | {fmt(losses, lambda v: f'{v:.4f}')} |")
+        chosen = self.choices.weight()
+        if chosen is not None:
+            out.append(f"\nMeasured choice: weight {chosen:g}" + ("" if chosen else f" (no hints); the hints rows use "
+                                                                  f"{self.choices.hinted():g}, the best positive one"))
+        return out
+
+
+def full_retraining(path: Path = FULL_RESULTS) -> list[str]:
+    """The earlier benchmark's 1,600-step runs of the headline student (random init and the default at their
+    best rate, 0.016): a full retraining, scored as it was (steps to random's final loss)."""
+    results = [d for d in load_results(path) if d["run"]["shape"] == HEADLINE and d["run"]["arm"]["lr"] == 0.016
+               and d["run"]["arm"]["name"] in ("default", "random init, lr 0.016")]
+    if not results:
+        return ["(no full-retraining runs in benchmarks/results/convergence.jsonl)"]
+    out = ["| objective | init | N | share of the teacher's samples | final val loss | steps to random's final loss "
+           "| speedup | prompt accuracy (200 samples) |", "|---|---|---|---|---|---|---|---|"]
+    for objective in ("distill", "denoise"):
+        mine = [as_result(d) for d in results if d["run"]["objective"] == objective]
+        for r in cv.table(mine, baseline="random init, lr 0.016"):
+            steps = ", ".join("not reached" if s is None else f"{s:.0f}" for s in r["steps_to_random"])
+            speed = f"{r['speedup']['mean']:.1f}x" if r["speedup"] else "<1x"
+            out.append(f"| {objective} | {r['arm']} | 1600 | {share(1600)} | {r['final_val_loss']['mean']:.4f} | "
+                       f"{steps} | {speed} | {100 * r['prompt_accuracy']['mean']:.0f}% |")
+    return out
+
+
+def as_result(d: dict[str, Any]) -> cv.Result:
+    r = d["run"]
+    run_ = cv.Run(r["student"], cv.Arm(**r["arm"]), r["seed"], r["objective"], r["shape"], r.get("steps"),
+                  r.get("data", "all"))
+    return cv.Result(run_, d["val_loss_0"], d["error_0"], d["cosine_0"], d["history"], d["final_val_loss"],
+                     d["seconds"], d["prompt_accuracy"])
 
 
 def report(path: Path, plot: Path | None) -> str:
-    results = load_results(path)
-    rate, projected = best_lr(results, True), best_lr(results, False)
-    if rate is None or projected is None:
-        return "(the learning-rate sweeps are not complete)"
-    out = ["**Learning-rate sweeps** (headline student, denoising): final validation loss, seed 0 / seed 1\n",
-           "| lr | " + " | ".join(f"{lr:g}" for lr in SWEEP) + " |", "|---|" + "---|" * len(SWEEP)]
-    for label, is_random, rates in (("random init", True, SWEEP), ("default strategy", False, PROJECTED_SWEEP)):
-        found = sweep(results, is_random)
-        cell = lambda v: " / ".join(f"{x:.4f}" for x in v)  # noqa: E731  seed 0 / seed 1
-        out.append(f"| {label} | " + " | ".join(f"**{cell(found[lr])}**" if lr == (rate if is_random else projected)
-                                                else cell(found[lr]) if lr in found else "—" for lr in SWEEP) + " |")
-    out.append(same_rate(results))
-    shown = chosen(results)
-    for objective in ("denoise", "distill"):
-        for shape in SHAPES:
-            mine = [as_result(d) for d in shown if d["run"]["shape"] == shape and d["run"]["objective"] == objective]
-            if not mine:
-                continue
-            rows = cv.table(mine, baseline=random_arm(rate).name)
-            total = mine[0].history["steps"][-1]
-            what = "denoising objective" if objective == "denoise" else "distillation from the teacher"
-            out.append(f"\n**{shape}, {what}** ({total} steps; the target is random init's final loss)\n")
-            out.append("| init | lr | val loss, step 0 | error vs teacher, step 0 | final val loss | steps to random's "
-                       "final loss | speedup | prompt accuracy | wall |")
-            out.append("|---|---|---|---|---|---|---|---|---|")
-            order = sorted(rows, key=lambda r: (not r["arm"].startswith("random"), r["final_val_loss"]["mean"]))
-            for r in order:
-                steps = ", ".join("not reached" if s is None else f"{s:.0f}" for s in r["steps_to_random"])
-                speed = fmt(r["speedup"], 1) + "x" if r["speedup"] else "<1x (not reached)"
-                if r["not_reached"] and r["speedup"]:
-                    speed += f", {r['not_reached']} not reached"
-                out.append(f"| {r['arm']} | {r['lr']:g} | {fmt(r['val_loss_0'])} | {fmt(r['error_0'])} | "
-                           f"{fmt(r['final_val_loss'], 4)} | {steps} | {speed} | {fmt(r['prompt_accuracy'], pct=True)} "
-                           f"| {r['seconds']['mean']:.0f} s |")
+    rep = Report(load_results(path))
+    floor = floors(demo_data())
+    print(f"the demo teacher trained on {dt.TRAINING.steps} x {dt.TRAINING.batch} = {teacher_samples():,} samples; "
+          + ", ".join(f"N = {n}: {share(n)}" for n in LADDER), file=sys.stderr)
+    weight = rep.choices.hinted()
+    arms = [(DEFAULT, 0.0)] + ([(HINTS, weight)] if weight is not None else [])
+    out = ["**Headline: half width, half depth (14% of the parameters), distillation from the teacher**\n",
+           *rep.budget_table("distill", arms, floor),
+           "\n**The same student, denoising objective**\n", *rep.budget_table("denoise", [(DEFAULT, 0.0)], floor),
+           "\n**Hint weight** (N = 200, distillation; mean of seeds 0 and 1 at each weight's best rate)\n",
+           *rep.hint_weights(),
+           "\n**Compression map** (N = 200, distillation; the default: seeds 0 and 1 at the headline's rate, "
+           "against each shape's own random ladder: seed 0 at the headline's rates)\n",
+           *rep.compression(floor),
+           f"\n**Data-limited** (the student sees a fixed {LIMITED}; N = 200, distillation)\n",
+           *rep.data_limited(floor),
+           "\n**Full retraining** (the earlier benchmark: 1,600 steps, warmup 50)\n", *full_retraining(),
+           "\n**Rate grids** (final validation loss, mean of seeds 0 and 1; bold: chosen)\n", *rep.rate_grid()]
     if plot is not None:
-        plot_curves(shown, plot)
+        plot_budgets(rep, floor, plot)
     return "\n".join(out)
 
 
-def same_rate(results: list[dict[str, Any]]) -> str:
-    """The default's speedup over random init when both train at the same rate (seed 0): the comparison an
-    untuned baseline gives, next to the tuned one above."""
-    runs = {(d["run"]["arm"]["strategy"] is None, d["run"]["arm"]["lr"]): d for d in results
-            if d["run"]["shape"] == HEADLINE and d["run"]["objective"] == "denoise" and d["run"]["seed"] == 0
-            and (d["run"]["arm"]["strategy"] is None or d["run"]["arm"]["name"] == "default")}
-    cells = []
-    for lr in PROJECTED_SWEEP:
-        if (True, lr) in runs and (False, lr) in runs:
-            h = runs[(False, lr)]["history"]
-            steps = cv.steps_to_reach(h["steps"], h["val_loss"], runs[(True, lr)]["final_val_loss"])
-            cells.append(f"{h['steps'][-1] / steps:.1f}x" if steps else "<1x")
-        else:
-            cells.append("—")
-    return ("| default's speedup over random init at the same rate | — | " + " | ".join(cells) + " | — |")
+LOSS_TICKS = (0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0)
 
 
-KEY_ARMS = ["default", "width: svd-per-matrix (the seeds' method)", "naive truncation (first everywhere)",
-            "activation + influence", "activation + influence + least-squares"]
-
-
-def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
-    """Three panels: the headline student's validation loss (denoising; key arms, both seeds), every arm's loss
-    relative to random init's at the same step (seed 0), and the distillation runs."""
+def plot_budgets(rep: Report, floor: tuple[float, float], path: Path) -> None:
+    """Final validation loss against the budget: random init's ladders as lines with their seed spread, each
+    arm's budgets as points with theirs; the teacher's loss as the floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    def runs(objective: str, seed: int | None = None) -> dict[str, list[dict]]:
-        groups: dict[str, list[dict]] = {}
-        for d in results:
-            r = d["run"]
-            if r["shape"] == HEADLINE and r["objective"] == objective and (seed is None or r["seed"] == seed):
-                groups.setdefault(r["arm"]["name"], []).append(d)
-        return groups
-
-    names = sorted({d["run"]["arm"]["name"] for d in results if d["run"]["shape"] == HEADLINE})
-    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
-    for ax, objective in ((axes[0], "denoise"), (axes[2], "distill")):
-        for name, members in sorted(runs(objective).items()):
-            if name not in KEY_ARMS and members[0]["run"]["arm"]["strategy"] is not None:
-                continue
-            for i, d in enumerate(sorted(members, key=lambda d: d["run"]["seed"])):
-                h = d["history"]
-                ax.plot(h["steps"], h["val_loss"], color=colors[name], alpha=1 if i == 0 else 0.45, lw=1.4,
-                        label=name if i == 0 else None, ls="--" if d["run"]["arm"]["strategy"] is None else "-")
-        ax.set(xlabel="training step", yscale="log", ylim=(0.28, 1.2),
-               title=f"{'denoising' if objective == 'denoise' else 'distillation'}: validation loss")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110, sharey=True)
+    for ax, objective in zip(axes, ("distill", "denoise")):
+        ladder = rep.ladder(HEADLINE, objective)
+        if ladder[0]:
+            ax.plot(ladder[0], ladder[1], "k-", marker="o", ms=3, label=f"{RANDOM} (ladder)")
+            ax.fill_between(ladder[0], [min(s) for s in ladder[2]], [max(s) for s in ladder[2]], color="k", alpha=0.15)
+        arms = [(DEFAULT, 0.0)] + ([(HINTS, rep.choices.hinted())] if objective == "distill" and rep.choices.hinted()
+                                   else [])
+        for (name, w), color in zip(arms, ("tab:blue", "tab:orange")):
+            points = [(n, [d["final_val_loss"] for d in rep.chosen((HEADLINE, objective, "all", name, w, n),
+                                                                   PROJECTED_RATES)[1]]) for n in BUDGETS]
+            points = [(n, v) for n, v in points if v]
+            if points:
+                ys = [mean(v) for _, v in points]
+                err = [[y - min(v) for y, (_, v) in zip(ys, points)], [max(v) - y for y, (_, v) in zip(ys, points)]]
+                ax.errorbar([n for n, _ in points], ys, yerr=err, fmt="o", color=color, capsize=3, label=name)
+        ax.axhline(floor[0], color="tab:green", ls="--", lw=1, label="the teacher")
+        ax.set(xscale="log", yscale="log", xlabel="training steps N (batch 64; each its own schedule)",
+               ylabel="final validation loss (denoising, fixed noise)",
+               title=f"{HEADLINE}: {'distillation' if objective == 'distill' else 'denoising'}")
+        ax.set_xticks(LADDER, [str(n) for n in LADDER])
+        ax.set_yticks(LOSS_TICKS, [f"{v:g}" for v in LOSS_TICKS])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("validation loss (denoising, fixed noise)")
-    axes[0].legend(fontsize=7, title="svd-per-matrix starts at 146 (off the scale)", title_fontsize=7)
-    seed0 = runs("denoise", 0)
-    base = next((m[0] for n, m in seed0.items() if m[0]["run"]["arm"]["strategy"] is None), None)
-    if base is not None:
-        ref = dict(zip(base["history"]["steps"], base["history"]["val_loss"]))
-        for name, members in sorted(seed0.items()):
-            if members[0]["run"]["arm"]["strategy"] is None:
-                continue
-            h = members[0]["history"]
-            axes[1].plot(h["steps"], [v / ref[s] for s, v in zip(h["steps"], h["val_loss"])], color=colors[name],
-                         lw=1.2, label=name)
-        axes[1].axhline(1, color="k", ls="--", lw=1)
-        axes[1].set(xlabel="training step", ylim=(0.8, 1.3), ylabel="loss / random init's loss at the same step",
-                    title="every init against random init (seed 0)")
-        axes[1].grid(alpha=0.3)
-        axes[1].legend(fontsize=6)
-    fig.suptitle(f"Students ({HEADLINE}) of the trained demo teacher: the same data order, optimizer and steps for "
-                 "every init; dashed: random init (its best rate); faint: seed 1", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -328,19 +578,23 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=TRAINING.steps)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds of the headline rows (default 2)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="print the tables and write the PNG only")
+    parser.add_argument("--estimate", action="store_true", help="time a few steps and print the grid's time")
+    parser.add_argument("--scale", type=int, default=1, help="a smoke run: every budget N trains N // scale steps")
+    parser.add_argument("--plot", type=Path, default=PLOT, help=f"the plot's path (default {PLOT.relative_to(ROOT)})")
     args = parser.parse_args()
+    if args.estimate:
+        estimate(args.workers)
+        return
     if not args.report:
         started = time.time()
         print(f"machine: {platform.machine()} {dt._cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"load {os.getloadavg()}", flush=True)
-        run_all(args.results, replace(TRAINING, steps=args.steps), args.seeds, args.workers)
+              f"load {os.getloadavg()}; the teacher saw {teacher_samples():,} samples", flush=True)
+        run_all(args.results, args.workers, args.scale)
         print(f"all runs in {time.time() - started:.0f} s, load {os.getloadavg()}", flush=True)
-    print(report(args.results, PLOT))
+    print(report(args.results, args.plot))
 
 
 if __name__ == "__main__":

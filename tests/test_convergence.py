@@ -2,7 +2,10 @@
 gallery's rows, and a short convergence run (the benchmark's code path on the demo teacher, tens of steps)."""
 from __future__ import annotations
 
+import importlib.util
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from projection import Projector, export_student, load_student, projected_student
 from projection.demo import convergence as cv, digits, teacher as dt
 from projection.demo.gallery import draw_row, strip
-from projection.demo.training import TrainConfig, train_flow
+from projection.demo.training import TrainConfig, learning_rate, train_flow
 from projection.engine.build import random_student
 from projection.function.calibration import Calibration
 from projection.function.fidelity import velocity_fidelity
@@ -83,6 +86,70 @@ def test_steps_to_reach_interpolates_between_evaluations():
     assert cv.steps_to_reach([0, 10, 20], [2.0, 1.0, 0.5], 0.75) == 15
     assert cv.steps_to_reach([0, 10, 20], [0.5, 0.4, 0.3], 1.0) == 0
     assert cv.steps_to_reach([0, 10, 20], [2.0, 1.0, 0.9], 0.5) is None
+
+
+def test_each_budget_has_its_own_schedule():
+    """10% warmup to the rate, then a cosine that reaches its floor exactly at the budget's last step."""
+    for n in (50, 100, 200, 400):
+        cfg = cv.budget_config(TrainConfig(lr=8e-3, min_lr_ratio=0.05, seed=3), n)
+        assert (cfg.steps, cfg.warmup, cfg.eval_every, cfg.seed) == (n, n // 10, n // 4, 3)
+        assert learning_rate(cfg.warmup - 1, cfg) == 8e-3 > learning_rate(cfg.warmup - 2, cfg)
+        lrs = [learning_rate(s, cfg) for s in range(cfg.warmup, n + 1)]
+        assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(8e-3 * 0.05, rel=1e-12)
+    assert cv.budget_config(TrainConfig(), 2).warmup == 1
+    with pytest.raises(ValueError, match="budget 0"):
+        cv.budget_config(TrainConfig(), 0)
+
+
+def test_the_equivalent_budget_interpolates_in_log_steps_and_bounds_beyond_the_ladder():
+    budgets, losses = [50, 100, 200, 400], [1.0, 0.8, 0.6, 0.65]
+    mid = cv.equivalent_budget(budgets, losses, 0.7)
+    assert mid.bound == "=" and mid.budget == pytest.approx(math.sqrt(100 * 200))  # half way in log N
+    assert cv.equivalent_budget(budgets, losses, 0.8) == cv.Equivalent(100.0)
+    assert cv.equivalent_budget(budgets, losses, 0.62).budget == pytest.approx(100 * 2 ** 0.9)  # first crossing
+    past, below = cv.equivalent_budget(budgets, losses, 0.5), cv.equivalent_budget(budgets, losses, 1.2)
+    assert (past, below) == (cv.Equivalent(400.0, ">"), cv.Equivalent(50.0, "<"))
+    assert f"{past.speedup(200):.1f}x" == "> 2.0x" and f"{mid.speedup(100):.2f}" == "1.41" and str(mid) == "141"
+    with pytest.raises(ValueError, match="ascending"):
+        cv.equivalent_budget([100, 50], [1.0, 0.9], 0.95)
+
+
+def test_a_rate_is_chosen_on_the_mean_of_two_seeds():
+    assert cv.choose_rate({1e-3: [0.5, 0.7], 2e-3: [0.55, 0.6], 4e-3: [0.4, 0.9]}) == 2e-3
+    assert cv.choose_rate({1e-3: [0.5, 0.7], 2e-3: [0.55]}) is None  # a seed missing: not yet
+    assert cv.choose_rate({}) is None
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_convergence.py"
+    spec = importlib.util.spec_from_file_location("bench_convergence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_benchmark_cell_runs_through_the_benchmarks_code_path():
+    """One headline cell (default + hints, distilled, nominal N = 200) at 1/100 of its steps, as a worker runs
+    it; then the grid's choices: seed 2 and the dependent groups appear only once both seeds of every rate are in."""
+    bench = load_bench()
+    cell = bench.run(bench.HEADLINE, bench.HINTS, 4e-3, 200, 0, weight=1.0)
+    d = bench.work(cell, scale=100)
+    assert d["key"] == bench.run_key(cell) and d["run"]["steps"] == 200 and d["run"]["arm"]["hint_weight"] == 1.0
+    assert d["history"]["steps"] == [0, 1, 2] and 0 <= d["prompt_accuracy"] <= 1
+    assert d["final_val_loss"] < d["val_loss_0"] and d["error_0"] < 1.1  # the projected start, trained 2 steps
+    grids = bench.jobs(bench.Choices([]))
+    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 and {r.seed for r in grids} == {0, 1}
+    best = {bench.RANDOM: 8e-3, bench.DEFAULT: 2e-3, bench.HINTS: 4e-3}
+    fake = [{"run": asdict(r), "history": {"steps": [0, r.steps]}, "final_val_loss": 1 + abs(r.arm.lr - best[
+        r.arm.name]) + r.arm.hint_weight / 10 + r.seed / 100} for r in grids]
+    choices = bench.Choices(fake)
+    assert choices.weight() == 0.0 and choices.hinted() == 0.1  # no hints won; the hints arm runs the best positive
+    later = {bench.run_key(r) for r in bench.jobs(choices)} - {bench.run_key(r) for r in grids}
+    assert bench.run_key(bench.run(bench.HEADLINE, bench.RANDOM, 8e-3, 1600, 0)) in later
+    assert bench.run_key(bench.run(bench.DEPTH, bench.DEFAULT, 2e-3, 200, 1)) in later
+    assert bench.run_key(bench.run(bench.HEADLINE, bench.HINTS, 4e-3, 50, 1, weight=0.1)) in later
+    assert bench.run_key(bench.run(bench.HEADLINE, bench.DEFAULT, 2e-3, 200, 0, data=bench.LIMITED)) in later
+    assert len(bench.jobs(bench.Assumed())) > len(grids) + len(later)  # the hints' grids unlock one more phase
 
 
 def test_a_short_convergence_run_scores_every_arm_on_the_same_data(teacher, data):

@@ -11,10 +11,16 @@ denoising objective or on distillation from the teacher's velocity, and is score
                     between evaluations); speedup = the random arm's steps / this
   prompt_accuracy   of its samples at the end, when a scorer is given (the demo's digit classifier)
 
+At users' budgets (`budget_config`: each budget N its own schedule, 10% warmup, cosine to N) an arm is scored
+against random init's ladder of budgets: its equivalent budget is the random budget that reaches the arm's final
+validation loss (`equivalent_budget`, interpolated in log N between rungs; a bound beyond the ladder's ends), and
+the speedup at N is that / N.
+
 `benchmarks/bench_convergence.py` runs the full grid on the demo teacher; the tests run a short one.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.strategy import Strategy
+from ..distill import Hints
 from ..engine.build import projected_student
 from ..engine.build import random_student
 from ..engine.projector import Projector
@@ -52,6 +59,7 @@ class Arm:
     name: str
     strategy: dict[str, Any] | None = None
     lr: float = 1e-3
+    hint_weight: float = 0.0  # distillation's per-block hints (a projected arm only: they need its plan)
 
     @property
     def random(self) -> bool:
@@ -65,6 +73,8 @@ class Run:
     seed: int = 0  # the data order and noise, and a random arm's initialization
     objective: Objective = "denoise"
     shape: str = ""  # a name for the student shape, for tables
+    steps: int | None = None  # the run's budget: its own schedule (`budget_config`); None: the config's steps
+    data: str = "all"  # a name for the training set it sees (the caller hands `train_run` that set)
 
 
 @dataclass
@@ -82,11 +92,17 @@ class Result:
         return asdict(self)
 
 
-def initial_student(teacher: str, run: Run, calibration: Calibration | None = None) -> nn.Module:
+def open_projector(teacher: str, run: Run) -> Projector:
+    """The run's projector (student config fields over the teacher's, layout wanlite)."""
+    return Projector.open(teacher, {"layout": "wanlite", **run.student},
+                          strategy=Strategy.checked(run.arm.strategy or {}, f"arm {run.arm.name}"))
+
+
+def initial_student(teacher: str, run: Run, calibration: Calibration | None = None,
+                    projector: Projector | None = None) -> nn.Module:
     """The run's student at step 0: projected from the teacher, or random with the same config (omitted fields
     take the teacher's, as a projection's do). Activation choices rank on `calibration`."""
-    projector = Projector.open(teacher, {"layout": "wanlite", **run.student},
-                               strategy=Strategy.checked(run.arm.strategy or {}, f"arm {run.arm.name}"))
+    projector = projector or open_projector(teacher, run)
     if run.arm.random:
         return random_student(projector.student_config(), run.seed)
     if projector.strategy.needs_calibration and calibration is not None:
@@ -94,18 +110,73 @@ def initial_student(teacher: str, run: Run, calibration: Calibration | None = No
     return projected_student(projector)
 
 
+def budget_config(base: TrainConfig, steps: int, warmup_share: float = 0.1, evals: int = 4) -> TrainConfig:
+    """A budget's own schedule: `steps` steps, warmup `warmup_share` of them, the cosine ending at `steps`, and
+    `evals` evaluations after step 0."""
+    if steps < 1:
+        raise ValueError(f"budget {steps}: expected at least 1 step")
+    return TrainConfig(**{**base.to_dict(), "steps": steps, "warmup": max(1, round(warmup_share * steps)),
+                          "eval_every": max(1, steps // evals)})
+
+
 def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training: TrainConfig,
               score: Callable[[nn.Module], float] | None = None) -> Result:
     """Initialize, measure at step 0, train, measure again. `teacher` is the teacher as a module (for the step-0
-    error and distillation targets)."""
+    error and distillation targets); a run with a budget trains on `budget_config(training, run.steps)`."""
     started = time.perf_counter()
-    model = initial_student(teacher_path, run, data.calibration).float()
+    projector = open_projector(teacher_path, run)
+    model = initial_student(teacher_path, run, data.calibration, projector).float()
     config = TrainConfig(**{**training.to_dict(), "lr": run.arm.lr, "seed": run.seed})
+    if run.steps is not None:
+        config = budget_config(config, run.steps)
+    hints = Hints.from_projector(projector) if run.arm.hint_weight > 0 and not run.arm.random else None
     fid = velocity_fidelity(model, teacher, data.val_latents, data.val_context, config.val_draws)
     history = train_flow(model, data.latents, data.context, data.empty, data.val_latents, data.val_context, config,
-                         teacher=teacher if run.objective == "distill" else None)
+                         teacher=teacher if run.objective == "distill" else None, hints=hints,
+                         hint_weight=run.arm.hint_weight)
     return Result(run, history.val_loss[0], fid.relative_error, fid.cosine, history.to_dict(), history.val_loss[-1],
                   time.perf_counter() - started, score(model) if score else None)
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    """The random budget that reaches a loss: `budget`, or beyond the ladder a bound ('>' past its last rung, '<'
+    below its first)."""
+    budget: float
+    bound: Literal["=", ">", "<"] = "="
+
+    def speedup(self, steps: int) -> Equivalent:
+        return Equivalent(self.budget / steps, self.bound)
+
+    def __format__(self, spec: str) -> str:
+        """The value in `spec` (default: whole steps), after its bound: '> 4.0' past the ladder's end."""
+        return f"{'' if self.bound == '=' else self.bound + ' '}{self.budget:{spec or '.0f'}}"
+
+    def __str__(self) -> str:
+        return format(self)
+
+
+def equivalent_budget(budgets: Sequence[int], losses: Sequence[float], target: float) -> Equivalent:
+    """The budget at which random init's ladder (final losses per budget, ascending budgets) reaches `target`:
+    the first rung at or below it, linear in log N from the rung before (a ladder is not always monotone)."""
+    if not budgets or len(budgets) != len(losses) or list(budgets) != sorted(budgets):
+        raise ValueError(f"ladder {list(budgets)}: expected ascending budgets with one loss each")
+    if losses[0] <= target:
+        return Equivalent(float(budgets[0]), "<" if losses[0] < target else "=")
+    for (n0, l0), (n1, l1) in zip(zip(budgets, losses), zip(budgets[1:], losses[1:])):
+        if l1 == target:
+            return Equivalent(float(n1))
+        if l1 < target:
+            share = (l0 - target) / (l0 - l1)
+            return Equivalent(math.exp(math.log(n0) + share * (math.log(n1) - math.log(n0))))
+    return Equivalent(float(budgets[-1]), ">")
+
+
+def choose_rate(losses: dict[float, Sequence[float]], seeds: int = 2) -> float | None:
+    """The rate with the lowest mean final loss, once every rate has `seeds` runs; None before."""
+    if not losses or any(len(v) < seeds for v in losses.values()):
+        return None
+    return min(losses, key=lambda lr: mean(losses[lr][:seeds]))
 
 
 def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float) -> float | None:
@@ -119,7 +190,7 @@ def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float)
     return None
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -145,13 +216,13 @@ def table(results: Sequence[Result], baseline: str = "random") -> list[dict[str,
                 speedups.append(total / max(steps, 1.0))
         row = {"shape": shape, "objective": objective, "arm": name, "lr": members[0].run.arm.lr,
                "seeds": [r.run.seed for r in members],
-               "val_loss_0": _spread([r.val_loss_0 for r in members]),
-               "error_0": _spread([r.error_0 for r in members]),
-               "final_val_loss": _spread([r.final_val_loss for r in members]),
+               "val_loss_0": spread([r.val_loss_0 for r in members]),
+               "error_0": spread([r.error_0 for r in members]),
+               "final_val_loss": spread([r.final_val_loss for r in members]),
                "steps_to_random": reached, "not_reached": sum(x is None for x in reached),
-               "speedup": _spread(speedups) if speedups else None,
-               "seconds": _spread([r.seconds for r in members])}
+               "speedup": spread(speedups) if speedups else None,
+               "seconds": spread([r.seconds for r in members])}
         accuracies = [r.prompt_accuracy for r in members if r.prompt_accuracy is not None]
-        row["prompt_accuracy"] = _spread(accuracies) if accuracies else None
+        row["prompt_accuracy"] = spread(accuracies) if accuracies else None
         rows.append(row)
     return rows

@@ -22,16 +22,11 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(model: nn.Module, x0: torch.Tensor, context: torch.Tensor, eps: torch.Tensor,
-              s: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
-    """Mean squared error of the model's velocity at x_s, a scalar: against Wan's target v = eps - x0, or, for
-    distillation, against the teacher's velocity at the same x_s."""
+              s: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the model's velocity at x_s against Wan's target v = eps - x0, a scalar (distillation
+    from a teacher: `projection.distill.distill_loss`)."""
     x, t = add_noise(x0, eps, s), TIMESTEPS * s
-    if teacher is None:
-        target = velocity_target(x0, eps)
-    else:
-        with torch.no_grad():
-            target = teacher(x, t, context)
-    return (model(x, t, context).float() - target.float()).pow(2).mean()
+    return (model(x, t, context).float() - velocity_target(x0, eps).float()).pow(2).mean()
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

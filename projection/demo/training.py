@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distill import Hints, distill_loss, sample_levels
 from .sampling import flow_loss, validation_loss
 
 
@@ -61,12 +62,14 @@ class History:
 
 def train_flow(model: nn.Module, latents: torch.Tensor, context: torch.Tensor, empty: torch.Tensor,
                val_latents: torch.Tensor, val_context: torch.Tensor, config: TrainConfig = TrainConfig(),
-               on_eval: Callable[[int, History], None] | None = None, teacher: nn.Module | None = None) -> History:
+               on_eval: Callable[[int, History], None] | None = None, teacher: nn.Module | None = None,
+               hints: Hints | None = None, hint_weight: float = 0.0) -> History:
     """Train `model` in place on (latents [N, C, H, W], context [N, L, T]); `empty` [1, L, T] is the empty
     prompt's states. Validation loss (`sampling.validation_loss`: the denoising loss, whatever the objective) is
     taken at step 0, every `eval_every` steps and at the end; `on_eval(step, history)` is called after each.
 
-    teacher: distillation: the target is the teacher's velocity at the same x_s (else Wan's v = eps - x0)."""
+    teacher: distillation (`projection.distill.distill_loss`, the loss the product ships): the target is the
+    teacher's velocity at the same x_s (else Wan's v = eps - x0), plus hint_weight times the per-block hints."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -91,11 +94,15 @@ def train_flow(model: nn.Module, latents: torch.Tensor, context: torch.Tensor, e
         idx, order = order[: config.batch], order[config.batch:]
         x0, ctx = latents[idx], context[idx].clone()
         eps = torch.randn(x0.shape, generator=g)
-        s = torch.rand(len(idx), generator=g)
+        s = sample_levels(len(idx), g)  # the demo teacher serves every level
         ctx[torch.rand(len(idx), generator=g) < config.drop_prompt] = empty
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss = flow_loss(model, x0.to(device), ctx.to(device), eps.to(device), s.to(device), teacher)
+        x0, ctx, eps, s = x0.to(device), ctx.to(device), eps.to(device), s.to(device)
+        if teacher is None:
+            loss = flow_loss(model, x0, ctx, eps, s)
+        else:
+            loss = distill_loss(model, teacher, x0, ctx, eps, s, hints, hint_weight)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
