@@ -125,6 +125,7 @@ class Session:
     _teacher_module: torch.nn.Module | None = None
     _step0: Lru[ProjectionKey, Step0] = field(default_factory=lambda: Lru(GALLERY))
     _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
+    _gallery_reference: tuple[str | None, Reference] | None = None  # and on the gallery's set (its key, the set)
     _step0_random: Lru[int, float] = field(default_factory=lambda: Lru(GALLERY))  # a random student's error, by seed
     work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
@@ -539,22 +540,26 @@ class Session:
         if self.previews:
             config, calibration = self.projector.teacher.config, self.projector.calibration
 
-            def draw(name: str, model: torch.nn.Module, reference: torch.nn.Module | None) -> GalleryRow:
+            def draw(name: str, model: torch.nn.Module, reference: Reference | None) -> GalleryRow:
                 return preview_row(name, model, config, calibration, GALLERY_SAMPLER.steps, reference)
         else:
             classifier, calibration = demo_teacher.load_demo_classifier(), demo_calibration()
 
-            def draw(name: str, model: torch.nn.Module, reference: torch.nn.Module | None) -> GalleryRow:
-                return draw_row(name, model, classifier, GALLERY_SAMPLER, reference,
-                                calibration if reference is not None else None)
+            def draw(name: str, model: torch.nn.Module, reference: Reference | None) -> GalleryRow:
+                return draw_row(name, model, classifier, GALLERY_SAMPLER, reference)
         with heavy_work(self.projector.teacher.config.dim):
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
-            elif which == RANDOM:
-                row = draw("random init", random_student(self.student_config, self.strategy.seed), teacher)
-            else:
-                model = projected_student(self.projector, strategy=self._usable(which))
-                row = draw(which.width if not which.basis_consistent else "projected", model, teacher)
+            else:  # the teacher's velocities on the set: once for every row drawn on it
+                if self._gallery_reference is None or self._gallery_reference[0] != drawn_on:
+                    self._gallery_reference = drawn_on, teacher_reference(teacher, calibration.latents,
+                                                                          calibration.context)
+                reference = self._gallery_reference[1]
+                if which == RANDOM:
+                    row = draw("random init", random_student(self.student_config, self.strategy.seed), reference)
+                else:
+                    model = projected_student(self.projector, strategy=self._usable(which))
+                    row = draw(which.width if not which.basis_consistent else "projected", model, reference)
         return self.gallery.put(key, row)
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:

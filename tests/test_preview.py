@@ -36,11 +36,13 @@ def test_preview_rows_draw_the_first_prompts_through_the_rgb_preview():
     from projection.demo.sampling import sample
     from projection.engine.build import random_student
     from projection.function.calibration import Calibration
+    from projection.function.fidelity import teacher_reference
 
     g = torch.Generator().manual_seed(3)
     calibration = Calibration(torch.randn(10, 16, 4, 6, generator=g), torch.randn(10, 5, 24, generator=g), "test")
     teacher, student = random_student(WAN16, 0), random_student(WAN16, 1)
-    row = preview_row("student", student, WAN16, calibration, steps=3, teacher=teacher)
+    reference = teacher_reference(teacher, calibration.latents, calibration.context)
+    row = preview_row("student", student, WAN16, calibration, steps=3, reference=reference)
     expected = sample(student, calibration.context[:PREVIEW_COLUMNS], list(range(PREVIEW_COLUMNS)), (16, 4, 6), steps=3)
     assert row.images.shape == (PREVIEW_COLUMNS, 3, 4, 6)
     assert torch.allclose(row.images, ((wan21_rgb_preview(expected) + 1) / 2).clamp(0, 1))

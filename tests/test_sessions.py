@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from projection import ProjectionError, Projector, Strategy
+from projection import ProjectionError, Projector, Strategy, projected_student
 from projection.cache import Bound
 from projection.engine.projector import Caches, TensorCache
 
@@ -29,6 +29,30 @@ pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' 
 
 def open_session(pool: Sessions, owner: str, demo_dir: Path, student: str = "student-wanlite.yaml"):
     return pool.open(owner, str(demo_dir / "teacher-wan"), str(demo_dir / student), None, Strategy())
+
+
+def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tmp_path, monkeypatch):
+    """The teacher's velocities on the gallery's set are computed once and score every student row (A, B, random
+    init), with the numbers each row had when it ran the teacher itself."""
+    import inspector.session as session_module
+    from projection.demo.teacher import demo_calibration
+    from projection.function.fidelity import velocity_fidelity
+
+    runs = []
+    counted = session_module.teacher_reference
+    monkeypatch.setattr(session_module, "teacher_reference", lambda *a, **k: runs.append(1) or counted(*a, **k))
+    pool = Sessions(Scratch(tmp_path), Caches())
+    try:
+        s = open_session(pool, "owner", demo_dir)
+        a, b = Strategy(), Strategy(width="first")
+        rows = [s.gallery_row(a), s.gallery_row(b), s.gallery_row(session_module.RANDOM)]
+        assert len(runs) == 1
+        held_out = demo_calibration()
+        alone = velocity_fidelity(projected_student(s.projector, strategy=b), s.teacher_module(), held_out.latents,
+                                  held_out.context)
+        assert rows[1].velocity_error == pytest.approx(alone.relative_error, rel=1e-6)
+    finally:
+        pool.close_all()
 
 
 def test_sessions_share_one_bounded_teacher_cache(demo_dir, tmp_path):

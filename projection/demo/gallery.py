@@ -20,7 +20,7 @@ from ..arch.config import ModelConfig, as_config
 from ..errors import ProjectionError
 from ..function import budget
 from ..function.calibration import Calibration
-from ..function.fidelity import velocity_fidelity
+from ..function.fidelity import Reference
 from .classifier import DigitClassifier
 from .preview import RGB_FACTORS, wan21_rgb_preview
 from .sampling import sample
@@ -64,10 +64,10 @@ def preview_problem(config: ModelConfig | dict[str, Any], calibration: Calibrati
 
 
 def preview_row(name: str, model: nn.Module, config: dict[str, Any], calibration: Calibration, steps: int = 20,
-                teacher: nn.Module | None = None) -> GalleryRow:
+                reference: Reference | None = None) -> GalleryRow:
     """One model's samples (the teacher's `config`) for the first PREVIEW_COLUMNS prompts of `calibration` (seed i
     for prompt i), Euler steps without guidance, at the set's latent size, as RGB previews; a student's velocity
-    error is measured on the whole set."""
+    error is scored against `reference` (the teacher's velocities on the set, computed once for every row)."""
     why = preview_problem(config, calibration)
     if why:
         raise ProjectionError(why)
@@ -76,23 +76,20 @@ def preview_row(name: str, model: nn.Module, config: dict[str, Any], calibration
     budget.check_work(calibration.source, shown, tuple(context.shape), config, 1, models=2)
     latents = sample(model, context, list(range(len(context))), calibration.latents.shape[1:], steps=steps)
     images = ((wan21_rgb_preview(latents) + 1) / 2).clamp(0, 1)
-    error = None
-    if teacher is not None:
-        error = velocity_fidelity(model, teacher, calibration.latents, calibration.context).relative_error
+    error = reference.score(model).relative_error if reference is not None else None
     return GalleryRow(name, images, None, 0, error)
 
 
 def draw_row(name: str, model: nn.Module, classifier: DigitClassifier, sampler: Sampler,
-             teacher: nn.Module | None = None, calibration: Calibration | None = None) -> GalleryRow:
+             reference: Reference | None = None) -> GalleryRow:
     """One model's row: per digit, the sample of seed 0 is shown; all `sampler.per_class` seeds per digit are
-    scored. The teacher's row has no velocity error; a student's is measured on `calibration` (latents, context)."""
+    scored. The teacher's row has no velocity error; a student's is scored against `reference` (the teacher's
+    velocities on a calibration set, computed once for every row)."""
     labels = sampler.labels()
     images = generate(model, labels, list(range(len(labels))), sampler)
     accuracy = classifier.prompt_accuracy(images, labels)
     shown = images[: digits.NUM_CLASSES].clamp(0, 1)  # seeds 0..9 are digits 0..9
-    error = None
-    if teacher is not None and calibration is not None:
-        error = velocity_fidelity(model, teacher, calibration.latents, calibration.context).relative_error
+    error = reference.score(model).relative_error if reference is not None else None
     return GalleryRow(name, shown, accuracy, len(labels), error)
 
 
