@@ -121,11 +121,11 @@ class Session:
     closed: str | None = None  # why the session was closed, once it is
     _stacked_spectra: Lru[tuple[ProjectionKey, str, int], torch.Tensor] = field(
         default_factory=lambda: Lru(STACKED_SPECTRA))
-    gallery: Lru[tuple[Any, str | None], GalleryRow] = field(default_factory=lambda: Lru(GALLERY))  # by what drew them
+    # rows by teacher, student and what drew them, and the teacher's velocities on their sets (maybe shared)
+    gallery: Lru[tuple[Any, ...], GalleryRow | Reference] = field(default_factory=lambda: Lru(GALLERY))
     _teacher_module: torch.nn.Module | None = None
     _step0: Lru[ProjectionKey, Step0] = field(default_factory=lambda: Lru(GALLERY))
     _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
-    _gallery_reference: tuple[str | None, Reference] | None = None  # and on the gallery's set (its key, the set)
     _step0_random: Lru[int, float] = field(default_factory=lambda: Lru(GALLERY))  # a random student's error, by seed
     work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
@@ -141,9 +141,10 @@ class Session:
     @classmethod
     def open(cls, teacher: str, student: str | dict[str, Any], expert: str | None, strategy: Strategy,
              rules: dict[str, Any] | None = None, *, folder: Path, caches: Caches | None = None,
-             num_heads: int | None = None, check: PathCheck | None = None) -> Session:
+             num_heads: int | None = None, check: PathCheck | None = None, gallery: Lru | None = None) -> Session:
         """folder: where the session keeps its files (removed on close); caches: the app's shared caches; `check`
-        sees every file the sources lead to before the core reads it (the app's --root)."""
+        sees every file the sources lead to before the core reads it (the app's --root); gallery: rows shared with
+        other sessions (keyed by teacher, student and what drew them), else the session's own."""
         strategy = strategy.model_copy(update={"expert": expert})
         caches = caches or Caches()
         try:
@@ -156,7 +157,8 @@ class Session:
             p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, caches=caches,
                                        strategy=strategy.model_copy(update={"layers": "uniform"}),
                                        num_heads=num_heads, check=check))
-        return cls(p, teacher, student, folder, num_heads, p.strategy)
+        shared = {"gallery": gallery} if gallery is not None else {}
+        return cls(p, teacher, student, folder, num_heads, p.strategy, **shared)
 
     def attach(self, token: CancelToken | None) -> None:
         """A request now working on this session answers to `token` (`stop_work` cancels it)."""
@@ -179,8 +181,7 @@ class Session:
         self.closed = why
         shutil.rmtree(self.folder, ignore_errors=True)
         self.measures.clear()
-        self._stacked_spectra.clear()
-        self.gallery.clear()
+        self._stacked_spectra.clear()  # (the gallery may be shared with other sessions: it stays, bounded)
         self._teacher_module = None
         self.projector.release()
         if self.projector.teacher.checkpoint is not None:
@@ -532,7 +533,10 @@ class Session:
         if why:
             raise ProjectionError(why)
         drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
-        key = ((which, self.strategy.seed) if isinstance(which, str) else self.projection_key(which), drawn_on)
+        student = (str(self.student_source), self.student_config)
+        what = ((TEACHER,) if which == TEACHER else (RANDOM, self.strategy.seed, student) if which == RANDOM else
+                (self.projection_key(which), student))
+        key = (self.projector.fingerprint, what, drawn_on)
         found = self.gallery.get(key)
         if found is not None:
             return found
@@ -551,10 +555,9 @@ class Session:
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
             else:  # the teacher's velocities on the set: once for every row drawn on it
-                if self._gallery_reference is None or self._gallery_reference[0] != drawn_on:
-                    self._gallery_reference = drawn_on, teacher_reference(teacher, calibration.latents,
-                                                                          calibration.context)
-                reference = self._gallery_reference[1]
+                on = (self.projector.fingerprint, "reference", drawn_on)
+                reference = self.gallery.get(on) or self.gallery.put(on, teacher_reference(
+                    teacher, calibration.latents, calibration.context))
                 if which == RANDOM:
                     row = draw("random init", random_student(self.student_config, self.strategy.seed), reference)
                 else:

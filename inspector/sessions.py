@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from projection import ProjectionError, Strategy
+from projection.cache import SHARED_GALLERY, Lru
 from projection.engine.projector import Caches
 from projection.io.checkpoint import PathCheck
 
@@ -30,6 +31,7 @@ class Sessions:
                  max_sessions: int = MAX_SESSIONS, uploads: Uploads | None = None):
         """uploads: the clients' uploads, removed when a client's last session closes."""
         self.scratch, self.caches, self.uploads = scratch, caches or Caches(), uploads
+        self.gallery: Lru = Lru(SHARED_GALLERY)  # rows one session drew, another drawing the same reuses
         self.idle_seconds, self.max_sessions = idle_seconds, max_sessions
         self.live: dict[str, Session] = {}  # by owner: Gradio's session hash
         self.clients: dict[str, str] = {}  # owner -> its client's address (whose uploads it may use)
@@ -46,7 +48,7 @@ class Sessions:
         folder = self.scratch.folder("session-")
         try:
             session = Session.open(teacher, student, expert, strategy, caches=self.caches, folder=folder,
-                                   num_heads=num_heads, check=check)
+                                   num_heads=num_heads, check=check, gallery=self.gallery)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

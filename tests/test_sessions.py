@@ -33,7 +33,8 @@ def open_session(pool: Sessions, owner: str, demo_dir: Path, student: str = "stu
 
 def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tmp_path, monkeypatch):
     """The teacher's velocities on the gallery's set are computed once and score every student row (A, B, random
-    init), with the numbers each row had when it ran the teacher itself."""
+    init), with the numbers each row had when it ran the teacher itself; a second session drawing the same rows
+    reuses them, a session with another student draws its own."""
     import inspector.session as session_module
     from projection.demo.teacher import demo_calibration
     from projection.function.fidelity import velocity_fidelity
@@ -51,6 +52,10 @@ def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tm
         alone = velocity_fidelity(projected_student(s.projector, strategy=b), s.teacher_module(), held_out.latents,
                                   held_out.context)
         assert rows[1].velocity_error == pytest.approx(alone.relative_error, rel=1e-6)
+        again = open_session(pool, "another owner", demo_dir)
+        assert again.gallery_row(Strategy(width="first")) is rows[1] and len(runs) == 1
+        other = open_session(pool, "a third owner", demo_dir, "student-seed.yaml")
+        assert other.gallery_row(session_module.RANDOM) is not rows[2] and len(runs) == 1
     finally:
         pool.close_all()
 
