@@ -520,8 +520,8 @@ def report(path: Path, plot: Path | None) -> str:
            "\n**The same student, denoising objective**\n", *rep.budget_table("denoise", [(DEFAULT, 0.0)], floor),
            "\n**Hint weight** (N = 200, distillation; mean of seeds 0 and 1 at each weight's best rate)\n",
            *rep.hint_weights(),
-           "\n**Compression map** (N = 200, distillation; the default: seeds 0 and 1 at the headline's rate, "
-           "against each shape's own random ladder: seed 0 at the headline's rates)\n",
+           "\n**Compression map** (N = 200, distillation; the default: seeds 0 and 1 at the headline's rate; each "
+           "shape's own\nrandom ladder: seed 0 at the headline's rates)\n",
            *rep.compression(floor),
            f"\n**Data-limited** (the student sees a fixed {LIMITED}; N = 200, distillation)\n",
            *rep.data_limited(floor),
