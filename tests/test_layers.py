@@ -1,5 +1,5 @@
 """The package's folders are layers and imports point one way (README: Architecture): io/ and arch/ at the ground,
-then core/, function/, engine/; demo/ apart (nothing below it imports it); no cycles between modules, counting
+then core/, function/, engine/, distill/; demo/ apart (nothing below it imports it); no cycles between modules, counting
 imports inside functions. Imports under `if TYPE_CHECKING:` are for type checkers only and are not counted."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "projection"
 RANK = {"errors": 0, "cancel": 0, "runtime": 0, "cache": 0, "io": 1, "arch": 1, "core": 2, "function": 3, "engine": 4,
-        "demo": 5, "cli": 6, "__main__": 7, "__init__": 7}
+        "distill": 5, "demo": 6, "cli": 7, "__main__": 8, "__init__": 8}
 
 
 def module_name(path: Path) -> str:
