@@ -20,7 +20,7 @@ from projection.cancel import CancelToken, cancellable
 from . import charts
 
 LOG = logging.getLogger("inspector")
-ERROR_SECONDS = 15  # an error toast closes on its own (one at a time: style.css)
+ERROR_SECONDS = 15  # an error toast closes on its own (style.css places it below the cards)
 
 
 def plot(fig: charts.Figure) -> PlotData:

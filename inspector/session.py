@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,10 @@ class Session:
         shared = {"gallery": gallery} if gallery is not None else {}
         return cls(p, teacher, student, folder, num_heads, p.strategy, **shared)
 
+    def _heavy(self) -> AbstractContextManager[None]:
+        """`runtime.heavy_work` for this teacher: every core only where its width makes threads pay."""
+        return heavy_work(self.projector.teacher.config.dim)
+
     def attach(self, token: CancelToken | None) -> None:
         """A request now working on this session answers to `token` (`stop_work` cancels it)."""
         if token is not None:
@@ -259,7 +263,7 @@ class Session:
             raise ProjectionError("activation, influence, wanda, compensation and least-squares choices run the "
                                   "teacher on a calibration set: choose one in the Function tab (a file under the "
                                   "app's root, or synthetic) and press Measure")
-        with heavy_work(self.projector.teacher.config.dim):
+        with self._heavy():
             self.projector.calibrate(calibration or demo_calibration(), progress=progress, device=self.device)
 
     def update_strategy(self, **fields: Any) -> None:
@@ -313,7 +317,7 @@ class Session:
             return found
         if not (force or self.auto_energy):
             return None
-        with nullcontext() if self.auto_energy else heavy_work(self.projector.teacher.config.dim):
+        with nullcontext() if self.auto_energy else self._heavy():
             results = []
             for result in self.projector.stream(strategy, progress=progress, tensors="numbers"):
                 checkpoint()  # a comparison or a large teacher's energies stop when their request is cancelled
@@ -385,7 +389,7 @@ class Session:
         return [(label, value) for label, value, _ in out]
 
     def spectrum(self, choice: str) -> Spectrum:
-        with heavy_work(self.projector.teacher.config.dim):
+        with self._heavy():
             return self._spectrum(choice)
 
     def _spectrum(self, choice: str) -> Spectrum:
@@ -424,7 +428,7 @@ class Session:
         """Coverage and retained energy under two strategies (same sources and rules); the session's own
         strategy stays, and the core's caches make coming back to it free."""
         out = {}
-        with heavy_work(self.projector.teacher.config.dim):
+        with self._heavy():
             for name, strategy in (("A", a), ("B", b)):
                 out[name] = self.measure(force=True, progress=progress, strategy=self._usable(strategy)).summary
         return out
@@ -470,7 +474,7 @@ class Session:
         why = self.function_problem()
         if why:
             raise ProjectionError(why)
-        with heavy_work(self.projector.teacher.config.dim):
+        with self._heavy():
             self.function = function_report(self.projector, calibration, progress=progress, strategy=self.strategy)
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
@@ -551,7 +555,7 @@ class Session:
 
             def draw(name: str, model: torch.nn.Module, reference: Reference | None) -> GalleryRow:
                 return draw_row(name, model, classifier, GALLERY_SAMPLER, reference)
-        with heavy_work(self.projector.teacher.config.dim):
+        with self._heavy():
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
             else:  # the teacher's velocities on the set: once for every row drawn on it
@@ -570,7 +574,7 @@ class Session:
         measured = self.function if self.function is not None and self._function_for == self.projection_key() else None
         # the Function view measured this very projection: the report records it, as the CLI's --calibration does
         measure = (lambda _: {**measured["fidelity"], "measured_on": MEASURED_ON}) if measured else None
-        with heavy_work(self.projector.teacher.config.dim):
+        with self._heavy():
             report = export_student(self.projector, out, force=False, progress=progress, strategy=self.strategy,
                                     measure=measure)
         names = ["projection_report.json", "config.json", "strategy.yaml", "README.md"]

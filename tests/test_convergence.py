@@ -183,7 +183,8 @@ def test_gallery_rows_score_the_teacher_high_and_show_one_digit_per_column(teach
     assert row.images.shape == (10, 8, 8) and row.scored == 20 and row.velocity_error is None
     assert row.prompt_accuracy >= 0.8
     rand = random_student(Projector.open(TEACHER, {"layout": "wanlite", **HALF}).student_config(), 0)
-    other = draw_row("random", rand, classifier, sampler, teacher_reference(teacher, data.val_latents, data.val_context))
+    reference = teacher_reference(teacher, data.val_latents, data.val_context)
+    other = draw_row("random", rand, classifier, sampler, reference)
     assert other.prompt_accuracy <= 0.4 and 0.5 < other.velocity_error < 2
     picture = strip(row.images, scale=3, gap=1)
     assert picture.dtype == torch.uint8 and tuple(picture.shape) == (24, 10 * 25 - 1)

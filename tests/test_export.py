@@ -190,7 +190,8 @@ def test_a_custom_named_student_has_one_config_its_own_heads_and_projects_as_its
         renamed = next(iter(custom_names({r.entry.student_key: r.tensor})))
         assert torch.equal(p.student_tensor(renamed), r.tensor), renamed
     report = export_student(p, tmp_path / "out")
-    own = {k: v for k, v in config.to_dict().items() if k not in ("layout", "head_dim")}  # the project's records are elsewhere
+    # the project's records (layout, head dim) are elsewhere
+    own = {k: v for k, v in config.to_dict().items() if k not in ("layout", "head_dim")}
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == own
     assert report["student"]["config"] == config.to_dict() and report["student"]["heads_inferred"] is True
     assert any("heads inferred: 2 x 32" in w for w in report["warnings"])

@@ -219,7 +219,8 @@ def test_plan_a_student_for_the_loaded_teacher_and_fill_the_form(client, app, ro
     filled = SourcesView.fill_form([c.fields for c in found], "2")
     assert filled[0] == "form" and filled[3] == NO_PRESET and filled[4:] == ("diffusers", 96, 1, 3, 384)
     assert form_values({"preset": "wan2.1-1.3b"}) == ("diffusers", 1536, 30, 12, 8960)
-    assert SourcesView.fill_form([{"preset": "wan2.1-1.3b"}], "1")[3:] == ("wan2.1-1.3b", "diffusers", 1536, 30, 12, 8960)
+    filled = SourcesView.fill_form([{"preset": "wan2.1-1.3b"}], "1")
+    assert filled[3:] == ("wan2.1-1.3b", "diffusers", 1536, 30, 12, 8960)
 
 
 # ------------------------------------------------------------------ refreshes

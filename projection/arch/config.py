@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ProjectionError
 from .presets import expand_preset
+
 LAYOUT_NAMES = ("diffusers", "wan", "wanlite", "seed")  # layout.LAYOUTS describes each
 DEFAULT_LAYOUT = "diffusers"  # what the training frameworks load (diffusers and those built on it)
 DEFAULTS = {"in_dim": 16, "out_dim": 16, "text_dim": 4096, "freq_dim": 256}

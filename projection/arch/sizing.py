@@ -137,7 +137,7 @@ def plan_students(teacher: ModelConfig | dict[str, Any], params: float, count: i
         return abs(math.log(n / params))
 
     sizes = {w: _split(student_config(DEFAULT_LAYOUT, {"dim": w, "ffn_dim": ffn_for(w, teacher), "num_heads": w // head,
-                                                  "num_layers": 1}, teacher)) for w in widths}
+                                                       "num_layers": 1}, teacher)) for w in widths}
     grid = []
     for depth in layer_counts(teacher.num_layers):
         w = min(widths, key=lambda w: off(sizes[w][0] + depth * sizes[w][1]))  # outside + depth x one block

@@ -191,7 +191,8 @@ def check_work(where: str, latents: Sequence[int], context: Sequence[int], confi
     limit = _work_limit.get()
     if work.bytes > limit:
         raise ProjectionError(f"{where}: {n:,} latents of {h}x{w} x {draws} noise draws ({tokens:,} tokens each, "
-                              f"context {context_tokens:,} x {text_dim:,}) on a teacher of width {as_config(config).dim} "
+                              f"context {context_tokens:,} x {text_dim:,}) on a teacher of width "
+                              f"{as_config(config).dim} "
                               f"would hold about {_gib(work.bytes)} ({work.bytes:,} bytes) at once; at most "
                               f"{_gib(limit)}: use fewer or smaller latents, or fewer draws")
     return work
