@@ -49,6 +49,7 @@ from projection.demo.training import TrainConfig  # noqa: E402
 from projection.engine.build import count_params, random_student  # noqa: E402
 from projection.function.calibration import Calibration  # noqa: E402
 from projection.function.noise import validation_noise  # noqa: E402
+from projection.probe.ladder import equivalent_budget  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "convergence_budgets.jsonl"
 FULL_RESULTS = ROOT / "benchmarks" / "results" / "convergence.jsonl"  # the earlier 1,600-step benchmark
@@ -370,8 +371,8 @@ class Report:
         """The speedup of the mean loss, and in brackets of each seed's (min-max), against the ladder's means."""
         if not losses or not ladder[0]:
             return "—"
-        at = [cv.equivalent_budget(ladder[0], ladder[1], v).speedup(n) for v in losses]
-        centre = cv.equivalent_budget(ladder[0], ladder[1], mean(losses)).speedup(n)
+        at = [equivalent_budget(ladder[0], ladder[1], v).speedup(n) for v in losses]
+        centre = equivalent_budget(ladder[0], ladder[1], mean(losses)).speedup(n)
         text = f"{centre:.1f}x"
         if len(losses) > 1:
             lo, hi = min(at, key=lambda e: e.budget), max(at, key=lambda e: e.budget)
@@ -404,7 +405,7 @@ class Report:
         acc = [d["prompt_accuracy"] for d in runs if d["prompt_accuracy"] is not None]
         equivalent = "—"
         if ladder is not None and ladder[0]:
-            equivalent = str(cv.equivalent_budget(ladder[0], ladder[1], mean(losses)))
+            equivalent = str(equivalent_budget(ladder[0], ladder[1], mean(losses)))
         return (f"| {name} | {n} | {share(n)} | {runs[0]['run']['arm']['lr']:g} | {loss_and_gap(losses, floor)} | "
                 f"{equivalent} | "
                 f"{self.speedup(losses, n, ladder) if ladder else '—'} | "
@@ -444,7 +445,7 @@ class Report:
                 continue
             losses = [d["final_val_loss"] for d in runs]
             out.append(f"| {shape} | {params / teacher_params:.0%} | {MAP_BUDGET} | {loss_and_gap(losses, floor)} | "
-                       f"{cv.equivalent_budget(ladder[0], ladder[1], mean(losses))} | "
+                       f"{equivalent_budget(ladder[0], ladder[1], mean(losses))} | "
                        f"{self.speedup(losses, MAP_BUDGET, ladder)} |")
         return out
 
@@ -462,7 +463,7 @@ class Report:
                 acc = [d["prompt_accuracy"] for d in runs if d["prompt_accuracy"] is not None]
                 label = name if not w else f"{name} (weight {w:g})"
                 out.append(f"| {label} | {n} | {loss_and_gap(losses, floor)} | "
-                           f"{cv.equivalent_budget(ladder[0], ladder[1], mean(losses)) if ladder[0] else '—'} | "
+                           f"{equivalent_budget(ladder[0], ladder[1], mean(losses)) if ladder[0] else '—'} | "
                            f"{self.speedup(losses, n, ladder)} | {fmt(acc, pct)} |")
         return out
 

@@ -18,7 +18,7 @@ import pandas as pd
 from projection import ProjectionError
 from projection.demo import teacher as demo_teacher
 from projection.function import calibration as sets
-from projection.function.activations import cache_dir
+from projection.io.diskcache import cache_dir
 from projection.function.calibration import Calibration
 from projection.io.checkpoint import read_safetensors_header
 from projection.io.inputs import load_json, open_regular

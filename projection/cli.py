@@ -7,6 +7,7 @@
     projection spectra --teacher T --key KEY [--json]
     projection demo --out DIR [--synthetic] [--force]
     projection plan-student --teacher T --params 1.3B [--count N] [--expert E] [--json]
+    projection probe --teacher T --student S [--strategies A.yaml B.yaml ...] [--steps K] [--lr R ...] [--json]
     projection calibrate --pipeline P --data FOLDER --size HxW --out FILE.safetensors [--max N] [--teacher T] ...
 
 Errors are one line on stderr: exit 2 for bad input or a file that cannot be read or written, 1 for an
@@ -358,6 +359,57 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {result.out}: {result.source}; {checked}")
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Distill each candidate start a few steps on the calibration set and rank them by the held-out error."""
+    from .core.strategy import Strategy
+    from .probe import ProbeConfig, candidates, probe
+
+    named: dict[str, Strategy] = {}
+    origins: dict[str, str] = {}
+    for path in args.strategies or ():
+        name = Path(path).stem if Path(path).stem not in named else str(path)
+        named[name], origins[name] = Strategy.load(path), str(path)
+    found = candidates(named, origins)  # refuses a bad list before the teacher is opened
+    config = ProbeConfig(steps=args.steps, batch=args.batch, rates=tuple(args.lr) if args.lr else None,
+                         holdout=args.holdout, draws=args.draws, seed=args.seed, ladder=tuple(args.random_ladder or ()))
+    config.check()
+    p = _projector(args)
+    with _room(p):
+        result = probe(p, _calibration(args, p), found, config, device=p.device, progress=_progress)
+    if args.json:
+        return _print_json(result.to_dict())
+    _print_probe(result)
+
+
+def _print_probe(result) -> None:
+    c = result.config
+    rates = ", ".join(f"{r:g}" for r in result.outcomes[0].by_rate)
+    print(f"probe on {result.calibration}")
+    print(f"  {result.train_latents} latents to train on, {result.heldout_latents} held out ({c.draws} noise draws "
+          f"each, s in [{result.band[0]:g}, {result.band[1]:g}]); each start distilled {c.steps} steps of batch "
+          f"{c.batch} from the teacher's velocity at each rate of {rates} (its best kept)")
+    print(f"  teacher: {result.teacher_passes} streamed passes" if result.teacher_passes else
+          "  teacher: targets read from the cache (no teacher pass)")
+    ladder = any(o.random_budget is not None for o in result.outcomes)
+    line = "  {:>4}  {:<24} {:>8} {:>11} {:>11} {:>12}" + ("  {:>18}" if ladder else "{}")
+    print(line.format("rank", "start", "rate", "error@0", f"error@{c.steps}", "step-0 rank",
+                      "random-init steps" if ladder else ""))
+    for o in sorted(result.outcomes, key=lambda o: (o.rank, o.name)):
+        print(line.format(o.rank, o.name[:24], f"{o.rate:g}", f"{o.error_0:.4f}", f"{o.error:.4f}", o.rank_0,
+                          format(o.random_budget, ".0f") if ladder else ""))
+    print("error: velocity error on the held-out latents relative to the teacher's output (0: the teacher's function)"
+          "; rank 1 trains best. The step-0 rank is what the error before training would have chosen.")
+    if ladder:
+        print("random-init steps: the budget at which random init, trained with its own schedule and best rate, "
+              "reaches the start's error (ladder: " + ", ".join(f"{r['steps']}" for r in result.ladder) + " steps)")
+    for o in result.outcomes:
+        if o.edge:
+            print(f"WARNING: {o.name}: its best rate {o.rate:g} is at the grid's edge; a rate beyond it (--lr) may do "
+                  "better")
+    if result.synthetic:
+        print("WARNING: synthetic calibration (Gaussian inputs): the ranking says little about real inputs")
+
+
 MAX_DRAWS = 64  # noise draws per latent: the teacher runs once per draw
 LAYOUT_NAMES = ("diffusers", "wan", "wanlite", "seed")  # layout.LAYOUTS, not imported: torch (tested equal)
 MAX_SAMPLES = 4096  # calibration.MAX_SAMPLES, not imported: torch would slow every command's start (tested equal)
@@ -384,10 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def pair(p: argparse.ArgumentParser) -> None:
+    def pair(p: argparse.ArgumentParser, strategy: bool = True) -> None:
         p.add_argument("--teacher", required=True, help="checkpoint file, folder or hub id 'org/name[@rev][:sub]'")
         p.add_argument("--student", required=True, help="student config (.json/.yaml) or checkpoint to fill")
-        p.add_argument("--strategy", help="strategy YAML")
+        if strategy:
+            p.add_argument("--strategy", help="strategy YAML")
         p.add_argument("--expert", choices=["high", "low"], help="expert of a two-expert teacher")
         p.add_argument("--num-heads", type=int, metavar="N",
                        help="the student's heads: a checkpoint does not record them (default: config.json beside it, "
@@ -447,6 +500,28 @@ def build_parser() -> argparse.ArgumentParser:
     calibrated(p)
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("probe", parents=[debug], help="rank candidate starts by the held-out velocity error a short "
+                       "distillation brings them to (random init and the default always among them)")
+    pair(p, strategy=False)
+    p.add_argument("--strategies", nargs="+", metavar="FILE.yaml", help="the candidate strategies, besides random "
+                   "init and the default")
+    p.add_argument("--rules", help="mapping rules YAML, on top of the student layout's preset")
+    p.add_argument("--steps", type=count(10_000), default=100, metavar="K", help="distillation steps per start "
+                   "(default %(default)s)")
+    p.add_argument("--batch", type=count(1024), default=16, metavar="B", help="latents per step (default "
+                   "%(default)s; Wan-sized latents: 1-4)")
+    p.add_argument("--lr", type=float, nargs="+", metavar="RATE", help="the rate grid each start trains at (its "
+                   "best kept; default: three rates 4x apart, scaled to the student's width)")
+    p.add_argument("--holdout", type=float, default=0.2, metavar="SHARE", help="share of the set held out for "
+                   "measuring (the last latents; default %(default)s)")
+    p.add_argument("--random-ladder", type=count(10_000), nargs="+", metavar="N", help="also train random init for "
+                   "these budgets, to say how many random-init steps each start is worth")
+    p.add_argument("--seed", type=int, default=0, help="the data order, noise and random init (default %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the teacher and students run")
+    calibrated(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("spectra", parents=[debug], help="singular values of one teacher matrix")
     p.add_argument("--teacher", required=True, help="checkpoint file, folder or hub id")

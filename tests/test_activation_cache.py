@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import projection.function.activations as act
+import projection.io.diskcache as diskcache
 import projection.io.digest as digest
 from projection.cache import Lru
 from projection.function.calibration import Calibration
@@ -191,7 +192,7 @@ def test_link_to_a_fifo_at_the_entry_name_does_not_block(teacher, calib, clean, 
 def test_failed_write_leaves_no_temporary_file(teacher, calib, clean, counted, tmp_path, monkeypatch):
     def fail(*a):
         raise OSError("disk full")
-    monkeypatch.setattr(act.os, "replace", fail)
+    monkeypatch.setattr(diskcache.os, "replace", fail)
     same_as(act.teacher_activations(teacher, FP, calib, cache=tmp_path), clean[0])  # still returned
     assert list((tmp_path / "activations").iterdir()) == []
 

@@ -18,6 +18,7 @@ from projection.demo.training import TrainConfig, learning_rate, train_flow
 from projection.engine.build import random_student
 from projection.function.calibration import Calibration
 from projection.function.fidelity import velocity_fidelity
+from projection.probe.ladder import Equivalent, equivalent_budget
 
 TEACHER = str(dt.ASSETS / "teacher-wan")
 HALF = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
@@ -104,15 +105,15 @@ def test_each_budget_has_its_own_schedule():
 
 def test_the_equivalent_budget_interpolates_in_log_steps_and_bounds_beyond_the_ladder():
     budgets, losses = [50, 100, 200, 400], [1.0, 0.8, 0.6, 0.65]
-    mid = cv.equivalent_budget(budgets, losses, 0.7)
+    mid = equivalent_budget(budgets, losses, 0.7)
     assert mid.bound == "=" and mid.budget == pytest.approx(math.sqrt(100 * 200))  # half way in log N
-    assert cv.equivalent_budget(budgets, losses, 0.8) == cv.Equivalent(100.0)
-    assert cv.equivalent_budget(budgets, losses, 0.62).budget == pytest.approx(100 * 2 ** 0.9)  # first crossing
-    past, below = cv.equivalent_budget(budgets, losses, 0.5), cv.equivalent_budget(budgets, losses, 1.2)
-    assert (past, below) == (cv.Equivalent(400.0, ">"), cv.Equivalent(50.0, "<"))
+    assert equivalent_budget(budgets, losses, 0.8) == Equivalent(100.0)
+    assert equivalent_budget(budgets, losses, 0.62).budget == pytest.approx(100 * 2 ** 0.9)  # first crossing
+    past, below = equivalent_budget(budgets, losses, 0.5), equivalent_budget(budgets, losses, 1.2)
+    assert (past, below) == (Equivalent(400.0, ">"), Equivalent(50.0, "<"))
     assert f"{past.speedup(200):.1f}x" == "> 2.0x" and f"{mid.speedup(100):.2f}" == "1.41" and str(mid) == "141"
     with pytest.raises(ValueError, match="ascending"):
-        cv.equivalent_budget([100, 50], [1.0, 0.9], 0.95)
+        equivalent_budget([100, 50], [1.0, 0.9], 0.95)
 
 
 def test_a_rate_is_chosen_on_the_mean_of_two_seeds():

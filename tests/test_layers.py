@@ -8,7 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "projection"
 RANK = {"errors": 0, "cancel": 0, "runtime": 0, "cache": 0, "io": 1, "arch": 1, "core": 2, "function": 3, "engine": 4,
-        "distill": 5, "demo": 6, "cli": 7, "__main__": 8, "__init__": 8}
+        "distill": 5, "probe": 6, "demo": 7, "cli": 8, "__main__": 9,
+        "__init__": 9}
 
 
 def module_name(path: Path) -> str:

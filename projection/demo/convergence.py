@@ -20,7 +20,6 @@ the speedup at N is that / N.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,15 +31,16 @@ from torch import nn
 
 from ..core.strategy import Strategy
 from ..distill import Hints
+from ..distill.schedule import warmup_steps
 from ..engine.build import projected_student
 from ..engine.build import random_student
 from ..engine.projector import Projector
 from ..function.calibration import Calibration
 from ..function.fidelity import velocity_fidelity
+
 from .training import TrainConfig, train_flow
 
 Objective = Literal["denoise", "distill"]
-
 
 @dataclass(frozen=True)
 class Data:
@@ -51,7 +51,6 @@ class Data:
     val_context: torch.Tensor
     empty: torch.Tensor
     calibration: Calibration | None = None  # for strategies that rank by activations (not the validation set)
-
 
 @dataclass(frozen=True)
 class Arm:
@@ -65,7 +64,6 @@ class Arm:
     def random(self) -> bool:
         return self.strategy is None
 
-
 @dataclass(frozen=True)
 class Run:
     student: dict[str, Any]  # student config fields (layout wanlite)
@@ -75,7 +73,6 @@ class Run:
     shape: str = ""  # a name for the student shape, for tables
     steps: int | None = None  # the run's budget: its own schedule (`budget_config`); None: the config's steps
     data: str = "all"  # a name for the training set it sees (the caller hands `train_run` that set)
-
 
 @dataclass
 class Result:
@@ -91,12 +88,10 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
 def open_projector(teacher: str, run: Run) -> Projector:
     """The run's projector (student config fields over the teacher's, layout wanlite)."""
     return Projector.open(teacher, {"layout": "wanlite", **run.student},
                           strategy=Strategy.checked(run.arm.strategy or {}, f"arm {run.arm.name}"))
-
 
 def initial_student(teacher: str, run: Run, calibration: Calibration | None = None,
                     projector: Projector | None = None) -> nn.Module:
@@ -109,15 +104,13 @@ def initial_student(teacher: str, run: Run, calibration: Calibration | None = No
         projector.calibrate(calibration)
     return projected_student(projector)
 
-
 def budget_config(base: TrainConfig, steps: int, warmup_share: float = 0.1, evals: int = 4) -> TrainConfig:
     """A budget's own schedule: `steps` steps, warmup `warmup_share` of them, the cosine ending at `steps`, and
     `evals` evaluations after step 0."""
     if steps < 1:
         raise ValueError(f"budget {steps}: expected at least 1 step")
-    return TrainConfig(**{**base.to_dict(), "steps": steps, "warmup": max(1, round(warmup_share * steps)),
+    return TrainConfig(**{**base.to_dict(), "steps": steps, "warmup": warmup_steps(steps, warmup_share),
                           "eval_every": max(1, steps // evals)})
-
 
 def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training: TrainConfig,
               score: Callable[[nn.Module], float] | None = None) -> Result:
@@ -137,47 +130,11 @@ def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, train
     return Result(run, history.val_loss[0], fid.relative_error, fid.cosine, history.to_dict(), history.val_loss[-1],
                   time.perf_counter() - started, score(model) if score else None)
 
-
-@dataclass(frozen=True)
-class Equivalent:
-    """The random budget that reaches a loss: `budget`, or beyond the ladder a bound ('>' past its last rung, '<'
-    below its first)."""
-    budget: float
-    bound: Literal["=", ">", "<"] = "="
-
-    def speedup(self, steps: int) -> Equivalent:
-        return Equivalent(self.budget / steps, self.bound)
-
-    def __format__(self, spec: str) -> str:
-        """The value in `spec` (default: whole steps), after its bound: '> 4.0' past the ladder's end."""
-        return f"{'' if self.bound == '=' else self.bound + ' '}{self.budget:{spec or '.0f'}}"
-
-    def __str__(self) -> str:
-        return format(self)
-
-
-def equivalent_budget(budgets: Sequence[int], losses: Sequence[float], target: float) -> Equivalent:
-    """The budget at which random init's ladder (final losses per budget, ascending budgets) reaches `target`:
-    the first rung at or below it, linear in log N from the rung before (a ladder is not always monotone)."""
-    if not budgets or len(budgets) != len(losses) or list(budgets) != sorted(budgets):
-        raise ValueError(f"ladder {list(budgets)}: expected ascending budgets with one loss each")
-    if losses[0] <= target:
-        return Equivalent(float(budgets[0]), "<" if losses[0] < target else "=")
-    for (n0, l0), (n1, l1) in zip(zip(budgets, losses), zip(budgets[1:], losses[1:])):
-        if l1 == target:
-            return Equivalent(float(n1))
-        if l1 < target:
-            share = (l0 - target) / (l0 - l1)
-            return Equivalent(math.exp(math.log(n0) + share * (math.log(n1) - math.log(n0))))
-    return Equivalent(float(budgets[-1]), ">")
-
-
 def choose_rate(losses: dict[float, Sequence[float]], seeds: int = 2) -> float | None:
     """The rate with the lowest mean final loss, once every rate has `seeds` runs; None before."""
     if not losses or any(len(v) < seeds for v in losses.values()):
         return None
     return min(losses, key=lambda lr: mean(losses[lr][:seeds]))
-
 
 def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float) -> float | None:
     """The first step at which the loss reaches `target`, linear between evaluations; None if it never does."""
@@ -189,10 +146,8 @@ def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float)
             return s0 + (s - s0) * (l0 - target) / (l0 - loss)
     return None
 
-
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean(values), "min": min(values), "max": max(values), "n": len(values)}
-
 
 def table(results: Sequence[Result], baseline: str = "random") -> list[dict[str, Any]]:
     """One row per (shape, objective, arm): every column's mean, min and max over seeds. The baseline is the arm

@@ -7,7 +7,6 @@ model the same data in the same order, whatever its initialization. AdamW, linea
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..distill import Hints, distill_loss, sample_levels
+from ..distill.schedule import cosine_rate
 from .sampling import flow_loss, validation_loss
 
 
@@ -41,11 +41,7 @@ class TrainConfig:
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup to `lr` over `warmup` steps, then cosine decay to lr * min_lr_ratio at `steps`."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    floor = config.lr * config.min_lr_ratio
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_rate(step, config.steps, config.lr, config.warmup, config.min_lr_ratio)
 
 
 @dataclass

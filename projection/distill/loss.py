@@ -120,6 +120,11 @@ def hint_loss(student_blocks: list[torch.Tensor], teacher_blocks: list[torch.Ten
     return torch.stack(terms).mean()
 
 
+def output_loss(v_student: torch.Tensor, v_teacher: torch.Tensor) -> torch.Tensor:
+    """The output term: mean |v_student - v_teacher|^2 over every element (float32)."""
+    return (v_student.float() - v_teacher.float()).pow(2).mean()
+
+
 def distill_loss(student: nn.Module, teacher: Teacher | nn.Module, x0: torch.Tensor, context: torch.Tensor,
                  eps: torch.Tensor, s: torch.Tensor, hints: Hints | None = None,
                  hint_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -132,7 +137,7 @@ def distill_loss(student: nn.Module, teacher: Teacher | nn.Module, x0: torch.Ten
     hinted = hints is not None and hint_weight > 0
     if not hinted:
         v_teacher, _ = _teacher_out(teacher, x, t, context, set())
-        output = (student(x, t, context).float() - v_teacher.float()).pow(2).mean()
+        output = output_loss(student(x, t, context), v_teacher)
         return output, {"output": output.item(), "loss": output.item()}
     if not isinstance(student, WanLite):
         raise ProjectionError(f"student {type(student).__name__}: hints read a WanLite's block outputs")
@@ -143,7 +148,7 @@ def distill_loss(student: nn.Module, teacher: Teacher | nn.Module, x0: torch.Ten
     if missing:
         raise ProjectionError(f"teacher blocks {missing}: hinted, but the teacher does not run them")
     v_student, outputs = _blocks_out(student, x, t, context, set(range(len(student.blocks))))
-    output = (v_student.float() - v_teacher.float()).pow(2).mean()
+    output = output_loss(v_student, v_teacher)
     hint = hint_loss([outputs[i] for i in range(len(student.blocks))], [targets[b] for b in hints.teacher_blocks],
                      hints.kept)
     loss = output + hint_weight * hint

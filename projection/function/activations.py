@@ -23,20 +23,14 @@ anything else is measured again and the entry rewritten.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import stat
-import tempfile
 from collections.abc import Callable
-from typing import TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from ..arch.config import ModelConfig, as_config
@@ -44,6 +38,7 @@ from ..cancel import checkpoint
 from ..core.models import ModelView
 from ..core.plan import overlap
 from ..errors import ProjectionError
+from ..io.diskcache import cache_dir, cached
 from ..io.inputs import load_json
 from .budget import MICRO_BATCH, check_work
 from .calibration import Calibration
@@ -55,7 +50,6 @@ OUTPUTS = {"self_attn.o": "sa", "cross_attn.o": "ca"}  # inputs: attention outpu
 NEURONS = "ffn.2"  # input: the GELU output
 SCORED = ("resid", "sa_heads", "sa_vo", "ca_heads", "ca_vo", "ffn")  # the spaces activations rank
 CACHE_VERSION = "2"
-T = TypeVar("T")
 
 
 @dataclass
@@ -87,13 +81,6 @@ class Activations:
                 space, block = name.split("/")
                 scores[(space, None if block == "global" else int(block))] = v
         return cls(scores, tensors["influence"].tolist(), about, key)
-
-
-def cache_dir() -> Path:
-    """$PROJECTION_CACHE, else $XDG_CACHE_HOME/projection-inspector, else ~/.cache/projection-inspector."""
-    if os.environ.get("PROJECTION_CACHE"):
-        return Path(os.environ["PROJECTION_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "projection-inspector"
 
 
 def calibration_digest(calibration: Calibration) -> str:
@@ -204,55 +191,6 @@ def checked_removal(found: object, depth: int) -> list[float]:
     return [float(e) for e in removal]
 
 
-def _read_entry(path: Path, limit: int) -> bytes:
-    """A cache entry's bytes: a regular file at that very name (a link planted there is not followed; a FIFO
-    cannot block the open), at most `limit` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            raise ValueError(f"{path}: not a regular file of at most {limit:,} bytes")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path}: more than {limit:,} bytes")
-    return data
-
-
-def _write_entry(path: Path, data: bytes) -> None:
-    """`data` at `path`, atomically: through a temporary file created exclusively in the same folder (mkstemp:
-    O_CREAT | O_EXCL | O_NOFOLLOW, so no file or link planted at any name is opened), removed if anything fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _cached(fingerprint: str, path: Path, limit: int, load: Callable[[bytes], T], compute: Callable[[], T],
-            save: Callable[[T], bytes]) -> T:
-    """`compute()` through an on-disk cache entry of at most `limit` bytes (written atomically; an entry that is
-    missing, unreadable or that `load` rejects is computed again and rewritten; an unnamed teacher, one without
-    files, is never cached)."""
-    named = not fingerprint.startswith("unnamed-")
-    if named:
-        try:
-            return load(_read_entry(path, limit))
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError):
-            pass  # no entry, or a damaged one: measure again
-    found = compute()
-    if named:
-        try:
-            _write_entry(path, save(found))
-        except OSError:
-            pass  # no cache folder: the result is still returned
-    return found
-
-
 def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 2,
                         seed: int = 0, band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
                         cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
@@ -263,7 +201,7 @@ def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calib
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}.safetensors"
     shapes = expected_shapes(teacher.config)  # bounds the read: the data, a header line per tensor, `about`
     limit = 8 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 6 * len(about.encode()) + (1 << 20)
-    return _cached(fingerprint, path, limit,
+    return cached(fingerprint, path, limit,
                    lambda data: Activations.from_tensors(checked_entry(load_safetensors(data), teacher.config),
                                                          about, key),
                    lambda: collect(teacher, calibration, draws, seed, band, device, key, progress),
@@ -328,7 +266,7 @@ def teacher_removal(teacher: ModelView, fingerprint: str, calibration: Calibrati
     key = cache_key(fingerprint, calibration, draws, seed, band)
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}-removal.json"
     depth = int(teacher.config.num_layers)
-    return _cached(fingerprint, path, 64 + 32 * depth,
+    return cached(fingerprint, path, 64 + 32 * depth,
                    lambda data: checked_removal(load_json(data, str(path)), depth),
                    lambda: removal_effects(teacher, calibration, draws, seed, band, device, progress),
                    lambda found: json.dumps({"removal": found}).encode())
