@@ -13,7 +13,10 @@ Groups (`projection/demo/convergence.py` scores them; `projection.distill` is th
   hint weight  {0, 0.1, 1} at N = 200 (distillation): the weight the hints arm uses
   compression  depth only and width only, distilled, the default at N = 200 against each shape's own ladder
   data-limited the student sees a fixed 20% of the training digits (the teacher saw all), N = 200
-Rates: a 3-point grid per arm and budget, chosen on the mean of seeds 0 and 1. Cuts that keep the grid inside 90
+  starts       the other strategies (`STARTS`), distilled, at N = 200 and 400: what each choice is worth, and the
+               ranking the probe (`benchmarks/bench_probe.py`) is checked against
+Rates: a 3-point grid per arm and budget, chosen on the mean of seeds 0 and 1 (the grids moved up one step after
+the first run chose their top rates; runs at the old rates stay in the results and the rate-grid table). Cuts that keep the grid inside 90
 minutes: the 1,600-step rung (headline only; elsewhere the ladder ends at 800 and larger equivalents are lower
 bounds) and the denoising ladder's 800-step rung run one seed at the distillation 800-step rung's chosen rate, the
 compression and data-limited ladders one seed at the headline's chosen rates, and prompt accuracy takes 500
@@ -59,8 +62,8 @@ BASE = TrainConfig(steps=200, batch=64, lr=1e-3, val_draws=2)  # each run: `cv.b
 BUDGETS = (50, 100, 200, 400)
 LADDER = (50, 100, 200, 400, 800, 1600)
 GRIDDED = LADDER[:-1]  # rungs with a rate grid (denoising: to 400); the rest: one seed at the distillation 800 rung's
-RANDOM_RATES = (4e-3, 8e-3, 1.6e-2)
-PROJECTED_RATES = (2e-3, 4e-3, 8e-3)
+RANDOM_RATES = (8e-3, 1.6e-2, 3.2e-2)  # moved up one step once the first grids chose their top rates
+PROJECTED_RATES = (4e-3, 8e-3, 1.6e-2)
 HINT_WEIGHTS = (0.1, 1.0)  # beside 0 (the default arm), at HINT_BUDGET
 HINT_BUDGET = MAP_BUDGET = 200
 DATA_SHARE, DATA_SEED = 0.2, 1234  # the data-limited student's fixed share of the training digits
@@ -69,6 +72,11 @@ DEPTH, WIDTH = "depth only (128 x 4 blocks)", "width only (64 x 8 blocks)"
 SHAPES = {HEADLINE: {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}, DEPTH: {"num_layers": 4},
           WIDTH: {"dim": 64, "num_heads": 2, "ffn_dim": 256}}
 RANDOM, DEFAULT, HINTS = "random init", "default", "default + hints"
+STARTS = {  # the strategies `projection` offers, each one change from the default (the last: every calibrated one)
+    "width: activation": {"width": "activation"}, "layers: influence": {"layers": "influence"},
+    "ffn: wanda": {"ffn": "wanda"}, "compensate: mean": {"compensate": "mean"}, "layers: first": {"layers": "first"},
+    "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"}}
+STARTS_BUDGETS = (200, 400)
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256
 ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # headline group: 500 samples
@@ -77,7 +85,7 @@ ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # 
 # ---------------------------------------------------------------- the grid
 
 def arm(name: str, lr: float, weight: float = 0.0) -> cv.Arm:
-    return cv.Arm(name, None if name == RANDOM else {}, lr, weight)
+    return cv.Arm(name, None if name == RANDOM else STARTS.get(name, {}), lr, weight)
 
 
 def run(shape: str, name: str, lr: float, steps: int, seed: int, objective: str = "distill", data: str = "all",
@@ -187,6 +195,9 @@ def jobs(choices: Choices) -> list[cv.Run]:
             if n == MAP_BUDGET:
                 out += [run(s, DEFAULT, lr, n, seed, data=d) for s, d in ((DEPTH, "all"), (WIDTH, "all"),
                                                                           (HEADLINE, LIMITED)) for seed in (0, 1)]
+    for name in STARTS:
+        out += grid(HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
+        out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS if (lr := rate(name, n)) is not None]
     w = choices.hinted()
     if w is not None:
         out += grid(HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET), PROJECTED_RATES, w)
