@@ -140,17 +140,20 @@ def test_a_benchmark_cell_runs_through_the_benchmarks_code_path():
     assert d["history"]["steps"] == [0, 1, 2] and 0 <= d["prompt_accuracy"] <= 1
     assert d["final_val_loss"] < d["val_loss_0"] and d["error_0"] < 1.1  # the projected start, trained 2 steps
     grids = bench.jobs(bench.Choices([]))
-    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 and {r.seed for r in grids} == {0, 1}
-    best = {bench.RANDOM: 8e-3, bench.DEFAULT: 2e-3, bench.HINTS: 4e-3}
-    fake = [{"run": asdict(r), "history": {"steps": [0, r.steps]}, "final_val_loss": 1 + abs(r.arm.lr - best[
-        r.arm.name]) + r.arm.hint_weight / 10 + r.seed / 100} for r in grids]
+    starts = 2 * len(bench.STARTS_BUDGETS) * len(bench.PROJECTED_RATES) * len(bench.STARTS)
+    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 + starts and {r.seed for r in grids} == {0, 1}
+    best = {bench.RANDOM: 1.6e-2, bench.DEFAULT: 4e-3, bench.HINTS: 8e-3}
+    fake = [{"run": asdict(r), "history": {"steps": [0, r.steps]}, "final_val_loss": 1 + abs(r.arm.lr - best.get(
+        r.arm.name, 8e-3)) + r.arm.hint_weight / 10 + r.seed / 100} for r in grids]
     choices = bench.Choices(fake)
     assert choices.weight() == 0.0 and choices.hinted() == 0.1  # no hints won; the hints arm runs the best positive
     later = {bench.run_key(r) for r in bench.jobs(choices)} - {bench.run_key(r) for r in grids}
-    assert bench.run_key(bench.run(bench.HEADLINE, bench.RANDOM, 8e-3, 1600, 0)) in later
-    assert bench.run_key(bench.run(bench.DEPTH, bench.DEFAULT, 2e-3, 200, 1)) in later
-    assert bench.run_key(bench.run(bench.HEADLINE, bench.HINTS, 4e-3, 50, 1, weight=0.1)) in later
-    assert bench.run_key(bench.run(bench.HEADLINE, bench.DEFAULT, 2e-3, 200, 0, data=bench.LIMITED)) in later
+    assert bench.run_key(bench.run(bench.HEADLINE, bench.RANDOM, 1.6e-2, 1600, 0)) in later
+    assert bench.run_key(bench.run(bench.DEPTH, bench.DEFAULT, 4e-3, 200, 1)) in later
+    assert bench.run_key(bench.run(bench.HEADLINE, bench.HINTS, 8e-3, 50, 1, weight=0.1)) in later
+    assert bench.run_key(bench.run(bench.HEADLINE, bench.DEFAULT, 4e-3, 200, 0, data=bench.LIMITED)) in later
+    start = next(iter(bench.STARTS))
+    assert bench.run_key(bench.run(bench.HEADLINE, start, 8e-3, 400, 2)) in later  # each start's third seed
     assert len(bench.jobs(bench.Assumed())) > len(grids) + len(later)  # the hints' grids unlock one more phase
 
 
