@@ -73,7 +73,7 @@ class MappingView:
                                      show_label=False, container=False, scale=2, elem_id="search")
             self.sort = gr.Dropdown(list(table.SORTS), value="student order", label="Sort", show_label=False,
                                     container=False, scale=1, min_width=230, elem_id="sort")
-        self.table = gr.Dataframe(interactive=False, wrap=True, max_height=540, column_widths=table.WIDTHS,
+        self.table = gr.Dataframe(interactive=False, wrap=False, max_height=540, column_widths=table.WIDTHS,
                                   datatype=table.DATATYPES, elem_id="mapping-table", show_label=False,
                                   buttons=["fullscreen", "copy"])
         gr.Markdown("Click a row (or pick a key) for its sources, index choices and value histograms.",

@@ -315,13 +315,17 @@ def test_each_tab_starts_on_the_first_screen(browser, app, tmp_path, width, heig
         cells = page.locator('#mapping-table [role="gridcell"][data-col="0"]')
         for i in range(3):  # the first mapping rows, without scrolling
             in_view(page, cells.nth(i), height)
-        # table headers and cells wrap only between words (keys and shapes also after '.' and '×')
+        # table headers and cells never break inside a word; a cell too long for one line is cut with an
+        # ellipsis and is whole in its tooltip
         wrapping = page.evaluate("""() => [...document.querySelectorAll(
                 '#mapping-table [role="gridcell"], #mapping-table [role="columnheader"], #mapping-table th')]
             .flatMap(c => [c, ...c.querySelectorAll('*')])
             .filter(e => { const s = getComputedStyle(e);
+                           // a text cut on purpose ends in an ellipsis and is whole in a tooltip
+                           const whole = s.textOverflow === 'ellipsis'
+                                         && (e.closest('th[title]') || e.querySelector('[title]'));
                            return !['normal', 'keep-all'].includes(s.wordBreak) || s.overflowWrap !== 'normal'
-                                  || e.scrollWidth > e.clientWidth + 1 && s.overflow !== 'visible'; })
+                                  || e.scrollWidth > e.clientWidth + 1 && s.overflow !== 'visible' && !whole; })
             .map(e => e.innerText.slice(0, 40))""")
         assert not wrapping, wrapping[:5]
         # the cards: nothing runs over its card, and a source path keeps its end (the file name) in view
@@ -440,5 +444,51 @@ def test_a_failed_load_says_why_in_a_toast_that_closes_below_the_cards(browser, 
         started = time.monotonic()
         toast.wait_for(state="detached", timeout=(ERROR_SECONDS + 10) * 1000)  # it closes on its own
         assert time.monotonic() - started <= ERROR_SECONDS + 10
+    finally:
+        page.close()
+
+
+# ------------------------------------------------------------------ readable at 1280x720 (issue 22)
+
+
+SMALL = (1280, 720)
+
+
+def rows_in_view(page, elem_id: str) -> list[dict]:
+    """The table's body rows wholly inside the viewport, with their heights."""
+    return page.evaluate("""id => [...document.querySelectorAll(`#${id} [role="row"]`)]
+        .filter(r => r.querySelector('[role="gridcell"]'))
+        .map(r => r.getBoundingClientRect())
+        .filter(b => b.height > 0 && b.top >= 0 && b.bottom <= innerHeight)
+        .map(b => ({top: b.top, height: b.height}))""", elem_id)
+
+
+def test_mapping_shows_8_one_line_rows_on_the_first_screen(browser, app, tmp_path):
+    """At 1280x720 the first screen shows at least 8 rows, each one line: a skipped row's reason is cut with an
+    ellipsis and is whole in its tooltip; the legend takes one line."""
+    page = open_app(browser, app, *SMALL)
+    try:
+        def check(name: str) -> None:
+            page.screenshot(path=tmp_path / f"{name}.png")
+            rows = rows_in_view(page, "mapping-table")
+            assert len(rows) >= 8, (name, rows)
+            assert max(r["height"] for r in rows) < 40, (name, rows)  # one line of text each
+            chips = page.locator(".legend-chip").evaluate_all("cs => cs.map(c => c.getBoundingClientRect().top)")
+            assert max(chips) - min(chips) < 5, chips
+
+        check("reference")
+        page.get_by_role("tab", name="Sources").click()
+        page.get_by_role("button", name="Demo: Wan (diffusers, 3 shards) → seeds' layout").click()
+        page.get_by_text("Loaded in").wait_for()
+        page.get_by_role("tab", name="Mapping").click()
+        page.get_by_text("blocks.0.attn.in_proj_weight").first.wait_for()
+        check("seeds-layout")  # skipped rows with long reasons near the top
+        reason = page.locator('#mapping-table [role="gridcell"][data-col="8"]').filter(
+            has_text="time-embedding").first
+        whole = "time-embedding hidden: the student has 256, more than the teacher's 128"
+        assert reason.locator("[title]").get_attribute("title") == whole
+        clipped = reason.locator("span").first.evaluate(
+            "e => [e.scrollWidth > e.clientWidth, getComputedStyle(e).textOverflow]")
+        assert clipped == [True, "ellipsis"]
     finally:
         page.close()
