@@ -304,7 +304,7 @@ class FunctionView:
         self.upload.upload(lambda: UPLOAD, None, self.source, api_visibility="private")
         return self.measure_btn.click(stoppable(self.measure),
                                       [self.state, self.source, self.path, self.count, self.upload],
-                                      self.outputs, api_name="function")
+                                      self.outputs, api_name="function", show_progress_on=[self.msg])
 
     def find(self, state: Session | None, current: str | None = None) -> dict:
         """The sets found beside this session's teacher and in the calibration cache (the choice kept while it is

@@ -89,8 +89,10 @@ class GalleryView:
         self.table = gr.Dataframe(table([]), interactive=False, show_label=False, elem_id="gallery-table")
 
     def wire(self) -> None:
+        # progress beside the button, not over every picture (style.css gives it room)
         self.draw_btn.click(stoppable(self.draw), [self.state, self.a_yaml, self.b_yaml],
-                            [self.msg, *self.images.values(), self.table], api_name="gallery")
+                            [self.msg, *self.images.values(), self.table], api_name="gallery",
+                            show_progress_on=[self.msg])
 
     def draw(self, state: Session | None, a_text: str, b_text: str, progress: gr.Progress = gr.Progress()) -> tuple:
         s = self.session(state)

@@ -127,7 +127,7 @@ class StrategyView:
         self.b_btn.click(self.current, self.state, self.b_yaml, api_visibility="private")
         self.compare_btn.click(stoppable(self.compare), [self.state, self.a_yaml, self.b_yaml],
                                [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
-                               api_name="compare")
+                               api_name="compare", show_progress_on=[self.compare_msg])
 
     @property
     def components(self) -> list[gr.components.Component]:
