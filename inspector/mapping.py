@@ -73,9 +73,9 @@ class MappingView:
                                      show_label=False, container=False, scale=2, elem_id="search")
             self.sort = gr.Dropdown(list(table.SORTS), value="student order", label="Sort", show_label=False,
                                     container=False, scale=1, min_width=230, elem_id="sort")
-        self.table = gr.Dataframe(table.frame([]), interactive=False, wrap=False, max_height=540, column_widths=table.WIDTHS,
-                                  datatype=table.DATATYPES, elem_id="mapping-table", show_label=False,
-                                  buttons=["fullscreen", "copy"])
+        self.table = gr.Dataframe(table.frame([]), interactive=False, wrap=False, max_height=540,
+                                  column_widths=table.WIDTHS, datatype=table.DATATYPES, elem_id="mapping-table",
+                                  show_label=False, buttons=["fullscreen", "copy"])
         gr.Markdown("Click a row (or pick a key) for its sources, index choices and value histograms.",
                     elem_classes="note")
         self.key = gr.Dropdown([], value=None, label="Entry details", filterable=True, elem_id="entry-key",
