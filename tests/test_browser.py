@@ -533,7 +533,7 @@ def test_ab_table_shows_a_b_and_the_difference_without_scrolling_sideways(browse
 
 TRACKERS = """() => [...document.querySelectorAll('[data-testid="status-tracker"]:not(.hide)')].map(t => ({
     where: t.parentElement.id,
-    texts: [...t.querySelectorAll('*')].filter(e => !e.children.length && e.innerText.trim())
+    texts: [...t.querySelectorAll('*')].filter(e => !e.children.length && e.innerText?.trim())  // not svg
         .map(e => { const r = e.getBoundingClientRect();
                     return {text: e.innerText.trim(), x: r.x, y: r.y, width: r.width, height: r.height}; })}))
     .filter(t => t.texts.length)"""  # the progress shown now: where, its texts and their boxes
