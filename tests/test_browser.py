@@ -501,6 +501,12 @@ def test_mapping_shows_8_one_line_rows_on_the_first_screen(browser, app, tmp_pat
         clipped = reason.locator("span").first.evaluate(
             "e => [e.scrollWidth > e.clientWidth, getComputedStyle(e).textOverflow]")
         assert clipped == [True, "ellipsis"]
+        reason.click()  # a click opens the row's details and shows the cell whole, wrapped, in place
+        page.wait_for_function("() => document.querySelector('#entry-key input')?.value === 'time_embed.0.weight'")
+        opened = reason.locator("span").first.evaluate(
+            "e => [e.innerText, e.scrollWidth <= e.clientWidth + 1, e.getBoundingClientRect().height]")
+        assert opened[0] == whole and opened[1] and opened[2] > 2 * max(r["height"] for r in rows_in_view(
+            page, "mapping-table")[:1]), opened
     finally:
         page.close()
 
