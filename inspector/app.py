@@ -121,7 +121,7 @@ class Inspector:
         self.strategy.wire(self.layers.method, table_view, view)
         self.layers.wire(table_view, view)
         self.energy_btn.click(stoppable(self.measure), self.state, view, inputs_kwargs=table_view, api_name="measure",
-                              show_progress_on=[self.refresh_info])  # beside the button
+                              show_progress_on=[self.cards])  # under the button, over the card it fills
         self.spectra.wire(self.spectra_tab)
         self.gallery.wire()
         self.function.wire(self.function_tab).success(self.redraw, self.state, view, inputs_kwargs=table_view,
