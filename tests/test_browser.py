@@ -545,18 +545,23 @@ TRACKERS = """() => [...document.querySelectorAll('[data-testid="status-tracker"
     .filter(t => t.texts.length)"""  # the progress shown now: where, its texts and their boxes
 
 
-def progress_beside(page, button: str, message: str) -> list[dict]:
-    """Press `button` and catch its progress while the work runs: shown in `message` only (the element beside or
-    under the button), level with or just below the button, over no control."""
+def progress_beside(page, button: str, message: str) -> None:
+    """Press `button` and catch its progress while the work runs (however briefly: every change of the page is
+    looked at): shown in `message` only (the element beside or under the button), level with or just below the
+    button, over no control."""
+    page.evaluate(f"""() => {{ window.seen = [];
+        new MutationObserver(() => {{ const shown = ({TRACKERS})();
+                                     if (shown.length && window.seen.length < 20) window.seen.push(shown); }})
+            .observe(document.body, {{subtree: true, childList: true, attributes: true, characterData: true}}); }}""")
     page.locator(f"#{button}").click()
-    page.wait_for_function(f"() => ({TRACKERS})().some(t => t.texts.length)", polling=50, timeout=TIMEOUT)
-    shown = page.evaluate(TRACKERS)
-    assert shown and {t["where"] for t in shown} == {message}, shown
+    page.wait_for_function("() => window.seen.length > 0", timeout=TIMEOUT)
+    page.wait_for_timeout(500)  # a few of its updates
     pressed = page.locator(f"#{button}").bounding_box()
-    for text in shown[0]["texts"]:
-        assert page.evaluate(UNDER, text) == [], text
-        assert pressed["y"] - 10 <= text["y"] <= pressed["y"] + pressed["height"] + 80, (text, pressed)
-    return shown
+    for shown in page.evaluate("() => window.seen"):
+        assert {t["where"] for t in shown} == {message}, shown
+        for text in shown[0]["texts"]:
+            assert page.evaluate(UNDER, text) == [], text
+            assert pressed["y"] - 10 <= text["y"] <= pressed["y"] + pressed["height"] + 80, (text, pressed)
 
 
 def test_gallery_progress_beside_the_button_and_digits_96_px_tall(browser, app, tmp_path):
