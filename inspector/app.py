@@ -120,7 +120,8 @@ class Inspector:
                         [self.sources.msg, self.spectra.layer, self.spectra.matrix])
         self.strategy.wire(self.layers.method, table_view, view)
         self.layers.wire(table_view, view)
-        self.energy_btn.click(stoppable(self.measure), self.state, view, inputs_kwargs=table_view, api_name="measure")
+        self.energy_btn.click(stoppable(self.measure), self.state, view, inputs_kwargs=table_view, api_name="measure",
+                              show_progress_on=[self.cards])  # under the button, over the card it fills
         self.spectra.wire(self.spectra_tab)
         self.gallery.wire()
         self.function.wire(self.function_tab).success(self.redraw, self.state, view, inputs_kwargs=table_view,

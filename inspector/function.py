@@ -188,6 +188,19 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def placeholder(columns: list[str], what: str = "press Measure") -> pd.DataFrame:
+    """A table before its measurement: the columns it will have, and one row that says what fills them."""
+    return pd.DataFrame([[what, *["—"] * (len(columns) - 1)]], columns=columns)
+
+
+ERRORS = [f"{name}: error" for name in REFERENCES]
+LEVEL_COLUMNS = ["noise levels", *ERRORS, "student: cosine"]
+BLOCK_COLUMNS = ["student block", "from teacher block", *ERRORS]
+TEACHER_COLUMNS = ["teacher block", "influence 1 − cos(h_in, h_out)", "velocity error with it removed",
+                   "feeds student blocks"]
+AGREEMENT_COLUMNS = ["space", "weights and activations keep the same", "by chance"]
+
+
 def levels_frame(fidelity: dict[str, Any]) -> pd.DataFrame:
     """Velocity error (and the student's cosine) per band of noise levels, then over all of them."""
     students = fidelity["students"]
@@ -200,7 +213,7 @@ def levels_frame(fidelity: dict[str, Any]) -> pd.DataFrame:
             row[f"{name}: error"] = _num(pick(students[name])["relative_error"])
         row["student: cosine"] = _num(pick(students["student"])["cosine"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=LEVEL_COLUMNS)
 
 
 def blocks_frame(fidelity: dict[str, Any]) -> pd.DataFrame:
@@ -209,19 +222,18 @@ def blocks_frame(fidelity: dict[str, Any]) -> pd.DataFrame:
         return pd.DataFrame([{"per student block": "not measured for this student layout"}])
     return pd.DataFrame([{"student block": row["block"], "from teacher block": row["teacher_block"],
                           **{f"{name}: error": _num(per_block[name][i]["relative_error"]) for name in REFERENCES}}
-                         for i, row in enumerate(per_block["student"])])
+                         for i, row in enumerate(per_block["student"])], columns=BLOCK_COLUMNS)
 
 
 def teacher_frame(report: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{"teacher block": b["block"], "influence 1 − cos(h_in, h_out)": _num(b["influence"], 4),
-                          "velocity error with it removed": _num(b["removal_error"], 4),
-                          "feeds student blocks": ", ".join(map(str, b["feeds"])) or "none"}
-                         for b in report["teacher_blocks"]])
+    return pd.DataFrame([[b["block"], _num(b["influence"], 4), _num(b["removal_error"], 4),
+                          ", ".join(map(str, b["feeds"])) or "none"] for b in report["teacher_blocks"]],
+                        columns=TEACHER_COLUMNS)
 
 
 def agreement_frame(report: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{"space": a["label"], "weights and activations keep the same": f"{100 * a['overlap']:.0f}%",
-                          "by chance": f"{100 * a['chance']:.0f}%"} for a in report["agreement"]])
+    return pd.DataFrame([[a["label"], f"{100 * a['overlap']:.0f}%", f"{100 * a['chance']:.0f}%"]
+                         for a in report["agreement"]], columns=AGREEMENT_COLUMNS)
 
 
 def summary(report: dict[str, Any], calibration: Calibration) -> str:
@@ -265,13 +277,17 @@ class FunctionView:
                                          elem_id="function-measure")
             self.msg = gr.HTML(elem_id="function-msg")
         gr.Markdown("#### Velocity error against the teacher, per noise level")
-        self.levels = gr.Dataframe(interactive=False, show_label=False, elem_id="function-levels")
+        self.levels = gr.Dataframe(placeholder(LEVEL_COLUMNS), interactive=False, show_label=False,
+                                   elem_id="function-levels")
         gr.Markdown("#### Per student block: its output against the teacher block it came from (kept channels)")
-        self.blocks = gr.Dataframe(interactive=False, show_label=False, elem_id="function-blocks")
+        self.blocks = gr.Dataframe(placeholder(BLOCK_COLUMNS), interactive=False, show_label=False,
+                                   elem_id="function-blocks")
         gr.Markdown("#### Teacher blocks: influence, and the teacher's velocity error with each removed alone")
-        self.teacher = gr.Dataframe(interactive=False, show_label=False, elem_id="function-teacher")
+        self.teacher = gr.Dataframe(placeholder(TEACHER_COLUMNS), interactive=False, show_label=False,
+                                    elem_id="function-teacher")
         gr.Markdown("#### Do weights and activations choose the same? Share of kept indices both rankings keep")
-        self.agreement = gr.Dataframe(interactive=False, show_label=False, elem_id="function-agreement")
+        self.agreement = gr.Dataframe(placeholder(AGREEMENT_COLUMNS), interactive=False, show_label=False,
+                                      elem_id="function-agreement")
 
     @property
     def outputs(self) -> list[gr.components.Component]:
@@ -288,7 +304,7 @@ class FunctionView:
         self.upload.upload(lambda: UPLOAD, None, self.source, api_visibility="private")
         return self.measure_btn.click(stoppable(self.measure),
                                       [self.state, self.source, self.path, self.count, self.upload],
-                                      self.outputs, api_name="function")
+                                      self.outputs, api_name="function", show_progress_on=[self.msg])
 
     def find(self, state: Session | None, current: str | None = None) -> dict:
         """The sets found beside this session's teacher and in the calibration cache (the choice kept while it is

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from projection import ProjectionError, Strategy
@@ -19,6 +20,7 @@ from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
 from .strategy import measured_on
 from .units import percent
 
+SAMPLE_PX = 104  # a sample's height on the page: 96 px or more reads from the back of a room (1280x720 projector)
 ROWS = (("teacher", "Teacher"), ("a", "Student, strategy A"), ("b", "Student, strategy B"),
         ("random", "Random init, same shape"))
 INTRO = (f"### What each choice draws\nPrompts 'a handwritten digit 0' … '9', one noise seed per column, "
@@ -53,11 +55,24 @@ def preview_note(label: str, synthetic: bool) -> str:
     return cards.warnings_banner([text]) if synthetic else cards.inline_ok(text)
 
 
+def picture(row: GalleryRow) -> np.ndarray:
+    """A row's samples side by side, each enlarged (without smoothing) to SAMPLE_PX pixels high or more: the
+    page shows them at their own size, so a digit is as tall on a projector as here."""
+    scale = max(1, -(-SAMPLE_PX // row.images.shape[-2]))
+    return strip(row.images, scale=scale).numpy()
+
+
+TABLE_COLUMNS = ["model", "prompt accuracy", "samples", "velocity error vs teacher (step 0)"]
+
+
 def table(rows: list[tuple[str, GalleryRow]]) -> pd.DataFrame:
+    """The rows' scores; before a draw, one row that says what will appear."""
+    if not rows:
+        return pd.DataFrame([["press “Draw samples”: one row per model", "—", "—", "—"]], columns=TABLE_COLUMNS)
     return pd.DataFrame([{"model": title, "prompt accuracy": "not scored" if r.prompt_accuracy is None
                           else percent(r.prompt_accuracy), "samples": r.scored or "—",
                           "velocity error vs teacher (step 0)": "—" if r.velocity_error is None
-                          else f"{r.velocity_error:.3f}"} for title, r in rows])
+                          else f"{r.velocity_error:.3f}"} for title, r in rows], columns=TABLE_COLUMNS)
 
 
 class GalleryView:
@@ -69,13 +84,15 @@ class GalleryView:
         with gr.Row(equal_height=True):
             self.draw_btn = gr.Button("Draw samples", variant="primary", scale=0, min_width=200, elem_id="gallery-draw")
             self.msg = gr.HTML(elem_id="gallery-msg")
-        self.images = {name: gr.Image(label=title, interactive=False, buttons=[], height=90,
-                                      elem_id=f"gallery-{name}", format="png") for name, title in ROWS}
-        self.table = gr.Dataframe(interactive=False, show_label=False, elem_id="gallery-table")
+        self.images = {name: gr.Image(label=title, interactive=False, buttons=[], elem_id=f"gallery-{name}",
+                                      elem_classes=["gallery-row"], format="png") for name, title in ROWS}
+        self.table = gr.Dataframe(table([]), interactive=False, show_label=False, elem_id="gallery-table")
 
     def wire(self) -> None:
+        # progress beside the button, not over every picture (style.css gives it room)
         self.draw_btn.click(stoppable(self.draw), [self.state, self.a_yaml, self.b_yaml],
-                            [self.msg, *self.images.values(), self.table], api_name="gallery")
+                            [self.msg, *self.images.values(), self.table], api_name="gallery",
+                            show_progress_on=[self.msg])
 
     def draw(self, state: Session | None, a_text: str, b_text: str, progress: gr.Progress = gr.Progress()) -> tuple:
         s = self.session(state)
@@ -95,7 +112,7 @@ class GalleryView:
                 return (cards.inline_error(str(exc)), *skip)
         titles = [f"{title} ({strategy_label(which[name])})" if name in ("a", "b") else title
                   for name, title, _ in drawn]
-        images = [gr.update(value=strip(row.images).numpy(), label=caption(title, row))
+        images = [gr.update(value=picture(row), label=caption(title, row))
                   for title, (_, _, row) in zip(titles, drawn)]
         calibration = s.projector.calibration
         note = preview_note(calibration.label, calibration.synthetic) if s.previews else cards.inline_ok(

@@ -73,9 +73,9 @@ class MappingView:
                                      show_label=False, container=False, scale=2, elem_id="search")
             self.sort = gr.Dropdown(list(table.SORTS), value="student order", label="Sort", show_label=False,
                                     container=False, scale=1, min_width=230, elem_id="sort")
-        self.table = gr.Dataframe(interactive=False, wrap=True, max_height=540, column_widths=table.WIDTHS,
-                                  datatype=table.DATATYPES, elem_id="mapping-table", show_label=False,
-                                  buttons=["fullscreen", "copy"])
+        self.table = gr.Dataframe(table.frame([]), interactive=False, wrap=False, max_height=540,
+                                  column_widths=table.WIDTHS, datatype=table.DATATYPES, elem_id="mapping-table",
+                                  show_label=False, buttons=["fullscreen", "copy"])
         gr.Markdown("Click a row (or pick a key) for its sources, index choices and value histograms.",
                     elem_classes="note")
         self.key = gr.Dropdown([], value=None, label="Entry details", filterable=True, elem_id="entry-key",
@@ -85,7 +85,7 @@ class MappingView:
             self.index_plot = gr.Plot(show_label=False, elem_id="index-plot")
             self.hist_plot = gr.Plot(show_label=False, elem_id="hist-plot")
         with gr.Accordion("Unused teacher keys", open=False, elem_id="unused") as self.unused_box:
-            self.unused = gr.Dataframe(interactive=False, max_height=360, show_label=False)
+            self.unused = gr.Dataframe(table.unused_frame([]), interactive=False, max_height=360, show_label=False)
 
     @property
     def table_view(self) -> Components:

@@ -20,6 +20,12 @@ STATUS_MEANINGS: dict[str, str] = {
     "concatenated": "several teacher tensors stacked (e.g. q, k, v into in_proj)",
     "skipped": "no faithful source: keeps its initial value (see reason)",
 }
+STATUS_SHORT: dict[str, str] = {  # the legend's line: STATUS_MEANINGS is its tooltip
+    "exact": "copied as is",
+    "mapped": "renamed and/or reduced",
+    "concatenated": "several stacked",
+    "skipped": "keeps its initial value",
+}
 
 TEACHER = "#ea580c"  # orange
 STUDENT = "#1d4ed8"  # the "mapped" blue: what the projection produced

@@ -137,12 +137,14 @@ class SourcesView:
         self.student_kind.change(lambda k: (gr.update(visible=k == "file"), gr.update(visible=k == "form")),
                                  self.student_kind, [self.student_file, self.form], api_visibility="private")
         # the previous load's message goes first: a load that fails leaves no stale "Loaded" beside its error
+        # A load's progress (and its failure) shows in the message under the buttons, not over every view.
+        shown = {"show_progress_on": [self.msg]}
         self.load_btn.click(lambda: "", None, self.msg, api_visibility="private", queue=False).then(
-            load, state, outputs, inputs_kwargs=inputs, api_name="load")
+            load, state, outputs, inputs_kwargs=inputs, api_name="load", **shown)
         fetched = {k: v for k, v in self.inputs.items() if k in ("teacher", "expert", "kind", "student_path")}
         self.download_btn.click(self.download, self.pending, [self.pending, self.download_btn, self.msg],
                                 inputs_kwargs=fetched, api_name="download").success(
-            load, state, outputs, inputs_kwargs=inputs, api_visibility="private")
+            load, state, outputs, inputs_kwargs=inputs, api_visibility="private", **shown)
         blocks.load(load, state, outputs, inputs_kwargs=inputs, api_visibility="private")
         if self.demo_dir is not None:
             demo = self.roots.display(self.demo_dir)
@@ -151,7 +153,7 @@ class SourcesView:
                 button.click(lambda a=f"{demo}/{teacher}", b=f"{demo}/{student}": (a, NO_EXPERT, "file", b),
                              None, [self.teacher, self.expert, self.student_kind, self.student_path],
                              api_visibility="private").then(load, state, outputs, inputs_kwargs=inputs,
-                                                            api_visibility="private")
+                                                            api_visibility="private", **shown)
 
     @staticmethod
     def plan_student(state: Session | None, target: str) -> tuple[str, list[dict[str, Any]], dict]:

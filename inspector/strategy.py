@@ -101,9 +101,10 @@ class StrategyView:
                 self.b_btn = gr.Button("B ← current strategy", size="sm")
         self.compare_btn = gr.Button("Compare A and B", variant="primary")
         self.compare_msg = gr.HTML(elem_id="compare-msg")
-        with gr.Row(visible=False) as self.compare_row:
-            self.compare_table = gr.Dataframe(interactive=False, show_label=False, scale=2, elem_id="compare-table")
-            self.compare_plot = gr.Plot(show_label=False, scale=3, elem_id="compare-plot")
+        with gr.Column(visible=False) as self.compare_row:  # the table the page's width, A, B and B − A in view
+            self.compare_table = gr.Dataframe(interactive=False, show_label=False, wrap=True, elem_id="compare-table",
+                                              column_widths=["58%", "14%", "14%", "14%"], max_height=600)
+            self.compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")
 
     def wire(self, method: gr.Radio, table_view: Components, outputs: list[gr.components.Component]) -> None:
         """`method` is the Layers tab's choice of blocks (part of the strategy); `table_view` the Mapping tab's
@@ -126,7 +127,7 @@ class StrategyView:
         self.b_btn.click(self.current, self.state, self.b_yaml, api_visibility="private")
         self.compare_btn.click(stoppable(self.compare), [self.state, self.a_yaml, self.b_yaml],
                                [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
-                               api_name="compare")
+                               api_name="compare", show_progress_on=[self.compare_msg])
 
     @property
     def components(self) -> list[gr.components.Component]:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import re
 from html import escape
 from typing import Any
 
 import pandas as pd
 
-from .palette import STATUS_COLORS, STATUS_MEANINGS, STATUS_TINTS
+from .palette import STATUS_COLORS, STATUS_MEANINGS, STATUS_SHORT, STATUS_TINTS
 from .units import percent
 
 STATUSES = tuple(STATUS_COLORS)
@@ -22,10 +21,12 @@ SORTS = {
     "retained weight energy (lowest first)": ("retained weight energy", True),
     "retained weight energy (highest first)": ("retained weight energy", False),
 }
-# Wide enough at 1280 px for "concatenated", "retained" and the longest part of a key between dots.
-WIDTHS = ["15%", "10%", "15%", "7%", "7%", "7%", "17%", "7%", "15%"]
+# Every row is one line, so that at 1280x720 the first screen shows 8 rows or more: a text too long for its column
+# ends in an ellipsis and shows whole in its tooltip (and in the entry's details, a click away). The widths give
+# the keys most room and fit "concatenated" at 1280 px.
+WIDTHS = ["18%", "10%", "18%", "7%", "7%", "6%", "13%", "7%", "14%"]
 NUMBERS = ("params", "retained weight energy")
-# Text columns are shown as HTML so that keys and shapes may wrap after a '.', '/' or '×' (never inside a name).
+# Text columns are HTML: each cell's text is also its title (the tooltip), several teacher keys one a line there.
 DATATYPES = ["str" if column in NUMBERS else "html" for column in COLUMNS]
 
 
@@ -87,23 +88,25 @@ def _display(column: str, value: Any) -> str:
         return f"{value:,}"
     if column == "retained weight energy":
         return percent(value)
-    return breakable(str(value))
+    return one_line(str(value))
 
 
-def breakable(text: str) -> str:
-    """Escaped HTML that may wrap after '.', '/' and '×' and at newlines, and elsewhere only between words."""
-    text = re.sub(r"([./×])", r"\1<wbr>", escape(text))
-    text = re.sub(r"(\S*-&gt;\S*)", r'<span style="white-space: nowrap">\1</span>', text)  # 256->128 whole
-    return text.replace("\n", "<br>")
+def one_line(text: str) -> str:
+    """Escaped HTML of a cell: its lines joined with ', ' (the row stays one line), the text whole in its title."""
+    if not text:
+        return ""
+    return f'<span class="cell-text" title="{escape(text)}">{escape(", ".join(text.splitlines()))}</span>'
+
 
 
 def legend(counts: dict[str, int]) -> str:
-    """HTML chips in the table's colours, with counts and what each status means."""
+    """One line of HTML chips in the table's colours, with counts and what each status means (in short; whole in
+    the tooltip)."""
     chips = "".join(
         f'<div class="legend-chip" data-status="{s}" title="{STATUS_MEANINGS[s]}">'
         f'<span class="swatch" style="background:{STATUS_COLORS[s]}"></span>'
         f'<b>{s}</b> <span class="count">{counts.get(s, 0)}</span>'
-        f'<span class="meaning">{STATUS_MEANINGS[s]}</span></div>' for s in STATUSES)
+        f'<span class="meaning">{STATUS_SHORT[s]}</span></div>' for s in STATUSES)
     return f'<div class="legend">{chips}</div>'
 
 

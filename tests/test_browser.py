@@ -315,13 +315,17 @@ def test_each_tab_starts_on_the_first_screen(browser, app, tmp_path, width, heig
         cells = page.locator('#mapping-table [role="gridcell"][data-col="0"]')
         for i in range(3):  # the first mapping rows, without scrolling
             in_view(page, cells.nth(i), height)
-        # table headers and cells wrap only between words (keys and shapes also after '.' and '×')
+        # table headers and cells never break inside a word; a cell too long for one line is cut with an
+        # ellipsis and is whole in its tooltip
         wrapping = page.evaluate("""() => [...document.querySelectorAll(
                 '#mapping-table [role="gridcell"], #mapping-table [role="columnheader"], #mapping-table th')]
             .flatMap(c => [c, ...c.querySelectorAll('*')])
             .filter(e => { const s = getComputedStyle(e);
+                           // a text cut on purpose ends in an ellipsis and is whole in a tooltip
+                           const whole = s.textOverflow === 'ellipsis'
+                                         && (e.closest('th[title]') || e.querySelector('[title]'));
                            return !['normal', 'keep-all'].includes(s.wordBreak) || s.overflowWrap !== 'normal'
-                                  || e.scrollWidth > e.clientWidth + 1 && s.overflow !== 'visible'; })
+                                  || e.scrollWidth > e.clientWidth + 1 && s.overflow !== 'visible' && !whole; })
             .map(e => e.innerText.slice(0, 40))""")
         assert not wrapping, wrapping[:5]
         # the cards: nothing runs over its card, and a source path keeps its end (the file name) in view
@@ -422,7 +426,16 @@ def test_function_tab_lists_the_sets_found_and_a_choice_fills_the_path(page, app
         timeout=4 * TIMEOUT)
 
 
-def test_a_failed_load_says_why_in_a_toast_that_closes_below_the_cards(browser, app):
+UNDER = """box => [...document.querySelectorAll(
+        'button, input, textarea, select, a[href], [role="tab"], [role="button"], [role="option"], [role="gridcell"]')]
+    .filter(e => !e.closest('.toast-wrap, [data-testid="status-tracker"]') && e.checkVisibility())
+    .map(e => [e, e.getBoundingClientRect()])
+    .filter(([_, r]) => r.width > 0 && r.left < box.x + box.width - 1 && box.x < r.right - 1
+                        && r.top < box.y + box.height - 1 && box.y < r.bottom - 1)
+    .map(([e]) => e.outerHTML.slice(0, 80))"""  # the controls under a box (x, y, width, height) on the page
+
+
+def test_a_failed_load_says_why_in_a_toast_that_covers_nothing(browser, app):
     from inspector.bridge import ERROR_SECONDS
 
     page = open_app(browser, app, 1280, 720)
@@ -435,10 +448,191 @@ def test_a_failed_load_says_why_in_a_toast_that_closes_below_the_cards(browser, 
         toast.wait_for()
         assert "demo/does-not-exist" in toast.inner_text() and "hub" in toast.inner_text()
         assert page.get_by_text("Loaded in").count() == 0  # the previous success is not left beside the error
+        box = toast.bounding_box()
         cards = page.locator("#cards").bounding_box()
-        assert toast.bounding_box()["y"] >= cards["y"] + cards["height"]  # the cards stay readable
+        assert box["y"] + box["height"] <= cards["y"] or box["y"] >= cards["y"] + cards["height"]  # cards readable
+        assert page.evaluate(UNDER, box) == []  # and every control usable
         started = time.monotonic()
         toast.wait_for(state="detached", timeout=(ERROR_SECONDS + 10) * 1000)  # it closes on its own
         assert time.monotonic() - started <= ERROR_SECONDS + 10
+    finally:
+        page.close()
+
+
+# ------------------------------------------------------------------ readable at 1280x720 (issue 22)
+
+
+SMALL = (1280, 720)
+
+
+def rows_in_view(page, elem_id: str) -> list[dict]:
+    """The table's body rows wholly inside the viewport, with their heights."""
+    return page.evaluate("""id => [...document.querySelectorAll(`#${id} [role="row"]`)]
+        .filter(r => r.querySelector('[role="gridcell"]'))
+        .map(r => r.getBoundingClientRect())
+        .filter(b => b.height > 0 && b.top >= 0 && b.bottom <= innerHeight)
+        .map(b => ({top: b.top, height: b.height}))""", elem_id)
+
+
+def test_mapping_shows_8_one_line_rows_on_the_first_screen(browser, app, tmp_path):
+    """At 1280x720 the first screen shows at least 8 rows, each one line: a skipped row's reason is cut with an
+    ellipsis and is whole in its tooltip; the legend takes one line."""
+    page = open_app(browser, app, *SMALL)
+    try:
+        def check(name: str) -> None:
+            page.screenshot(path=tmp_path / f"{name}.png")
+            rows = rows_in_view(page, "mapping-table")
+            assert len(rows) >= 8, (name, rows)
+            assert max(r["height"] for r in rows) < 40, (name, rows)  # one line of text each
+            chips = page.locator(".legend-chip").evaluate_all("cs => cs.map(c => c.getBoundingClientRect().top)")
+            assert max(chips) - min(chips) < 5, chips
+
+        check("reference")
+        page.get_by_role("tab", name="Sources").click()
+        page.get_by_role("button", name="Demo: Wan (diffusers, 3 shards) → seeds' layout").click()
+        page.get_by_text("Loaded in").wait_for()
+        page.get_by_role("tab", name="Mapping").click()
+        page.get_by_text("blocks.0.attn.in_proj_weight").first.wait_for()
+        check("seeds-layout")  # skipped rows with long reasons near the top
+        reason = page.locator('#mapping-table [role="gridcell"][data-col="8"]').filter(
+            has_text="time-embedding").first
+        whole = "time-embedding hidden: the student has 256, more than the teacher's 128"
+        assert reason.locator("[title]").get_attribute("title") == whole
+        clipped = reason.locator("span").first.evaluate(
+            "e => [e.scrollWidth > e.clientWidth, getComputedStyle(e).textOverflow]")
+        assert clipped == [True, "ellipsis"]
+        reason.click()  # a click opens the row's details and shows the cell whole, wrapped, in place
+        page.wait_for_function("() => document.querySelector('#entry-key input')?.value === 'time_embed.0.weight'")
+        opened = reason.locator("span").first.evaluate(
+            "e => [e.innerText, e.scrollWidth <= e.clientWidth + 1, e.getBoundingClientRect().height]")
+        assert opened[0] == whole and opened[1] and opened[2] > 2 * max(r["height"] for r in rows_in_view(
+            page, "mapping-table")[:1]), opened
+    finally:
+        page.close()
+
+
+def test_ab_table_shows_a_b_and_the_difference_without_scrolling_sideways(browser, app, tmp_path):
+    page = open_app(browser, app, *SMALL)
+    try:
+        page.get_by_role("tab", name="Strategy").click()
+        page.get_by_role("button", name="Compare A and B").click()
+        table = page.locator("#compare-table")
+        table.locator('[role="gridcell"]').first.wait_for(timeout=4 * TIMEOUT)
+        table.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=tmp_path / "compare.png")
+        found = table.evaluate("""t => {
+            const view = t.querySelector('.virtual-table-viewport'), frame = t.getBoundingClientRect();
+            const inside = r => r.left >= frame.left - 1 && r.right <= frame.right + 1 && r.right <= innerWidth;
+            const heads = [...t.querySelectorAll('th')]
+                .map(h => [h.innerText.trim(), inside(h.getBoundingClientRect())]);
+            const first = [...t.querySelectorAll('[role="gridcell"][data-row="0"]')]
+                .map(c => [c.innerText.trim(), inside(c.getBoundingClientRect())]);
+            return {scroll: view.scrollWidth, width: view.clientWidth, heads, first}; }""")
+        assert found["scroll"] <= found["width"] + 1, found  # nothing hides to the right
+        assert found["heads"] == [["measure", True], ["A", True], ["B", True], ["B − A", True]], found
+        assert all(shown and text for text, shown in found["first"]), found  # A, B and B − A values in view
+        float(found["first"][1][0])  # the values themselves, not placeholders
+    finally:
+        page.close()
+
+
+TRACKERS = """() => [...document.querySelectorAll('[data-testid="status-tracker"]:not(.hide)')].map(t => ({
+    where: t.parentElement.id,
+    texts: [...t.querySelectorAll('*')].filter(e => !e.children.length && e.innerText?.trim())  // not svg
+        .map(e => { const r = e.getBoundingClientRect();
+                    return {text: e.innerText.trim(), x: r.x, y: r.y, width: r.width, height: r.height}; })}))
+    .filter(t => t.texts.length)"""  # the progress shown now: where, its texts and their boxes
+
+
+def progress_beside(page, button: str, message: str) -> None:
+    """Press `button` and catch its progress while the work runs (however briefly: every change of the page is
+    looked at): shown in `message` only (the element beside or under the button), level with or just below the
+    button, over no control."""
+    page.evaluate(f"""() => {{ window.seen = [];
+        new MutationObserver(() => {{ const shown = ({TRACKERS})();
+                                     if (shown.length && window.seen.length < 20) window.seen.push(shown); }})
+            .observe(document.body, {{subtree: true, childList: true, attributes: true, characterData: true}}); }}""")
+    page.locator(f"#{button}").click()
+    page.wait_for_function("() => window.seen.length > 0", timeout=TIMEOUT)
+    page.wait_for_timeout(500)  # a few of its updates
+    pressed = page.locator(f"#{button}").bounding_box()
+    for shown in page.evaluate("() => window.seen"):
+        assert {t["where"] for t in shown} == {message}, shown
+        for text in shown[0]["texts"]:
+            assert page.evaluate(UNDER, text) == [], text
+            assert pressed["y"] - 10 <= text["y"] <= pressed["y"] + pressed["height"] + 80, (text, pressed)
+
+
+def test_gallery_progress_beside_the_button_and_digits_96_px_tall(browser, app, tmp_path):
+    page = open_app(browser, app, *SMALL)
+    try:
+        page.get_by_role("tab", name="Gallery").click()
+        before = page.locator("#gallery-table").inner_text()
+        assert "Draw samples" in before and "velocity error" in before  # says what will appear
+        progress_beside(page, "gallery-draw", "gallery-msg")
+        page.screenshot(path=tmp_path / "gallery-progress.png")
+        page.wait_for_function("""() => ['teacher', 'a', 'b', 'random'].every(
+            n => document.querySelector(`#gallery-${n} img`)?.complete
+                 && document.querySelector(`#gallery-${n} img`).naturalWidth > 0)""", timeout=4 * TIMEOUT)
+        page.locator("#gallery-teacher").scroll_into_view_if_needed()
+        page.screenshot(path=tmp_path / "gallery.png")
+        for name in ("teacher", "a", "b", "random"):
+            found = page.locator(f"#gallery-{name}").evaluate("""b => {
+                const img = b.querySelector('img'), r = img.getBoundingClientRect();
+                // the picture drawn inside the img box (object-fit: contain keeps its aspect)
+                const scale = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+                const h = img.naturalHeight * scale, w = img.naturalWidth * scale;
+                const pic = {top: r.top + (r.height - h) / 2, bottom: r.top + (r.height + h) / 2,
+                             left: r.left + (r.width - w) / 2, right: r.left + (r.width + w) / 2};
+                const c = b.querySelector('[data-testid="block-label"]').getBoundingClientRect();
+                const covers = c.left < pic.right && pic.left < c.right && c.top < pic.bottom && pic.top < c.bottom;
+                return {height: h, covers}; }""")
+            # one strip of samples (one digit high): its height is each digit's
+            assert found["height"] >= 96 and not found["covers"], (name, found)
+    finally:
+        page.close()
+
+
+def test_function_tables_say_what_fills_them_and_progress_is_beside_measure(browser, app, tmp_path):
+    page = open_app(browser, app, *SMALL)
+    try:
+        page.get_by_role("tab", name="Function").click()
+        for elem_id, column in (("function-levels", "student: error"), ("function-blocks", "from teacher block"),
+                                ("function-teacher", "influence"), ("function-agreement", "by chance")):
+            table = page.locator(f"#{elem_id}")
+            heads = table.locator("th").all_inner_texts()
+            assert not {h.strip() for h in heads} & {"1", "2", "3"}, (elem_id, heads)  # not Gradio's empty headers
+            assert any(column in h for h in heads), (elem_id, heads)
+            assert "press Measure" in table.locator('[role="gridcell"]').first.inner_text()
+        page.locator("#function-measure").scroll_into_view_if_needed()
+        progress_beside(page, "function-measure", "function-msg")
+        page.screenshot(path=tmp_path / "function-progress.png")
+        page.locator("#function-levels").get_by_text("all levels").wait_for(timeout=4 * TIMEOUT)
+    finally:
+        page.close()
+
+
+def test_a_clamped_layer_value_is_explained_whole(browser, app, tmp_path):
+    page = open_app(browser, app, *SMALL)
+    try:
+        page.get_by_role("tab", name="Layers").click()
+        box = page.get_by_label("number input for S1 ← T")
+        box.fill("12")
+        slider = page.locator(".block-slider").filter(has=box)
+        note = slider.locator(".info-text")
+        note.get_by_text("no teacher block 12").wait_for()
+        page.screenshot(path=tmp_path / "layers-note.png")
+        found = note.evaluate("""n => {
+            const range = document.createRange(); range.selectNodeContents(n);
+            const lines = [...range.getClientRects()];
+            const block = n.closest('.block-slider').getBoundingClientRect();
+            const clipped = [];  // the note or a box around it cut short
+            for (let e = n; e && !e.matches('#sliders'); e = e.parentElement)
+                if (e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== 'visible')
+                    clipped.push(e.className);
+            return {text: n.innerText, clipped, outside: lines.filter(r => r.right > block.right + 1
+                                                                       || r.left < block.left - 1).length}; }""")
+        assert "still T" in found["text"] and not found["clipped"] and not found["outside"], found
     finally:
         page.close()
