@@ -22,9 +22,10 @@ from ..core.project import pick_device
 from ..core.strategy import Strategy
 from ..function.activations import calibration_digest, ranking_agreement, teacher_removal
 from ..function.calibration import Calibration
-from ..function.fidelity import Reference, block_fidelity, block_streams, check_request, teacher_reference
+from ..function.fidelity import (Reference, block_fidelity, block_streams, check_request, compare, keeps_blocks,
+                                teacher_reference)
 from ..function.forward import StreamedTeacher
-from ..function.noise import expert_band
+from ..function.noise import expert_band, noised_set
 from .build import projected_student, random_student
 from .keys import ReferenceKey
 from .projector import Projector
@@ -61,10 +62,11 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
                      references: Lru | None = None) -> dict[str, Any]:
     """The fidelity of a student (`student`, else the projector's projection under `strategy`, its default if
     None) and, for scale, of two reference students of the same shape: randomly initialized and projected with
-    `width: svd-per-matrix`. The teacher streams once (one block in memory), or not at all where `references`
-    holds its outputs on this set (`shared_reference`); each student runs once for its velocity and per-block
-    errors. The noise levels are those its expert serves. The request is checked against the work bounds
-    (`budget`) before anything runs."""
+    `width: svd-per-matrix`. The teacher streams once (one block in memory; its block outputs kept where they fit,
+    else the students' blocks walk beside it in that pass), or not at all where `references` holds its outputs
+    on this set (`shared_reference`); each student runs once for its velocity and per-block errors. The noise
+    levels are those its expert serves. The request is checked against the work bounds (`budget`) before anything
+    runs."""
     strategy = strategy or projector.strategy
     config = projector.student_config(strategy)
     check_request(calibration.source, projector.teacher.config, calibration.latents, calibration.context, draws,
@@ -75,19 +77,33 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
     students = {"student": (student or projected_student(projector, strategy=strategy)).to(device).float(),
                 "random init": random_student(config, strategy.seed).to(device),
                 "svd-per-matrix": projected_student(svd, device)}
-    reference = shared_reference(projector, calibration, draws, seed, device, references)
-    band = reference.band
     plan = projector.plan(strategy) if blocks and isinstance(students["student"], WanLite) else None
-    layers = plan.mapping.layers if plan is not None else None
-    kept = plan.indices("resid", None) if plan is not None else None
-    measured = {name: reference.measure(model, layers, kept) for name, model in students.items()}
-    table = {name: f for name, (f, _) in measured.items()}
-    per_block = None
-    if plan is not None:
-        per_block = {name: rows for name, (_, rows) in measured.items()}
-        if any(rows is None for rows in per_block.values()):  # block outputs too large to keep: they stream
-            per_block = block_fidelity(plan, students, calibration.latents, calibration.context, draws, seed, band,
-                                       device)
+    key = reference_key(projector, calibration, draws, seed)
+    band = key.band
+    shape = (len(calibration) * draws, *calibration.latents.shape[1:])
+    if (plan is not None and (references is None or key not in references)
+            and not keeps_blocks(projector.teacher.config, shape)):
+        # block outputs too large to keep (a real teacher): one streamed pass gives velocities and block errors
+        velocities: dict[str, torch.Tensor] = {}
+        per_block = block_fidelity(plan, students, calibration.latents, calibration.context, draws, seed, band,
+                                   device, velocities)
+        x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
+        reference = Reference(x, t, ctx, velocities.pop("teacher"), draws, band)
+        if references is not None:
+            references.put(key, reference)
+        table = {name: compare(velocities[name], reference.velocity, draws, band) for name in students}
+    else:
+        reference = shared_reference(projector, calibration, draws, seed, device, references)
+        layers = plan.mapping.layers if plan is not None else None
+        kept = plan.indices("resid", None) if plan is not None else None
+        measured = {name: reference.measure(model, layers, kept) for name, model in students.items()}
+        table = {name: f for name, (f, _) in measured.items()}
+        per_block = None
+        if plan is not None:
+            per_block = {name: rows for name, (_, rows) in measured.items()}
+            if any(rows is None for rows in per_block.values()):  # a kept reference without block outputs
+                per_block = block_fidelity(plan, students, calibration.latents, calibration.context, draws, seed,
+                                           band, device)
     return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
             "latents": len(calibration), "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
             "meaning": "relative_error = sum |v_student - v_teacher|^2 / sum |v_teacher|^2 of the velocity on the "

@@ -109,6 +109,14 @@ class Reference:
 REFERENCE_BLOCK_BYTES = 256 << 20  # the teacher's block outputs a reference keeps, at most (else blocks stream)
 
 
+def keeps_blocks(config: ModelConfig, noised: tuple[int, ...] | torch.Size, blocks: int | None = None) -> bool:
+    """Whether a reference on a noised set of this shape [samples, C, H, W] keeps the teacher's block outputs
+    (`blocks` of them; default all) within REFERENCE_BLOCK_BYTES."""
+    depth = int(config.num_layers) if blocks is None else blocks
+    size = noised[0] * budget.tokens_per_latent(*noised[-2:]) * int(config.dim) * depth * budget.F32
+    return size <= REFERENCE_BLOCK_BYTES
+
+
 def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> ModelConfig | None:
     """The teacher's config as `budget.check_work` reads it: a streamed teacher's, or an in-memory WanLite's."""
     if isinstance(teacher, StreamedTeacher):
@@ -139,8 +147,7 @@ def teacher_reference(teacher: nn.Module | StreamedTeacher, latents: torch.Tenso
     if not (keep_blocks and isinstance(teacher, StreamedTeacher)):
         return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
     config = teacher.teacher.config
-    size = len(x) * budget.tokens_per_latent(*x.shape[-2:]) * int(config.dim) * len(teacher.blocks) * budget.F32
-    if size > REFERENCE_BLOCK_BYTES:
+    if not keeps_blocks(config, x.shape, len(teacher.blocks)):
         return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
     kept: dict[int, list[torch.Tensor]] = {}
     velocity = teacher(x, t, ctx, on_block=lambda i, _, out: kept.setdefault(i, []).append(out.cpu()))
@@ -166,11 +173,14 @@ def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, 
 @torch.no_grad()
 def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Tensor,
                    context: torch.Tensor, draws: int = 2, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
-                   device: str | torch.device = "cpu") -> dict[str, list[dict[str, float]]]:
+                   device: str | torch.device = "cpu", velocities: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, list[dict[str, float]]]:
     """Per student block, for WanLite students projected under `plan` (or of its shape): relative error of the
     block's output against teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's
     residual stream). The plan's teacher streams once (again from the start only where the layer list goes
-    back)."""
+    back). `velocities`, if given, receives the velocities of the same pass: the teacher's (under "teacher", its
+    remaining blocks run) and each student's, so a teacher too large to keep its block outputs (`keeps_blocks`)
+    is still read once for velocity and per-block errors."""
     teacher = plan.mapping.teacher
     student = budget.module_config(next(iter(students.values()))) if students else None
     check_request("calibration set", teacher.config, latents, context, draws, models=1 + len(students),
@@ -194,6 +204,18 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
             streams[name] = [model.blocks[i](h, e.e0, e.ctx, e.freqs) for h, e in zip(streams[name], embedded[name])]
             error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
             rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
+    if velocities is not None:
+        for b in range(cursor.at, int(teacher.config.num_layers)):
+            block = cursor.block(b)
+            cursor.hidden = [_step(block, h, p) for h, p in zip(cursor.hidden, cursor.parts)]
+            cursor.done(b)
+            del block
+        shell = cursor.teacher.shell
+        velocities["teacher"] = torch.cat([shell.unpatchify(h, p.e, p.grid).float().cpu()
+                                           for h, p in zip(cursor.hidden, cursor.parts)])
+        for name, model in students.items():
+            velocities[name] = torch.cat([model.unpatchify(h, e.e, e.grid).float().cpu()
+                                          for h, e in zip(streams[name], embedded[name])])
     return rows
 
 
