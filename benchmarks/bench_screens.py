@@ -1,7 +1,9 @@
 """The screens users wait on, timed on the demo (issue 22): the app's Load, Function measure, A/B comparison and
 Gallery draw (a warm app, through its HTTP API as a browser would call it; a second session drawing the same rows),
-and `projection fidelity` as a fresh process (start-up included). Each repeat starts a fresh app: the A/B
-comparison draws its rows, the Gallery then reuses them and draws the teacher's and random init's.
+and `projection fidelity` as a fresh process (start-up included). Each repeat starts a fresh app: the Function
+view's measure runs the teacher on its default set (64 held-out latents, 2 noise draws), the A/B comparison then
+scores its students against those shared teacher outputs (it draws no samples), and the Gallery draws all four
+rows (their velocity errors from the same shared outputs).
 
     python benchmarks/bench_screens.py [--repeat 3]
 

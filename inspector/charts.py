@@ -248,9 +248,50 @@ INCONSISTENT_NOTE = ("<b>{sides} basis-inconsistent</b>: each matrix in its own 
                      "compute<br>the teacher's function; its retained energy is not comparable.")
 
 
+FUNCTION_SIDES = (("A", "strategy A", A_SIDE), ("B", "strategy B", B_SIDE), ("random init", "random init", EDGE))
+
+
+def compare_function(levels: list[str], by_level: dict[str, list[float]],
+                     by_block: dict[str, list[tuple[int, float]] | None], on: str) -> Figure:
+    """What the students of A and B compute, beside a random student of the same shape (the reference): velocity
+    error per band of noise levels (left) and each student block's output error against the teacher block it came
+    from (right; the block's source in its hover). Keys of `by_level` and `by_block`: 'A', 'B', 'random init'.
+    A log axis where the errors span more than 20x (a basis-inconsistent student's are far above the rest)."""
+    data = []
+    values = [v for side in by_level.values() for v in side] + [
+        e for rows in by_block.values() if rows for _, e in rows]
+    positive = [v for v in values if v > 0]
+    log = bool(positive) and max(positive) > 20 * min(positive)
+    for key, name, color in FUNCTION_SIDES:
+        data.append({"type": "bar", "x": levels, "y": by_level[key], "name": name, "marker": {"color": color},
+                     "legendgroup": key, "hovertemplate": "noise %{x}: %{y:.3f}<extra>" + name + "</extra>"})
+        rows = by_block.get(key)
+        if rows:
+            data.append({"type": "bar", "x": [f"S{i}" for i in range(len(rows))], "y": [e for _, e in rows],
+                         "customdata": [t for t, _ in rows], "name": name, "marker": {"color": color},
+                         "legendgroup": key, "showlegend": False, "xaxis": "x2", "yaxis": "y2",
+                         "hovertemplate": "block %{x} (from teacher block %{customdata}): %{y:.3f}<extra>" + name
+                                          + "</extra>"})
+    scale = {"type": "log"} if log else {"rangemode": "tozero"}
+    notes = [{"text": text, "xref": "paper", "yref": "paper", "x": x, "y": 1.0, "xanchor": "left",
+              "yanchor": "bottom", "showarrow": False, "font": {"size": 13, "color": "#4b5563"}}
+             for text, x in (("per noise level", 0), ("per student block (kept channels)", 0.56))]
+    return figure(data, subtitled("What the students compute: velocity error vs the teacher (lower is better)",
+                                  f"on {on}; random init of the same shape is the reference"), 400, barmode="group",
+                  annotations=notes, margin={"t": 96},
+                  xaxis={"domain": [0, 0.44], "title": {"text": "noise level s"}},
+                  yaxis={"title": {"text": "relative error"}, **scale},
+                  xaxis2=axis(domain=[0.56, 1], anchor="y2", title={"text": "student block"}),
+                  yaxis2=axis(anchor="x2", **scale))
+
+
+ENERGY_TITLE = "Weight statistic: retained weight energy per student layer, A vs B"
+
+
 def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bool] = (True, True)) -> Figure:
-    """Retained weight energy per student layer under strategies A and B; a basis-inconsistent side is drawn
-    grey and hatched, with a note saying why its bars are not a result."""
+    """Retained weight energy per student layer under strategies A and B (a weight statistic, secondary to what
+    the students compute); a basis-inconsistent side is drawn grey and hatched, with a note saying why its bars
+    are not a result."""
     names = list(dict.fromkeys([*a, *b]))
     labels = ["embeddings & head" if n == "top" else n for n in names]
     data = []
@@ -269,14 +310,14 @@ def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bo
         data.append(bar)
     inconsistent = [side for side, ok in zip("AB", consistent) if not ok]
     if not inconsistent:
-        return figure(data, "Retained weight energy per student layer: A vs B", 380, barmode="group",
+        return figure(data, ENERGY_TITLE, 380, barmode="group",
                       yaxis={"title": {"text": "% of teacher's squared weight norm"}, "range": [0, 112],
                              "ticksuffix": "%"})
     sides = " and ".join(inconsistent) + (" are" if len(inconsistent) > 1 else " is")
     note = {"text": INCONSISTENT_NOTE.format(sides=sides), "xref": "paper", "yref": "paper", "x": 0, "y": 1,
             "xanchor": "left", "yanchor": "top", "align": "left", "showarrow": False, "bgcolor": CAUTION_TINT,
             "bordercolor": CAUTION, "borderwidth": 1, "borderpad": 6, "font": {"size": 13, "color": CAUTION}}
-    return figure(data, "Retained weight energy per student layer: A vs B", 440, barmode="group",
+    return figure(data, ENERGY_TITLE, 440, barmode="group",
                   annotations=[note],
                   yaxis={"title": {"text": "% of teacher's squared weight norm"}, "range": [0, 140],
                          "tickvals": [0, 20, 40, 60, 80, 100], "ticksuffix": "%"})

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,9 @@ from projection.demo.teacher import demo_calibration
 from projection.engine.build import random_student, wanlite_from_teacher
 from projection.engine.keys import ProjectionKey
 from projection.engine.projector import Caches, entry_rows
-from projection.engine.report import function_report
+from projection.engine.report import function_report, reference_key, shared_reference
 from projection.function.calibration import Calibration
-from projection.function.fidelity import Reference, teacher_reference
+from projection.function.fidelity import Fidelity, Reference
 from projection.io.checkpoint import PathCheck
 from projection.runtime import heavy_work
 
@@ -50,7 +50,8 @@ from .units import human_bytes
 AUTO_ENERGY_BYTES = 1 << 30  # a teacher that fits the shared tensor cache is measured on every refresh
 SMALL_WEIGHTS_BYTES = 256 << 20  # exported weights offered for download up to this size
 MAX_FUNCTION_STUDENT_BYTES = 8 << 30  # the Function view holds three students of this size in memory
-QUICK_LATENTS = 64  # held-out latents behind the summary card's step-0 velocity error (2 noise draws each)
+QUICK_LATENTS = 64  # held-out latents behind the card's, the A/B's and the Gallery's velocity errors on the demo
+REFERENCE_DRAWS = 2  # noise draws per latent there: the Function view's, so its default set gives the same numbers
 GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
 TEACHER = "teacher"
 RANDOM = "random"
@@ -121,12 +122,14 @@ class Session:
     closed: str | None = None  # why the session was closed, once it is
     _stacked_spectra: Lru[tuple[ProjectionKey, str, int], torch.Tensor] = field(
         default_factory=lambda: Lru(STACKED_SPECTRA))
-    # rows by teacher, student and what drew them, and the teacher's velocities on their sets (maybe shared)
-    gallery: Lru[tuple[Any, ...], GalleryRow | Reference] = field(default_factory=lambda: Lru(GALLERY))
+    # rows by teacher, student and what drew them, and the teacher's outputs on a set by `ReferenceKey` (maybe
+    # shared with other sessions): every view measuring on a set reads the teacher for it once
+    gallery: Lru[Any, GalleryRow | Reference] = field(default_factory=lambda: Lru(GALLERY))
     _teacher_module: torch.nn.Module | None = None
-    _step0: Lru[ProjectionKey, Step0] = field(default_factory=lambda: Lru(GALLERY))
-    _step0_reference: Reference | None = None  # the teacher's velocities on the card's set: run once per session
-    _step0_random: Lru[int, float] = field(default_factory=lambda: Lru(GALLERY))  # a random student's error, by seed
+    _step0: Lru[tuple[Any, ...], Step0] = field(default_factory=lambda: Lru(GALLERY))
+    # what a student computes on the reference set, by (set key, projection key or random seed, student)
+    _fidelity: Lru[tuple[Any, ...], tuple[Fidelity, list[dict[str, float]] | None]] = field(
+        default_factory=lambda: Lru(GALLERY))
     work: weakref.WeakSet[CancelToken] = field(default_factory=weakref.WeakSet)  # its requests' stop tokens
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
@@ -433,6 +436,13 @@ class Session:
                 out[name] = self.measure(force=True, progress=progress, strategy=self._usable(strategy)).summary
         return out
 
+    def compare_function(self, a: Strategy, b: Strategy) -> dict[str, tuple[Fidelity, list[dict[str, float]] | None]]:
+        """What the students of A and B compute on `reference_set` next to a random student of this shape (the
+        reference): velocity error per noise band and per student block, from one teacher pass shared with every
+        other view on that set (none if one ran already)."""
+        return {"A": self.student_function(a), "B": self.student_function(b),
+                "random init": self.student_function(RANDOM)}
+
     # ------------------------------------------------------------ function: what the student computes
 
     @property
@@ -475,7 +485,8 @@ class Session:
         if why:
             raise ProjectionError(why)
         with self._heavy():
-            self.function = function_report(self.projector, calibration, progress=progress, strategy=self.strategy)
+            self.function = function_report(self.projector, calibration, progress=progress, strategy=self.strategy,
+                                            draws=REFERENCE_DRAWS, references=self.gallery)
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
 
@@ -495,10 +506,52 @@ class Session:
             removal = [b["removal_error"] for b in self.function["teacher_blocks"]]
         return acts.influence, removal, acts.about
 
+    def reference_set(self) -> tuple[Calibration, str]:
+        """The set the card's, the A/B's and the Gallery's velocity errors are measured on, and its name: the
+        Function tab's set for previews, else the first QUICK_LATENTS of the demo's held-out digits (the Function
+        view's default, so every screen gives the same numbers)."""
+        if self.previews:
+            calibration = self.projector.calibration
+            return calibration, f"{calibration.label} × {REFERENCE_DRAWS} noise draws"
+        held_out = demo_calibration()
+        calibration = held_out.subset(QUICK_LATENTS)
+        return calibration, (f"demo held-out digits: {len(calibration)} of {len(held_out)} latents × "
+                             f"{REFERENCE_DRAWS} noise draws")
+
+    def reference(self) -> Reference:
+        """The teacher's outputs on `reference_set`, shared by every view and session that measures on it (one
+        streamed pass over the teacher's weights, the first time)."""
+        with self._heavy():
+            return shared_reference(self.projector, self.reference_set()[0], REFERENCE_DRAWS, 0, self.device,
+                                    self.gallery)
+
+    def student_function(self, which: Strategy | str) -> tuple[Fidelity, list[dict[str, float]] | None]:
+        """What the student of `which` (a strategy, or RANDOM: a random student of this shape seeded by the
+        session's seed) computes on `reference_set`: its fidelity and its per-block rows (None: not a WanLite, or
+        the teacher's block outputs too large to keep); cached."""
+        calibration, _ = self.reference_set()
+        student = (str(self.student_source), self.student_config)
+        what = (RANDOM, self.strategy.seed, student) if which == RANDOM else (self.projection_key(which), student)
+        key = (reference_key(self.projector, calibration, REFERENCE_DRAWS), what)
+        found = self._fidelity.get(key)
+        if found is not None:
+            return found
+        reference = self.reference()
+        with self._heavy():
+            if which == RANDOM:
+                model, plan = random_student(self.student_config, self.strategy.seed), self.projector.plan(
+                    self.strategy)
+            else:
+                strategy = self._usable(which)
+                model, plan = projected_student(self.projector, strategy=strategy), self.projector.plan(strategy)
+            measured = reference.measure(model, plan.mapping.layers, plan.indices("resid", None))
+        return self._fidelity.put(key, measured)
+
     def step0_error(self) -> Step0 | None:
-        """The summary card's velocity errors at step 0. On the demo's latent space: measured here, on the first
-        QUICK_LATENTS held-out latents, cached per projection. Elsewhere: the Function tab's last report, while
-        it is still about the projection in use. None where neither is known."""
+        """The summary card's velocity errors at step 0. On the demo's latent space: on `reference_set` (the
+        teacher's outputs there shared with the Function view, the A/B comparison and the Gallery), cached per
+        projection. Elsewhere: the Function tab's last report, while it is still about the projection in use. None
+        where neither is known."""
         if self.previews:
             if self.function is None or self._function_for != self.projection_key():
                 return None
@@ -507,22 +560,13 @@ class Session:
                          f"{calibration.label}, as measured in the Function tab", calibration.synthetic)
         if self.function_unavailable():
             return None
-        key = self.projection_key()
+        calibration, on = self.reference_set()
+        key = (reference_key(self.projector, calibration, REFERENCE_DRAWS), self.projection_key())
         found = self._step0.get(key)
         if found is None:
-            if self._step0_reference is None:
-                held_out = demo_calibration().subset(QUICK_LATENTS)
-                self._step0_reference = teacher_reference(self.teacher_module(), held_out.latents,
-                                                          held_out.context, draws=2)
-            reference, seed = self._step0_reference, self.strategy.seed
-            random = self._step0_random.get(seed)
-            if random is None:
-                random = self._step0_random.put(seed, reference.score(random_student(self.student_config, seed))
-                                                .relative_error)
-            student = projected_student(self.projector, strategy=self.strategy)
-            found = self._step0.put(key, Step0(reference.score(student).relative_error, random,
-                                               f"{QUICK_LATENTS} of the demo's held-out latents at fixed noise "
-                                               "(2 draws each)"))
+            error = self.student_function(self.strategy)[0].relative_error
+            random = self.student_function(RANDOM)[0].relative_error
+            found = self._step0.put(key, Step0(error, random, on, calibration.synthetic))
         return found
 
     def teacher_module(self) -> torch.nn.Module:
@@ -530,17 +574,27 @@ class Session:
             self._teacher_module = wanlite_from_teacher(self.teacher_source)
         return self._teacher_module
 
+    def _row_key(self, which: Strategy | str) -> tuple[Any, ...]:
+        """A gallery row's key: the teacher, the student and what drew it, and the set for previews."""
+        drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
+        student = (str(self.student_source), self.student_config)
+        what = ((TEACHER,) if which == TEACHER else (RANDOM, self.strategy.seed, student) if which == RANDOM else
+                (self.projection_key(which), student))
+        return self.projector.fingerprint, what, drawn_on
+
+    def drawn_row(self, which: Strategy | str) -> GalleryRow | None:
+        """The gallery row of `which` if some session drew it already (nothing is drawn here)."""
+        if self.function_unavailable() or (self.previews and self.projector.activations is None):
+            return None
+        return self.gallery.peek(self._row_key(which))
+
     def gallery_row(self, which: Strategy | str) -> GalleryRow:
         """The samples and scores of the teacher (TEACHER), a random student of this shape (RANDOM, seeded by the
         session's strategy seed), or the student projected with a strategy (same sources and rules); cached."""
         why = self.function_unavailable()
         if why:
             raise ProjectionError(why)
-        drawn_on = self.projector.activations.key if self.previews else None  # previews: the Function tab's set
-        student = (str(self.student_source), self.student_config)
-        what = ((TEACHER,) if which == TEACHER else (RANDOM, self.strategy.seed, student) if which == RANDOM else
-                (self.projection_key(which), student))
-        key = (self.projector.fingerprint, what, drawn_on)
+        key = self._row_key(which)
         found = self.gallery.get(key)
         if found is not None:
             return found
@@ -548,25 +602,24 @@ class Session:
         if self.previews:
             config, calibration = self.projector.teacher.config, self.projector.calibration
 
-            def draw(name: str, model: torch.nn.Module, reference: Reference | None) -> GalleryRow:
-                return preview_row(name, model, config, calibration, GALLERY_SAMPLER.steps, reference)
+            def draw(name: str, model: torch.nn.Module, error: float | None) -> GalleryRow:
+                row = preview_row(name, model, config, calibration, GALLERY_SAMPLER.steps)
+                return replace(row, velocity_error=error)
         else:
-            classifier, calibration = demo_teacher.load_demo_classifier(), demo_calibration()
+            classifier = demo_teacher.load_demo_classifier()
 
-            def draw(name: str, model: torch.nn.Module, reference: Reference | None) -> GalleryRow:
-                return draw_row(name, model, classifier, GALLERY_SAMPLER, reference)
+            def draw(name: str, model: torch.nn.Module, error: float | None) -> GalleryRow:
+                return replace(draw_row(name, model, classifier, GALLERY_SAMPLER), velocity_error=error)
         with self._heavy():
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
-            else:  # the teacher's velocities on the set: once for every row drawn on it
-                on = (self.projector.fingerprint, "reference", drawn_on)
-                reference = self.gallery.get(on) or self.gallery.put(on, teacher_reference(
-                    teacher, calibration.latents, calibration.context))
+            else:  # the velocity error: the A/B's and the card's, on the set every view shares
+                error = self.student_function(which)[0].relative_error
                 if which == RANDOM:
-                    row = draw("random init", random_student(self.student_config, self.strategy.seed), reference)
+                    row = draw("random init", random_student(self.student_config, self.strategy.seed), error)
                 else:
                     model = projected_student(self.projector, strategy=self._usable(which))
-                    row = draw(which.width if not which.basis_consistent else "projected", model, reference)
+                    row = draw(which.width if not which.basis_consistent else "projected", model, error)
         return self.gallery.put(key, row)
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:

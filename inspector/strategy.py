@@ -12,7 +12,7 @@ import pandas as pd
 
 from projection import ProjectionError, Strategy
 from projection.demo.gallery import GalleryRow
-from projection.demo.teacher import demo_calibration
+from projection.function.fidelity import Fidelity
 from projection.io.inputs import read_text
 
 from . import cards, charts
@@ -20,27 +20,28 @@ from .bridge import Components, Refresh, choices, info, plot, progress_to, stopp
 from .session import Session
 from .units import percent
 
+Compared = dict[str, tuple[Fidelity, list[dict[str, float]] | None]]  # Session.compare_function: A, B, random init
 FIELDS = ("width", "heads", "head_dim", "ffn", "conv", "rescale")  # one control each; layers: the Layers tab
 COMPARE_INTRO = ("### A/B comparison\nTwo strategies on the same teacher, student and rules. First what each "
-                 "student computes (its velocity error relative to the teacher at step 0, on the demo's held-out "
-                 "digits or, for other teachers, the Function tab's calibration set; on the demo also the prompt "
-                 "accuracy of its samples; the Gallery tab draws them), then coverage, then retained weight energy "
-                 "per layer: a weight statistic, not output quality (a basis-inconsistent strategy's energy is not "
-                 "comparable).")
+                 "student computes: its velocity error relative to the teacher at step 0, per noise level and per "
+                 "student block, beside a random student of the same shape (on the first 64 of the demo's held-out "
+                 "digits or, for other teachers, the Function tab's calibration set: the set the card, the Function "
+                 "view and the Gallery measure on). The prompt accuracy of the samples shows once the Gallery tab "
+                 "has drawn them. Then coverage, then retained weight energy per layer: a weight statistic, not "
+                 "output quality (a basis-inconsistent strategy's energy is not comparable).")
 
 
 def measured_on(s: Session) -> str:
-    """The set the Gallery's and the comparison's velocity errors are measured on: the Function tab's on previews,
-    else the demo's held-out digits (all of them)."""
-    if s.previews:
-        return s.projector.calibration.label
-    return f"demo held-out digits: {len(demo_calibration())} latents"
+    """The set the Gallery's and the comparison's velocity errors are measured on, with its number of latents and
+    noise draws (the card's and the Function view's default set)."""
+    return s.reference_set()[1]
 
 
-def comparison_frame(ra: dict[str, Any], rb: dict[str, Any], function: tuple[GalleryRow, GalleryRow] | None,
-                     on: str) -> pd.DataFrame:
-    """Rows of the A/B table: the students' velocity errors (and prompt accuracy) where measured (`on` names the
-    set), then coverage, then retained weight energy, marked not comparable across bases."""
+def comparison_frame(ra: dict[str, Any], rb: dict[str, Any], function: Compared | None, on: str,
+                     drawn: tuple[GalleryRow | None, GalleryRow | None] = (None, None)) -> pd.DataFrame:
+    """Rows of the A/B table: the students' velocity errors where measured (`on` names the set) and the prompt
+    accuracy of their samples where the Gallery drew them, then coverage, then retained weight energy, marked not
+    comparable across bases."""
     ea, eb = ra["retained_weight_energy"], rb["retained_weight_energy"]
     comparable = ra["basis_consistent"] and rb["basis_consistent"]
 
@@ -51,12 +52,12 @@ def comparison_frame(ra: dict[str, Any], rb: dict[str, Any], function: tuple[Gal
 
     rows = []
     if function is not None:  # what the student computes leads; weight statistics follow
-        fa, fb = function
+        va, vb = function["A"][0].relative_error, function["B"][0].relative_error
         rows.append({"measure": f"velocity error vs teacher, step 0 (lower is better){on}",
-                     "A": f"{fa.velocity_error:.3f}", "B": f"{fb.velocity_error:.3f}",
-                     "B − A": f"{fb.velocity_error - fa.velocity_error:+.3f}"})
-        if fa.prompt_accuracy is not None:
-            rows.append(row(f"prompt accuracy of {fa.scored} samples", fa.prompt_accuracy, fb.prompt_accuracy))
+                     "A": f"{va:.3f}", "B": f"{vb:.3f}", "B − A": f"{vb - va:+.3f}"})
+        da, db = drawn
+        if da is not None and db is not None and da.prompt_accuracy is not None:
+            rows.append(row(f"prompt accuracy of {da.scored} samples", da.prompt_accuracy, db.prompt_accuracy))
     for name in ("keys", "params"):
         rows.append(row(f"{name} transferred", ra["coverage"][name]["rate"], rb["coverage"][name]["rate"]))
     rows.append(row("retained weight energy (weight statistic)", ea["mean"], eb["mean"], comparable))
@@ -104,7 +105,8 @@ class StrategyView:
         with gr.Column(visible=False) as self.compare_row:  # the table the page's width, A, B and B − A in view
             self.compare_table = gr.Dataframe(interactive=False, show_label=False, wrap=True, elem_id="compare-table",
                                               column_widths=["58%", "14%", "14%", "14%"], max_height=600)
-            self.compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")
+            self.compare_plot = gr.Plot(show_label=False, elem_id="compare-plot")  # what they compute
+            self.compare_energy = gr.Plot(show_label=False, elem_id="compare-energy-plot")  # a weight statistic
 
     def wire(self, method: gr.Radio, table_view: Components, outputs: list[gr.components.Component]) -> None:
         """`method` is the Layers tab's choice of blocks (part of the strategy); `table_view` the Mapping tab's
@@ -126,7 +128,8 @@ class StrategyView:
         self.a_btn.click(self.current, self.state, self.a_yaml, api_visibility="private")
         self.b_btn.click(self.current, self.state, self.b_yaml, api_visibility="private")
         self.compare_btn.click(stoppable(self.compare), [self.state, self.a_yaml, self.b_yaml],
-                               [self.compare_table, self.compare_plot, self.compare_msg, self.compare_row],
+                               [self.compare_table, self.compare_plot, self.compare_energy, self.compare_msg,
+                                self.compare_row],
                                api_name="compare", show_progress_on=[self.compare_msg])
 
     @property
@@ -195,21 +198,36 @@ class StrategyView:
         try:
             a, b = Strategy.from_yaml(a_text, "strategy A"), Strategy.from_yaml(b_text, "strategy B")
         except ProjectionError as exc:
-            return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
         with s.lock:
             try:
                 result = s.compare(a, b, progress_to(progress, "projecting"))
+                unavailable = s.function_unavailable()
+                if unavailable is None:
+                    progress((1, 2), desc="velocity errors: A, B and random init against the teacher")
+                function = None if unavailable else s.compare_function(a, b)
             except ProjectionError as exc:
-                return gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
-            unavailable = s.function_unavailable()
-            function = None if unavailable else (s.gallery_row(a), s.gallery_row(b))
-            on = "" if function is None else f", on {measured_on(s)}"
+                return gr.skip(), gr.skip(), gr.skip(), cards.inline_error(str(exc)), gr.skip()
+            drawn = (s.drawn_row(a), s.drawn_row(b)) if function is not None else (None, None)
+            on = "" if function is None else measured_on(s)
         ra, rb = result["A"], result["B"]
         notes = [f"{side}: {w}" for side, r in (("A", ra), ("B", rb)) for w in r["warnings"]]
         if function is None:
             notes.append(f"Function not measured: {unavailable}")
         consistent = (ra["basis_consistent"], rb["basis_consistent"])
-        figure = charts.compare(ra["retained_weight_energy"]["by_layer"], rb["retained_weight_energy"]["by_layer"],
+        energy = charts.compare(ra["retained_weight_energy"]["by_layer"], rb["retained_weight_energy"]["by_layer"],
                                 consistent)
-        return (comparison_frame(ra, rb, function, on), plot(figure),
+        lead = (charts.message("What the students compute", f"Not measured: {unavailable}") if function is None
+                else function_chart(function, on))
+        return (comparison_frame(ra, rb, function, f", on {on}" if on else "", drawn), plot(lead), plot(energy),
                 cards.inline_error("\n".join(notes)) if notes else "", gr.update(visible=True))
+
+
+def function_chart(function: Compared, on: str) -> charts.Figure:
+    """The lead A/B chart: velocity error per noise band and per student block, A, B and random init."""
+    bands = function["A"][0].by_level
+    levels = [f"{b['s_low']:.2f}–{b['s_high']:.2f}" for b in bands]
+    by_level = {side: [b["relative_error"] for b in f.by_level] for side, (f, _) in function.items()}
+    by_block = {side: None if rows is None else [(r["teacher_block"], r["relative_error"]) for r in rows]
+                for side, (_, rows) in function.items()}
+    return charts.compare_function(levels, by_level, by_block, on)

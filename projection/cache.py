@@ -40,7 +40,7 @@ SPECTRA = Bound(64 << 20, 256)  # singular values of teacher and student tensors
 MEASURES = Bound(16 << 20, 64)  # retained energies per strategy + rules (numbers only: a few kB each)
 GALLERY = Bound(16 << 20, 16)  # gallery rows and step-0 errors (a few kB each)
 # shared by the app's sessions (inspector.sessions)
-SHARED_GALLERY = Bound(64 << 20, 64)  # gallery rows and the teacher's velocities on their sets (a few MB each)
+SHARED_GALLERY = Bound(64 << 20, 64)  # gallery rows and the teacher's outputs on their sets (a few MB each)
 STACKED_SPECTRA = Bound(16 << 20, 256)  # singular values of the parts of stacked student entries
 
 

@@ -362,6 +362,28 @@ def test_each_tab_starts_on_the_first_screen(browser, app, tmp_path, width, heig
         page.close()
 
 
+def test_ab_comparison_leads_with_what_the_students_compute(browser, app, tmp_path):
+    """At 1280x720: Compare A and B draws the velocity error per noise level and per student block (A, B and
+    random init) first; the retained-weight-energy chart, a weight statistic, comes below it."""
+    page = open_app(browser, app, 1280, 720)
+    try:
+        page.get_by_role("tab", name="Strategy").click()
+        page.get_by_role("button", name="Compare A and B").click()
+        page.wait_for_function("() => document.querySelector('#compare-energy-plot .js-plotly-plot')?.data?.length",
+                               timeout=4 * TIMEOUT)
+        lead = plot_data(page, "compare-plot")
+        assert [t["name"] for t in lead if t.get("xaxis") != "x2"] == ["strategy A", "strategy B", "random init"]
+        assert any(t.get("xaxis") == "x2" for t in lead)  # per student block
+        title = page.evaluate("() => document.querySelector('#compare-energy-plot .js-plotly-plot').layout.title.text")
+        assert title.startswith("Weight statistic")
+        first, second = (page.locator(f"#{i}").bounding_box() for i in ("compare-plot", "compare-energy-plot"))
+        assert second["y"] >= first["y"] + first["height"] - 1  # the weight statistic below
+        assert "velocity error vs teacher" in page.locator("#compare-table").inner_text()
+        page.screenshot(path=tmp_path / "ab.png", full_page=True)
+    finally:
+        page.close()
+
+
 def test_gallery_draws_every_row_with_its_prompt_accuracy(page, tmp_path):
     """The stakeholder's view: the teacher, both strategies' students and a random student, one picture each,
     the prompt accuracy in each row's caption and in the table beside them."""

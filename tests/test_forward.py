@@ -79,6 +79,20 @@ def test_one_block_of_weights_at_a_time(tiny_wan, monkeypatch):
                                                                                 if k.startswith("blocks.0.")])
 
 
+def test_small_latents_stream_in_micro_batches_of_about_512_tokens(tiny_wan):
+    """8 latents of a few tokens each are too many tiny operations: small latents go in micro-batches of up to
+    MICRO_BATCH_TOKENS tokens; large ones in MICRO_BATCH latents; a micro_batch given is kept."""
+    from projection.function import budget
+
+    teacher = open_teacher(str(tiny_wan.original_dir))
+    ctx = torch.zeros(300, 7, tiny_wan.config["text_dim"])
+    small = fw.StreamedTeacher(teacher).chunks(torch.zeros(300, 4, 8, 8), ctx)  # 16 tokens per latent
+    assert small[0] == slice(0, budget.MICRO_BATCH_TOKENS // 16) and len(small) == -(-300 // 32)
+    large = fw.StreamedTeacher(teacher).chunks(torch.zeros(20, 4, 64, 64), ctx[:20])  # 1,024 tokens per latent
+    assert large[0] == slice(0, budget.MICRO_BATCH)
+    assert fw.StreamedTeacher(teacher, micro_batch=2).chunks(torch.zeros(6, 4, 8, 8), ctx[:6])[0] == slice(0, 2)
+
+
 def test_a_depth_only_student_has_the_error_of_the_teacher_without_those_blocks(tiny_wan):
     """Fidelity's exactness: computed independently with diffusers' model with the other blocks removed."""
     from diffusers import WanTransformer3DModel

@@ -97,6 +97,38 @@ def test_student_fidelity_reports_blocks_for_the_student_and_both_references(tin
     assert sum(blocks["student"]) < sum(blocks["random init"])  # the projection carries the teacher's stream
 
 
+def test_student_fidelity_reads_the_teacher_once_whether_or_not_its_block_outputs_are_kept(tiny_wan, monkeypatch):
+    """One pass over the teacher's weights gives the velocities and every block's error: by keeping the teacher's
+    block outputs (a small teacher), or, for one too large to keep them, by walking the students' blocks beside
+    the teacher's in that same pass. Both give the numbers of the separate measures (velocity_fidelity,
+    block_fidelity)."""
+    import projection.function.fidelity as fidelity
+    import projection.function.forward as forward
+
+    p = Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "dim": 32, "num_heads": 1, "num_layers": 2})
+    calibration = calibration_for(tiny_wan.config)
+    reads: dict[int, int] = {}  # teacher blocks read for a forward (projecting the students reads on its own)
+    real_build = forward.build_block
+    monkeypatch.setattr(forward, "build_block", lambda teacher, index, *a: reads.update(
+        {index: reads.get(index, 0) + 1}) or real_build(teacher, index, *a))
+    kept = student_fidelity(p, calibration, draws=2)
+    assert reads == {0: 1, 1: 1, 2: 1}
+    reads.clear()
+    monkeypatch.setattr(fidelity, "REFERENCE_BLOCK_BYTES", 0)  # as for a real teacher: nothing kept
+    streamed = student_fidelity(p, calibration, draws=2)
+    assert reads == {0: 1, 1: 1, 2: 1}
+    monkeypatch.setattr(forward, "build_block", real_build)
+    student = projected_student(p)
+    alone = velocity_fidelity(student, StreamedTeacher(p.teacher), calibration.latents, calibration.context, draws=2)
+    rows = block_fidelity(p.plan(), {"student": student}, calibration.latents, calibration.context, draws=2)
+    for found in (kept, streamed):
+        assert found["students"]["student"]["relative_error"] == pytest.approx(alone.relative_error, rel=1e-6)
+        assert [r["relative_error"] for r in found["blocks"]["student"]] == pytest.approx(
+            [r["relative_error"] for r in rows["student"]], rel=1e-6)
+        assert found["students"]["random init"]["relative_error"] == pytest.approx(
+            kept["students"]["random init"]["relative_error"], rel=1e-6)
+
+
 def test_wanda_ranks_neurons_by_what_they_write(tiny_wan, tmp_path):
     """Neurons whose GELU output is loud but whose ffn.2 column is zero write nothing: `activation` keeps them,
     `wanda` drops them, and the student that keeps the neurons that write is closer to the teacher."""

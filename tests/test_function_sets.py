@@ -195,17 +195,17 @@ def test_an_upload_is_read_from_the_upload_folder_only_and_bounded(app, places, 
 def test_every_card_and_table_names_the_set(client, app, places):
     load(client, app)  # the demo: its card measures on the held-out digits
     cards = call(client, app, "measure", *TABLE, None)["cards"]
-    assert '<div class="card-set"' in cards and "on <bdi>64 of the demo&#x27;s held-out latents" in cards
+    on = "demo held-out digits: 64 of 269 latents × 2 noise draws"  # one set and one name on every screen
+    assert '<div class="card-set"' in cards and f"on <bdi>{on}" in cards
     a, b = Strategy().to_yaml(), Strategy(width="first").to_yaml()
     compared = call(client, app, "compare", a, b)["compare-table"]
-    assert compared["data"][0][0] == ("velocity error vs teacher, step 0 (lower is better), on demo held-out digits: "
-                                      "269 latents")
+    assert compared["data"][0][0] == f"velocity error vs teacher, step 0 (lower is better), on {on}"
     gallery = call(client, app, "gallery", a, b)
-    assert "measured on demo held-out digits: 269 latents" in gallery["gallery-msg"]
+    assert f"measured on {on}" in gallery["gallery-msg"]
     # another teacher: the card shows the Function tab's last measurement, and names its set
     load(client, app, "synthetic/teacher-wan", "synthetic/student-wanlite.yaml")
     call(client, app, "function", "file", "synthetic/wan-set.safetensors", 4)
     cards = call(client, app, "measure", *TABLE, None)["cards"]
     assert "on <bdi>wan frames: 4 latents of 16x8x8, as measured in the Function tab</bdi>" in cards
     compared = call(client, app, "compare", a, b)["compare-table"]
-    assert compared["data"][0][0].endswith(", on wan frames: 4 latents of 16x8x8")
+    assert compared["data"][0][0].endswith(", on wan frames: 4 latents of 16x8x8 × 2 noise draws")

@@ -429,15 +429,31 @@ def test_ab_comparison(client, app, root):
     assert "basis-inconsistent" in out["compare-msg"]
     # what the students compute leads the table; the weight statistics follow, labelled as such
     names = [r[0] for r in out["compare-table"]["data"]]
-    assert names[:2] == ["velocity error vs teacher, step 0 (lower is better), on demo held-out digits: 269 latents",
-                         "prompt accuracy of 100 samples"]
+    on = "demo held-out digits: 64 of 269 latents × 2 noise draws"
+    assert names[0] == f"velocity error vs teacher, step 0 (lower is better), on {on}"
+    assert not any("prompt accuracy" in n for n in names)  # no samples drawn yet: the Gallery draws them
     error_a, error_b = (float(x) for x in measures[names[0]][1:3])
     assert 0.5 < error_a < 1.5 and error_b > 10 * error_a  # the seeds' method: far worse, whatever its energy
     assert all("weight" in n for n in names if "energy" in n)
+    # the lead chart: velocity error per noise level and per student block, A beside B, random init as reference
+    lead = figure(out, "compare-plot")
+    assert on in lead["layout"]["title"]["text"] and "What the students compute" in lead["layout"]["title"]["text"]
+    levels = [t for t in lead["data"] if t.get("xaxis") != "x2"]
+    blocks = [t for t in lead["data"] if t.get("xaxis") == "x2"]
+    assert [t["name"] for t in levels] == ["strategy A", "strategy B", "random init"] == [t["name"] for t in blocks]
+    assert len(levels[0]["x"]) == 2 and len(blocks[0]["x"]) == 4  # 2 noise bands (2 draws), 4 student blocks
+    assert lead["layout"]["yaxis"]["type"] == "log"  # B's errors are 100x A's
+    # the same numbers as the Function view's on its default set (64 latents, 2 draws)
+    report = call(client, app, "function", "demo held-out digits", "", 64)
+    summary = report["function-msg"]
+    assert f"student {error_a:.3f}, random init " in summary
+    random = float(re.search(r"random init (\d+\.\d+)", summary).group(1))  # and the card's, on the same set
+    assert f"random init {random:.2f}" in call(client, app, "measure", *TABLE, None)["cards"]
     # svd-per-matrix keeps more weight energy, but in a basis of its own: no "win" for B, in table or chart
     assert measures["keys transferred"][3] == "+0.0 pt"
     assert all(r[3] == "not comparable" for m, r in measures.items() if "energy" in m)
-    fig = figure(out, "compare-plot")
+    fig = figure(out, "compare-energy-plot")
+    assert fig["layout"]["title"]["text"].startswith("Weight statistic")
     bar_a, bar_b = fig["data"]
     assert bar_a["name"] == "strategy A" and bar_a["marker"]["color"] == A_SIDE and "pattern" not in bar_a["marker"]
     assert bar_b["name"] == "strategy B (basis-inconsistent: not comparable)"
@@ -447,8 +463,8 @@ def test_ab_comparison(client, app, root):
     assert "weight" in fig["layout"]["yaxis"]["title"]["text"]
     # two basis-consistent strategies compare as usual
     calm = call(client, app, "compare", a, Strategy(width="first").to_yaml())
-    assert [t["name"] for t in figure(calm, "compare-plot")["data"]] == ["strategy A", "strategy B"]
-    assert not figure(calm, "compare-plot")["layout"].get("annotations")
+    assert [t["name"] for t in figure(calm, "compare-energy-plot")["data"]] == ["strategy A", "strategy B"]
+    assert not figure(calm, "compare-energy-plot")["layout"].get("annotations")
     assert re.fullmatch(r"[+-]\d+\.\d pt", {r[0]: r for r in calm["compare-table"]["data"]}
                         ["retained weight energy (weight statistic)"][3])
 
@@ -462,7 +478,8 @@ def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client
     load(client, app)
     a, b = Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml()
     out = call(client, app, "gallery", a, b)
-    assert "inline-ok" in out["gallery-msg"] and "measured on demo held-out digits: 269 latents" in out["gallery-msg"]
+    on = "demo held-out digits: 64 of 269 latents × 2 noise draws"  # the card's, the A/B's and the Function view's
+    assert "inline-ok" in out["gallery-msg"] and f"measured on {on}" in out["gallery-msg"]
     for name in ("teacher", "a", "b", "random"):
         picture = out[f"gallery-{name}"]
         assert Path(picture["path"] if isinstance(picture, dict) else picture).stat().st_size > 100
@@ -472,14 +489,18 @@ def test_gallery_draws_teacher_students_and_random_init_with_their_scores(client
     accuracy = {k: float(r["prompt accuracy"].rstrip("%")) for k, r in table.items()}
     assert accuracy["Teacher"] >= 90 and accuracy["Random init, same shape"] <= 40
     assert table["Teacher"]["velocity error vs teacher (step 0)"] == "—"
-    # the student's velocity error is the core's, on the demo's held-out latents
-    calibration = demo_calibration()
+    # the student's velocity error is the core's, on the first 64 of the demo's held-out latents, 2 noise draws
+    calibration = demo_calibration().subset(64)
     student = projected_student(Projector.open(str(root / TEACHER), str(root / WANLITE)))
     expected = velocity_fidelity(student, demo_teacher.load_teacher(), calibration.latents,
-                                 calibration.context).relative_error
+                                 calibration.context, draws=2).relative_error
     a_row, b_row = table["Student, strategy A (default strategy)"], table["Student, strategy B (width svd-per-matrix)"]
     assert a_row["velocity error vs teacher (step 0)"] == f"{expected:.3f}"
     assert float(b_row["velocity error vs teacher (step 0)"]) > 10 * expected
+    # the A/B comparison shows the same error, and the samples' prompt accuracy now that they are drawn
+    compared = {r[0]: r for r in call(client, app, "compare", a, b)["compare-table"]["data"]}
+    assert compared[f"velocity error vs teacher, step 0 (lower is better), on {on}"][1] == f"{expected:.3f}"
+    assert compared["prompt accuracy of 100 samples"][1] == a_row["prompt accuracy"]
     bad = call(client, app, "gallery", "width: widest\n", b)
     assert "inline-error" in bad["gallery-msg"] and "strategy A" in bad["gallery-msg"]
 
@@ -524,7 +545,8 @@ def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(cl
     calibration = synthetic_calibration(open_teacher_config(synthetic / "teacher-wan"), n=4)
     student = projected_student(Projector.open(str(synthetic / "teacher-wan"), str(synthetic / "student-wanlite.yaml")))
     expected = velocity_fidelity(student, wanlite_from_teacher(synthetic / "teacher-wan"), calibration.latents,
-                                 calibration.context).relative_error
+                                 calibration.context, draws=2).relative_error
+    assert f'{expected:.3f}' == f'{students["student"]["relative_error"]:.3f}'  # the Function view's measurement
     assert table["Student, strategy A (default strategy)"]["velocity error vs teacher (step 0)"] == f"{expected:.3f}"
     compared = call(client, app, "compare", Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml())
     first = compared["compare-table"]["data"][0]
@@ -832,14 +854,16 @@ def test_a_missing_local_looking_teacher_is_named_missing_not_looked_up_on_the_h
     assert "demo/ is a local folder: not looked up on the hub" in message and "Error" not in message
 
 
-def test_the_velocity_card_runs_the_teacher_once_per_session(root, tmp_path):
+def test_the_velocity_card_runs_the_teacher_once_per_session(root, tmp_path, monkeypatch):
+    import projection.engine.report as report_module
     from inspector.session import Session
 
     (tmp_path / "s").mkdir()
     s = Session.open(str(root / TEACHER), str(root / WANLITE), None, Strategy(), folder=tmp_path / "s")
     s.measure()
     calls = []
-    s.teacher_module().register_forward_hook(lambda *_: calls.append(1))
+    real = report_module.teacher_reference
+    monkeypatch.setattr(report_module, "teacher_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = s.step0_error()
     assert calls  # the teacher's velocities on the card's set
     ran = len(calls)

@@ -111,3 +111,20 @@ def test_validation_loss_is_the_same_number_every_time():
     assert first == validation_loss(oracle, x0, torch.zeros(10, 1, 1), draws=3)
     assert first == pytest.approx(validation_loss(oracle, x0, torch.zeros(10, 1, 1), draws=3, batch=4), rel=1e-6)
     assert first != validation_loss(oracle, x0, torch.zeros(10, 1, 1), draws=3, seed=1)
+
+
+def test_many_small_samples_run_in_model_calls_of_about_512_tokens():
+    """100 digits of 16 tokens: one call of 1,600 tokens per step faulted fresh pages for every intermediate; the
+    sampler calls the model on MICRO_BATCH_TOKENS tokens at most, with the same results (guided halves too)."""
+    from projection.function.budget import MICRO_BATCH_TOKENS
+
+    oracle = Oracle(lambda x, s, c: x * c.mean(dim=(1, 2)).reshape(-1, 1, 1, 1))
+    sizes = []
+    oracle.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    context = torch.randn(100, 3, 5, generator=torch.Generator().manual_seed(2))
+    out = sample(oracle, context, list(range(100)), SHAPE, steps=3, guidance=2.0, negative=torch.zeros(1, 3, 5))
+    assert max(sizes) == MICRO_BATCH_TOKENS // 16 and sum(sizes) == 3 * 200
+    eps = seeded_noise(list(range(100)), SHAPE)
+    each = torch.cat([sample(oracle, context[i:i + 1], [i], SHAPE, steps=3, guidance=2.0,
+                             negative=torch.zeros(1, 3, 5)) for i in (0, 57, 99)])
+    assert torch.allclose(out[[0, 57, 99]], each, atol=1e-6) and not torch.allclose(out, eps)

@@ -40,22 +40,80 @@ def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tm
     from projection.function.fidelity import velocity_fidelity
 
     runs = []
-    counted = session_module.teacher_reference
-    monkeypatch.setattr(session_module, "teacher_reference", lambda *a, **k: runs.append(1) or counted(*a, **k))
+    import projection.engine.report as report_module
+
+    counted = report_module.teacher_reference
+    monkeypatch.setattr(report_module, "teacher_reference", lambda *a, **k: runs.append(1) or counted(*a, **k))
     pool = Sessions(Scratch(tmp_path), Caches())
     try:
         s = open_session(pool, "owner", demo_dir)
         a, b = Strategy(), Strategy(width="first")
         rows = [s.gallery_row(a), s.gallery_row(b), s.gallery_row(session_module.RANDOM)]
         assert len(runs) == 1
-        held_out = demo_calibration()
+        held_out = demo_calibration().subset(session_module.QUICK_LATENTS)
         alone = velocity_fidelity(projected_student(s.projector, strategy=b), s.teacher_module(), held_out.latents,
-                                  held_out.context)
+                                  held_out.context, draws=session_module.REFERENCE_DRAWS)
         assert rows[1].velocity_error == pytest.approx(alone.relative_error, rel=1e-6)
         again = open_session(pool, "another owner", demo_dir)
         assert again.gallery_row(Strategy(width="first")) is rows[1] and len(runs) == 1
         other = open_session(pool, "a third owner", demo_dir, "student-seed.yaml")
         assert other.gallery_row(session_module.RANDOM) is not rows[2] and len(runs) == 1
+    finally:
+        pool.close_all()
+
+
+def test_one_teacher_forward_per_set_for_the_function_view_ab_card_and_gallery(demo_dir, tmp_path, monkeypatch):
+    """Counting reads of the teacher's tensors (every Checkpoint) and teacher forwards on a set: measuring the
+    Function view on the demo's default set, then A/B, then the card, then the Gallery runs the teacher's forward
+    on that set once, and each view reads each teacher tensor at most once per thing it measures (the Function
+    view: activation statistics, block removal effects, the shared reference; A/B and the card: nothing; the
+    Gallery: the teacher's own samples). They all give the same numbers and name the same set."""
+    import inspector.session as session_module
+    import projection.engine.report as report_module
+    from projection.demo.teacher import DEMO, open_calibration
+    from projection.io.checkpoint import Checkpoint
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    reads: dict[str, int] = {}
+    real_get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.update({key: reads.get(key, 0) + 1}) or
+                        real_get(self, key))
+    forwards = []
+    real_reference = report_module.teacher_reference
+    monkeypatch.setattr(report_module, "teacher_reference",
+                        lambda *a, **k: forwards.append(1) or real_reference(*a, **k))
+
+    def most() -> int:  # the most reads of one teacher block tensor since the last call
+        found = max((n for k, n in reads.items() if k.startswith("blocks.")), default=0)
+        reads.clear()
+        return found
+
+    pool = Sessions(Scratch(tmp_path), Caches())
+    try:
+        s = open_session(pool, "owner", demo_dir)
+        s.measure()
+        assert most() == 1  # the energies: one statistics pass
+        report = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(64))
+        assert most() <= 3 and len(forwards) == 1  # activations, removal effects, the reference: once each
+        a, b = Strategy(), Strategy(width="first")
+        s.compare(a, b)
+        compared = s.compare_function(a, b)
+        assert most() == 0 and len(forwards) == 1  # the Function view's reference, nothing read
+        card = s.step0_error()
+        assert most() == 0 and len(forwards) == 1
+        rows = [s.gallery_row(w) for w in (session_module.TEACHER, a, session_module.RANDOM)]
+        assert most() <= 1 and len(forwards) == 1  # the teacher loaded once to draw its own samples
+        s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(64))
+        assert most() == 0 and len(forwards) == 1  # measured again: from the caches
+        students = report["fidelity"]["students"]
+        assert compared["A"][0].relative_error == card.error == rows[1].velocity_error == \
+            students["student"]["relative_error"]
+        assert compared["random init"][0].relative_error == card.random == rows[2].velocity_error == \
+            students["random init"]["relative_error"]
+        assert card.on == "demo held-out digits: 64 of 269 latents × 2 noise draws" == s.reference_set()[1]
+        assert report["fidelity"]["latents"] == 64 and report["fidelity"]["noise_draws"] == 2
+        per_block = [r["relative_error"] for r in report["fidelity"]["blocks"]["student"]]
+        assert [r["relative_error"] for r in compared["A"][1]] == per_block
     finally:
         pool.close_all()
 

@@ -43,3 +43,15 @@ class ProjectionKey:
         used = activations is not None and (when is None or getattr(strategy, when))
         return cls(scope, json.dumps(strategy.model_dump(exclude=set(left_out)), sort_keys=True),
                    json.dumps(rules, sort_keys=True), activations.key if used else None, teacher)
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What decides the teacher's outputs on a calibration set (`fidelity.Reference`): the teacher (its
+    fingerprint), the set (its content digest), the noise draws per latent, their seed and the band of levels.
+    Every view measuring on the same set under the same key shares one teacher forward."""
+    teacher: str
+    calibration: str
+    draws: int
+    seed: int
+    band: tuple[float, float]

@@ -115,6 +115,7 @@ class Projector:
         self._strategy = strategy or Strategy()  # the default of every method taking a strategy; never swapped
         self.rules: dict[str, Rule] = dict(rules or {})
         self.fingerprint = teacher_fingerprint(teacher)
+        self.caches = caches  # projectors made for this one's work share them (no second read of the teacher)
         self.read = partial(caches.tensors.get, self.fingerprint, read=teacher.read) if caches else teacher.read
         self.svd = (caches.svd if caches else SvdCache()).scoped(self.fingerprint)
         self.stats = TeacherStats(self.read, pick_device(self.strategy.device), teacher.prefetch)

@@ -17,45 +17,95 @@ from torch import nn
 
 from ..arch.anatomy import SPACES
 from ..arch.wan import WanLite
+from ..cache import Lru
 from ..core.project import pick_device
 from ..core.strategy import Strategy
-from ..function.activations import ranking_agreement, teacher_removal
+from ..function.activations import calibration_digest, ranking_agreement, teacher_removal
 from ..function.calibration import Calibration
-from ..function.fidelity import block_fidelity, block_streams, check_request, fidelity_table
+from ..function.fidelity import (Reference, block_fidelity, block_streams, check_request, compare, keeps_blocks,
+                                teacher_reference)
 from ..function.forward import StreamedTeacher
-from ..function.noise import expert_band
+from ..function.noise import expert_band, noised_set
 from .build import projected_student, random_student
+from .keys import ReferenceKey
 from .projector import Projector
 
 Progress = Callable[[int, int, str], None]
 REMOVAL_DRAWS = 1  # noise draws per latent behind the removal effects (L(L+1)/2 block evaluations)
 
 
+def reference_key(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0) -> ReferenceKey:
+    """What decides the teacher's outputs on `calibration`: the teacher, the set's digest, the noise draws and seed,
+    and the band of levels its expert serves."""
+    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
+    band = expert_band(expert, projector.teacher.config.in_dim)
+    return ReferenceKey(projector.fingerprint, calibration_digest(calibration), draws, seed, band)
+
+
+def shared_reference(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,
+                     device: str | torch.device = "cpu", references: Lru | None = None) -> Reference:
+    """The teacher's outputs on `calibration` (velocities, and block outputs where they fit): from `references`
+    (keyed by `reference_key`) when some view computed them already, else one streamed pass over the teacher's
+    weights, kept there for every other view."""
+    key = reference_key(projector, calibration, draws, seed)
+    found = references.get(key) if references is not None else None
+    if found is not None:
+        return found
+    reference = teacher_reference(StreamedTeacher(projector.teacher, device), calibration.latents,
+                                  calibration.context, draws, seed, key.band, calibration.source, keep_blocks=True)
+    return references.put(key, reference) if references is not None else reference
+
+
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
                      draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
-                     blocks: bool = True, strategy: Strategy | None = None) -> dict[str, Any]:
+                     blocks: bool = True, strategy: Strategy | None = None,
+                     references: Lru | None = None) -> dict[str, Any]:
     """The fidelity of a student (`student`, else the projector's projection under `strategy`, its default if
-    None) and, for scale, of two reference
-    students of the same shape: randomly initialized and projected with `width: svd-per-matrix`. The teacher
-    streams (one block in memory); the noise levels are those its expert serves. The request is checked against
-    the work bounds (`budget`) before anything runs."""
+    None) and, for scale, of two reference students of the same shape: randomly initialized and projected with
+    `width: svd-per-matrix`. The teacher streams once (one block in memory; its block outputs kept where they fit,
+    else the students' blocks walk beside it in that pass), or not at all where `references` holds its outputs
+    on this set (`shared_reference`); each student runs once for its velocity and per-block errors. The noise
+    levels are those its expert serves. The request is checked against the work bounds (`budget`) before anything
+    runs."""
     strategy = strategy or projector.strategy
     config = projector.student_config(strategy)
     check_request(calibration.source, projector.teacher.config, calibration.latents, calibration.context, draws,
                   models=4, streams=block_streams(projector.teacher.config, config, 3) if blocks else 1)
-    teacher = StreamedTeacher(projector.teacher, device)
-    reference = Strategy(width="svd-per-matrix", layers=projector.mapping(strategy).layers, seed=strategy.seed)
-    svd = Projector(projector.teacher, projector.student, reference, projector.rules)
+    reference_strategy = Strategy(width="svd-per-matrix", layers=projector.mapping(strategy).layers,
+                                  seed=strategy.seed)
+    svd = Projector(projector.teacher, projector.student, reference_strategy, projector.rules, projector.caches)
     students = {"student": (student or projected_student(projector, strategy=strategy)).to(device).float(),
                 "random init": random_student(config, strategy.seed).to(device),
                 "svd-per-matrix": projected_student(svd, device)}
-    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
-    band = expert_band(expert, projector.teacher.config.in_dim)
-    table = fidelity_table(students, teacher, calibration.latents, calibration.context, draws, seed, band)
-    per_block = (block_fidelity(projector.plan(strategy), students, calibration.latents, calibration.context, draws, seed, band,
-                                device) if blocks and isinstance(students["student"], WanLite) else None)
+    plan = projector.plan(strategy) if blocks and isinstance(students["student"], WanLite) else None
+    key = reference_key(projector, calibration, draws, seed)
+    band = key.band
+    shape = (len(calibration) * draws, *calibration.latents.shape[1:])
+    if (plan is not None and (references is None or key not in references)
+            and not keeps_blocks(projector.teacher.config, shape)):
+        # block outputs too large to keep (a real teacher): one streamed pass gives velocities and block errors
+        velocities: dict[str, torch.Tensor] = {}
+        per_block = block_fidelity(plan, students, calibration.latents, calibration.context, draws, seed, band,
+                                   device, velocities)
+        x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
+        reference = Reference(x, t, ctx, velocities.pop("teacher"), draws, band)
+        if references is not None:
+            references.put(key, reference)
+        table = {name: compare(velocities[name], reference.velocity, draws, band) for name in students}
+    else:
+        reference = shared_reference(projector, calibration, draws, seed, device, references)
+        layers = plan.mapping.layers if plan is not None else None
+        kept = plan.indices("resid", None) if plan is not None else None
+        measured = {name: reference.measure(model, layers, kept) for name, model in students.items()}
+        table = {name: f for name, (f, _) in measured.items()}
+        per_block = None
+        if plan is not None:
+            per_block = {name: rows for name, (_, rows) in measured.items()}
+            if any(rows is None for rows in per_block.values()):  # a kept reference without block outputs
+                per_block = block_fidelity(plan, students, calibration.latents, calibration.context, draws, seed,
+                                           band, device)
     return {"calibration": calibration.label, "calibration_synthetic": calibration.synthetic,
-            "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
+            "latents": len(calibration), "noise_draws": draws, "noise_seed": seed, "noise_levels": list(band),
             "meaning": "relative_error = sum |v_student - v_teacher|^2 / sum |v_teacher|^2 of the velocity on the "
                        "calibration latents at fixed noise (0: the teacher's function)",
             "students": {name: f.to_dict() for name, f in table.items()},
@@ -65,7 +115,8 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
 
 
 def function_report(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,
-                    progress: Progress | None = None, strategy: Strategy | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, strategy: Strategy | None = None,
+                    references: Lru | None = None) -> dict[str, Any]:
     """Calibrate the projector on `calibration` (activation statistics, cached) and measure everything above, for
     the student projected under `strategy` (the projector's default if None)."""
     strategy = strategy or projector.strategy
@@ -81,7 +132,8 @@ def function_report(projector: Projector, calibration: Calibration, draws: int =
                               device, progress=stage("each teacher block removed"))
     if progress:
         progress(0, 1, "fidelity: the student, random init and svd-per-matrix against the teacher")
-    fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=device, strategy=strategy)
+    fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=device, strategy=strategy,
+                                references=references)
     layers = projector.mapping(strategy).layers
     teacher = [{"block": b, "influence": acts.influence[b], "removal_error": removal[b],
                 "feeds": [i for i, t in enumerate(layers) if t == b]} for b in range(len(acts.influence))]

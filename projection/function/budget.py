@@ -50,7 +50,11 @@ MAX_CONTEXT_PER_LATENT = 1 << 22  # twice Wan's 512 x 4096 UMT5 states
 MAX_LATENT_TOKENS = 1 << 21  # e.g. 64 latents x 4 draws x 3,600 tokens (720p) = 0.9M; 256 x 4 x 1,560 (480p) = 1.6M
 MAX_CONTEXT_VALUES = 1 << 31  # 8 GiB in float32; e.g. 1,024 Wan latents x 1 draw x 2^21, 256 x 4
 MAX_WORK_BYTES = 8 << 30  # the bound unless the program sets another (`work_limit`); the app keeps it
-MICRO_BATCH = 8  # latents per micro-batch at most
+MICRO_BATCH = 8  # latents per micro-batch at most, unless they have fewer than MICRO_BATCH_TOKENS tokens
+MICRO_BATCH_TOKENS = 512  # tokens a streamed micro-batch of small latents may reach (past 8 latents): 8 latents of
+# 16 tokens are too many tiny operations; past ~512 tokens a block's intermediates pass glibc's 1 MiB mmap threshold
+# (`runtime.setup_runtime`) and fault fresh pages at every operation (`projection fidelity` on the demo: 2.6 s of
+# system time at 2,048 tokens, 0.5 s at 512)
 MICRO_BATCH_BYTES = 256 << 20  # one micro-batch's working set inside a block, at most (one latent may need more)
 F32, F64 = 4, 8
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..arch.config import ModelConfig
+from ..arch.wan import WanLite
 from ..cancel import checkpoint
 from ..errors import ProjectionError
 from . import budget
@@ -61,16 +62,59 @@ def compare(v_student: torch.Tensor, v_teacher: torch.Tensor, draws: int,
 
 @dataclass(frozen=True)
 class Reference:
-    """A noised set and the teacher's velocities on it: run the teacher once, score any number of students."""
+    """A noised set and the teacher's outputs on it: run the teacher once, score any number of students. `blocks`:
+    each teacher block's output stream [samples, tokens, dim] (float32), kept where it fits REFERENCE_BLOCK_BYTES,
+    so per-block errors need no second teacher pass."""
     x: torch.Tensor
     t: torch.Tensor
     context: torch.Tensor
     velocity: torch.Tensor
     draws: int
     band: tuple[float, float]
+    blocks: tuple[torch.Tensor, ...] | None = None
 
     def score(self, student: nn.Module) -> Fidelity:
-        return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band)
+        return self.measure(student)[0]
+
+    @torch.no_grad()
+    def measure(self, student: nn.Module, layers: list[int] | None = None,
+                kept: torch.Tensor | None = None) -> tuple[Fidelity, list[dict[str, float]] | None]:
+        """The student's fidelity and, where the teacher's block outputs are kept and `layers` (the teacher block
+        each student block came from) is given, its per-block rows as `block_fidelity` computes them (on the
+        residual channels `kept`): both from one forward of the student."""
+        if layers is None or self.blocks is None or not isinstance(student, WanLite):
+            return compare(predict(student, self.x, self.t, self.context), self.velocity, self.draws, self.band), None
+        device = next(student.parameters()).device
+        sizes = budget.module_config(student)
+        step = budget.micro_batch(sizes, budget.tokens_per_latent(*self.x.shape[-2:]), self.context.shape[1], 256)
+        errors, totals = [0.0] * len(layers), [0.0] * len(layers)
+        out = []
+        for i in range(0, len(self.x), step):
+            checkpoint()
+            part = slice(i, i + step)
+            e = student.embed(self.x[part].to(device), self.t[part].to(device), self.context[part].to(device))
+            h = e.tokens
+            for j, b in enumerate(layers):
+                h = student.blocks[j](h, e.e0, e.ctx, e.freqs)
+                target = self.blocks[b][part].to(device)
+                target = (target if kept is None else target[..., kept.to(device)]).double()
+                errors[j] += (h.double() - target).pow(2).sum().item()
+                totals[j] += target.pow(2).sum().item()
+            out.append(student.unpatchify(h, e.e, e.grid).float().cpu())
+        rows = [{"block": j, "teacher_block": b, "relative_error": _ratio(errors[j], totals[j])}
+                for j, b in enumerate(layers)]
+        return compare(torch.cat(out), self.velocity, self.draws, self.band), rows
+
+
+REFERENCE_BLOCK_BYTES = 256 << 20  # the teacher's block outputs a reference keeps, at most (else blocks stream)
+
+
+def keeps_blocks(config: ModelConfig, noised: tuple[int, ...] | torch.Size, blocks: int | None = None) -> bool:
+    """Whether a reference on a noised set of this shape [samples, C, H, W] keeps the teacher's block outputs
+    (`blocks` of them; default all) within REFERENCE_BLOCK_BYTES."""
+    depth = int(config.num_layers) if blocks is None else blocks
+    size = noised[0] * budget.tokens_per_latent(*noised[-2:]) * int(config.dim) * depth * budget.F32
+    return size <= REFERENCE_BLOCK_BYTES
 
 
 def teacher_sizes(teacher: nn.Module | StreamedTeacher) -> ModelConfig | None:
@@ -95,10 +139,21 @@ def check_request(where: str, sizes: ModelConfig | None, latents: torch.Tensor, 
 
 def teacher_reference(teacher: nn.Module | StreamedTeacher, latents: torch.Tensor, context: torch.Tensor,
                       draws: int = 4, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
-                      where: str = "calibration set") -> Reference:
+                      where: str = "calibration set", keep_blocks: bool = False) -> Reference:
+    """The teacher's velocities on the noised set, and with `keep_blocks` (a streamed teacher) its block outputs
+    too where they fit REFERENCE_BLOCK_BYTES: one pass over the teacher's weights either way."""
     check_request(where, teacher_sizes(teacher), latents, context, draws, models=2)
     x, t, ctx = noised_set(latents, context, draws, seed, band)
-    return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
+    if not (keep_blocks and isinstance(teacher, StreamedTeacher)):
+        return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
+    config = teacher.teacher.config
+    if not keeps_blocks(config, x.shape, len(teacher.blocks)):
+        return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
+    kept: dict[int, list[torch.Tensor]] = {}
+    velocity = teacher(x, t, ctx, on_block=lambda i, _, out: kept.setdefault(i, []).append(out.cpu()))
+    depth = int(config.num_layers)
+    blocks = tuple(torch.cat(kept[b]) if b in kept else None for b in range(depth))
+    return Reference(x, t, ctx, velocity, draws, band, blocks if None not in blocks else None)
 
 
 def fidelity_table(students: dict[str, nn.Module], teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,
@@ -118,11 +173,14 @@ def velocity_fidelity(student: nn.Module, teacher: nn.Module | StreamedTeacher, 
 @torch.no_grad()
 def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Tensor,
                    context: torch.Tensor, draws: int = 2, seed: int = 0, band: tuple[float, float] = (0.0, 1.0),
-                   device: str | torch.device = "cpu") -> dict[str, list[dict[str, float]]]:
+                   device: str | torch.device = "cpu", velocities: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, list[dict[str, float]]]:
     """Per student block, for WanLite students projected under `plan` (or of its shape): relative error of the
     block's output against teacher block `mapping.layers[i]`'s on the kept residual channels (0: the teacher's
     residual stream). The plan's teacher streams once (again from the start only where the layer list goes
-    back)."""
+    back). `velocities`, if given, receives the velocities of the same pass: the teacher's (under "teacher", its
+    remaining blocks run) and each student's, so a teacher too large to keep its block outputs (`keeps_blocks`)
+    is still read once for velocity and per-block errors."""
     teacher = plan.mapping.teacher
     student = budget.module_config(next(iter(students.values()))) if students else None
     check_request("calibration set", teacher.config, latents, context, draws, models=1 + len(students),
@@ -146,6 +204,18 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
             streams[name] = [model.blocks[i](h, e.e0, e.ctx, e.freqs) for h, e in zip(streams[name], embedded[name])]
             error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
             rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
+    if velocities is not None:
+        for b in range(cursor.at, int(teacher.config.num_layers)):
+            block = cursor.block(b)
+            cursor.hidden = [_step(block, h, p) for h, p in zip(cursor.hidden, cursor.parts)]
+            cursor.done(b)
+            del block
+        shell = cursor.teacher.shell
+        velocities["teacher"] = torch.cat([shell.unpatchify(h, p.e, p.grid).float().cpu()
+                                           for h, p in zip(cursor.hidden, cursor.parts)])
+        for name, model in students.items():
+            velocities[name] = torch.cat([model.unpatchify(h, e.e, e.grid).float().cpu()
+                                          for h, e in zip(streams[name], embedded[name])])
     return rows
 
 

@@ -50,17 +50,19 @@ class StreamedTeacher:
     streams = True  # callers pass whole sets, not batches: every call reads every block once
 
     def __init__(self, teacher: ModelView, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 micro_batch: int = budget.MICRO_BATCH, blocks: list[int] | None = None):
+                 micro_batch: int | None = None, blocks: list[int] | None = None):
         """blocks: which teacher blocks run, in order (default all: the teacher; fewer: the teacher without the
-        others, as a depth-only student computes). micro_batch: latents per micro-batch at most; fewer where their
-        working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
+        others, as a depth-only student computes). micro_batch: latents per micro-batch at most (None: MICRO_BATCH, or
+        as many as make MICRO_BATCH_TOKENS tokens: small latents in batches of 8 are too many tiny operations);
+        fewer where their working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
         patch = teacher.shapes.get("patch_embedding.weight")
         family = FAMILIES.get(teacher.family or "")
         if family is None or not family.wan_blocks or patch is None or len(patch) != 5 or patch[2] != 1:
             raise ProjectionError(f"{teacher.source}: the streamed forward runs Wan teachers whose patch embedding is "
                                   "[D, C, 1, 2, 2] (one latent frame)")
         self.teacher, self.device, self.dtype = teacher, torch.device(device), dtype
-        self.micro_batch = max(1, micro_batch)
+        self.fixed = micro_batch is not None
+        self.micro_batch = max(1, micro_batch) if micro_batch is not None else budget.MICRO_BATCH
         depth = int(teacher.config.num_layers)
         self.blocks = list(range(depth)) if blocks is None else list(blocks)
         if any(not 0 <= b < depth for b in self.blocks):
@@ -75,8 +77,9 @@ class StreamedTeacher:
         """The micro-batches of a set (x [B, Cin, H, W], context [B, L, text_dim]): latents whose tokens the
         teacher may run (`budget.check_set`), in batches small enough that each block step is short."""
         budget.check_set("the teacher's input", tuple(x.shape), tuple(context.shape))
-        step = budget.micro_batch(self.teacher.config, budget.tokens_per_latent(*x.shape[-2:]), context.shape[1],
-                                  self.micro_batch)
+        tokens = budget.tokens_per_latent(*x.shape[-2:])
+        most = self.micro_batch if self.fixed else max(self.micro_batch, budget.MICRO_BATCH_TOKENS // max(tokens, 1))
+        step = budget.micro_batch(self.teacher.config, tokens, context.shape[1], most)
         return [slice(i, i + step) for i in range(0, len(x), step)]
 
     @torch.no_grad()
