@@ -125,7 +125,7 @@ class Inspector:
         self.spectra.wire(self.spectra_tab)
         self.gallery.wire()
         self.function.wire(self.function_tab).success(self.redraw, self.state, view, inputs_kwargs=table_view,
-                                     api_visibility="private")
+                                     api_visibility="private", show_progress="hidden")  # Measure's shows by it
         self.export.wire(self.strategy.yaml)
         self.blocks.unload(self.unload)  # the tab or API client went away: free its session now
 
