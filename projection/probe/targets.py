@@ -140,11 +140,10 @@ def steps_per_pass(teacher: ModelView, train: Calibration, request: Request) -> 
             n = (n + 1) // 2
 
 
-def compute(teacher: ModelView, train: Calibration, heldout: Calibration, request: Request,
+def compute(teacher: ModelView, stream: Stream, train: Calibration, heldout: Calibration, request: Request,
             device: torch.device, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(training velocities, held-out velocities, passes): the teacher streamed, one block of weights at a time."""
     streamed = StreamedTeacher(teacher, device)
-    stream = Stream.of(train, request)
     per = steps_per_pass(teacher, train, request)
     parts, starts = [], range(0, request.steps, per)
     for k, start in enumerate(starts):
@@ -177,6 +176,7 @@ def teacher_targets(teacher: ModelView, fingerprint: str, calibration: Calibrati
         raise ProjectionError(f"{calibration.label}: {request.steps} steps x batch {request.batch} of teacher "
                               f"velocities is {size:,} bytes; at most {MAX_TARGET_BYTES:,}: use fewer --steps or a "
                               "smaller --batch")
+    stream = Stream.of(train, request)
     x, t, ctx = noised_set(heldout.latents, heldout.context, request.draws, request.seed, request.band)
     shapes = {"velocity": (request.steps * request.batch, out_dim, *train.latents.shape[2:]),
               "heldout": (len(x), out_dim, *heldout.latents.shape[2:])}
@@ -184,7 +184,7 @@ def teacher_targets(teacher: ModelView, fingerprint: str, calibration: Calibrati
 
     def run() -> dict[str, torch.Tensor]:
         nonlocal passes
-        velocity, held, passes = compute(teacher, train, heldout, request, device, progress)
+        velocity, held, passes = compute(teacher, stream, train, heldout, request, device, progress)
         return {"velocity": velocity.contiguous(), "heldout": held.contiguous()}
 
     def load(data: bytes) -> dict[str, torch.Tensor]:
@@ -199,4 +199,4 @@ def teacher_targets(teacher: ModelView, fingerprint: str, calibration: Calibrati
     found = cached(fingerprint, (cache_dir() if cache is None else cache) / "probe" / f"{key}.safetensors", limit,
                    load, run, save_safetensors)
     reference = Reference(x, t, ctx, found["heldout"], request.draws, request.band)
-    return Targets(Stream.of(train, request), found["velocity"], reference, passes)
+    return Targets(stream, found["velocity"], reference, passes)
