@@ -75,7 +75,8 @@ RANDOM, DEFAULT, HINTS = "random init", "default", "default + hints"
 STARTS = {  # the strategies `projection` offers, each one change from the default (the last: every calibrated one)
     "width: activation": {"width": "activation"}, "layers: influence": {"layers": "influence"},
     "ffn: wanda": {"ffn": "wanda"}, "compensate: mean": {"compensate": "mean"}, "layers: first": {"layers": "first"},
-    "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"}}
+    "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"},
+    "layers: recoverable": {"layers": "recoverable"}}
 STARTS_BUDGETS = (200, 400)
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256

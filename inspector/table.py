@@ -24,7 +24,7 @@ SORTS = {
 # Every row is one line, so that at 1280x720 the first screen shows 8 rows or more: a text too long for its column
 # ends in an ellipsis and shows whole in its tooltip (and in the entry's details, a click away). The widths give
 # the keys most room and fit "concatenated" at 1280 px.
-WIDTHS = ["18%", "10%", "18%", "7%", "7%", "6%", "13%", "7%", "14%"]
+WIDTHS = ["18%", "8%", "18%", "8.5%", "8.5%", "6%", "13%", "7%", "13%"]
 NUMBERS = ("params", "retained weight energy")
 # Text columns are HTML: each cell's text is also its title (the tooltip), several teacher keys one a line there.
 DATATYPES = ["str" if column in NUMBERS else "html" for column in COLUMNS]

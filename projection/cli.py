@@ -25,6 +25,7 @@ import textwrap
 import threading
 import traceback
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -59,8 +60,24 @@ def _projector(args: argparse.Namespace):
                        num_heads=args.num_heads, layout=getattr(args, "layout", None))
     if p.strategy.needs_calibration and getattr(args, "calibration", None) is not None:
         with _room(p):
-            p.calibrate(_calibration(args, p))  # activation choices rank on it (statistics cached on disk)
+            calibration = _calibration(args, p)
+            p.calibrate(calibration)  # activation choices rank on it (statistics cached on disk)
+            if p.strategy.layers == "recoverable":
+                p = p.using(_recoverable(p, p.strategy, calibration))
     return p
+
+
+def _recoverable(p, strategy, calibration, **kwargs):
+    """`strategy` with `layers: recoverable` replaced by the block list its probes chose; the candidates' errors go
+    to stderr, so the user sees why."""
+    from .probe.choose import resolve_layers
+
+    resolved, outcomes = resolve_layers(p, calibration, strategy, progress=_progress, **kwargs)
+    sys.stderr.write(f"layers: recoverable chose blocks {resolved.layers}: held-out velocity error after "
+                     f"{outcomes[0].curve.steps[-1]} distillation steps on {calibration.label}:\n")
+    for o in sorted(outcomes, key=lambda o: o.error):
+        sys.stderr.write(f"  {o.error:.4f}  {o.name}\n")
+    return resolved
 
 
 @contextmanager
@@ -210,12 +227,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     measure = None
     if args.calibration is not None:
         from .engine.report import student_fidelity
+        from .io.diskcache import cache_dir
 
         calibration = p.calibration or _calibration(args, p)  # read once: _projector may have read it
         if args.calibration not in ("demo", "synthetic"):
             inputs.append(args.calibration)  # --force never replaces it
         measure = lambda folder: student_fidelity(p, calibration, load_student(folder), args.draws,  # noqa: E731
-                                                  device=p.device)
+                                                  device=p.device, cache=cache_dir())
     with _room(p):
         report = export_student(p, args.out, force=args.force, progress=_progress, inputs=inputs, measure=measure)
     cov = report["coverage"]
@@ -272,13 +290,15 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     """How close the student's velocity is to the teacher's on a calibration set (the teacher streams)."""
     from .engine.build import load_student
     from .engine.report import student_fidelity
+    from .io.diskcache import cache_dir
 
     folder = Path(args.student)
     exported = folder.is_dir() and (folder / "projection_report.json").is_file()
     student = load_student(folder) if exported else None  # its own weights, not a new projection
     p = _projector(args)
     with _room(p):
-        result = student_fidelity(p, p.calibration or _calibration(args, p), student, args.draws, device=p.device)
+        result = student_fidelity(p, p.calibration or _calibration(args, p), student, args.draws, device=p.device,
+                                  cache=cache_dir())  # the teacher's outputs on the set: computed once
     if args.json:
         _print_json(result)
     else:
@@ -363,6 +383,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     """Distill each candidate start a few steps on the calibration set and rank them by the held-out error."""
     from .core.strategy import Strategy
     from .probe import ProbeConfig, candidates, probe
+    from .probe.choose import CHOOSE
 
     named: dict[str, Strategy] = {}
     origins: dict[str, str] = {}
@@ -375,7 +396,11 @@ def cmd_probe(args: argparse.Namespace) -> None:
     config.check()
     p = _projector(args)
     with _room(p):
-        result = probe(p, _calibration(args, p), found, config, device=p.device, progress=_progress)
+        calibration = _calibration(args, p)
+        chooser = replace(CHOOSE, holdout=config.holdout, draws=config.draws, seed=config.seed)  # the same split
+        found = [replace(c, strategy=_recoverable(p, c.strategy, calibration, config=chooser))
+                 if c.strategy is not None and c.strategy.layers == "recoverable" else c for c in found]
+        result = probe(p, calibration, found, config, device=p.device, progress=_progress)
     if args.json:
         return _print_json(result.to_dict())
     _print_probe(result)

@@ -328,6 +328,12 @@ def test_each_tab_starts_on_the_first_screen(browser, app, tmp_path, width, heig
                                   || e.scrollWidth > e.clientWidth + 1 && s.overflow !== 'visible' && !whole; })
             .map(e => e.innerText.slice(0, 40))""")
         assert not wrapping, wrapping[:5]
+        # every header is whole (it wraps between its words rather than being cut)
+        cut = page.evaluate("""() => [...document.querySelectorAll('#mapping-table th')]
+            .flatMap(c => [c, ...c.querySelectorAll('*')])
+            .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1)
+            .map(e => e.innerText.slice(0, 40))""")
+        assert not cut, cut
         # the cards: nothing runs over its card, and a source path keeps its end (the file name) in view
         over = page.evaluate("""() => [...document.querySelectorAll('.card')]
             .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.innerText.slice(0, 40))""")

@@ -129,6 +129,37 @@ def test_student_fidelity_reads_the_teacher_once_whether_or_not_its_block_output
             kept["students"]["random init"]["relative_error"], rel=1e-6)
 
 
+def test_a_second_measurement_on_the_same_set_reads_the_teachers_outputs_from_the_cache(tiny_wan, tmp_path,
+                                                                                      monkeypatch):
+    """The teacher's velocities and block outputs on a set go to the cache folder: another strategy measured on
+    the same set (another run of `projection fidelity`) builds no teacher block and gets the same numbers; an entry
+    that does not fit the request (damaged, or another set's) is computed again."""
+    import projection.function.forward as forward
+
+    p = Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "dim": 32, "num_heads": 1, "num_layers": 2})
+    calibration = calibration_for(tiny_wan.config)
+    reads: list[int] = []
+    real_build = forward.build_block
+    monkeypatch.setattr(forward, "build_block", lambda teacher, index, *a: reads.append(index)
+                        or real_build(teacher, index, *a))
+    first = student_fidelity(p, calibration, draws=2, cache=tmp_path)
+    assert reads == [0, 1, 2]
+    reads.clear()
+    other = Strategy(width="first")
+    again = student_fidelity(p, calibration, draws=2, cache=tmp_path, strategy=other)
+    assert reads == []
+    fresh = student_fidelity(p, calibration, draws=2, strategy=other)
+    assert again["students"] == fresh["students"] and again["blocks"] == fresh["blocks"]
+    entry = next((tmp_path / "reference").iterdir())
+    entry.write_bytes(entry.read_bytes()[:100])
+    reads.clear()
+    assert student_fidelity(p, calibration, draws=2, cache=tmp_path)["students"] == first["students"]
+    assert reads == [0, 1, 2]
+    reads.clear()
+    student_fidelity(p, calibration_for(tiny_wan.config, seed=12), draws=2, cache=tmp_path)
+    assert reads == [0, 1, 2] and len(list((tmp_path / "reference").iterdir())) == 2
+
+
 def test_wanda_ranks_neurons_by_what_they_write(tiny_wan, tmp_path):
     """Neurons whose GELU output is loud but whose ffn.2 column is zero write nothing: `activation` keeps them,
     `wanda` drops them, and the student that keeps the neurons that write is closer to the teacher."""

@@ -302,7 +302,7 @@ def test_strategy_and_rules_files_are_read_safely(tmp_path, fifo):
     ("layers: [0, 1.0]", "layers: entry 1 is 1.0"),
     ("layers: [0, -2]", "layers: entry 1 is -2"),
     ("layers: [0, 99999999999]", "layers: entry 1 is too large"),
-    ("layers: widest", "layers: expected one of uniform, first, last, influence or a list of teacher block indices, got 'widest'"),
+    ("layers: widest", "layers: expected one of uniform, first, last, influence, recoverable or a list of teacher block indices, got 'widest'"),
     ("layers: [" + ", ".join(["0"] * 1025) + "]", "layers: 1025 entries; a layer list has at most 1024"),
 ], ids=["seed-2^63", "seed-negative", "seed-bool", "seed-string", "layers-bools", "layers-float", "layers-negative",
         "layers-huge", "layers-word", "layers-too-long"])

@@ -13,6 +13,7 @@ from ..io.inputs import load_yaml, read_text
 
 Rank = Literal["magnitude", "activation", "uniform", "first"]
 LAYER_METHODS = ("uniform", "first", "last", "influence")
+RECOVERABLE = "recoverable"  # chosen by short distillation probes (`projection.probe.choose`), not by a rule
 MAX_LAYER_LIST = 1024  # entries of an explicit layer list: the deepest student it can ask for
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (a torch generator's int64)
 
@@ -20,10 +21,12 @@ SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (a torch generator's int64)
 class Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    layers: Union[Literal["uniform", "first", "last", "influence"], list[int]] = Field(
+    layers: Union[Literal["uniform", "first", "last", "influence", "recoverable"], list[int]] = Field(
         "uniform", description="teacher block per student block: uniform (evenly spaced, the first and last "
                                "blocks included: round(i*(T-1)/(S-1))), first N, last N, influence (the N most "
-                               "influential on a calibration set, in order), or a list")
+                               "influential on a calibration set, in order), recoverable (of a few candidate "
+                               "subsets, the one a short distillation on a calibration set recovers best), or a "
+                               "list")
     width: Literal["magnitude", "activation", "uniform", "first", "svd-per-matrix"] = Field(
         "magnitude", description="residual (and every other free) width: one shared index set; activation ranks "
                                  "by the teacher's activations on a calibration set; svd-per-matrix is the seeds' "
@@ -55,11 +58,11 @@ class Strategy(BaseModel):
     @classmethod
     def _layer_list(cls, value: object) -> object:
         """One clear message for a bad layer choice (the union's own errors list every alternative)."""
-        if isinstance(value, str) and value in LAYER_METHODS:
+        if isinstance(value, str) and value in (*LAYER_METHODS, RECOVERABLE):
             return value
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected one of {', '.join(LAYER_METHODS)} or a list of teacher block indices, "
-                             f"got {value!r:.60}")
+            raise ValueError(f"expected one of {', '.join((*LAYER_METHODS, RECOVERABLE))} or a list of teacher block "
+                             f"indices, got {value!r:.60}")
         if len(value) > MAX_LAYER_LIST:
             raise ValueError(f"{len(value)} entries; a layer list has at most {MAX_LAYER_LIST}")
         for i, block in enumerate(value):
@@ -72,7 +75,7 @@ class Strategy(BaseModel):
     @property
     def needs_activations(self) -> bool:
         """Some choice ranks by the teacher's activations (a calibration set must be given)."""
-        return (self.layers == "influence" or self.ffn == "wanda" or self.compensate != "none"
+        return (self.layers in ("influence", RECOVERABLE) or self.ffn == "wanda" or self.compensate != "none"
                 or "activation" in (self.width, self.heads, self.ffn, self.head_dim))
 
     @property

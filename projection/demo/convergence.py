@@ -37,6 +37,7 @@ from ..engine.build import random_student
 from ..engine.projector import Projector
 from ..function.calibration import Calibration
 from ..function.fidelity import velocity_fidelity
+from ..probe.choose import resolve_layers
 
 from .training import TrainConfig, train_flow
 
@@ -102,7 +103,8 @@ def initial_student(teacher: str, run: Run, calibration: Calibration | None = No
         return random_student(projector.student_config(), run.seed)
     if projector.strategy.needs_calibration and calibration is not None:
         projector.calibrate(calibration)
-    return projected_student(projector)
+    strategy, _ = resolve_layers(projector, calibration)  # `layers: recoverable`: the block list its probes chose
+    return projected_student(projector, strategy=strategy)
 
 def budget_config(base: TrainConfig, steps: int, warmup_share: float = 0.1, evals: int = 4) -> TrainConfig:
     """A budget's own schedule: `steps` steps, warmup `warmup_share` of them, the cosine ending at `steps`, and

@@ -24,7 +24,7 @@ from ..core.models import ModelView, open_student, open_teacher
 from ..core.plan import Plan, TeacherStats, make_plan, needs_stats
 from ..core.project import Projected, SvdCache, pick_device, project_entry
 from ..core.spectra import singular_values
-from ..core.strategy import Strategy
+from ..core.strategy import RECOVERABLE, Strategy
 from ..errors import ProjectionError
 from ..function.activations import require, teacher_activations
 from ..function.noise import expert_band
@@ -143,6 +143,13 @@ class Projector:
         listed = len(strategy.layers) if isinstance(strategy.layers, list) else None  # may repeat blocks
         return cls(t, open_student(student, t, num_heads, check, listed, layout), strategy, rules, caches)
 
+    def using(self, strategy: Strategy) -> "Projector":
+        """A projector whose default is `strategy`, on the same views, rules, caches and calibration (a choice made
+        above this layer, such as `layers: recoverable`, becomes the strategy it chose)."""
+        found = Projector(self.teacher, self.student, strategy, self.rules, self.caches)
+        found.activations, found.calibration = self.activations, self.calibration
+        return found
+
     def release(self) -> None:
         """Drop everything this projector keeps for itself (projected entries, spectra, statistics, plan); what
         it shares through `Caches` stays for the others."""
@@ -176,6 +183,9 @@ class Projector:
 
     def _resolved(self, strategy: Strategy) -> Strategy:
         """`layers: influence` as the block list it stands for (the most influential blocks, in order)."""
+        if strategy.layers == RECOVERABLE:  # the probe's choice, made above this layer
+            raise ProjectionError("layers: recoverable is chosen by short distillation probes on a calibration set: "
+                                  "the CLI's --calibration resolves it (Python: projection.probe.resolve_layers)")
         if strategy.layers != "influence":
             return strategy
         depth = self.student.config.num_layers if self.student.layout != "custom" else None

@@ -9,18 +9,26 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Callable
+from dataclasses import astuple
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 from torch import nn
 
 from ..arch.anatomy import SPACES
+from ..arch.config import ModelConfig
 from ..arch.wan import WanLite
 from ..cache import Lru
 from ..core.project import pick_device
 from ..core.strategy import Strategy
 from ..function.activations import calibration_digest, ranking_agreement, teacher_removal
+from ..function import budget
 from ..function.calibration import Calibration
 from ..function.fidelity import (Reference, block_fidelity, block_streams, check_request, compare, keeps_blocks,
                                 teacher_reference)
@@ -28,10 +36,12 @@ from ..function.forward import StreamedTeacher
 from ..function.noise import expert_band, noised_set
 from .build import projected_student, random_student
 from .keys import ReferenceKey
+from ..io.diskcache import cached
 from .projector import Projector
 
 Progress = Callable[[int, int, str], None]
 REMOVAL_DRAWS = 1  # noise draws per latent behind the removal effects (L(L+1)/2 block evaluations)
+REFERENCE_VERSION = 1  # of the on-disk teacher outputs (`stored_reference`): a new one ignores older entries
 
 
 def reference_key(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0) -> ReferenceKey:
@@ -43,28 +53,62 @@ def reference_key(projector: Projector, calibration: Calibration, draws: int = 2
 
 
 def shared_reference(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,
-                     device: str | torch.device = "cpu", references: Lru | None = None) -> Reference:
+                     device: str | torch.device = "cpu", references: Lru | None = None,
+                     cache: Path | None = None) -> Reference:
     """The teacher's outputs on `calibration` (velocities, and block outputs where they fit): from `references`
-    (keyed by `reference_key`) when some view computed them already, else one streamed pass over the teacher's
-    weights, kept there for every other view."""
+    (keyed by `reference_key`) when some view computed them already, else from the entry under the `cache` folder
+    when an earlier run wrote one (None: none is read or written), else one streamed pass over the teacher's
+    weights, kept in both for every other view and run."""
     key = reference_key(projector, calibration, draws, seed)
     found = references.get(key) if references is not None else None
     if found is not None:
         return found
-    reference = teacher_reference(StreamedTeacher(projector.teacher, device), calibration.latents,
-                                  calibration.context, draws, seed, key.band, calibration.source, keep_blocks=True)
+
+    def run() -> Reference:
+        return teacher_reference(StreamedTeacher(projector.teacher, device), calibration.latents,
+                                 calibration.context, draws, seed, key.band, calibration.source, keep_blocks=True)
+
+    reference = run() if cache is None else stored_reference(key, calibration, projector.teacher.config, cache, run)
     return references.put(key, reference) if references is not None else reference
+
+
+def stored_reference(key: ReferenceKey, calibration: Calibration, config: ModelConfig, cache: Path,
+                     run: Callable[[], Reference]) -> Reference:
+    """`run()` through the entry `reference/<key>.safetensors` under `cache`: the teacher's velocities (and block
+    outputs where the reference keeps them), checked against the shapes this key gives before use."""
+    x, t, ctx = noised_set(calibration.latents, calibration.context, key.draws, key.seed, key.band)
+    out_dim = int(config.out_dim or x.shape[1])
+    shapes = {"velocity": (len(x), out_dim, *x.shape[2:])}
+    if keeps_blocks(config, x.shape):
+        tokens = budget.tokens_per_latent(*x.shape[-2:])
+        shapes |= {f"block.{b}": (len(x), tokens, int(config.dim)) for b in range(int(config.num_layers))}
+
+    def load(data: bytes) -> Reference:
+        found = load_safetensors(data)
+        if {k: tuple(v.shape) for k, v in found.items()} not in (shapes, {"velocity": shapes["velocity"]}) or not all(
+                v.dtype == torch.float32 and torch.isfinite(v).all() for v in found.values()):
+            raise ValueError("not this reference")
+        blocks = tuple(found[f"block.{b}"] for b in range(int(config.num_layers))) if len(found) > 1 else None
+        return Reference(x, t, ctx, found["velocity"], key.draws, key.band, blocks)
+
+    def save(reference: Reference) -> bytes:
+        blocks = {f"block.{b}": v.contiguous() for b, v in enumerate(reference.blocks or ())}
+        return save_safetensors({"velocity": reference.velocity.contiguous(), **blocks})
+
+    name = hashlib.sha256(json.dumps([REFERENCE_VERSION, *astuple(key)]).encode()).hexdigest()[:32]
+    limit = 4 * sum(math.prod(s) for s in shapes.values()) + (1 << 16)
+    return cached(key.teacher, cache / "reference" / f"{name}.safetensors", limit, load, run, save)
 
 
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
                      draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
                      blocks: bool = True, strategy: Strategy | None = None,
-                     references: Lru | None = None) -> dict[str, Any]:
+                     references: Lru | None = None, cache: Path | None = None) -> dict[str, Any]:
     """The fidelity of a student (`student`, else the projector's projection under `strategy`, its default if
     None) and, for scale, of two reference students of the same shape: randomly initialized and projected with
     `width: svd-per-matrix`. The teacher streams once (one block in memory; its block outputs kept where they fit,
     else the students' blocks walk beside it in that pass), or not at all where `references` holds its outputs
-    on this set (`shared_reference`); each student runs once for its velocity and per-block errors. The noise
+    on this set, or the `cache` folder does from an earlier run (`shared_reference`); each student runs once for its velocity and per-block errors. The noise
     levels are those its expert serves. The request is checked against the work bounds (`budget`) before anything
     runs."""
     strategy = strategy or projector.strategy
@@ -93,7 +137,7 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
             references.put(key, reference)
         table = {name: compare(velocities[name], reference.velocity, draws, band) for name in students}
     else:
-        reference = shared_reference(projector, calibration, draws, seed, device, references)
+        reference = shared_reference(projector, calibration, draws, seed, device, references, cache)
         layers = plan.mapping.layers if plan is not None else None
         kept = plan.indices("resid", None) if plan is not None else None
         measured = {name: reference.measure(model, layers, kept) for name, model in students.items()}
