@@ -41,7 +41,7 @@ def test_bad_strategy_yaml_names_field_and_file():
 
 def test_rope_pairs_stay_whole_inside_their_bands():
     for t_dim, s_dim in ((128, 64), (128, 128), (64, 32), (128, 96)):
-        idx = keep_rope_pairs(t_dim, s_dim, "frequency")
+        idx = keep_rope_pairs(t_dim, s_dim, "frequency", rope_bands)
         assert len(idx) == s_dim
         assert torch.equal(idx[0::2] + 1, idx[1::2])  # (2i, 2i+1) together
         assert (idx[0::2] % 2 == 0).all()
@@ -52,20 +52,21 @@ def test_rope_pairs_stay_whole_inside_their_bands():
         for b, n in enumerate(s_bands):  # student band b is filled from teacher band b only
             assert all(edges[b] <= p < edges[b + 1] for p in pairs[start:start + n])
             start += n
-    assert torch.equal(keep_rope_pairs(128, 128, "frequency"), torch.arange(128))
+    assert torch.equal(keep_rope_pairs(128, 128, "frequency", rope_bands), torch.arange(128))
 
 
 def test_rope_frequency_match_is_nearest():
-    idx = keep_rope_pairs(128, 64, "frequency")
+    idx = keep_rope_pairs(128, 64, "frequency", rope_bands)
     t = torch.cat(rope_frequencies(128))
     s = torch.cat(rope_frequencies(64))
     chosen = t[idx[0::2] // 2]
     # every chosen teacher frequency is within a factor 1.25 of the student's own (bands of 21-22 vs 10-12 pairs)
     assert ((chosen / s).log().abs() < math.log(1.25)).all()
-    first = keep_rope_pairs(128, 64, "first")
+    first = keep_rope_pairs(128, 64, "first", rope_bands)
     assert (t[first[0::2] // 2] / s).log().abs().max() > math.log(1.25)  # "first" does not match frequencies
     # at a 2:1 ratio nearest-frequency equals every other pair; at 4:3 it differs from a uniform stride
-    assert not torch.equal(keep_rope_pairs(128, 96, "frequency"), keep_rope_pairs(128, 96, "uniform"))
+    assert not torch.equal(keep_rope_pairs(128, 96, "frequency", rope_bands),
+                           keep_rope_pairs(128, 96, "uniform", rope_bands))
 
 
 def test_selection_helpers():

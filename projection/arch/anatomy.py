@@ -15,6 +15,7 @@ from typing import Any, Literal
 from ..errors import ProjectionError
 from .config import SIZES, ModelConfig, as_config
 from .family import _CHANGED, FAMILIES, Family, register
+from .wan import RUNNABLE, rope_bands
 
 Axis = tuple[str, ...]
 SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]
@@ -140,11 +141,17 @@ SEED_SHAPES = {
 }
 
 register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES,
-                layout="wan", wan_blocks=True))
+                layout="wan", rope_bands=rope_bands, runnable=RUNNABLE))
 register(Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)", "blocks.{i}.attn1.to_q.weight",
-                DIFFUSERS_MODULES, shapes=WAN_SHAPES, layout="diffusers", wan_blocks=True))
+                DIFFUSERS_MODULES, shapes=WAN_SHAPES, layout="diffusers", rope_bands=rope_bands, runnable=RUNNABLE))
 register(Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
-                "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed"))
+                "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed",
+                rope_bands=rope_bands))  # its students are planned as Wan's (a Wan teacher's bands)
+
+
+def family_of(name: str | None) -> Family:
+    """A registered family, Wan's for unknown names (as `tensors_of`)."""
+    return FAMILIES.get(name or "") or FAMILIES["wan"]
 
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
@@ -169,8 +176,7 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 def tensors_of(family: str | None) -> dict[str, tuple[Axis, ...]]:
     """The canonical templates a family has, with their axes (Wan's all for Wan and for unknown names)."""
-    fam = FAMILIES.get(family or "")
-    tensors = fam.tensors if fam is not None and fam.tensors is not None else None
+    tensors = family_of(family).tensors
     return WAN_TENSORS if tensors is None else {t: WAN_TENSORS.get(t, a) for t, a in tensors.items()}
 
 

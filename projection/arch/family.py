@@ -4,7 +4,10 @@ A family names its tensors under the canonical (original Wan) names, each with i
 in (`anatomy.SPACES`), and says how its own files name them: a rename table onto the canonical modules, whose
 native templates may put blocks under any prefix (`layers.{i}.`, `single_blocks.{i}.`, ...). It says which key
 only it has (detection), where its config numbers show in its tensors, its patch size (the output width is the
-output head's rows over the patch volume), and the head dim a width that records no heads is split by.
+output head's rows over the patch volume), its RoPE bands, and the head dim a width that records no heads is
+split by. A family whose blocks run here (a teacher: the streamed forward, fitting, activation statistics) carries
+a `Runnable`: its block class and the tables that name the block's modules, so that code reads them from the
+family and never from module constants.
 
 Wan (original names), Wan (diffusers names) and the seeds' layout are registered by `anatomy` (their tables live
 there); another family registers itself with `register`, and nothing else changes.
@@ -12,10 +15,36 @@ there); another family registers itself with `register`, and nothing else change
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import ModelConfig
 
 AxisSpec = tuple[str, ...]
+Bands = Callable[[int], list[int]]  # a head dim -> RoPE pairs per band (t, h, w, ...), summing to head_dim / 2
+
+
+def one_band(head_dim: int) -> list[int]:
+    """Every pair of a head rotated as one band (a family that names no bands of its own)."""
+    return [head_dim // 2]
+
+
+@dataclass(frozen=True)
+class Runnable:
+    """A family's blocks as they run here. A block is built from a config (on torch's meta device, then given the
+    teacher's tensors under their canonical names `blocks.{i}.<its parameter name>`) and called as
+    block(x [B, N, D], e0 [B, chunks, D], context [B, L, D], freqs [N, head_dim / 2]) -> x [B, N, D]; the names
+    below are its submodules (`get_submodule`)."""
+    block: Callable[[ModelConfig], nn.Module]
+    linears: tuple[str, ...]  # the linear layers `fit` refits, in order
+    readers: tuple[str, ...]  # modules whose input is the normalized residual stream (its energy ranks `resid`)
+    outputs: Mapping[str, str]  # attention output projection -> its spaces' prefix ('sa': sa_heads, sa_vo)
+    neurons: str  # the FFN's down projection: its input is the neurons' activation (ranks `ffn`)
+    ungated: str | None = None  # a linear whose output joins the residual stream ungated (`compensate: mean`)
 
 
 @dataclass(frozen=True)
@@ -30,7 +59,8 @@ class Family:
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w): the output head writes one value per patch cell
     out_key: str | None = "head.head.weight"  # canonical key whose rows are patch volume x out_dim
     layout: str | None = None  # the export layout its files are (layout.LAYOUTS); None: its own (the family's name)
-    wan_blocks: bool = False  # a teacher: its blocks run as Wan's (the streamed forward, activation statistics)
+    rope_bands: Bands = one_band  # how a head's RoPE pairs split into bands (kept pairs stay in their band)
+    runnable: Runnable | None = None  # its blocks as they run here; None: it is no teacher
 
     def out_dim(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
         """The output width its tensors show: the output head's rows over the patch volume."""

@@ -3,9 +3,13 @@
 `WanLite` is the 2D restriction of Wan: on a single latent frame, Wan is exactly a 2D model with a 2x2 patch
 conv, t-band RoPE at angle 0, and everything else unchanged. Its parameter names are Wan's original names, so
 a same-config projection is a copy and the exported student reproduces the teacher's forward.
+
+`RUNNABLE` is how Wan's blocks run for the streamed teacher, fitting and activation statistics (the families
+registered in `anatomy` carry it): the block class and the names of the modules those read.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ProjectionError
+from .config import ModelConfig
+from .family import Runnable
 
 EPS = 1e-6
 
@@ -30,9 +36,10 @@ def rope_bands(head_dim: int) -> list[int]:
     return [c - 2 * (c // 3), c // 3, c // 3]
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float = 10000.0,
+                     bands: Callable[[int], list[int]] = rope_bands) -> list[torch.Tensor]:
     """Per band, the angular frequency of each pair: theta^(-2j / band_dim)."""
-    return [1.0 / theta ** (torch.arange(n, dtype=torch.float64) * 2 / (2 * n)) for n in rope_bands(head_dim)]
+    return [1.0 / theta ** (torch.arange(n, dtype=torch.float64) * 2 / (2 * n)) for n in bands(head_dim)]
 
 
 def rope_2d(head_dim: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
@@ -101,16 +108,35 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = modulation(6, dim)
 
+    @classmethod
+    def of(cls, config: ModelConfig) -> Block:
+        """The block of a config (the family's runnable block)."""
+        return cls(config.dim, config.ffn_dim, config.num_heads)
+
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Modulation and the residual stream in float32, as in Wan; each layer's input in its weights' dtype."""
         dtype = ctx.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).float().chunk(6, dim=1)
         h = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype)
         y = self.self_attn(h, h, freqs)
-        x = x + y * gate_msa
-        x = x + self.cross_attn(self.norm3(x.to(dtype)), ctx)
+        x = self.read_context(x + y * gate_msa, ctx)
         y = self.ffn((self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).to(dtype))
         return x + y * gate_ffn
+
+    def read_context(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """The cross-attention step, ungated (a block without text context overrides it)."""
+        return x + self.cross_attn(self.norm3(x.to(ctx.dtype)), ctx)
+
+
+RUNNABLE = Runnable(
+    Block.of,
+    linears=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+             "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"),
+    readers=("self_attn.q", "cross_attn.q", "ffn.0"),  # q/k/v's input, the cross-attention query's, the FFN's
+    outputs={"self_attn.o": "sa", "cross_attn.o": "ca"},
+    neurons="ffn.2",  # its input: the GELU output
+    ungated="cross_attn.o",
+)
 
 
 class Head(nn.Module):

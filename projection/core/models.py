@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..arch.anatomy import FAMILIES, detect_family, infer_config, infer_heads, native_name, to_canonical, with_heads
+from ..arch.anatomy import (FAMILIES, detect_family, family_of, infer_config, infer_heads, native_name, to_canonical,
+                             with_heads)
 from ..arch.config import DEFAULT_LAYOUT, ModelConfig, student_config
 from ..arch.layout import PATCH, build_student, layout_of, stored_shape
 from ..errors import ProjectionError
@@ -62,7 +63,7 @@ class ModelView:
 
 
 def default_head_dim(family: str | None) -> int:
-    return FAMILIES[family].default_head_dim if family in FAMILIES else FAMILIES["wan"].default_head_dim
+    return family_of(family).default_head_dim
 
 
 def view_checkpoint(ckpt: Checkpoint) -> ModelView:
@@ -81,7 +82,7 @@ def view_checkpoint(ckpt: Checkpoint) -> ModelView:
 
 def open_teacher(source: str, expert: str | None = None, check: PathCheck | None = None) -> ModelView:
     view = view_checkpoint(open_checkpoint(source, expert, check))
-    if view.family not in FAMILIES or not FAMILIES[view.family].wan_blocks:
+    if view.family not in FAMILIES or FAMILIES[view.family].runnable is None:  # its blocks cannot run here
         raise ProjectionError(f"{source}: not a Wan checkpoint (no 'blocks.N.self_attn.q.weight' or "
                               f"'blocks.N.attn1.to_q.weight' among its {len(view.shapes)} keys)")
     return view

@@ -13,7 +13,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from ..arch.anatomy import SPACES
+from ..arch.anatomy import SPACES, family_of
+from ..arch.family import Bands
 from ..arch.wan import rope_frequencies
 from ..cache import TEACHER_STATS, Lru
 from ..io.streaming import read_ahead
@@ -38,13 +39,14 @@ def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores.double(), k, sorted=False).indices.sort().values
 
 
-def keep_rope_pairs(teacher_dim: int, student_dim: int, method: str) -> torch.Tensor:
-    """Channels of one head to keep: whole (2i, 2i+1) pairs, each student band filled from the same teacher band.
+def keep_rope_pairs(teacher_dim: int, student_dim: int, method: str, bands: Bands) -> torch.Tensor:
+    """Channels of one head to keep: whole (2i, 2i+1) pairs, each student band filled from the same teacher band
+    (`bands`: the teacher family's split, which the student keeps).
 
     'frequency' picks, for each student pair, the unused teacher pair in its band whose rotation frequency is
     nearest (in log space), so the student's own RoPE rotates each kept pair at almost the teacher's speed."""
     pairs, offset = [], 0
-    for t_freqs, s_freqs in zip(rope_frequencies(teacher_dim), rope_frequencies(student_dim)):
+    for t_freqs, s_freqs in zip(rope_frequencies(teacher_dim, bands=bands), rope_frequencies(student_dim, bands=bands)):
         n, k = len(t_freqs), len(s_freqs)
         if method == "frequency":
             free = list(range(n))
@@ -185,7 +187,8 @@ def make_plan(mapping: Mapping, stats: TeacherStats | None = None,
             index[(space, block)] = torch.arange(n)
         elif kind == "rope":
             rope = mapping.strategy.head_dim
-            index[(space, block)] = keep_rope_pairs(n, k, "frequency" if rope == "activation" else rope)
+            index[(space, block)] = keep_rope_pairs(n, k, "frequency" if rope == "activation" else rope,
+                                                    family_of(mapping.teacher.family).rope_bands)
         elif (method := _method(kind, mapping)) in ACTIVATION_METHODS and activations is None:
             raise ValueError(f"{method} ranking needs the teacher's activations (pass activations)")
         elif method in ACTIVATION_METHODS and (score := activations.score(

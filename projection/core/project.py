@@ -73,8 +73,11 @@ class SvdCache:
         return self.items.used
 
     def bases(self, key: str, w: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # LAPACK's last bits depend on the thread count: bases made at another count (a single-threaded refresh)
-        # are not reused, so an export matches the same export from the CLI bit for bit.
+        # The thread count stays in the key: MKL's float64 SVD repeats bit for bit at one thread count but not
+        # across counts (measured, torch 2.13: 1, 2 and 4 threads give three different results for every matrix
+        # from 64 x 64 to 1024 x 1024, by up to 6e-13). Bases made at another count (the app's single-threaded
+        # refresh, then an export under `runtime.heavy_work`) are kept apart, not reused, so an export matches the
+        # same export from the CLI bit for bit; each count's entries are correct and share one byte bound.
         wanted = (self.scope, key, max(rows, cols) > min(w.shape), torch.get_num_threads())
         found = self.items.get(wanted)
         if found is not None:

@@ -1,14 +1,16 @@
 """What the teacher's activations say: importance per channel, head, head dim and neuron, and influence per block,
 from one streamed teacher forward on a calibration set (Minitron's and Wanda's signals).
 
-Per teacher block b, over every calibration latent, noise draw and token (float64 sums of squares):
-  resid          energy of each residual channel in the normalized, modulated inputs every block reads (the
-                 self-attention q/k/v input, the cross-attention q input, the FFN input); each reader's profile
-                 is normalized to sum 1 and the readers are summed, as magnitude ranking sums its tensors
-  sa_heads, ca_heads   energy of each head's attention output (the input of `o`), per block
+Per teacher block b, over every calibration latent, noise draw and token (float64 sums of squares). The modules
+read are the ones the teacher's family names (`family.Runnable`); Wan's are given in brackets:
+  resid          energy of each residual channel in the normalized, modulated inputs every block reads (its
+                 `readers`: the self-attention q/k/v input, the cross-attention q input, the FFN input); each
+                 reader's profile is normalized to sum 1 and the readers are summed, as magnitude ranking sums its
+                 tensors
+  sa_heads, ca_heads   energy of each head's attention output (the input of each of its `outputs`, [`o`]), per block
   sa_vo, ca_vo   energy of each head dim of that output, summed over heads, per block
-  ffn            energy of each FFN neuron's GELU output (the input of `ffn.2`), per block
-  ffn_wanda      that energy times the squared norm of the neuron's `ffn.2` column: the energy the neuron writes
+  ffn            energy of each FFN neuron's activation (the input of its `neurons` module [`ffn.2`]), per block
+  ffn_wanda      that energy times the squared norm of the neuron's column there: the energy the neuron writes
                  (Wanda's |W| x ||x||, for whole neurons)
   update         the block's mean update of the residual stream, mean(h_out - h_in) per channel (for folding a
                  dropped block's mean contribution into the student: `compensate: mean`)
@@ -33,7 +35,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
-from ..arch.config import ModelConfig, as_config
 from ..cancel import checkpoint
 from ..core.models import ModelView
 from ..core.plan import overlap
@@ -42,12 +43,9 @@ from ..io.diskcache import cache_dir, cached
 from ..io.inputs import load_json
 from .budget import MICRO_BATCH, check_work
 from .calibration import Calibration
-from .forward import StreamedTeacher, build_block
+from .forward import StreamedTeacher, build_block, runnable
 from .noise import noised_set
 
-READERS = {"self_attn.q": "resid", "cross_attn.q": "resid", "ffn.0": "resid"}  # inputs: normalized residual
-OUTPUTS = {"self_attn.o": "sa", "cross_attn.o": "ca"}  # inputs: attention outputs [.., heads x head dim]
-NEURONS = "ffn.2"  # input: the GELU output
 SCORED = ("resid", "sa_heads", "sa_vo", "ca_heads", "ca_vo", "ffn")  # the spaces activations rank
 CACHE_VERSION = "2"
 
@@ -109,7 +107,7 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
             band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu", key: str = "",
             progress: Callable[[int, int, str], None] | None = None) -> Activations:
     """One streamed forward of the teacher over the noised calibration set, recording the statistics above."""
-    cfg = teacher.config
+    cfg, family = teacher.config, runnable(teacher)
     heads, dim = int(cfg.num_heads), int(cfg.dim)
     sums: dict[tuple[str, int | None], torch.Tensor] = {}
     cos_sum: dict[int, float] = {}
@@ -121,13 +119,13 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
 
     def on_input(block: int, name: str, x: torch.Tensor) -> None:
         energy = x.double().pow(2).flatten(0, -2).sum(0).cpu()  # per input feature
-        if name in READERS:
+        if name in family.readers:
             readers[(block, name)] = readers.get((block, name), 0) + energy
-        elif name in OUTPUTS:
+        elif name in family.outputs:
             per = energy.reshape(heads, dim // heads)
-            add((f"{OUTPUTS[name]}_heads", block), per.sum(1))
-            add((f"{OUTPUTS[name]}_vo", block), per.sum(0))
-        elif name == NEURONS:
+            add((f"{family.outputs[name]}_heads", block), per.sum(1))
+            add((f"{family.outputs[name]}_vo", block), per.sum(0))
+        elif name == family.neurons:
             add(("ffn", block), energy)
 
     def on_block(block: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
@@ -139,12 +137,13 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
             progress(block, int(cfg.num_layers), f"teacher block {block}")
 
     def on_weights(block: int, module: torch.nn.Module) -> None:
-        columns[block] = module.get_submodule(NEURONS).weight.double().pow(2).sum(0).cpu()
+        columns[block] = module.get_submodule(family.neurons).weight.double().pow(2).sum(0).cpu()
 
     columns: dict[int, torch.Tensor] = {}
     check_work(calibration.source, calibration.latents.shape, calibration.context.shape, cfg, draws)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
-    StreamedTeacher(teacher, device)(x, t, ctx, on_block, on_input, tuple([*READERS, *OUTPUTS, NEURONS]), on_weights)
+    hooked = (*family.readers, *family.outputs, family.neurons)
+    StreamedTeacher(teacher, device)(x, t, ctx, on_block, on_input, hooked, on_weights)
     resid = torch.zeros(dim, dtype=torch.float64)
     for energy in readers.values():
         resid += _share(energy)
@@ -157,22 +156,22 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
     return Activations(sums, influence, describe(calibration, draws, band), key)
 
 
-def expected_shapes(config: ModelConfig | dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an activations entry (`Activations.to_tensors`) and its shape, from the teacher's config."""
-    config = as_config(config)
+def expected_shapes(teacher: ModelView) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an activations entry (`Activations.to_tensors`) and its shape, from the teacher's config and
+    its family's attention outputs (their spaces' prefixes; Wan's: sa, ca)."""
+    config, outputs = teacher.config, runnable(teacher).outputs.values()
     dim, heads, ffn, depth = (int(v) for v in (config.dim, config.num_heads, config.ffn_dim, config.num_layers))
     shapes: dict[str, tuple[int, ...]] = {"resid/global": (dim,), "influence": (depth,)}
     for b in range(depth):
-        shapes.update({f"sa_heads/{b}": (heads,), f"sa_vo/{b}": (dim // heads,), f"ca_heads/{b}": (heads,),
-                       f"ca_vo/{b}": (dim // heads,), f"ffn/{b}": (ffn,), f"ffn_wanda/{b}": (ffn,),
-                       f"update/{b}": (dim,)})
+        for prefix in outputs:
+            shapes.update({f"{prefix}_heads/{b}": (heads,), f"{prefix}_vo/{b}": (dim // heads,)})
+        shapes.update({f"ffn/{b}": (ffn,), f"ffn_wanda/{b}": (ffn,), f"update/{b}": (dim,)})
     return shapes
 
 
-def checked_entry(tensors: dict[str, torch.Tensor], config: ModelConfig | dict) -> dict[str, torch.Tensor]:
-    """The tensors of a cache entry if they are exactly what `collect` records for this teacher (the groups,
-    their shapes, float64, all finite); else ValueError, so that the entry is measured again."""
-    shapes = expected_shapes(config)
+def checked_entry(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of a cache entry if they are exactly what `collect` records for this teacher (`shapes`: the
+    groups and their shapes; float64, all finite); else ValueError, so that the entry is measured again."""
     if set(tensors) != set(shapes):
         raise ValueError(f"groups differ: {len(set(shapes) - set(tensors))} missing, "
                          f"{len(set(tensors) - set(shapes))} unexpected")
@@ -199,11 +198,11 @@ def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calib
     key = cache_key(fingerprint, calibration, draws, seed, band)
     about = describe(calibration, draws, band)
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}.safetensors"
-    shapes = expected_shapes(teacher.config)  # bounds the read: the data, a header line per tensor, `about`
+    # The entry's groups and shapes bound the read: the data, a header line per tensor, `about`.
+    shapes = expected_shapes(teacher)
     limit = 8 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 6 * len(about.encode()) + (1 << 20)
     return cached(fingerprint, path, limit,
-                   lambda data: Activations.from_tensors(checked_entry(load_safetensors(data), teacher.config),
-                                                         about, key),
+                   lambda data: Activations.from_tensors(checked_entry(load_safetensors(data), shapes), about, key),
                    lambda: collect(teacher, calibration, draws, seed, band, device, key, progress),
                    lambda found: save_safetensors(found.to_tensors(), {"about": about}))
 

@@ -2,8 +2,9 @@
 
 Selection throws away what the dropped channels carried. For each student block, in order, the teacher block it
 came from runs on the teacher's own residual stream and the student block on the student's (so the errors of
-earlier student blocks are seen, as sequential layer-wise reconstruction does); for every linear layer of the
-block (q, k, v, o of both attentions, ffn.0, ffn.2) the weights and bias are solved in float64:
+earlier student blocks are seen, as sequential layer-wise reconstruction does); for every linear layer the teacher's
+family names (`Runnable.linears`; Wan's: q, k, v, o of both attentions, ffn.0, ffn.2) the weights and bias are
+solved in float64:
 
     W', b' = argmin_W,b  sum ||W x_s + b - y_t[kept]||^2 + lambda * mean(diag(C)) * ||W||^2
 
@@ -14,8 +15,9 @@ fitted weights to give the next block its input.
 
 `compensate: mean` (bias compensation for dropped blocks): a dropped teacher block's mean update of the residual
 stream on the calibration set, mean(h_out - h_in) on the kept residual channels, is added to the bias of the
-cross-attention output of the next kept block (the student's last block for blocks after every kept one). That
-output joins the residual stream without a gate, so the constant arrives as it is, at every timestep.
+family's ungated output (`Runnable.ungated`; Wan's: the cross-attention output) of the next kept block (the
+student's last block for blocks after every kept one). That output joins the residual stream without a gate, so
+the constant arrives as it is, at every timestep.
 """
 from __future__ import annotations
 
@@ -25,18 +27,16 @@ import torch
 from torch import nn
 
 from ..arch.config import ModelConfig
+from ..arch.family import Runnable
 from ..cancel import checkpoint
 from ..core.plan import Plan, flat_index
 from ..errors import ProjectionError
 from . import budget
 from .activations import Activations, require
 from .calibration import Calibration
-from .noise import noised_set
-from .forward import StreamedTeacher, TeacherCursor
+from .forward import StreamedTeacher, TeacherCursor, runnable
 from .noise import noised_set
 
-LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-           "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 RIDGE = 0.1  # lambda, relative to the mean input variance: the best of 1e-3 .. 3 on the demo (README: Fitting)
 
 
@@ -95,7 +95,9 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     docstring. The request is checked against the work bounds (`budget`) before anything runs."""
     device = torch.device(device)
     teacher = plan.mapping.teacher
-    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch)
+    family = runnable(teacher)
+    linears = family.linears
+    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch, family)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
     cursor = TeacherCursor(StreamedTeacher(teacher, device, micro_batch=micro_batch), x, t, ctx)
     t_in = cursor.parts
@@ -105,28 +107,28 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     for i, b in enumerate(plan.mapping.layers):
         t_block = cursor.block(b)
         s_block = student.blocks[i]
-        kept = {name: _kept_rows(plan, f"blocks.{i}.{name}.weight") for name in LINEARS}
-        moments = {name: Moments() for name in LINEARS}
-        before = {name: [0.0, 0.0] for name in LINEARS}
+        kept = {name: _kept_rows(plan, f"blocks.{i}.{name}.weight") for name in linears}
+        moments = {name: Moments() for name in linears}
+        before = {name: [0.0, 0.0] for name in linears}
         for j in range(len(cursor.chunks)):
             checkpoint()
             targets, inputs = {}, {}
             hooks = [t_block.get_submodule(n).register_forward_hook(
                 lambda m, a, out, n=n: targets.__setitem__(n, out if kept[n] is None else out[..., kept[n]]))
-                for n in LINEARS]
+                for n in linears]
             hooks += [s_block.get_submodule(n).register_forward_hook(
-                lambda m, a, out, n=n: inputs.__setitem__(n, (a[0], out))) for n in LINEARS]
+                lambda m, a, out, n=n: inputs.__setitem__(n, (a[0], out))) for n in linears]
             t_out = t_block(cursor.hidden[j], t_in[j].e0, t_in[j].ctx, t_in[j].freqs)
             s_block(s_hidden[j], s_in[j].e0, s_in[j].ctx, s_in[j].freqs)
             for h in hooks:
                 h.remove()
-            for n in LINEARS:
+            for n in linears:
                 xs, ys = inputs[n]
                 moments[n].add(xs, targets[n])
                 before[n][0] += (ys.double() - targets[n].double()).pow(2).sum().item()
                 before[n][1] += targets[n].double().pow(2).sum().item()
             cursor.hidden[j] = t_out
-        for n in LINEARS:
+        for n in linears:
             layer = s_block.get_submodule(n)
             w, bias = ridge(moments[n], lam)
             layer.weight.copy_(w.to(layer.weight.dtype))
@@ -138,15 +140,20 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     return report
 
 
+def linear_sizes(family: Runnable, config: ModelConfig) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each linear the family fits, in a block of a config (built on 'meta': no memory)."""
+    with torch.device("meta"):
+        block = family.block(config)
+    return [(block.get_submodule(n).in_features, block.get_submodule(n).out_features) for n in family.linears]
+
+
 def _check(teacher: ModelConfig, student: ModelConfig | None, calibration: Calibration, draws: int,
-           micro_batch: int) -> None:
+           micro_batch: int, family: Runnable) -> None:
     """`budget.check_work` for a fit: the teacher's two residual streams, the student's two (at its width), and
-    the float64 moments of every student layer's least-squares problem (teacher, student: their configs)."""
+    the float64 moments of every student layer's least-squares problem (teacher, student: their configs;
+    family: the teacher's runnable block, whose linears are fitted)."""
     dim = int((student.dim if student else None) or teacher.dim)
-    ffn = int((student.ffn_dim if student else None) or teacher.ffn_dim)
-    inputs = {name: (ffn if name == "ffn.2" else dim) for name in LINEARS}
-    outputs = {name: (ffn if name == "ffn.0" else dim) for name in LINEARS}
-    moments = 8 * sum(inputs[n] * (inputs[n] + outputs[n] + 2) + outputs[n] for n in LINEARS)
+    moments = 8 * sum(i * (i + o + 2) + o for i, o in linear_sizes(family, student or teacher))
     latents, context = tuple(calibration.latents.shape), tuple(calibration.context.shape)
     batch = budget.micro_batch(teacher, budget.tokens_per_latent(*latents[-2:]), context[1], micro_batch)
     budget.check_work(calibration.source, latents, context, teacher, draws, streams=2 + 2 * dim / teacher.dim,
@@ -169,6 +176,10 @@ def fold_targets(layers: list[int], depth: int) -> dict[int, list[int]]:
 def compensate_dropped(plan: Plan, activations: Activations | None, student: nn.Module) -> dict[int, list[int]]:
     """Fold dropped blocks' mean updates (the teacher's `activations` on a calibration set) into `student`, projected
     under `plan` (in place); returns which blocks went where."""
+    ungated = runnable(plan.mapping.teacher).ungated
+    if ungated is None:
+        raise ProjectionError("compensate: mean adds a dropped block's mean update to an ungated output; the "
+                              f"teacher's family ({plan.mapping.teacher.family}) names none")
     if not plan.mapping.strategy.basis_consistent:
         raise ProjectionError("compensate: mean adds teacher residual vectors to the student's: it needs a "
                               "basis-consistent width (not svd-per-matrix)")
@@ -176,7 +187,7 @@ def compensate_dropped(plan: Plan, activations: Activations | None, student: nn.
     kept = plan.indices("resid", None)
     folds = fold_targets(plan.mapping.layers, int(plan.mapping.teacher.config.num_layers))
     for i, dropped in folds.items():
-        bias = student.blocks[i].cross_attn.o.bias
+        bias = student.blocks[i].get_submodule(ungated).bias
         for d in dropped:
             update = updates.score("update", d)
             bias += (update if kept is None else update[kept]).to(bias)

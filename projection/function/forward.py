@@ -1,10 +1,11 @@
 """The teacher's function, streamed: one block of weights in memory at a time.
 
-A Wan teacher of any size runs on a calibration batch on one latent frame (where Wan is exactly `WanLite`): the
-embeddings and head stay in memory (for Wan 14B about 0.7 GB in float32), then each block's tensors are read from
-the checkpoint onto the device, the whole batch goes through it in micro-batches, its output is kept, and its
-weights are released before the next block is read. The math is `WanLite`'s own modules, so this equals the
-in-memory model (and diffusers' `WanTransformer3DModel` on one frame).
+A teacher of any size whose family carries a runnable block (`family.Runnable`) runs on a calibration batch on one
+latent frame (where Wan is exactly `WanLite`): the embeddings and head stay in memory (for Wan 14B about 0.7 GB in
+float32), then each block's tensors are read from the checkpoint onto the device, the whole batch goes through the
+family's block in micro-batches, its output is kept, and its weights are released before the next block is read.
+For Wan the math is `WanLite`'s own modules, so this equals the in-memory model (and diffusers'
+`WanTransformer3DModel` on one frame).
 
 `on_block(i, x_in, x_out)` sees every block's input and output residual stream [B, tokens, D] (float32), for
 statistics and per-block fidelity.
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from ..arch.anatomy import FAMILIES
+from ..arch.family import Runnable
 from ..arch.layout import build_student
-from ..arch.wan import Block, WanLite
+from ..arch.wan import WanLite
 from ..core.models import ModelView
 from ..cancel import checkpoint
 from ..errors import ProjectionError
@@ -27,18 +29,26 @@ from . import budget
 
 BlockHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 InputHook = Callable[[int, str, torch.Tensor], None]
-WeightsHook = Callable[[int, Block], None]
+WeightsHook = Callable[[int, nn.Module], None]
 
 
 def top_keys(model: WanLite) -> list[str]:
     return [k for k in model.state_dict() if not k.startswith("blocks.")]
 
 
-def build_block(teacher: ModelView, index: int, device: torch.device, dtype: torch.dtype) -> Block:
-    """Teacher block `index` as a module on `device` (its tensors read now, nothing else)."""
-    cfg = teacher.config
+def runnable(teacher: ModelView) -> Runnable:
+    """How the teacher's blocks run: its family's runnable block and tables."""
+    family = FAMILIES.get(teacher.family or "")
+    if family is None or family.runnable is None:
+        raise ProjectionError(f"{teacher.source}: its family ({teacher.family or 'unknown names'}) has no runnable "
+                              "block here")
+    return family.runnable
+
+
+def build_block(teacher: ModelView, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Teacher block `index` as its family's module on `device` (its tensors read now, nothing else)."""
     with torch.device("meta"):
-        block = Block(cfg.dim, cfg.ffn_dim, cfg.num_heads)
+        block = runnable(teacher).block(teacher.config)
     prefix = f"blocks.{index}."
     block.load_state_dict({k: teacher.read(prefix + k) for k in block.state_dict()}, assign=True, strict=True)
     return block.to(device, dtype).eval()
@@ -55,10 +65,10 @@ class StreamedTeacher:
         others, as a depth-only student computes). micro_batch: latents per micro-batch at most (None: MICRO_BATCH, or
         as many as make MICRO_BATCH_TOKENS tokens: small latents in batches of 8 are too many tiny operations);
         fewer where their working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
+        runnable(teacher)  # refused here, before anything is read, if its family's blocks cannot run
         patch = teacher.shapes.get("patch_embedding.weight")
-        family = FAMILIES.get(teacher.family or "")
-        if family is None or not family.wan_blocks or patch is None or len(patch) != 5 or patch[2] != 1:
-            raise ProjectionError(f"{teacher.source}: the streamed forward runs Wan teachers whose patch embedding is "
+        if patch is None or len(patch) != 5 or patch[2] != 1:
+            raise ProjectionError(f"{teacher.source}: the streamed forward runs teachers whose patch embedding is "
                                   "[D, C, 1, 2, 2] (one latent frame)")
         self.teacher, self.device, self.dtype = teacher, torch.device(device), dtype
         self.fixed = micro_batch is not None
@@ -131,7 +141,7 @@ class TeacherCursor:
         self.at = 0  # the teacher block whose input `hidden` holds
 
     @torch.no_grad()
-    def block(self, b: int) -> Block:
+    def block(self, b: int) -> nn.Module:
         if b < self.at:
             self.hidden, self.at = [p.tokens for p in self.parts], 0
         for skipped in range(self.at, b):
@@ -146,7 +156,7 @@ class TeacherCursor:
         self.at = b + 1
 
 
-def _step(block: Block, hidden: torch.Tensor, p) -> torch.Tensor:
+def _step(block: nn.Module, hidden: torch.Tensor, p) -> torch.Tensor:
     """One block on one micro-batch, after a stop check."""
     checkpoint()
     return block(hidden, p.e0, p.ctx, p.freqs)
