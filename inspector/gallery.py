@@ -67,24 +67,23 @@ def picture(row: GalleryRow) -> np.ndarray:
 TABLE_COLUMNS = ["model", "prompt accuracy", "samples", "velocity error vs teacher (step 0)"]
 AFTER_COLUMN = "velocity error vs teacher after the probe"
 PROBE_SLOTS = 2 + len(PROBE_PICKS) + MAX_PROBE_FILES  # random init, the default, A, B, current, files
-STEP_0, AFTER = "step 0", "after"
 
 
-def table(rows: list[tuple[str, GalleryRow]], after: list[tuple[str, GalleryRow]] = ()) -> pd.DataFrame:
-    """The rows' scores (`after`: students after a probe, their error in a column of its own); before a draw, one
-    row that says what will appear."""
+def table(rows: list[tuple[str, GalleryRow]], probed: list[tuple[str, GalleryRow, bool]] = ()) -> pd.DataFrame:
+    """The rows' scores, then a probe's rows (title, row, trained: a trained student's error in a column of its
+    own); before a draw, one row that says what will appear."""
     if not rows:
         return pd.DataFrame([["press “Draw samples”: one row per model", "—", "—", "—"]], columns=TABLE_COLUMNS)
-    columns = TABLE_COLUMNS + ([AFTER_COLUMN] if after else [])
+    columns = TABLE_COLUMNS + ([AFTER_COLUMN] if probed else [])
 
     def line(title: str, r: GalleryRow, trained: bool) -> dict[str, object]:
         error = "—" if r.velocity_error is None else f"{r.velocity_error:.3f}"
-        return {"model": title, "prompt accuracy": "not scored" if r.prompt_accuracy is None
-                else percent(r.prompt_accuracy), "samples": r.scored or "—",
-                TABLE_COLUMNS[-1]: "—" if trained else error, **({AFTER_COLUMN: error if trained else "—"}
-                                                                  if after else {})}
-    after_titles = {title for title, _ in after}
-    return pd.DataFrame([line(title, r, title in after_titles) for title, r in [*rows, *after]], columns=columns)
+        found = {"model": title, "prompt accuracy": "not scored" if r.prompt_accuracy is None
+                 else percent(r.prompt_accuracy), "samples": r.scored or "—", TABLE_COLUMNS[-1]: error}
+        if probed:
+            found[AFTER_COLUMN], found[TABLE_COLUMNS[-1]] = (error, "—") if trained else ("—", error)
+        return found
+    return pd.DataFrame([line(title, r, False) for title, r in rows] + [line(*p) for p in probed], columns=columns)
 
 
 def probe_titles(name: str, steps: int) -> tuple[str, str]:
@@ -110,7 +109,7 @@ class GalleryView:
             elem_id="gallery-probe-note")
         self.probed = [gr.Image(visible=False, interactive=False, buttons=[], elem_id=f"gallery-probe-{i}-{when}",
                                 elem_classes=["gallery-row"], format="png")
-                       for i in range(PROBE_SLOTS) for when in (STEP_0, AFTER)]
+                       for i in range(PROBE_SLOTS) for when in ("start", "after")]
 
     def wire(self) -> None:
         # progress beside the button, not over every picture (style.css gives it room)
@@ -139,7 +138,7 @@ class GalleryView:
                     titles = probe_titles(name, probed.result.config.steps)
                     for j, (title, trained) in enumerate(zip(titles, (False, True))):
                         progress((len(ROWS) + 2 * i + j, total), desc=f"sampling: {title}")
-                        after.append((title, s.probe_row(name, trained)))
+                        after.append((title, s.probe_row(name, trained), trained))
             except ProjectionError as exc:
                 return (cards.inline_error(str(exc)), *skip)
             if probed is not None and probed.not_kept:
@@ -148,7 +147,8 @@ class GalleryView:
                   for name, title, _ in drawn]
         images = [gr.update(value=picture(row), label=caption(title, row))
                   for title, (_, _, row) in zip(titles, drawn)]
-        probe_images = [gr.update(value=picture(row), label=caption(title, row), visible=True) for title, row in after]
+        probe_images = [gr.update(value=picture(row), label=caption(title, row), visible=True)
+                        for title, row, _ in after]
         probe_images += [gr.update(value=None, visible=False)] * (len(self.probed) - len(after))
         calibration = s.projector.calibration
         note = preview_note(calibration.label, calibration.synthetic) if s.previews else cards.inline_ok(

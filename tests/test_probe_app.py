@@ -113,10 +113,12 @@ def test_the_gallery_draws_each_start_and_the_student_its_probe_trained(probed):
     assert targets.passes == 0
     assert targets.reference.score(model(trained_state)).relative_error == pytest.approx(outcome.error, rel=1e-5)
     assert s.probe_row(name, True) is trained  # cached
-    frame = table([("Teacher", start)], [(probe_titles(name, 4)[1], trained)])
-    after = frame.set_index("model").loc[f"{name} after 4-step probe"]
+    titles = probe_titles(name, 4)
+    frame = table([("Teacher", start)], [(titles[0], start, False), (titles[1], trained, True)]).set_index("model")
+    after, before = frame.loc[f"{name} after 4-step probe"], frame.loc[f"{name}, untrained (the probe's start)"]
     assert after["velocity error vs teacher after the probe"] == f"{trained.velocity_error:.3f}"
-    assert after["velocity error vs teacher (step 0)"] == "—"
+    assert after["velocity error vs teacher (step 0)"] == "—" == before["velocity error vs teacher after the probe"]
+    assert before["velocity error vs teacher (step 0)"] == f"{start.velocity_error:.3f}"
 
 
 def test_strategy_files_outside_the_root_are_refused_in_one_line(tmp_path):
