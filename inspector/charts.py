@@ -342,7 +342,9 @@ def probe_curves(curves: list[tuple[str, list[int], list[float]]], random_name: 
                      "line": {"color": colour, "width": 2.5, "dash": "dash" if random else "solid"},
                      "marker": {"size": 7}, "hovertemplate": "step %{x}: %{y:.4f}<extra>" + name + "</extra>"})
     scale = {"type": "log"} if log else {"rangemode": "tozero"}
+    on = on if len(on) <= 110 else on[:109] + "…"  # one line of the subtitle (the summary line names it whole)
     return figure(data, subtitled("Held-out velocity error during a short distillation (lower trains better)",
-                                  f"on {on}; each start at its best rate, random init dashed"), 420,
-                  margin={"t": 96}, xaxis={"title": {"text": "distillation step"}},
-                  yaxis={"title": {"text": "relative error (0: the teacher)"}, **scale})
+                                  f"{on}<br>each start at its best rate; random init dashed"), 460,
+                  margin={"t": 110, "b": 96}, xaxis={"title": {"text": "distillation step"}},
+                  yaxis={"title": {"text": "relative error (0: the teacher)"}, **scale},
+                  legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.2, "yanchor": "top"})

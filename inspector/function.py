@@ -341,9 +341,9 @@ def probe_summary(result: ProbeResult) -> str:
 
 
 def probe_chart(result: ProbeResult) -> charts.Figure:
-    on = f"{result.calibration}: {result.heldout_latents} held-out latents"
-    return charts.probe_curves([(o.name, o.curve.steps, o.curve.error) for o in result.outcomes], recovery.RANDOM,
-                               ("SYNTHETIC " if result.synthetic else "") + on)
+    on = (f"on {result.heldout_latents} held-out latents of {'SYNTHETIC ' if result.synthetic else ''}"
+          f"{result.calibration}")
+    return charts.probe_curves([(o.name, o.curve.steps, o.curve.error) for o in result.outcomes], recovery.RANDOM, on)
 
 
 class FunctionView:
@@ -396,7 +396,7 @@ class FunctionView:
                                     elem_id="probe-files")
             self.steps = gr.Number(PROBE_STEPS, label=f"Steps K (at most {MAX_PROBE_STEPS})", precision=0, minimum=1,
                                    maximum=MAX_PROBE_STEPS, scale=1, elem_id="probe-steps")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=False):  # the button keeps its height beside a long summary
             self.probe_btn = gr.Button("Probe", variant="primary", scale=0, min_width=200, elem_id="probe-run")
             self.probe_msg = gr.HTML(elem_id="probe-msg")
         self.probe_table = gr.Dataframe(placeholder(PROBE_COLUMNS, "press Probe: one row per candidate, best first"),
