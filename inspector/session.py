@@ -525,6 +525,7 @@ class Session:
             f"the probe's {len(found)} starts and trained students are {human_bytes(need)} in float32; the app keeps "
             f"up to {human_bytes(PROBE_WEIGHTS_BYTES)} of them for the Gallery")
         weights: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self.probed = None  # the last run's weights go before this run's are kept: one probe's in memory at most
 
         def keep(name: str, start: dict[str, torch.Tensor], trained: torch.nn.Module) -> None:
             weights[name] = (start, {k: v.detach().to("cpu", copy=True) for k, v in trained.state_dict().items()})

@@ -145,3 +145,16 @@ def test_strategy_files_outside_the_root_are_refused_in_one_line(tmp_path):
     with pytest.raises(ProjectionError, match="probe steps: 0"):
         fn.probe_steps(0)
     assert fn.probe_steps(100) == 100
+
+
+def test_weights_past_the_bound_are_not_kept_and_the_gallery_says_why(probed, monkeypatch):
+    import inspector.session as session_module
+
+    s, calibration, *_ = probed
+    monkeypatch.setattr(session_module, "PROBE_WEIGHTS_BYTES", 1000)
+    result = s.probe(calibration, {}, {}, CONFIG)
+    assert [o.name for o in result.outcomes] == [recovery.RANDOM, recovery.DEFAULT] and result.teacher_passes == 0
+    assert s.probed.result is result and s.probed.weights == {}
+    assert s.probed.not_kept.endswith("the app keeps up to 1 kB of them for the Gallery")
+    with pytest.raises(ProjectionError, match="not drawn after the probe: the probe's 2 starts and trained students"):
+        s.probe_row(recovery.DEFAULT, True)
