@@ -97,7 +97,7 @@ class Inspector:
             with gr.Tab("Gallery", id="gallery"):
                 self.gallery = GalleryView(self.state, self.strategy.a_yaml, self.strategy.b_yaml, session)
             with gr.Tab("Function", id="function") as self.function_tab:
-                self.function = FunctionView(self.state, session, c.roots)
+                self.function = FunctionView(self.state, session, c.roots, self.strategy.a_yaml, self.strategy.b_yaml)
             with gr.Tab("Export", id="export"):
                 self.export = ExportView(self.state, session, c.roots, c.strategy)
 

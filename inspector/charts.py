@@ -5,6 +5,7 @@ object model costs 50-150 ms each, more than a whole refresh may take, and the b
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .palette import (A_SIDE, B_SIDE, CAUTION, CAUTION_TINT, EDGE, ENERGY_SCALE, FONT, NOT_COMPARABLE, STUDENT,
@@ -321,3 +322,29 @@ def compare(a: dict[str, float], b: dict[str, float], consistent: tuple[bool, bo
                   annotations=[note],
                   yaxis={"title": {"text": "% of teacher's squared weight norm"}, "range": [0, 140],
                          "tickvals": [0, 20, 40, 60, 80, 100], "ticksuffix": "%"})
+
+
+PROBE_COLORS = (STUDENT, A_SIDE, B_SIDE, "#7e22ce", "#15803d", "#be185d", "#4d7c0f", "#0369a1", "#a16207")
+
+
+def probe_curves(curves: list[tuple[str, list[int], list[float]]], random_name: str, on: str) -> Figure:
+    """Each probed start's held-out velocity error against the distillation steps (its best rate's run), random
+    init grey and dashed beside them: (name, steps, errors) per start, in the order probed. A diverged run's
+    infinite error is left out (its line stops). A log axis where the errors span more than 20x."""
+    finite = [e for _, _, errors in curves for e in errors if e > 0 and math.isfinite(e)]
+    log = bool(finite) and max(finite) > 20 * min(finite)
+    data, colours = [], iter(PROBE_COLORS * 2)
+    for name, steps, errors in curves:
+        random = name == random_name
+        colour = EDGE if random else next(colours)
+        data.append({"type": "scatter", "mode": "lines+markers", "x": steps,
+                     "y": [e if math.isfinite(e) else None for e in errors], "name": name,
+                     "line": {"color": colour, "width": 2.5, "dash": "dash" if random else "solid"},
+                     "marker": {"size": 7}, "hovertemplate": "step %{x}: %{y:.4f}<extra>" + name + "</extra>"})
+    scale = {"type": "log"} if log else {"rangemode": "tozero"}
+    on = on if len(on) <= 110 else on[:109] + "…"  # one line of the subtitle (the summary line names it whole)
+    return figure(data, subtitled("Held-out velocity error during a short distillation (lower trains better)",
+                                  f"{on}<br>each start at its best rate; random init dashed"), 460,
+                  margin={"t": 110, "b": 96}, xaxis={"title": {"text": "distillation step"}},
+                  yaxis={"title": {"text": "relative error (0: the teacher)"}, **scale},
+                  legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.2, "yanchor": "top"})

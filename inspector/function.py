@@ -2,7 +2,8 @@
 core's `projection.engine.report.function_report`): the velocity error per noise level for the student and two
 references of its shape, per student block, each teacher block's influence and removal effect, and how far
 weight-ranked and activation-ranked index sets agree. The set measured on is also the one activation choices
-and the least-squares fit use from then on."""
+and the least-squares fit use from then on. Below them, "Probe recoverability" ranks candidate starts by how far a
+short distillation on the same set brings them (the core's `projection.probe`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,16 +16,17 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from projection import ProjectionError
+from projection import ProjectionError, Strategy
 from projection.demo import teacher as demo_teacher
 from projection.function import calibration as sets
 from projection.io.diskcache import cache_dir
 from projection.function.calibration import Calibration
 from projection.io.checkpoint import read_safetensors_header
 from projection.io.inputs import load_json, open_regular
+from projection.probe import ProbeConfig, ProbeResult, recovery
 
-from . import cards
-from .bridge import stoppable, user_error
+from . import cards, charts
+from .bridge import plot, progress_to, stoppable, user_error
 from .paths import Roots
 from .session import Session
 from .units import human_bytes
@@ -46,6 +48,21 @@ INTRO = ("### What the student computes\nThe teacher runs on a calibration set b
          "(0 is the teacher's function; an unrelated model is near 1). **Per block**: each student block's output "
          "against the teacher block it came from, on the kept residual channels. The set measured on also becomes "
          "the one activation choices and the least-squares fit use.")
+
+
+PROBE_A, PROBE_B, PROBE_CURRENT = "strategy A", "strategy B", "current strategy"  # the candidates, as shown
+PROBE_PICKS = (PROBE_A, PROBE_B, PROBE_CURRENT)
+PROBE_STEPS = 100  # K by default: the issue's, and about 10 s per candidate on the demo (2 cores)
+MAX_PROBE_STEPS = min(recovery.MAX_STEPS, 1000)  # the app's bound: a longer probe belongs to the CLI
+MAX_PROBE_FILES = 4  # saved strategy files per probe (with A, B, the current one, random init and the default: 9)
+PROBE_INTRO = ("#### Probe recoverability: which start trains best?\nThe step-0 error above does not predict "
+               "training. The probe distills each candidate start for K steps from the teacher's velocity on the "
+               "calibration set chosen above (the same data, noise and steps for every start; a small grid of "
+               "learning rates, each start's best kept), then ranks them by their **velocity error on the set's "
+               "held-out latents after K steps** (‖v_student − v_teacher‖² / ‖v_teacher‖²: 0 is the teacher). "
+               "Random init and the default projection always run. The teacher's targets are computed once and "
+               "cached on disk; the Gallery can then draw each start before and after its probe.")
+PROBE_COLUMNS = ["rank", "candidate", "error at step 0", "error after K steps", "best rate", "rank by step-0 error"]
 
 
 def calibration_cache() -> Path:
@@ -250,11 +267,92 @@ def summary(report: dict[str, Any], calibration: Calibration) -> str:
     return cards.inline_ok(line)
 
 
-class FunctionView:
-    """Built inside a gr.Tab; `session` turns the gr.State value into a live session (or raises gr.Error)."""
+def probe_steps(value: float | None) -> int:
+    """The probe's K from the steps box: a whole number 1..MAX_PROBE_STEPS."""
+    if value is None or not float(value).is_integer() or not 1 <= value <= MAX_PROBE_STEPS:
+        raise ProjectionError(f"probe steps: {value} is not a whole number from 1 to {MAX_PROBE_STEPS} (longer "
+                              "probes: `projection probe` on the command line)")
+    return int(value)
 
-    def __init__(self, state: gr.State, session: Callable[[Session | None], Session], roots: Roots):
-        self.state, self.session, self.roots = state, session, roots
+
+def strategy_files(text: str, roots: Roots) -> list[tuple[str, Path]]:
+    """The saved strategy files typed (one per line or comma-separated): (as typed, resolved path), each under
+    the roots, a .yaml or .yml file, at most MAX_PROBE_FILES."""
+    typed = [t.strip() for line in (text or "").splitlines() for t in line.split(",") if t.strip()]
+    if len(typed) > MAX_PROBE_FILES:
+        raise ProjectionError(f"strategy files: {len(typed)} given; a probe takes at most {MAX_PROBE_FILES}")
+    found = []
+    for t in typed:
+        path = Path(roots.source(t, "strategy file", hub_ids=False))  # resolved, under a root
+        if path.suffix not in (".yaml", ".yml") or not path.is_file():
+            raise ProjectionError(f"strategy file '{t}': not a .yaml file (save one from the Strategy tab)")
+        found.append((t, path))
+    return found
+
+
+def probe_candidates(picked: list[str], a_text: str, b_text: str, current: Strategy, files: list[tuple[str, Path]],
+                     expert: str | None) -> tuple[dict[str, Strategy], dict[str, str]]:
+    """The probe's named candidates (random init and the default come with every probe) and where each came
+    from: the Strategy tab's A and B editors, the session's strategy, and saved files (named by their stem, or as
+    typed where the stem is taken). Each runs with the session's expert (chosen with the teacher)."""
+    named: dict[str, Strategy] = {}
+    origins: dict[str, str] = {}
+    texts = {PROBE_A: a_text, PROBE_B: b_text}
+    for pick in PROBE_PICKS:
+        if pick in (picked or ()):
+            named[pick] = current if pick == PROBE_CURRENT else Strategy.from_yaml(texts[pick], pick)
+            origins[pick] = "the Strategy tab's editor" if pick != PROBE_CURRENT else "the session's strategy"
+    for typed, path in files:
+        name = path.stem if path.stem not in {*named, recovery.RANDOM, recovery.DEFAULT} else typed
+        named[name], origins[name] = Strategy.load(path), typed
+    return {k: v.model_copy(update={"expert": expert}) for k, v in named.items()}, origins
+
+
+def probe_frame(result: ProbeResult) -> pd.DataFrame:
+    """The ranking: best first, each start's error before and after the probe, its best rate (flagged where it
+    is at the grid's edge: a rate outside the grid may do better) and the rank its step-0 error would give."""
+    k = result.config.steps
+    rows = []
+    for o in sorted(result.outcomes, key=lambda o: (o.rank, o.name)):
+        name = o.name if o.origin in (o.name, "built in") or o.name in PROBE_PICKS else f"{o.name} ({o.origin})"
+        rate = f"{o.rate:g}" + (" ⚠ at the grid's edge" if o.edge else "")
+        rows.append([o.rank, name, _num(o.error_0, 4), _num(o.error, 4) if o.error != float("inf") else "diverged",
+                     rate, o.rank_0])
+    return pd.DataFrame(rows, columns=[c.replace("K", str(k)) if c.endswith("K steps") else c
+                                       for c in PROBE_COLUMNS])
+
+
+def probe_summary(result: ProbeResult) -> str:
+    """What the probe's numbers were measured on: the set, its latents (trained on, held out), the steps."""
+    c = result.config
+    rates = ", ".join(f"{r:g}" for r in result.outcomes[0].by_rate)
+    teacher = (f"{result.teacher_passes} streamed teacher passes" if result.teacher_passes else
+               "the teacher's targets read from the cache (no teacher pass)")
+    line = (f"Probed on {result.calibration}: {result.train_latents} latents trained on, {result.heldout_latents} "
+            f"held out × {c.draws} noise draws; each start distilled {c.steps} steps of batch {c.batch} at rates "
+            f"{rates} (its best kept); {teacher}. Error: held-out velocity error after {c.steps} steps (0 is the "
+            "teacher); rank 1 trains best.")
+    notes = [f"{o.name}: its best rate {o.rate:g} is at the grid's edge; a rate beyond it may do better"
+             for o in result.outcomes if o.edge]
+    if result.synthetic:
+        return cards.warnings_banner([f"SYNTHETIC calibration: Gaussian latents and context, not real inputs; the "
+                                      f"ranking says little about real ones. {line}", *notes])
+    return cards.inline_ok(line) + (cards.warnings_banner(notes) if notes else "")
+
+
+def probe_chart(result: ProbeResult) -> charts.Figure:
+    on = (f"on {result.heldout_latents} held-out latents of {'SYNTHETIC ' if result.synthetic else ''}"
+          f"{result.calibration}")
+    return charts.probe_curves([(o.name, o.curve.steps, o.curve.error) for o in result.outcomes], recovery.RANDOM, on)
+
+
+class FunctionView:
+    """Built inside a gr.Tab; `session` turns the gr.State value into a live session (or raises gr.Error);
+    `a_yaml` and `b_yaml` are the Strategy tab's A/B editors (candidates of the probe)."""
+
+    def __init__(self, state: gr.State, session: Callable[[Session | None], Session], roots: Roots,
+                 a_yaml: gr.Code, b_yaml: gr.Code):
+        self.state, self.session, self.roots, self.a_yaml, self.b_yaml = state, session, roots, a_yaml, b_yaml
         gr.Markdown(INTRO, elem_classes="note")
         with gr.Row(equal_height=True):
             self.source = gr.Radio(list(SOURCES), value=DEMO, label="Calibration set", scale=2,
@@ -288,6 +386,22 @@ class FunctionView:
         gr.Markdown("#### Do weights and activations choose the same? Share of kept indices both rankings keep")
         self.agreement = gr.Dataframe(placeholder(AGREEMENT_COLUMNS), interactive=False, show_label=False,
                                       elem_id="function-agreement")
+        gr.Markdown(PROBE_INTRO, elem_classes="note")
+        with gr.Row(equal_height=True):
+            self.picks = gr.CheckboxGroup(list(PROBE_PICKS), value=[PROBE_A, PROBE_B], scale=2,
+                                          label="Candidates (random init and the default always run)",
+                                          elem_id="probe-picks")
+            self.files = gr.Textbox(label=f"Saved strategy files (.yaml under {roots.base}; one per line, at most "
+                                    f"{MAX_PROBE_FILES})", lines=1, max_lines=MAX_PROBE_FILES, scale=3,
+                                    elem_id="probe-files")
+            self.steps = gr.Number(PROBE_STEPS, label=f"Steps K (at most {MAX_PROBE_STEPS})", precision=0, minimum=1,
+                                   maximum=MAX_PROBE_STEPS, scale=1, elem_id="probe-steps")
+        with gr.Row(equal_height=False):  # the button keeps its height beside a long summary
+            self.probe_btn = gr.Button("Probe", variant="primary", scale=0, min_width=200, elem_id="probe-run")
+            self.probe_msg = gr.HTML(elem_id="probe-msg")
+        self.probe_table = gr.Dataframe(placeholder(PROBE_COLUMNS, "press Probe: one row per candidate, best first"),
+                                        interactive=False, show_label=False, elem_id="probe-table")
+        self.probe_plot = gr.Plot(show_label=False, visible=False, elem_id="probe-chart")
 
     @property
     def outputs(self) -> list[gr.components.Component]:
@@ -302,6 +416,10 @@ class FunctionView:
         self.found.input(lambda path: (FILE, path) if path else (gr.skip(), gr.skip()), self.found,
                          [self.source, self.path], api_visibility="private")
         self.upload.upload(lambda: UPLOAD, None, self.source, api_visibility="private")
+        self.probe_btn.click(stoppable(self.probe), [self.state, self.source, self.path, self.count, self.upload,
+                                                     self.picks, self.files, self.steps, self.a_yaml, self.b_yaml],
+                             [self.probe_msg, self.probe_table, self.probe_plot], api_name="probe",
+                             show_progress_on=[self.probe_msg])
         return self.measure_btn.click(stoppable(self.measure),
                                       [self.state, self.source, self.path, self.count, self.upload],
                                       self.outputs, api_name="function", show_progress_on=[self.msg])
@@ -328,3 +446,19 @@ class FunctionView:
         fidelity = report["fidelity"]
         return (summary(report, calibration), levels_frame(fidelity), blocks_frame(fidelity), teacher_frame(report),
                 agreement_frame(report))
+
+    def probe(self, state: Session | None, source: str, path: str, count: float | None, upload: Any,
+              picked: list[str], files: str, steps: float | None, a_text: str, b_text: str,
+              progress: gr.Progress = gr.Progress()) -> tuple:
+        """Probe recoverability on the set the view's controls name: the ranking, the summary, the curves."""
+        s = self.session(state)
+        with s.lock:
+            try:
+                config = ProbeConfig(steps=probe_steps(steps), seed=s.strategy.seed)  # random init: the Gallery's
+                named, origins = probe_candidates(picked, a_text, b_text, s.strategy, strategy_files(files, self.roots),
+                                                  s.strategy.expert)
+                calibration = open_source(source, path, count, self.roots, s.projector.teacher.config, upload)
+                result = s.probe(calibration, named, origins, config, progress_to(progress, "probe"))
+            except ProjectionError as exc:
+                raise user_error(exc, "Not probed") from exc
+        return probe_summary(result), probe_frame(result), gr.update(value=plot(probe_chart(result)), visible=True)

@@ -2,7 +2,8 @@
 (the Strategy tab's A/B editors) and a random student of the same shape, each row with its prompt accuracy and
 its velocity error relative to the teacher. Teachers outside the demo's latent space draw for the first prompts of
 the Function tab's calibration set, shown as Wan's RGB preview (nothing scores them). Rows are cached per strategy
-in the session."""
+in the session. After a probe (the Function tab's Probe recoverability), each probed start is drawn as the probe
+began it and as its short distillation left it, scored like every other row."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from projection.demo.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 
 from . import cards
 from .bridge import stoppable
+from .function import MAX_PROBE_FILES, PROBE_PICKS
 from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
 from .strategy import measured_on
 from .units import percent
@@ -63,16 +65,30 @@ def picture(row: GalleryRow) -> np.ndarray:
 
 
 TABLE_COLUMNS = ["model", "prompt accuracy", "samples", "velocity error vs teacher (step 0)"]
+AFTER_COLUMN = "velocity error vs teacher after the probe"
+PROBE_SLOTS = 2 + len(PROBE_PICKS) + MAX_PROBE_FILES  # random init, the default, A, B, current, files
 
 
-def table(rows: list[tuple[str, GalleryRow]]) -> pd.DataFrame:
-    """The rows' scores; before a draw, one row that says what will appear."""
+def table(rows: list[tuple[str, GalleryRow]], probed: list[tuple[str, GalleryRow, bool]] = ()) -> pd.DataFrame:
+    """The rows' scores, then a probe's rows (title, row, trained: a trained student's error in a column of its
+    own); before a draw, one row that says what will appear."""
     if not rows:
         return pd.DataFrame([["press “Draw samples”: one row per model", "—", "—", "—"]], columns=TABLE_COLUMNS)
-    return pd.DataFrame([{"model": title, "prompt accuracy": "not scored" if r.prompt_accuracy is None
-                          else percent(r.prompt_accuracy), "samples": r.scored or "—",
-                          "velocity error vs teacher (step 0)": "—" if r.velocity_error is None
-                          else f"{r.velocity_error:.3f}"} for title, r in rows], columns=TABLE_COLUMNS)
+    columns = TABLE_COLUMNS + ([AFTER_COLUMN] if probed else [])
+
+    def line(title: str, r: GalleryRow, trained: bool) -> dict[str, object]:
+        error = "—" if r.velocity_error is None else f"{r.velocity_error:.3f}"
+        found = {"model": title, "prompt accuracy": "not scored" if r.prompt_accuracy is None
+                 else percent(r.prompt_accuracy), "samples": r.scored or "—", TABLE_COLUMNS[-1]: error}
+        if probed:
+            found[AFTER_COLUMN], found[TABLE_COLUMNS[-1]] = (error, "—") if trained else ("—", error)
+        return found
+    return pd.DataFrame([line(title, r, False) for title, r in rows] + [line(*p) for p in probed], columns=columns)
+
+
+def probe_titles(name: str, steps: int) -> tuple[str, str]:
+    """A probed start's two rows: as the probe began it, and after it."""
+    return f"{name}, untrained (the probe's start)", f"{name} after {steps}-step probe"
 
 
 class GalleryView:
@@ -87,35 +103,57 @@ class GalleryView:
         self.images = {name: gr.Image(label=title, interactive=False, buttons=[], elem_id=f"gallery-{name}",
                                       elem_classes=["gallery-row"], format="png") for name, title in ROWS}
         self.table = gr.Dataframe(table([]), interactive=False, show_label=False, elem_id="gallery-table")
+        self.probe_note = gr.Markdown(
+            "#### After a probe\nRun **Probe recoverability** in the Function tab, then draw again: each probed "
+            "start appears as the probe began it and after its short distillation (at its best rate).",
+            elem_id="gallery-probe-note")
+        self.probed = [gr.Image(visible=False, interactive=False, buttons=[], elem_id=f"gallery-probe-{i}-{when}",
+                                elem_classes=["gallery-row"], format="png")
+                       for i in range(PROBE_SLOTS) for when in ("start", "after")]
 
     def wire(self) -> None:
         # progress beside the button, not over every picture (style.css gives it room)
         self.draw_btn.click(stoppable(self.draw), [self.state, self.a_yaml, self.b_yaml],
-                            [self.msg, *self.images.values(), self.table], api_name="gallery",
+                            [self.msg, *self.images.values(), self.table, *self.probed], api_name="gallery",
                             show_progress_on=[self.msg])
 
     def draw(self, state: Session | None, a_text: str, b_text: str, progress: gr.Progress = gr.Progress()) -> tuple:
         s = self.session(state)
-        skip = (gr.skip(),) * (len(ROWS) + 1)
+        skip = (gr.skip(),) * (len(ROWS) + 1 + len(self.probed))
         try:
             which = {"teacher": TEACHER, "a": Strategy.from_yaml(a_text, "strategy A"),
                      "b": Strategy.from_yaml(b_text, "strategy B"), "random": RANDOM}
         except ProjectionError as exc:
             return (cards.inline_error(str(exc)), *skip)
-        drawn = []
+        drawn, after, notes = [], [], []
         with s.lock:
+            probed = s.probed
+            names = [o.name for o in probed.result.outcomes] if probed is not None and not probed.not_kept else []
+            total = len(ROWS) + 2 * len(names)
             try:
                 for i, (name, title) in enumerate(ROWS):
-                    progress((i, len(ROWS)), desc=f"sampling: {title}")
+                    progress((i, total), desc=f"sampling: {title}")
                     drawn.append((name, title, s.gallery_row(which[name])))
+                for i, name in enumerate(names):
+                    titles = probe_titles(name, probed.result.config.steps)
+                    for j, (title, trained) in enumerate(zip(titles, (False, True))):
+                        progress((len(ROWS) + 2 * i + j, total), desc=f"sampling: {title}")
+                        after.append((title, s.probe_row(name, trained), trained))
             except ProjectionError as exc:
                 return (cards.inline_error(str(exc)), *skip)
+            if probed is not None and probed.not_kept:
+                notes.append(f"Not drawn after the probe: {probed.not_kept}.")
         titles = [f"{title} ({strategy_label(which[name])})" if name in ("a", "b") else title
                   for name, title, _ in drawn]
         images = [gr.update(value=picture(row), label=caption(title, row))
                   for title, (_, _, row) in zip(titles, drawn)]
+        probe_images = [gr.update(value=picture(row), label=caption(title, row), visible=True)
+                        for title, row, _ in after]
+        probe_images += [gr.update(value=None, visible=False)] * (len(self.probed) - len(after))
         calibration = s.projector.calibration
         note = preview_note(calibration.label, calibration.synthetic) if s.previews else cards.inline_ok(
             f"Velocity errors vs the teacher measured on {measured_on(s)}; prompt accuracy: samples scored by the "
-            "digit classifier.")
-        return (note, *images, table([(title, row) for title, (_, _, row) in zip(titles, drawn)]))
+            "digit classifier." + (f" Below: each start of the last probe ({probed.result.calibration}) before and "
+                                   "after it." if after else ""))
+        return (note + (cards.warnings_banner(notes) if notes else ""), *images,
+                table([(title, row) for title, (_, _, row) in zip(titles, drawn)], after), *probe_images)

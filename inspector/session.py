@@ -12,6 +12,7 @@ import math
 import shutil
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -25,7 +26,7 @@ from projection import ProjectionError, Projector, Strategy, export_student, par
 from projection.cache import GALLERY, MEASURES, STACKED_SPECTRA, Lru
 from projection.arch.anatomy import template_of
 from projection.arch.config import ModelConfig
-from projection.arch.layout import LAYOUTS
+from projection.arch.layout import LAYOUTS, build_student
 from projection.cancel import CancelToken, checkpoint
 from projection.core.mapping import Entry, Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.core.measure import MATRIX_LABELS, energy_by, layer_of, matrix_kind
@@ -43,6 +44,7 @@ from projection.engine.report import function_report, reference_key, shared_refe
 from projection.function.calibration import Calibration
 from projection.function.fidelity import Fidelity, Reference
 from projection.io.checkpoint import PathCheck
+from projection.probe import ProbeConfig, ProbeResult, candidates, probe
 from projection.runtime import heavy_work
 
 from .units import human_bytes
@@ -53,6 +55,7 @@ MAX_FUNCTION_STUDENT_BYTES = 8 << 30  # the Function view holds three students o
 QUICK_LATENTS = 64  # held-out latents behind the card's, the A/B's and the Gallery's velocity errors on the demo
 REFERENCE_DRAWS = 2  # noise draws per latent there: the Function view's, so its default set gives the same numbers
 GALLERY_SAMPLER = demo_teacher.Sampler(per_class=10)  # 100 samples per row, 20 Euler steps, no guidance
+PROBE_WEIGHTS_BYTES = 512 << 20  # a probe's starts and trained students kept for the Gallery (float32), at most
 TEACHER = "teacher"
 RANDOM = "random"
 Progress = Callable[[int, int, str], None]
@@ -106,6 +109,17 @@ class Step0:
 
 
 @dataclass
+class Probed:
+    """The last probe recoverability run (Function tab): its result, and each candidate's start and trained
+    weights (float32, on the CPU) for the Gallery while they fit PROBE_WEIGHTS_BYTES."""
+    result: ProbeResult
+    student: ModelConfig  # the config every candidate was built with
+    weights: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]  # name: (start, after the probe)
+    not_kept: str | None  # why the weights were not kept (too large), else None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # its gallery rows' key: this run's, no other's
+
+
+@dataclass
 class Session:
     projector: Projector
     teacher_source: str  # as resolved (absolute path or hub id)
@@ -134,6 +148,7 @@ class Session:
     function: dict[str, Any] | None = None  # the last function report (the Function tab's Measure)
     _function_on: str | None = None  # the activations key it was measured with
     _function_for: ProjectionKey | None = None  # the projection it measured (`projection_key`)
+    probed: Probed | None = None  # the last probe recoverability run (one, its weights bounded)
 
     def __post_init__(self) -> None:
         if self.strategy is None:
@@ -190,6 +205,7 @@ class Session:
         self.measures.clear()
         self._stacked_spectra.clear()  # (the gallery may be shared with other sessions: it stays, bounded)
         self._teacher_module = None
+        self.probed = None
         self.projector.release()
         if self.projector.teacher.checkpoint is not None:
             self.projector.teacher.checkpoint.close()
@@ -490,6 +506,40 @@ class Session:
         self._function_on, self._function_for = self.projector.activations.key, self.projection_key()
         return self.function
 
+    def probe(self, calibration: Calibration, strategies: dict[str, Strategy], origins: dict[str, str],
+              config: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
+        """The core's probe (`projection.probe.probe`) on `calibration`: random init, the default and each named
+        strategy distilled `config.steps` steps with this session's projector, the teacher's targets through the
+        user's cache. Kept (`probed`, the last run only) with every candidate's start and trained weights while
+        they fit PROBE_WEIGHTS_BYTES, for the Gallery. The set activation choices rank on stays the session's:
+        the probe ranks its candidates on the set's training part, and that is undone after it."""
+        why = self.function_problem()
+        if why:
+            raise ProjectionError(why)
+        found = candidates(strategies, origins)  # refuses a bad list before the teacher runs
+        p = self.projector
+        student = p.student_config()  # what `probe` builds every candidate with
+        size = 4 * sum(math.prod(shape) for shape in p.student.shapes.values())
+        need = 2 * size * len(found)
+        not_kept = None if need <= PROBE_WEIGHTS_BYTES else (
+            f"the probe's {len(found)} starts and trained students are {human_bytes(need)} in float32; the app keeps "
+            f"up to {human_bytes(PROBE_WEIGHTS_BYTES)} of them for the Gallery")
+        weights: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self.probed = None  # the last run's weights go before this run's are kept: one probe's in memory at most
+
+        def keep(name: str, start: dict[str, torch.Tensor], trained: torch.nn.Module) -> None:
+            weights[name] = (start, {k: v.detach().to("cpu", copy=True) for k, v in trained.state_dict().items()})
+
+        before = p.calibration, p.activations
+        try:
+            with self._heavy():
+                result = probe(p, calibration, found, config, device=self.device, progress=progress,
+                               keep=None if not_kept else keep)
+        finally:
+            p.calibration, p.activations = before
+        self.probed = Probed(result, student, weights, not_kept)
+        return result
+
     def projection_key(self, strategy: Strategy | None = None) -> ProjectionKey:
         """What decides the student `strategy` (the session's by default) projects: the strategy less dtype and
         device, the rules, the calibration set where the strategy ranks or fits on one, and the teacher."""
@@ -599,17 +649,7 @@ class Session:
         if found is not None:
             return found
         teacher = self.teacher_module()
-        if self.previews:
-            config, calibration = self.projector.teacher.config, self.projector.calibration
-
-            def draw(name: str, model: torch.nn.Module, error: float | None) -> GalleryRow:
-                row = preview_row(name, model, config, calibration, GALLERY_SAMPLER.steps)
-                return replace(row, velocity_error=error)
-        else:
-            classifier = demo_teacher.load_demo_classifier()
-
-            def draw(name: str, model: torch.nn.Module, error: float | None) -> GalleryRow:
-                return replace(draw_row(name, model, classifier, GALLERY_SAMPLER), velocity_error=error)
+        draw = self._drawer()
         with self._heavy():
             if which == TEACHER:
                 row = draw("teacher", teacher, None)
@@ -620,6 +660,51 @@ class Session:
                 else:
                     model = projected_student(self.projector, strategy=self._usable(which))
                     row = draw(which.width if not which.basis_consistent else "projected", model, error)
+        return self.gallery.put(key, row)
+
+    def _drawer(self) -> Callable[[str, torch.nn.Module, float | None], GalleryRow]:
+        """How this pair's gallery rows are drawn: the demo's digits, scored by its classifier; other teachers' RGB
+        previews on the Function tab's set."""
+        if self.previews:
+            config, calibration = self.projector.teacher.config, self.projector.calibration
+
+            def preview(name: str, model: torch.nn.Module, error: float | None) -> GalleryRow:
+                row = preview_row(name, model, config, calibration, GALLERY_SAMPLER.steps)
+                return replace(row, velocity_error=error)
+            return preview
+        classifier = demo_teacher.load_demo_classifier()
+
+        def digits(name: str, model: torch.nn.Module, error: float | None) -> GalleryRow:
+            return replace(draw_row(name, model, classifier, GALLERY_SAMPLER), velocity_error=error)
+        return digits
+
+    def probe_row(self, name: str, trained: bool) -> GalleryRow:
+        """The gallery row of the last probe's candidate `name`: its start (`trained` False: the very weights the
+        probe started from) or the student the probe trained from it at its best rate; its velocity error on
+        `reference_set`, as every other row's; cached."""
+        probed = self.probed
+        if probed is None:
+            raise ProjectionError("no probe has run in this session: run Probe recoverability in the Function tab")
+        if probed.not_kept:
+            raise ProjectionError(f"not drawn after the probe: {probed.not_kept}")
+        if name not in probed.weights:
+            raise ProjectionError(f"the last probe has no candidate '{name}'")
+        why = self.function_unavailable()
+        if why:
+            raise ProjectionError(why)
+        drawn_on = self.projector.activations.key if self.previews else None
+        key = self.projector.fingerprint, ("probe", probed.token, name, trained), drawn_on
+        found = self.gallery.get(key)
+        if found is not None:
+            return found
+        model = build_student(probed.student, "meta")
+        model.load_state_dict({k: v.clone() for k, v in probed.weights[name][1 if trained else 0].items()}, assign=True,
+                              strict=True)
+        model.eval()
+        draw = self._drawer()
+        reference = self.reference()
+        with self._heavy():
+            row = draw(name, model, reference.score(model).relative_error)
         return self.gallery.put(key, row)
 
     def export(self, out: Path, progress: Progress | None = None) -> tuple[dict[str, Any], list[Path]]:

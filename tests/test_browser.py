@@ -641,6 +641,31 @@ def test_function_tables_say_what_fills_them_and_progress_is_beside_measure(brow
         page.close()
 
 
+def test_probe_recoverability_ranks_the_starts_with_progress_beside_its_button(browser, app, tmp_path):
+    """The Function tab's probe at 1280x720: the table says what will appear, the run's progress shows beside its
+    button, then every start is ranked (random init and the default with A and B) and its curve drawn."""
+    page = open_app(browser, app, *SMALL)
+    try:
+        page.get_by_role("tab", name="Function").click()
+        table = page.locator("#probe-table")
+        assert "press Probe" in table.locator('[role="gridcell"]').first.inner_text()
+        page.locator("#function-count input").fill("12")
+        page.locator("#probe-steps input").fill("3")
+        page.locator("#probe-run").scroll_into_view_if_needed()
+        progress_beside(page, "probe-run", "probe-msg")
+        page.screenshot(path=tmp_path / "probe-progress.png")
+        table.get_by_text("strategy B").wait_for(timeout=4 * TIMEOUT)
+        text = table.inner_text()
+        assert all(name in text for name in ("random init", "default", "strategy A", "error after 3 steps"))
+        assert "Probed on" in page.locator("#probe-msg").inner_text()
+        page.wait_for_function("() => document.querySelector('#probe-chart .js-plotly-plot')?.data?.length === 4")
+        assert {d["name"] for d in plot_data(page, "probe-chart")} == {"random init", "default", "strategy A",
+                                                                      "strategy B"}
+        page.screenshot(path=tmp_path / "probe.png", full_page=True)
+    finally:
+        page.close()
+
+
 def test_a_clamped_layer_value_is_explained_whole(browser, app, tmp_path):
     page = open_app(browser, app, *SMALL)
     try:

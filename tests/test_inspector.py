@@ -553,6 +553,36 @@ def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(cl
     assert first[0].startswith("velocity error vs teacher") and "SYNTHETIC" in first[0] and first[1] == f"{expected:.3f}"
 
 
+def test_the_probe_ranks_the_starts_and_the_gallery_draws_each_after_it(client, app, root, tmp_path, monkeypatch):
+    """Probe recoverability through the app: a strategy file outside --root is refused in one line; one under it
+    is probed with random init and the default; the Gallery then draws each start untrained and after its probe."""
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    load(client, app)
+    outside = tmp_path / "outside.yaml"
+    outside.write_text(Strategy(width="first").to_yaml())
+    with pytest.raises(Exception, match="outside the folders this app may open") as err:
+        call(client, app, "probe", "demo held-out digits", "", 12, None, [], str(outside), 3, "", "")
+    assert "\n" not in str(err.value)
+    (root / "first.yaml").write_text(Strategy(width="first").to_yaml())
+    out = call(client, app, "probe", "demo held-out digits", "", 12, None, [], "first.yaml", 3, "", "")
+    assert {r[1] for r in out["probe-table"]["data"]} == {"random init", "default", "first (first.yaml)"}
+    assert "error after 3 steps" in out["probe-table"]["headers"]
+    assert "Probed on" in out["probe-msg"] and "10 latents trained on, 2 held out" in out["probe-msg"]
+    drawn = call(client, app, "gallery", Strategy().to_yaml(), Strategy(width="first").to_yaml())
+    table = {r[0]: dict(zip(drawn["gallery-table"]["headers"], r)) for r in drawn["gallery-table"]["data"]}
+    step0 = "velocity error vs teacher (step 0)"
+    for name in ("random init", "default", "first"):
+        start, after = table[f"{name}, untrained (the probe's start)"], table[f"{name} after 3-step probe"]
+        assert after["velocity error vs teacher after the probe"] not in ("—", start[step0])
+        assert after["prompt accuracy"].endswith("%")
+    # the default's start is strategy A's student (the default strategy), scored on the same set
+    default_start = table["default, untrained (the probe's start)"]
+    assert default_start[step0] == table["Student, strategy A (default strategy)"][step0]
+    picture = drawn["gallery-probe-0-after"]
+    assert Path(picture["path"] if isinstance(picture, dict) else picture).stat().st_size > 100
+    assert drawn["gallery-probe-3-start"] is None  # three starts: the other slots stay hidden
+
+
 def open_teacher_config(path: Path) -> dict:
     from projection.core.models import open_teacher
 

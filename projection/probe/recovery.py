@@ -203,18 +203,21 @@ def distill_run(model: nn.Module, targets: Targets, rate: float, steps: int, con
 
 
 def best_of(start: dict[str, torch.Tensor], student: ModelConfig, targets: Targets, rates: Sequence[float],
-            steps: int, config: ProbeConfig, device: torch.device,
-            done: Callable[[str], None]) -> tuple[float, Curve, dict[float, float]]:
+            steps: int, config: ProbeConfig, device: torch.device, done: Callable[[str], None],
+            keep: bool = False) -> tuple[float, Curve, dict[float, float], nn.Module | None]:
     """Train a copy of `start` (a state of a `student`-config model) at each rate; (best rate, its curve, the final
-    error at each rate)."""
-    curves = {}
+    error at each rate, and with `keep` the model trained at the best rate: two models in memory at most)."""
+    curves: dict[float, Curve] = {}
+    kept: nn.Module | None = None
     for rate in rates:
         model = build_student(student, "meta")
         model.load_state_dict({k: v.clone() for k, v in start.items()}, assign=True, strict=True)
         curves[rate] = distill_run(model.to(device), targets, rate, steps, config, device)
+        if keep and all(curves[rate].final < c.final for r, c in curves.items() if r != rate):
+            kept = model  # the first of equals, as `min` below picks
         done(f"{rate:g}")
     best = min(rates, key=lambda r: curves[r].final)
-    return best, curves[best], {r: c.final for r, c in curves.items()}
+    return best, curves[best], {r: c.final for r, c in curves.items()}, kept
 
 
 def ranks(values: Sequence[float]) -> list[int]:
@@ -222,11 +225,16 @@ def ranks(values: Sequence[float]) -> list[int]:
     return [1 + sum(w < v for w in values) for v in values]
 
 
+Kept = Callable[[str, dict[str, torch.Tensor], nn.Module], None]  # (candidate, its start, trained at its best rate)
+
+
 def probe(projector: Projector, calibration: Calibration, found: Sequence[Candidate],
           config: ProbeConfig = ProbeConfig(), device: str | torch.device | None = None,
-          progress: Progress | None = None, cache: Any = None) -> ProbeResult:
+          progress: Progress | None = None, cache: Any = None, keep: Kept | None = None) -> ProbeResult:
     """Distill each candidate start for `config.steps` steps and rank them by the held-out error they reach.
-    Activation choices rank on the training part of the set only (the held-out part only measures)."""
+    Activation choices rank on the training part of the set only (the held-out part only measures). `keep`, if
+    given, is handed each candidate's name, its start (float32 state) and its model trained at its best rate, as
+    each candidate finishes (to draw it; nothing else changes)."""
     config.check()
     device = torch.device(device) if device is not None else pick_device(projector.strategy.device)
     student = projector.student_config()
@@ -256,8 +264,10 @@ def probe(projector: Projector, calibration: Calibration, found: Sequence[Candid
     outcomes = []
     for c in found:
         start = start_of(c).float().state_dict()
-        rate, curve, by_rate = best_of(start, student, targets, rates, config.steps,
-                                       config, device, lambda r, c=c: done(f"{c.name} at rate {r}"))
+        rate, curve, by_rate, trained = best_of(start, student, targets, rates, config.steps, config, device,
+                                                lambda r, c=c: done(f"{c.name} at rate {r}"), keep is not None)
+        if keep is not None and trained is not None:
+            keep(c.name, start, trained)
         outcomes.append(Outcome(c.name, c.origin, rate, curve.error[0], curve.final, curve, by_rate))
     for o, r, r0 in zip(outcomes, ranks([o.error for o in outcomes]), ranks([o.error_0 for o in outcomes])):
         o.rank, o.rank_0 = r, r0
@@ -269,8 +279,8 @@ def probe(projector: Projector, calibration: Calibration, found: Sequence[Candid
             if n == config.steps and random_at_k is not None:
                 ladder.append({"steps": n, "rate": random_at_k.rate, "error": random_at_k.error})
                 continue
-            rate, curve, _ = best_of(fresh, student, targets, rates, n, config, device,
-                                     lambda r, n=n: done(f"random init, {n} steps, rate {r}"))
+            rate, curve, _, _ = best_of(fresh, student, targets, rates, n, config, device,
+                                        lambda r, n=n: done(f"random init, {n} steps, rate {r}"))
             ladder.append({"steps": n, "rate": rate, "error": curve.final})
         errors = [rung["error"] for rung in ladder]
         for o in outcomes:
