@@ -158,3 +158,29 @@ def test_weights_past_the_bound_are_not_kept_and_the_gallery_says_why(probed, mo
     assert s.probed.not_kept.endswith("the app keeps up to 1 kB of them for the Gallery")
     with pytest.raises(ProjectionError, match="not drawn after the probe: the probe's 2 starts and trained students"):
         s.probe_row(recovery.DEFAULT, True)
+
+
+def test_other_teachers_after_probe_rows_are_rgb_previews(synthetic_demo_dir, tmp_path, monkeypatch):
+    """A teacher outside the demo's latent space: its probed starts are drawn as Wan's RGB preview on the Function
+    tab's set (not scored), each row's error the one its weights give on the shared reference."""
+    from projection.function.calibration import synthetic_calibration
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
+    pool = Sessions(Scratch(tmp_path / "scratch"), Caches())
+    try:
+        s = pool.open("owner", str(synthetic_demo_dir / "teacher-wan"),
+                      str(synthetic_demo_dir / "student-wanlite.yaml"), None, Strategy())
+        calibration = synthetic_calibration(s.projector.teacher.config, n=8)
+        s.measure_function(calibration)
+        assert s.previews
+        s.probe(calibration, {}, {}, CONFIG)
+        start, trained = s.probe_row(recovery.DEFAULT, False), s.probe_row(recovery.DEFAULT, True)
+        for row in (start, trained):
+            assert row.images.dim() == 4 and row.images.shape[1] == 3  # RGB previews, one per prompt
+            assert row.prompt_accuracy is None and row.scored == 0
+        assert not torch.equal(start.images, trained.images)
+        model = build_student(s.probed.student, "meta")
+        model.load_state_dict({k: v.clone() for k, v in s.probed.weights[recovery.DEFAULT][1].items()}, assign=True)
+        assert trained.velocity_error == pytest.approx(s.reference().score(model.eval()).relative_error, rel=1e-6)
+    finally:
+        pool.close_all()
