@@ -78,6 +78,9 @@ STARTS = {  # the strategies `projection` offers, each one change from the defau
     "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"},
     "layers: recoverable": {"layers": "recoverable"}}
 STARTS_BUDGETS = (200, 400)
+STAGED = {  # staged projection: depth first (128 x 4, 53% of the parameters), distilled, then width (64 x 4)
+    f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}
+STAGED_BUDGET = 200
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256
 ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # headline group: 500 samples
@@ -86,6 +89,9 @@ ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # 
 # ---------------------------------------------------------------- the grid
 
 def arm(name: str, lr: float, weight: float = 0.0) -> cv.Arm:
+    if name in STAGED:
+        stage, steps = STAGED[name]
+        return cv.Arm(name, {}, lr, weight, stage, steps)
     return cv.Arm(name, None if name == RANDOM else STARTS.get(name, {}), lr, weight)
 
 
@@ -199,6 +205,10 @@ def jobs(choices: Choices) -> list[cv.Run]:
     for name in STARTS:
         out += grid(HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
         out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS if (lr := rate(name, n)) is not None]
+    for name in STAGED:
+        out += grid(HEADLINE, "distill", name, (STAGED_BUDGET,), PROJECTED_RATES)
+        lr = rate(name, STAGED_BUDGET)
+        out += [run(HEADLINE, name, lr, STAGED_BUDGET, 2)] if lr is not None else []
     w = choices.hinted()
     if w is not None:
         out += grid(HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET), PROJECTED_RATES, w)
@@ -251,6 +261,8 @@ def work(r: cv.Run, scale: int = 1) -> dict[str, Any]:
     if not _CONTEXT:
         _load_context()
     trained = replace(r, steps=max(2, r.steps // scale)) if scale > 1 else r
+    if scale > 1 and r.arm.stage is not None:  # the same share of the (smaller) budget in the first stage
+        trained = replace(trained, arm=replace(r.arm, stage_steps=max(1, r.arm.stage_steps * trained.steps // r.steps)))
     sampler = ACCURACY[headline_group(r)] if scale == 1 else dt.Sampler(per_class=2)
     classifier = _CONTEXT["classifier"]
     result = cv.train_run(TEACHER, _CONTEXT["teacher"], _CONTEXT["data"][r.data], trained, BASE,

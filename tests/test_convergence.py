@@ -141,7 +141,9 @@ def test_a_benchmark_cell_runs_through_the_benchmarks_code_path():
     assert d["final_val_loss"] < d["val_loss_0"] and d["error_0"] < 1.1  # the projected start, trained 2 steps
     grids = bench.jobs(bench.Choices([]))
     starts = 2 * len(bench.STARTS_BUDGETS) * len(bench.PROJECTED_RATES) * len(bench.STARTS)
-    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 + starts and {r.seed for r in grids} == {0, 1}
+    staged = 2 * len(bench.PROJECTED_RATES) * len(bench.STAGED)
+    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 + starts + staged
+    assert {r.seed for r in grids} == {0, 1}
     best = {bench.RANDOM: 1.6e-2, bench.DEFAULT: 4e-3, bench.HINTS: 8e-3}
     fake = [{"run": asdict(r), "history": {"steps": [0, r.steps]}, "final_val_loss": 1 + abs(r.arm.lr - best.get(
         r.arm.name, 8e-3)) + r.arm.hint_weight / 10 + r.seed / 100} for r in grids]
@@ -194,3 +196,24 @@ def test_gallery_rows_score_the_teacher_high_and_show_one_digit_per_column(teach
     assert picture.dtype == torch.uint8 and tuple(picture.shape) == (24, 10 * 25 - 1)
     assert picture[:, 24].eq(255).all()  # the gap between two digits is white
     assert math.isclose(picture[:, :24].float().mean().item() / 255, 1 - row.images[0].mean().item(), abs_tol=1e-2)
+
+
+def test_a_staged_run_projects_the_distilled_intermediate_and_spends_the_rest_of_its_budget(teacher, data,
+                                                                                          monkeypatch):
+    """Staged projection: the intermediate (depth only) is projected from the teacher and distilled for the first
+    stage's steps, written as a Wan checkpoint that opens as a teacher, and the student is projected from it and
+    trained for the budget's remaining steps."""
+    training = TrainConfig(steps=12, batch=16, lr=1e-3, warmup=2, eval_every=4, val_draws=1)
+    arm = cv.Arm("staged", {}, 2e-3, stage={"num_layers": 4}, stage_steps=4)
+    opened: list[str] = []
+    real_open = cv.open_projector
+    monkeypatch.setattr(cv, "open_projector", lambda path, run: opened.append(path) or real_open(path, run))
+    result = cv.train_run(TEACHER, teacher, data, cv.Run(HALF, arm, 0, "distill", "half", steps=12), training)
+    assert result.history["steps"][-1] == 8  # 4 of the 12 steps went to the intermediate
+    assert opened[0] == TEACHER and opened[-1] != TEACHER  # the student came from the intermediate checkpoint
+    direct = cv.train_run(TEACHER, teacher, data, cv.Run(HALF, cv.Arm("default", {}, 2e-3), 0, "distill", "half",
+                                                          steps=12), training)
+    assert result.val_loss_0 != direct.val_loss_0  # a different start: the trained intermediate's projection
+    with pytest.raises(ValueError, match="12 first-stage steps"):
+        cv.train_run(TEACHER, teacher, data, cv.Run(HALF, cv.Arm("staged", {}, stage={"num_layers": 4},
+                                                                 stage_steps=12), 0, steps=12), training)

@@ -20,15 +20,21 @@ the speedup at N is that / N.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from statistics import mean
+from tempfile import TemporaryDirectory
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..arch.layout import wan_config
+from ..arch.wan import wan_state_dict
 from ..core.strategy import Strategy
 from ..distill import Hints
 from ..distill.schedule import warmup_steps
@@ -60,6 +66,9 @@ class Arm:
     strategy: dict[str, Any] | None = None
     lr: float = 1e-3
     hint_weight: float = 0.0  # distillation's per-block hints (a projected arm only: they need its plan)
+    stage: dict[str, Any] | None = None  # staged projection: an intermediate student (config fields) projected
+    stage_steps: int = 0  # first and distilled this many steps of the run's budget, then projected to the student
+    stage_lr: float = 1.6e-2  # the intermediate's rate
 
     @property
     def random(self) -> bool:
@@ -119,11 +128,14 @@ def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, train
     """Initialize, measure at step 0, train, measure again. `teacher` is the teacher as a module (for the step-0
     error and distillation targets); a run with a budget trains on `budget_config(training, run.steps)`."""
     started = time.perf_counter()
-    projector = open_projector(teacher_path, run)
-    model = initial_student(teacher_path, run, data.calibration, projector).float()
+    with TemporaryDirectory(prefix="stage-") as folder:
+        source = teacher_path if run.arm.stage is None else stage(teacher_path, teacher, data, run, training,
+                                                                  Path(folder))
+        projector = open_projector(source, run)
+        model = initial_student(source, run, data.calibration, projector).float()
     config = TrainConfig(**{**training.to_dict(), "lr": run.arm.lr, "seed": run.seed})
     if run.steps is not None:
-        config = budget_config(config, run.steps)
+        config = budget_config(config, run.steps - (run.arm.stage_steps if run.arm.stage else 0))
     hints = Hints.from_projector(projector) if run.arm.hint_weight > 0 and not run.arm.random else None
     fid = velocity_fidelity(model, teacher, data.val_latents, data.val_context, config.val_draws)
     history = train_flow(model, data.latents, data.context, data.empty, data.val_latents, data.val_context, config,
@@ -131,6 +143,24 @@ def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, train
                          hint_weight=run.arm.hint_weight)
     return Result(run, history.val_loss[0], fid.relative_error, fid.cosine, history.to_dict(), history.val_loss[-1],
                   time.perf_counter() - started, score(model) if score else None)
+
+def stage(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training: TrainConfig, folder: Path) -> str:
+    """A staged projection's first stage (Minitron prunes past ~50% in stages): the intermediate student projected
+    from the teacher with the default strategy, distilled `stage_steps` steps (its own schedule), written to
+    `folder` as a Wan checkpoint for the second projection. Returns that checkpoint's path."""
+    if not 0 < run.arm.stage_steps < (run.steps or training.steps):
+        raise ValueError(f"arm {run.arm.name}: {run.arm.stage_steps} first-stage steps; expected fewer than the "
+                         f"run's {run.steps or training.steps} and at least 1")
+    first = Run(run.arm.stage, Arm("stage", {}), run.seed)
+    model = initial_student(teacher_path, first).float()
+    config = budget_config(TrainConfig(**{**training.to_dict(), "lr": run.arm.stage_lr, "seed": run.seed}),
+                           run.arm.stage_steps)
+    train_flow(model, data.latents, data.context, data.empty, data.val_latents, data.val_context, config,
+               teacher=teacher)
+    save_file({k: v.contiguous() for k, v in wan_state_dict(model).items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(wan_config(open_projector(teacher_path, first).student_config())))
+    return str(folder)
 
 def choose_rate(losses: dict[float, Sequence[float]], seeds: int = 2) -> float | None:
     """The rate with the lowest mean final loss, once every rate has `seeds` runs; None before."""

@@ -4,7 +4,7 @@
 Candidates: uniform, first, last, the most influential blocks (1 - cos of each block's residual update), the blocks
 whose removal alone changes the teacher's output most; then one round of local search around the best (each kept
 block moved to a neighbour). Each is projected under the rest of the strategy and probed (`recovery.probe`: the same
-stream, targets computed once, one rate) for `steps` steps; the lowest held-out error wins (the earlier candidate on a
+stream, targets computed once, one rate) for CHOOSE's 50 steps; the lowest held-out error wins (the earlier candidate on a
 tie). The result is an explicit block list, so what is exported names the blocks it kept.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 
 from ..core.mapping import select_layers
 from ..core.strategy import RECOVERABLE, Strategy
+from ..distill.loss import noise_band
 from ..engine.projector import Projector
 from ..errors import ProjectionError
 from ..function.activations import teacher_removal
 from ..function.calibration import Calibration
-from ..function.noise import expert_band
 from .recovery import Candidate, Outcome, ProbeConfig, default_rates, probe
 from .targets import Progress, split
 
@@ -33,9 +33,8 @@ def candidate_layers(projector: Projector, train: Calibration, device: torch.dev
     teacher, student = int(projector.teacher.config.num_layers), int(projector.student.config.num_layers)
     found = {m: select_layers(m, teacher, student) for m in ("uniform", "first", "last")}
     found["influence"] = projector.activations.influential(student)
-    band = expert_band(projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None,
-                       projector.teacher.config.in_dim)
-    removal = teacher_removal(projector.teacher, projector.fingerprint, train, band=band, device=device, cache=cache)
+    removal = teacher_removal(projector.teacher, projector.fingerprint, train, band=noise_band(projector.teacher),
+                              device=device, cache=cache)
     found["removal effect"] = sorted(sorted(range(teacher), key=lambda b: (-removal[b], b))[:student])
     unique: dict[str, list[int]] = {}
     for name, layers in found.items():
