@@ -17,7 +17,7 @@ from projection.demo.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 
 from . import cards
 from .bridge import stoppable
-from .function import MAX_PROBE_FILES, PROBE_PICKS
+from .function import MAX_PROBE_FILES, PROBE_PICKS, placeholder
 from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
 from .strategy import measured_on
 from .units import percent
@@ -73,7 +73,7 @@ def table(rows: list[tuple[str, GalleryRow]], probed: list[tuple[str, GalleryRow
     """The rows' scores, then a probe's rows (title, row, trained: a trained student's error in a column of its
     own); before a draw, one row that says what will appear."""
     if not rows:
-        return pd.DataFrame([["press “Draw samples”: one row per model", "—", "—", "—"]], columns=TABLE_COLUMNS)
+        return placeholder(TABLE_COLUMNS, "press “Draw samples”: one row per model")
     columns = TABLE_COLUMNS + ([AFTER_COLUMN] if probed else [])
 
     def line(title: str, r: GalleryRow, trained: bool) -> dict[str, object]:

@@ -36,7 +36,7 @@ from ..function.forward import StreamedTeacher
 from ..function.noise import expert_band, noised_set
 from .build import projected_student, random_student
 from .keys import ReferenceKey
-from ..io.diskcache import cached
+from ..io.diskcache import cached, checked_tensors
 from .projector import Projector
 
 Progress = Callable[[int, int, str], None]
@@ -85,9 +85,7 @@ def stored_reference(key: ReferenceKey, calibration: Calibration, config: ModelC
 
     def load(data: bytes) -> Reference:
         found = load_safetensors(data)
-        if {k: tuple(v.shape) for k, v in found.items()} not in (shapes, {"velocity": shapes["velocity"]}) or not all(
-                v.dtype == torch.float32 and torch.isfinite(v).all() for v in found.values()):
-            raise ValueError("not this reference")
+        checked_tensors(found, shapes if len(found) > 1 else {"velocity": shapes["velocity"]}, torch.float32)
         blocks = tuple(found[f"block.{b}"] for b in range(int(config.num_layers))) if len(found) > 1 else None
         return Reference(x, t, ctx, found["velocity"], key.draws, key.band, blocks)
 

@@ -39,7 +39,7 @@ from ..cancel import checkpoint
 from ..core.models import ModelView
 from ..core.plan import overlap
 from ..errors import ProjectionError
-from ..io.diskcache import cache_dir, cached
+from ..io.diskcache import cache_dir, cached, checked_tensors
 from ..io.inputs import load_json
 from .budget import MICRO_BATCH, check_work
 from .calibration import Calibration
@@ -172,13 +172,7 @@ def expected_shapes(teacher: ModelView) -> dict[str, tuple[int, ...]]:
 def checked_entry(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The tensors of a cache entry if they are exactly what `collect` records for this teacher (`shapes`: the
     groups and their shapes; float64, all finite); else ValueError, so that the entry is measured again."""
-    if set(tensors) != set(shapes):
-        raise ValueError(f"groups differ: {len(set(shapes) - set(tensors))} missing, "
-                         f"{len(set(tensors) - set(shapes))} unexpected")
-    for name, v in tensors.items():
-        if v.dtype != torch.float64 or tuple(v.shape) != shapes[name] or not torch.isfinite(v).all():
-            raise ValueError(f"{name}: {v.dtype} {tuple(v.shape)}, expected finite float64 {shapes[name]}")
-    return tensors
+    return checked_tensors(tensors, shapes, torch.float64)
 
 
 def checked_removal(found: object, depth: int) -> list[float]:

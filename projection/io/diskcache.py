@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from safetensors import SafetensorError
 
 T = TypeVar("T")
@@ -53,6 +54,19 @@ def write_entry(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of an entry if they are exactly the ones expected (`shapes`: names and shapes; `dtype`, all
+    finite); else ValueError, so that the entry is computed again."""
+    if set(tensors) != set(shapes):
+        raise ValueError(f"names differ: {len(set(shapes) - set(tensors))} missing, "
+                         f"{len(set(tensors) - set(shapes))} unexpected")
+    for name, v in tensors.items():
+        if v.dtype != dtype or tuple(v.shape) != shapes[name] or not torch.isfinite(v).all():
+            raise ValueError(f"{name}: {v.dtype} {tuple(v.shape)}, expected finite {dtype} {shapes[name]}")
+    return tensors
 
 
 def cached(fingerprint: str, path: Path, limit: int, load: Callable[[bytes], T], compute: Callable[[], T],

@@ -29,7 +29,7 @@ from ..function.calibration import Calibration
 from ..function.fidelity import Reference, teacher_reference
 from ..function.forward import StreamedTeacher, predict
 from ..function.noise import TIMESTEPS, add_noise, noised_set
-from ..io.diskcache import cache_dir, cached
+from ..io.diskcache import cache_dir, cached, checked_tensors
 
 CACHE_VERSION = "1"
 MAX_TARGET_BYTES = 8 << 30  # the teacher's velocities a probe keeps (memory and the cache entry)
@@ -188,11 +188,7 @@ def teacher_targets(teacher: ModelView, fingerprint: str, calibration: Calibrati
         return {"velocity": velocity.contiguous(), "heldout": held.contiguous()}
 
     def load(data: bytes) -> dict[str, torch.Tensor]:
-        found = load_safetensors(data)
-        if {k: tuple(v.shape) for k, v in found.items()} != shapes or not all(
-                v.dtype == torch.float32 and torch.isfinite(v).all() for v in found.values()):
-            raise ValueError("not this probe's targets")
-        return found
+        return checked_tensors(load_safetensors(data), shapes, torch.float32)
 
     key = cache_key(fingerprint, calibration, request)
     limit = 4 * sum(math.prod(s) for s in shapes.values()) + (1 << 16)
