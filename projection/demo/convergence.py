@@ -38,16 +38,15 @@ from ..arch.wan import wan_state_dict
 from ..core.strategy import Strategy
 from ..distill import Hints
 from ..distill.schedule import warmup_steps
-from ..engine.build import projected_student
-from ..engine.build import random_student
+from ..engine.build import projected_student, random_student
 from ..engine.projector import Projector
 from ..function.calibration import Calibration
 from ..function.fidelity import velocity_fidelity
 from ..probe.choose import resolve_layers
-
 from .training import TrainConfig, train_flow
 
 Objective = Literal["denoise", "distill"]
+
 
 @dataclass(frozen=True)
 class Data:
@@ -58,6 +57,7 @@ class Data:
     val_context: torch.Tensor
     empty: torch.Tensor
     calibration: Calibration | None = None  # for strategies that rank by activations (not the validation set)
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -74,6 +74,7 @@ class Arm:
     def random(self) -> bool:
         return self.strategy is None
 
+
 @dataclass(frozen=True)
 class Run:
     student: dict[str, Any]  # student config fields (layout wanlite)
@@ -83,6 +84,7 @@ class Run:
     shape: str = ""  # a name for the student shape, for tables
     steps: int | None = None  # the run's budget: its own schedule (`budget_config`); None: the config's steps
     data: str = "all"  # a name for the training set it sees (the caller hands `train_run` that set)
+
 
 @dataclass
 class Result:
@@ -98,10 +100,12 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
 def open_projector(teacher: str, run: Run) -> Projector:
     """The run's projector (student config fields over the teacher's, layout wanlite)."""
     return Projector.open(teacher, {"layout": "wanlite", **run.student},
                           strategy=Strategy.checked(run.arm.strategy or {}, f"arm {run.arm.name}"))
+
 
 def initial_student(teacher: str, run: Run, calibration: Calibration | None = None,
                     projector: Projector | None = None) -> nn.Module:
@@ -115,6 +119,7 @@ def initial_student(teacher: str, run: Run, calibration: Calibration | None = No
     strategy, _ = resolve_layers(projector, calibration)  # `layers: recoverable`: the block list its probes chose
     return projected_student(projector, strategy=strategy)
 
+
 def budget_config(base: TrainConfig, steps: int, warmup_share: float = 0.1, evals: int = 4) -> TrainConfig:
     """A budget's own schedule: `steps` steps, warmup `warmup_share` of them, the cosine ending at `steps`, and
     `evals` evaluations after step 0."""
@@ -122,6 +127,7 @@ def budget_config(base: TrainConfig, steps: int, warmup_share: float = 0.1, eval
         raise ValueError(f"budget {steps}: expected at least 1 step")
     return TrainConfig(**{**base.to_dict(), "steps": steps, "warmup": warmup_steps(steps, warmup_share),
                           "eval_every": max(1, steps // evals)})
+
 
 def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training: TrainConfig,
               score: Callable[[nn.Module], float] | None = None) -> Result:
@@ -144,6 +150,7 @@ def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, train
     return Result(run, history.val_loss[0], fid.relative_error, fid.cosine, history.to_dict(), history.val_loss[-1],
                   time.perf_counter() - started, score(model) if score else None)
 
+
 def stage(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training: TrainConfig, folder: Path) -> str:
     """A staged projection's first stage (Minitron prunes past ~50% in stages): the intermediate student projected
     from the teacher with the default strategy, distilled `stage_steps` steps (its own schedule), written to
@@ -152,21 +159,24 @@ def stage(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training:
         raise ValueError(f"arm {run.arm.name}: {run.arm.stage_steps} first-stage steps; expected fewer than the "
                          f"run's {run.steps or training.steps} and at least 1")
     first = Run(run.arm.stage, Arm("stage", {}), run.seed)
-    model = initial_student(teacher_path, first).float()
+    projector = open_projector(teacher_path, first)
+    model = initial_student(teacher_path, first, projector=projector).float()
     config = budget_config(TrainConfig(**{**training.to_dict(), "lr": run.arm.stage_lr, "seed": run.seed}),
                            run.arm.stage_steps)
     train_flow(model, data.latents, data.context, data.empty, data.val_latents, data.val_context, config,
                teacher=teacher)
     save_file({k: v.contiguous() for k, v in wan_state_dict(model).items()},
               str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(wan_config(open_projector(teacher_path, first).student_config())))
+    (folder / "config.json").write_text(json.dumps(wan_config(projector.student_config())))
     return str(folder)
+
 
 def choose_rate(losses: dict[float, Sequence[float]], seeds: int = 2) -> float | None:
     """The rate with the lowest mean final loss, once every rate has `seeds` runs; None before."""
     if not losses or any(len(v) < seeds for v in losses.values()):
         return None
     return min(losses, key=lambda lr: mean(losses[lr][:seeds]))
+
 
 def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float) -> float | None:
     """The first step at which the loss reaches `target`, linear between evaluations; None if it never does."""
@@ -178,8 +188,10 @@ def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float)
             return s0 + (s - s0) * (l0 - target) / (l0 - loss)
     return None
 
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean(values), "min": min(values), "max": max(values), "n": len(values)}
+
 
 def table(results: Sequence[Result], baseline: str = "random") -> list[dict[str, Any]]:
     """One row per (shape, objective, arm): every column's mean, min and max over seeds. The baseline is the arm
