@@ -106,9 +106,9 @@ def student_fidelity(projector: Projector, calibration: Calibration, student: nn
     None) and, for scale, of two reference students of the same shape: randomly initialized and projected with
     `width: svd-per-matrix`. The teacher streams once (one block in memory; its block outputs kept where they fit,
     else the students' blocks walk beside it in that pass), or not at all where `references` holds its outputs
-    on this set, or the `cache` folder does from an earlier run (`shared_reference`); each student runs once for its velocity and per-block errors. The noise
-    levels are those its expert serves. The request is checked against the work bounds (`budget`) before anything
-    runs."""
+    on this set, or the `cache` folder does from an earlier run (`shared_reference`); each student runs once for
+    its velocity and per-block errors. The noise levels are those its expert serves. The request is checked against
+    the work bounds (`budget`) before anything runs."""
     strategy = strategy or projector.strategy
     config = projector.student_config(strategy)
     check_request(calibration.source, projector.teacher.config, calibration.latents, calibration.context, draws,

@@ -4,8 +4,8 @@
 Candidates: uniform, first, last, the most influential blocks (1 - cos of each block's residual update), the blocks
 whose removal alone changes the teacher's output most; then one round of local search around the best (each kept
 block moved to a neighbour). Each is projected under the rest of the strategy and probed (`recovery.probe`: the same
-stream, targets computed once, one rate) for CHOOSE's 50 steps; the lowest held-out error wins (the earlier candidate on a
-tie). The result is an explicit block list, so what is exported names the blocks it kept.
+stream, targets computed once, one rate) for CHOOSE's 50 steps; the lowest held-out error wins (the earlier
+candidate on a tie). The result is an explicit block list, so what is exported names the blocks it kept.
 """
 from __future__ import annotations
 
