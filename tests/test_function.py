@@ -250,3 +250,40 @@ def test_weights_and_activations_disagree_where_channels_are_never_read(tiny_wan
     assert found["resid"][0] <= 0.5 and found["resid"][1] == 0.5  # the 16 loud dead channels split the sets
     assert set(found) == {"resid", "sa_heads", "ca_heads"} and all(0 <= o <= 1 for o, _ in found.values())
     assert p.strategy == Strategy()  # restored
+
+
+def test_one_survey_pass_gives_what_the_three_measurements_give_apart(tiny_wan, monkeypatch):
+    """The statistics, the removal effects and the teacher's outputs (velocities and block outputs) from one pass
+    over the weights equal `collect`, `removal_effects` and `teacher_reference` run apart (the same streams and
+    micro-batches: equal to the bit), and that pass reads each block tensor once, where the three read it three
+    times. Where a request is too large, nothing is read."""
+    from projection.function.fidelity import teacher_reference
+    from projection.function.survey import survey
+    from projection.io.checkpoint import Checkpoint
+
+    calib = calibration_for(tiny_wan.config, n=5)
+    teacher = open_teacher(str(tiny_wan.original_dir))
+    reads: dict[str, int] = {}
+    real_get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.update({key: reads.get(key, 0) + 1}) or
+                        real_get(self, key))
+    stats = act.collect(teacher, calib, draws=2, seed=3, key="k")
+    removal = act.removal_effects(teacher, calib, draws=1, seed=3)
+    reference = teacher_reference(StreamedTeacher(teacher), calib.latents, calib.context, 2, 3, keep_blocks=True)
+    apart = max(n for k, n in reads.items() if k.startswith("blocks."))
+    reads.clear()
+    found = survey(teacher, calib, draws=2, seed=3, removal_draws=1, key="k")
+    assert apart == 3 and max(n for k, n in reads.items() if k.startswith("blocks.")) == 1
+    assert found.activations.scores.keys() == stats.scores.keys()
+    assert all(torch.equal(found.activations.scores[k], v) for k, v in stats.scores.items())
+    assert found.activations.influence == stats.influence and found.activations.key == "k"
+    assert found.activations.about == stats.about and found.removal == removal
+    assert torch.equal(found.reference.velocity, reference.velocity) and reference.blocks is not None
+    assert all(torch.equal(a, b) for a, b in zip(found.reference.blocks, reference.blocks))
+    only = survey(teacher, calib, draws=2, seed=3, statistics=False, reference=False)
+    assert only.activations is None and only.reference is None and only.removal == removal
+    reads.clear()
+    monkeypatch.setattr(act, "MAX_REMOVAL_BYTES", 1000)
+    with pytest.raises(ProjectionError, match="removing each of 3 blocks in turn"):
+        survey(teacher, calib)
+    assert not reads

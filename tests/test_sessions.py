@@ -62,15 +62,15 @@ def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tm
         pool.close_all()
 
 
-def test_one_teacher_forward_per_set_for_the_function_view_ab_card_and_gallery(demo_dir, tmp_path, monkeypatch):
-    """Counting reads of the teacher's tensors (every Checkpoint) and teacher forwards on a set: measuring the
-    Function view on the demo's default set, then A/B, then the card, then the Gallery runs the teacher's forward
-    on that set once, and each view reads each teacher tensor at most once per thing it measures (the Function
-    view: activation statistics, block removal effects, the shared reference; A/B and the card: nothing; the
-    Gallery: the teacher's own samples). They all give the same numbers and name the same set."""
+def test_one_teacher_pass_per_set_for_the_function_view_ab_card_and_gallery(demo_dir, tmp_path, monkeypatch):
+    """Counting reads of the teacher's tensors (every Checkpoint) and streamed passes over its weights: measuring
+    the Function view on the demo's default set (statistics, block removal effects and the teacher's outputs
+    together), then A/B, then the card, then the Gallery, passes over the teacher once, and each block tensor is read
+    once; the Gallery loads the teacher once to draw its own samples. They all give the same numbers and name the
+    same set."""
     import inspector.session as session_module
-    import projection.engine.report as report_module
     from projection.demo.teacher import DEMO, open_calibration
+    from projection.function.forward import StreamedTeacher
     from projection.io.checkpoint import Checkpoint
 
     monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "cache"))
@@ -78,10 +78,9 @@ def test_one_teacher_forward_per_set_for_the_function_view_ab_card_and_gallery(d
     real_get = Checkpoint.get
     monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.update({key: reads.get(key, 0) + 1}) or
                         real_get(self, key))
-    forwards = []
-    real_reference = report_module.teacher_reference
-    monkeypatch.setattr(report_module, "teacher_reference",
-                        lambda *a, **k: forwards.append(1) or real_reference(*a, **k))
+    passes = []
+    real_walk = StreamedTeacher.walk
+    monkeypatch.setattr(StreamedTeacher, "walk", lambda self, riders: passes.append(1) or real_walk(self, riders))
 
     def most() -> int:  # the most reads of one teacher block tensor since the last call
         found = max((n for k, n in reads.items() if k.startswith("blocks.")), default=0)
@@ -92,19 +91,19 @@ def test_one_teacher_forward_per_set_for_the_function_view_ab_card_and_gallery(d
     try:
         s = open_session(pool, "owner", demo_dir)
         s.measure()
-        assert most() == 1  # the energies: one statistics pass
+        assert most() == 1  # the energies: one statistics pass over the weights (no forward)
         report = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(64))
-        assert most() <= 3 and len(forwards) == 1  # activations, removal effects, the reference: once each
+        assert most() == 1 and len(passes) == 1  # statistics, removal effects, the reference: one pass
         a, b = Strategy(), Strategy(width="first")
         s.compare(a, b)
         compared = s.compare_function(a, b)
-        assert most() == 0 and len(forwards) == 1  # the Function view's reference, nothing read
+        assert most() == 0 and len(passes) == 1  # the Function view's reference, nothing read
         card = s.step0_error()
-        assert most() == 0 and len(forwards) == 1
+        assert most() == 0 and len(passes) == 1
         rows = [s.gallery_row(w) for w in (session_module.TEACHER, a, session_module.RANDOM)]
-        assert most() <= 1 and len(forwards) == 1  # the teacher loaded once to draw its own samples
+        assert most() <= 1 and len(passes) == 1  # the teacher loaded once to draw its own samples
         s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(64))
-        assert most() == 0 and len(forwards) == 1  # measured again: from the caches
+        assert most() == 0 and len(passes) == 1  # measured again: from the caches
         students = report["fidelity"]["students"]
         assert compared["A"][0].relative_error == card.error == rows[1].velocity_error == \
             students["student"]["relative_error"]
@@ -116,6 +115,47 @@ def test_one_teacher_forward_per_set_for_the_function_view_ab_card_and_gallery(d
         assert [r["relative_error"] for r in compared["A"][1]] == per_block
     finally:
         pool.close_all()
+
+
+def test_a_teacher_whose_block_outputs_do_not_fit_is_read_twice_by_the_function_view(demo_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Where the teacher's block outputs on the set pass what a reference keeps (a real teacher), the Function
+    view's Measure on a new set reads each block tensor twice: the statistics, removal effects and velocities in
+    one pass, then the students' per-block walk beside the teacher (the students are projected from those
+    statistics). Its numbers are those of the pass that keeps the block outputs."""
+    import projection.function.fidelity as fidelity_module
+    from projection.demo.teacher import DEMO, open_calibration
+    from projection.io.checkpoint import Checkpoint
+
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "kept"))
+    pool = Sessions(Scratch(tmp_path), Caches())
+    try:
+        s = open_session(pool, "owner", demo_dir)
+        kept = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(16))
+    finally:
+        pool.close_all()
+    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "streamed"))
+    monkeypatch.setattr(fidelity_module, "REFERENCE_BLOCK_BYTES", 0)
+    reads: dict[str, int] = {}
+    real_get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.update({key: reads.get(key, 0) + 1}) or
+                        real_get(self, key))
+    pool = Sessions(Scratch(tmp_path), Caches())
+    try:
+        s = open_session(pool, "owner", demo_dir)
+        s.measure()  # the weights' energies: the projections then read the teacher from the shared tensor cache
+        reads.clear()
+        streamed = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(16))
+        assert max(n for k, n in reads.items() if k.startswith("blocks.")) == 2
+    finally:
+        pool.close_all()
+    for name, row in kept["fidelity"]["students"].items():
+        assert streamed["fidelity"]["students"][name]["relative_error"] == pytest.approx(row["relative_error"],
+                                                                                         rel=1e-6)
+    for name, rows in kept["fidelity"]["blocks"].items():
+        assert [r["relative_error"] for r in streamed["fidelity"]["blocks"][name]] == \
+            pytest.approx([r["relative_error"] for r in rows], rel=1e-6)
+    assert streamed["teacher_blocks"] == kept["teacher_blocks"]
 
 
 def test_sessions_share_one_bounded_teacher_cache(demo_dir, tmp_path):

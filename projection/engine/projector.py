@@ -26,7 +26,7 @@ from ..core.project import Projected, SvdCache, pick_device, project_entry
 from ..core.spectra import singular_values
 from ..core.strategy import RECOVERABLE, Strategy
 from ..errors import ProjectionError
-from ..function.activations import require, teacher_activations
+from ..function.activations import Activations, require, teacher_activations
 from ..function.noise import expert_band
 from ..io.checkpoint import PathCheck
 from ..io.digest import file_digest
@@ -159,15 +159,21 @@ class Projector:
         self._spectra.clear()
         self.stats.cache.clear()
 
+    @property
+    def band(self) -> tuple[float, float]:
+        """The noise levels the teacher serves: its Wan 2.2 expert's band, else all of [0, 1]."""
+        expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
+        return expert_band(expert, self.teacher.config.in_dim)
+
     def calibrate(self, calibration: Any, draws: int = 2, seed: int = 0, progress: Progress | None = None,
-                  cache: Any = None, device: torch.device | None = None) -> Any:
+                  cache: Any = None, device: torch.device | None = None, measured: Activations | None = None
+                  ) -> Activations:
         """Run the teacher (streamed, on `device`: the default strategy's if None) on a calibration set and keep its
         activation statistics (cached on disk), so that `activation` and `influence` choices can rank by them. The
-        noise levels are those of the expert."""
-        expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
-        band = expert_band(expert, self.teacher.config.in_dim)
-        found = teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, band, device or self.device, cache,
-                                    progress)
+        noise levels are those of the expert. `measured`: statistics already measured on this set and request
+        (`function.survey`), kept without running the teacher."""
+        found = measured or teacher_activations(self.teacher, self.fingerprint, calibration, draws, seed, self.band,
+                                                device or self.device, cache, progress)
         bad = next((k for k, v in found.scores.items() if not torch.isfinite(v).all()), None)
         if bad is not None or not all(math.isfinite(v) for v in found.influence):
             where = f"'{bad[0]}' of block {bad[1]}" if bad else "block influence"

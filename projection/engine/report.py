@@ -24,16 +24,18 @@ from torch import nn
 from ..arch.anatomy import SPACES
 from ..arch.config import ModelConfig
 from ..arch.wan import WanLite
-from ..cache import Lru
+from ..cache import SHARED_GALLERY, Lru
 from ..core.project import pick_device
 from ..core.strategy import Strategy
-from ..function.activations import calibration_digest, ranking_agreement, teacher_removal
+from ..function.activations import (cache_key, calibration_digest, ranking_agreement, removal_entry,
+                                    statistics_entry)
 from ..function import budget
 from ..function.calibration import Calibration
 from ..function.fidelity import (Reference, block_fidelity, block_streams, check_request, compare, keeps_blocks,
                                 teacher_reference)
 from ..function.forward import StreamedTeacher
-from ..function.noise import expert_band, noised_set
+from ..function.noise import noised_set
+from ..function.survey import survey
 from .build import projected_student, random_student
 from .keys import ReferenceKey
 from ..io.diskcache import cached, checked_tensors
@@ -47,9 +49,7 @@ REFERENCE_VERSION = 1  # of the on-disk teacher outputs (`stored_reference`): a 
 def reference_key(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0) -> ReferenceKey:
     """What decides the teacher's outputs on `calibration`: the teacher, the set's digest, the noise draws and seed,
     and the band of levels its expert serves."""
-    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
-    band = expert_band(expert, projector.teacher.config.in_dim)
-    return ReferenceKey(projector.fingerprint, calibration_digest(calibration), draws, seed, band)
+    return ReferenceKey(projector.fingerprint, calibration_digest(calibration), draws, seed, projector.band)
 
 
 def shared_reference(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,
@@ -160,26 +160,41 @@ def function_report(projector: Projector, calibration: Calibration, draws: int =
                     progress: Progress | None = None, strategy: Strategy | None = None,
                     references: Lru | None = None) -> dict[str, Any]:
     """Calibrate the projector on `calibration` (activation statistics, cached) and measure everything above, for
-    the student projected under `strategy` (the projector's default if None)."""
+    the student projected under `strategy` (the projector's default if None). On a set not measured before, the
+    statistics, the removal effects and the teacher's outputs come from one pass over its weights (`survey`); the
+    students then need no other where the teacher's block outputs are kept, else one (their per-block walk beside
+    the teacher: they are projected from the statistics that pass measured). `references`: the teacher's outputs
+    other views share (None: this report's own)."""
     strategy = strategy or projector.strategy
     device = pick_device(strategy.device)
 
     def stage(name: str) -> Progress | None:
         return (lambda i, n, what: progress(i, n, f"{name}: {what}")) if progress else None
 
-    acts = projector.calibrate(calibration, draws, seed, progress=stage("teacher activations"), device=device)
-    expert = projector.teacher.checkpoint.expert if projector.teacher.checkpoint else None
-    band = expert_band(expert, projector.teacher.config.in_dim)
-    removal = teacher_removal(projector.teacher, projector.fingerprint, calibration, REMOVAL_DRAWS, seed, band,
-                              device, progress=stage("each teacher block removed"))
+    teacher, band = projector.teacher, projector.band
+    statistics = statistics_entry(teacher, projector.fingerprint, calibration, draws, seed, band)
+    removed = removal_entry(teacher, projector.fingerprint, calibration, REMOVAL_DRAWS, seed, band)
+    acts, removal = statistics.get(), removed.get()
+    key = reference_key(projector, calibration, draws, seed)
+    references = references if references is not None else Lru(SHARED_GALLERY, keep_oversize=True)  # its own
+    if acts is None or removal is None:  # a set not measured before: one pass over the teacher's weights for all
+        found = survey(teacher, calibration, draws, seed, band, device, statistics=acts is None,
+                       removal_draws=REMOVAL_DRAWS if removal is None else None, reference=key not in references,
+                       key=cache_key(projector.fingerprint, calibration, draws, seed, band),
+                       progress=stage("the teacher on the set"))
+        acts = acts if acts is not None else statistics.put(found.activations)
+        removal = removal if removal is not None else removed.put(found.removal)
+        if found.reference is not None:
+            references.put(key, found.reference)
+    acts = projector.calibrate(calibration, draws, seed, device=device, measured=acts)
     if progress:
         progress(0, 1, "fidelity: the student, random init and svd-per-matrix against the teacher")
     fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=device, strategy=strategy,
                                 references=references)
     layers = projector.mapping(strategy).layers
-    teacher = [{"block": b, "influence": acts.influence[b], "removal_error": removal[b],
-                "feeds": [i for i, t in enumerate(layers) if t == b]} for b in range(len(acts.influence))]
+    blocks = [{"block": b, "influence": acts.influence[b], "removal_error": removal[b],
+               "feeds": [i for i, t in enumerate(layers) if t == b]} for b in range(len(acts.influence))]
     agreement = [{"space": space, "label": SPACES[space].label, "overlap": shared, "chance": chance}
                  for space, (shared, chance) in ranking_agreement(projector, strategy).items()]
-    return {"fidelity": fidelity, "teacher_blocks": teacher, "removal_draws": REMOVAL_DRAWS,
+    return {"fidelity": fidelity, "teacher_blocks": blocks, "removal_draws": REMOVAL_DRAWS,
             "agreement": agreement, "activations_from": acts.about}

@@ -39,11 +39,11 @@ from ..cancel import checkpoint
 from ..core.models import ModelView
 from ..core.plan import overlap
 from ..errors import ProjectionError
-from ..io.diskcache import cache_dir, cached, checked_tensors
+from ..io.diskcache import Entry, cache_dir, checked_tensors
 from ..io.inputs import load_json
 from .budget import MICRO_BATCH, check_work
 from .calibration import Calibration
-from .forward import StreamedTeacher, build_block, runnable
+from .forward import StreamedTeacher, runnable
 from .noise import noised_set
 
 SCORED = ("resid", "sa_heads", "sa_vo", "ca_heads", "ca_vo", "ffn")  # the spaces activations rank
@@ -103,57 +103,68 @@ def _share(profile: torch.Tensor) -> torch.Tensor:
     return profile / max(profile.sum().item(), 1e-300)
 
 
+class Statistics:
+    """The recorder behind `collect`: its hooks (`on_input`, `on_block`, `on_weights` on the modules `hooked`) see a
+    streamed forward of the teacher over a noised set; `result` gives the statistics above."""
+
+    def __init__(self, teacher: ModelView, progress: Callable[[int, int, str], None] | None = None):
+        self.config, self.family, self.progress = teacher.config, runnable(teacher), progress
+        self.hooked = (*self.family.readers, *self.family.outputs, self.family.neurons)
+        self.sums: dict[tuple[str, int | None], torch.Tensor] = {}
+        self.cos_sum: dict[int, float] = {}
+        self.count: dict[int, int] = {}
+        self.readers: dict[tuple[int, str], torch.Tensor] = {}
+        self.columns: dict[int, torch.Tensor] = {}
+
+    def _add(self, k: tuple[str, int | None], v: torch.Tensor) -> None:
+        self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def on_input(self, block: int, name: str, x: torch.Tensor) -> None:
+        family, heads = self.family, int(self.config.num_heads)
+        energy = x.double().pow(2).flatten(0, -2).sum(0).cpu()  # per input feature
+        if name in family.readers:
+            self.readers[(block, name)] = self.readers.get((block, name), 0) + energy
+        elif name in family.outputs:
+            per = energy.reshape(heads, int(self.config.dim) // heads)
+            self._add((f"{family.outputs[name]}_heads", block), per.sum(1))
+            self._add((f"{family.outputs[name]}_vo", block), per.sum(0))
+        elif name == family.neurons:
+            self._add(("ffn", block), energy)
+
+    def on_block(self, block: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
+        self.cos_sum[block] = self.cos_sum.get(block, 0.0) + (1 - cos).sum().item()
+        self.count[block] = self.count.get(block, 0) + cos.numel()
+        self._add(("update", block), (x_out.double() - x_in.double()).flatten(0, -2).sum(0).cpu())
+        if self.progress:
+            self.progress(block, int(self.config.num_layers), f"teacher block {block}")
+
+    def on_weights(self, block: int, module: torch.nn.Module) -> None:
+        self.columns[block] = module.get_submodule(self.family.neurons).weight.double().pow(2).sum(0).cpu()
+
+    def result(self, about: str, key: str) -> Activations:
+        sums = dict(self.sums)
+        resid = torch.zeros(int(self.config.dim), dtype=torch.float64)
+        for energy in self.readers.values():
+            resid += _share(energy)
+        sums[("resid", None)] = resid
+        depth = int(self.config.num_layers)
+        for b in range(depth):
+            sums[("ffn_wanda", b)] = sums[("ffn", b)] * self.columns[b]
+            sums[("update", b)] = sums[("update", b)] / self.count[b]
+        influence = [self.cos_sum[b] / self.count[b] for b in range(depth)]
+        return Activations(sums, influence, about, key)
+
+
 def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: int = 0,
             band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu", key: str = "",
             progress: Callable[[int, int, str], None] | None = None) -> Activations:
     """One streamed forward of the teacher over the noised calibration set, recording the statistics above."""
-    cfg, family = teacher.config, runnable(teacher)
-    heads, dim = int(cfg.num_heads), int(cfg.dim)
-    sums: dict[tuple[str, int | None], torch.Tensor] = {}
-    cos_sum: dict[int, float] = {}
-    count: dict[int, int] = {}
-    readers: dict[tuple[int, str], torch.Tensor] = {}
-
-    def add(k: tuple[str, int | None], v: torch.Tensor) -> None:
-        sums[k] = sums[k] + v if k in sums else v
-
-    def on_input(block: int, name: str, x: torch.Tensor) -> None:
-        energy = x.double().pow(2).flatten(0, -2).sum(0).cpu()  # per input feature
-        if name in family.readers:
-            readers[(block, name)] = readers.get((block, name), 0) + energy
-        elif name in family.outputs:
-            per = energy.reshape(heads, dim // heads)
-            add((f"{family.outputs[name]}_heads", block), per.sum(1))
-            add((f"{family.outputs[name]}_vo", block), per.sum(0))
-        elif name == family.neurons:
-            add(("ffn", block), energy)
-
-    def on_block(block: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
-        cos_sum[block] = cos_sum.get(block, 0.0) + (1 - cos).sum().item()
-        count[block] = count.get(block, 0) + cos.numel()
-        add(("update", block), (x_out.double() - x_in.double()).flatten(0, -2).sum(0).cpu())
-        if progress:
-            progress(block, int(cfg.num_layers), f"teacher block {block}")
-
-    def on_weights(block: int, module: torch.nn.Module) -> None:
-        columns[block] = module.get_submodule(family.neurons).weight.double().pow(2).sum(0).cpu()
-
-    columns: dict[int, torch.Tensor] = {}
-    check_work(calibration.source, calibration.latents.shape, calibration.context.shape, cfg, draws)
+    stats = Statistics(teacher, progress)
+    check_work(calibration.source, calibration.latents.shape, calibration.context.shape, teacher.config, draws)
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed, band)
-    hooked = (*family.readers, *family.outputs, family.neurons)
-    StreamedTeacher(teacher, device)(x, t, ctx, on_block, on_input, hooked, on_weights)
-    resid = torch.zeros(dim, dtype=torch.float64)
-    for energy in readers.values():
-        resid += _share(energy)
-    sums[("resid", None)] = resid
-    depth = int(cfg.num_layers)
-    for b in range(depth):
-        sums[("ffn_wanda", b)] = sums[("ffn", b)] * columns[b]
-        sums[("update", b)] = sums[("update", b)] / count[b]
-    influence = [cos_sum[b] / count[b] for b in range(depth)]
-    return Activations(sums, influence, describe(calibration, draws, band), key)
+    StreamedTeacher(teacher, device)(x, t, ctx, stats.on_block, stats.on_input, stats.hooked, stats.on_weights)
+    return stats.result(describe(calibration, draws, band), key)
 
 
 def expected_shapes(teacher: ModelView) -> dict[str, tuple[int, ...]]:
@@ -184,35 +195,37 @@ def checked_removal(found: object, depth: int) -> list[float]:
     return [float(e) for e in removal]
 
 
-def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 2,
-                        seed: int = 0, band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
-                        cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
-                        ) -> Activations:
-    """`collect`, through the on-disk cache."""
+def statistics_entry(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 2, seed: int = 0,
+                     band: tuple[float, float] = (0.0, 1.0), cache: Path | None = None) -> Entry[Activations]:
+    """The on-disk entry of `collect`'s statistics for this teacher, set and noise request."""
     key = cache_key(fingerprint, calibration, draws, seed, band)
     about = describe(calibration, draws, band)
     path = (cache_dir() if cache is None else cache) / "activations" / f"{key}.safetensors"
     # The entry's groups and shapes bound the read: the data, a header line per tensor, `about`.
     shapes = expected_shapes(teacher)
     limit = 8 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 6 * len(about.encode()) + (1 << 20)
-    return cached(fingerprint, path, limit,
-                   lambda data: Activations.from_tensors(checked_entry(load_safetensors(data), shapes), about, key),
-                   lambda: collect(teacher, calibration, draws, seed, band, device, key, progress),
-                   lambda found: save_safetensors(found.to_tensors(), {"about": about}))
+    return Entry(fingerprint, path, limit,
+                 lambda data: Activations.from_tensors(checked_entry(load_safetensors(data), shapes), about, key),
+                 lambda found: save_safetensors(found.to_tensors(), {"about": about}))
+
+
+def teacher_activations(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 2,
+                        seed: int = 0, band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                        cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
+                        ) -> Activations:
+    """`collect`, through the on-disk cache."""
+    entry = statistics_entry(teacher, fingerprint, calibration, draws, seed, band, cache)
+    key = cache_key(fingerprint, calibration, draws, seed, band)
+    return entry.through(lambda: collect(teacher, calibration, draws, seed, band, device, key, progress))
 
 
 MAX_REMOVAL_BYTES = 8 << 30  # the residual streams `removal_effects` holds at once
 
 
-def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1, seed: int = 0,
-                    band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
-                    progress: Callable[[int, int, str], None] | None = None) -> list[float]:
-    """The exact effect of removing each teacher block alone on the teacher's output: for every block b,
-    sum ||v_without_b - v||^2 / sum ||v||^2 on the noised calibration set.
-
-    One pass over the blocks, each block's weights read once: the stream without block b leaves the teacher's at
-    b, and every later block also runs on it (L(L+1)/2 block evaluations; L+1 residual streams held at once,
-    bounded by MAX_REMOVAL_BYTES before anything runs)."""
+def removal_set(teacher: ModelView, calibration: Calibration, draws: int = 1, seed: int = 0,
+                band: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noised set removal effects are measured on, once its L+1 residual streams are known to fit
+    MAX_REMOVAL_BYTES and the work bounds (`budget.check_work`)."""
     cfg = teacher.config
     depth, dim = int(cfg.num_layers), int(cfg.dim)
     check_work(calibration.source, calibration.latents.shape, calibration.context.shape, cfg, draws,
@@ -223,32 +236,67 @@ def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1
         raise ProjectionError(f"{calibration.label}: removing each of {depth} blocks in turn holds {need:,} bytes "
                               f"of residual streams at once (at most {MAX_REMOVAL_BYTES:,}): use fewer or smaller "
                               "latents")
-    streamed = StreamedTeacher(teacher, device)
-    steps = range(0, len(x), streamed.micro_batch)
-    with torch.no_grad():
-        parts = [streamed.shell.embed(x[i:i + streamed.micro_batch].to(streamed.device),
-                                      t[i:i + streamed.micro_batch].to(streamed.device),
-                                      ctx[i:i + streamed.micro_batch].to(streamed.device)) for i in steps]
-        main = [p.tokens for p in parts]
-        without: dict[int, list[torch.Tensor]] = {}
-        for b in range(depth):
-            block = build_block(teacher, b, streamed.device, streamed.dtype)
-            for k, hidden in without.items():
-                checkpoint()
-                without[k] = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(hidden, parts)]
-            without[b] = main  # the teacher without block b: block b's input goes on
+    return x, t, ctx
+
+
+class Removal:
+    """A rider of a pass over the teacher's weights (`StreamedTeacher.walk`, every block in order) that measures
+    the exact effect of removing each block alone on the output: the stream without block b leaves the teacher's
+    at b, and every later block also runs on it (L(L+1)/2 block evaluations, L+1 residual streams held)."""
+
+    @torch.no_grad()
+    def __init__(self, streamed: StreamedTeacher, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                 progress: Callable[[int, int, str], None] | None = None):
+        self.shell, self.progress, self.depth = streamed.shell, progress, int(streamed.teacher.config.num_layers)
+        step, device = streamed.micro_batch, streamed.device
+        self.parts = [self.shell.embed(x[i:i + step].to(device), t[i:i + step].to(device),
+                                       ctx[i:i + step].to(device)) for i in range(0, len(x), step)]
+        self.main = [p.tokens for p in self.parts]
+        self.without: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, b: int, block: torch.nn.Module) -> None:
+        for k, hidden in self.without.items():
             checkpoint()
-            main = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(main, parts)]
-            del block
-            if progress:
-                progress(b, depth, f"teacher block {b} (each block removed in turn)")
+            self.without[k] = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(hidden, self.parts)]
+        self.without[b] = self.main  # the teacher without block b: block b's input goes on
+        checkpoint()
+        self.main = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(self.main, self.parts)]
+        if self.progress:
+            self.progress(b, self.depth, f"teacher block {b} (each block removed in turn)")
 
+    @torch.no_grad()
+    def effects(self) -> list[float]:
+        """sum ||v_without_b - v||^2 / sum ||v||^2 for every block b."""
         def velocity(hidden: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([streamed.shell.unpatchify(h, p.e, p.grid).double().cpu() for h, p in zip(hidden, parts)])
+            return torch.cat([self.shell.unpatchify(h, p.e, p.grid).double().cpu() for h, p in zip(hidden, self.parts)])
 
-        v = velocity(main)
+        v = velocity(self.main)
         total = v.pow(2).sum().item()
-        return [(velocity(without[b]) - v).pow(2).sum().item() / max(total, 1e-300) for b in range(depth)]
+        return [(velocity(self.without[b]) - v).pow(2).sum().item() / max(total, 1e-300) for b in range(self.depth)]
+
+
+def removal_effects(teacher: ModelView, calibration: Calibration, draws: int = 1, seed: int = 0,
+                    band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                    progress: Callable[[int, int, str], None] | None = None) -> list[float]:
+    """The exact effect of removing each teacher block alone on the teacher's output: for every block b,
+    sum ||v_without_b - v||^2 / sum ||v||^2 on the noised calibration set, in one pass over the blocks (`Removal`;
+    its streams bounded by MAX_REMOVAL_BYTES before anything runs)."""
+    x, t, ctx = removal_set(teacher, calibration, draws, seed, band)
+    streamed = StreamedTeacher(teacher, device)
+    removal = Removal(streamed, x, t, ctx, progress)
+    streamed.walk([removal])
+    return removal.effects()
+
+
+def removal_entry(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 1, seed: int = 0,
+                  band: tuple[float, float] = (0.0, 1.0), cache: Path | None = None) -> Entry[list[float]]:
+    """The on-disk entry of `removal_effects` for this teacher, set and noise request."""
+    key = cache_key(fingerprint, calibration, draws, seed, band)
+    path = (cache_dir() if cache is None else cache) / "activations" / f"{key}-removal.json"
+    depth = int(teacher.config.num_layers)
+    return Entry(fingerprint, path, 64 + 32 * depth, lambda data: checked_removal(load_json(data, str(path)), depth),
+                 lambda found: json.dumps({"removal": found}).encode())
 
 
 def teacher_removal(teacher: ModelView, fingerprint: str, calibration: Calibration, draws: int = 1, seed: int = 0,
@@ -256,13 +304,8 @@ def teacher_removal(teacher: ModelView, fingerprint: str, calibration: Calibrati
                     cache: Path | None = None, progress: Callable[[int, int, str], None] | None = None
                     ) -> list[float]:
     """`removal_effects`, through the on-disk cache."""
-    key = cache_key(fingerprint, calibration, draws, seed, band)
-    path = (cache_dir() if cache is None else cache) / "activations" / f"{key}-removal.json"
-    depth = int(teacher.config.num_layers)
-    return cached(fingerprint, path, 64 + 32 * depth,
-                   lambda data: checked_removal(load_json(data, str(path)), depth),
-                   lambda: removal_effects(teacher, calibration, draws, seed, band, device, progress),
-                   lambda found: json.dumps({"removal": found}).encode())
+    return removal_entry(teacher, fingerprint, calibration, draws, seed, band, cache).through(
+        lambda: removal_effects(teacher, calibration, draws, seed, band, device, progress))
 
 
 def require(activations: Activations | None, what: str) -> Activations:

@@ -149,11 +149,24 @@ def teacher_reference(teacher: nn.Module | StreamedTeacher, latents: torch.Tenso
     config = teacher.teacher.config
     if not keeps_blocks(config, x.shape, len(teacher.blocks)):
         return Reference(x, t, ctx, predict(teacher, x, t, ctx), draws, band)
-    kept: dict[int, list[torch.Tensor]] = {}
-    velocity = teacher(x, t, ctx, on_block=lambda i, _, out: kept.setdefault(i, []).append(out.cpu()))
-    depth = int(config.num_layers)
-    blocks = tuple(torch.cat(kept[b]) if b in kept else None for b in range(depth))
-    return Reference(x, t, ctx, velocity, draws, band, blocks if None not in blocks else None)
+    kept = BlockOutputs()
+    velocity = teacher(x, t, ctx, on_block=kept.on_block)
+    return Reference(x, t, ctx, velocity, draws, band, kept.blocks(int(config.num_layers)))
+
+
+class BlockOutputs:
+    """The output stream of each teacher block of a streamed forward, kept for a `Reference` (`on_block`)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    def on_block(self, index: int, _: torch.Tensor, out: torch.Tensor) -> None:
+        self.kept.setdefault(index, []).append(out.cpu())
+
+    def blocks(self, depth: int) -> tuple[torch.Tensor, ...] | None:
+        """Every block's outputs over the set, or None unless all `depth` blocks ran."""
+        found = tuple(torch.cat(self.kept[b]) if b in self.kept else None for b in range(depth))
+        return found if None not in found else None
 
 
 def fidelity_table(students: dict[str, nn.Module], teacher: nn.Module | StreamedTeacher, latents: torch.Tensor,

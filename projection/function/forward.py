@@ -12,7 +12,7 @@ statistics and per-block fidelity.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -29,7 +29,7 @@ from . import budget
 
 BlockHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 InputHook = Callable[[int, str, torch.Tensor], None]
-WeightsHook = Callable[[int, nn.Module], None]
+Rider = Callable[[int, nn.Module], None]  # (block index, the block, its weights read)
 
 
 def top_keys(model: WanLite) -> list[str]:
@@ -95,32 +95,47 @@ class StreamedTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  on_block: BlockHook | None = None, on_input: InputHook | None = None,
-                 inputs_of: tuple[str, ...] = (), on_weights: WeightsHook | None = None) -> torch.Tensor:
+                 inputs_of: tuple[str, ...] = (), on_weights: Rider | None = None,
+                 riders: Sequence[Rider] = ()) -> torch.Tensor:
         """on_input(block, module name, input) sees the input of each module named in `inputs_of` (e.g.
         'ffn.2': the GELU output) in every block, per micro-batch; on_weights(block, module) each block's weights
-        while they are in memory."""
+        while they are in memory; `riders` (`walk`) each block after this stream, the hooks above removed, so that
+        other measurements share this pass over the weights."""
         chunks = self.chunks(x, context)
         parts = [self.shell.embed(x[c].to(self.device), t[c].to(self.device), context[c].to(self.device))
                  for c in chunks]
         hidden = [p.tokens for p in parts]
         for p in parts:
             p.tokens = None  # the residual stream lives in `hidden` alone: one copy of it across blocks
-        for index in self.blocks:
-            checkpoint()  # a cancelled request stops here, between blocks and micro-batches
-            block = build_block(self.teacher, index, self.device, self.dtype)
+
+        def stream(index: int, block: nn.Module) -> None:
             if on_weights is not None:
                 on_weights(index, block)
-            for name in inputs_of if on_input is not None else ():
-                block.get_submodule(name).register_forward_pre_hook(
-                    lambda m, args, name=name, index=index: on_input(index, name, args[0].float()))
+            hooks = [block.get_submodule(name).register_forward_pre_hook(
+                lambda m, args, name=name: on_input(index, name, args[0].float()))
+                for name in (inputs_of if on_input is not None else ())]
             for j, p in enumerate(parts):
                 checkpoint()
                 out = block(hidden[j], p.e0, p.ctx, p.freqs)
                 if on_block is not None:
                     on_block(index, hidden[j].float(), out.float())
                 hidden[j] = out
-            del block  # released before the next block is read
+            for hook in hooks:
+                hook.remove()
+
+        self.walk([stream, *riders])
         return torch.cat([self.shell.unpatchify(h, p.e, p.grid).float().cpu() for h, p in zip(hidden, parts)])
+
+    @torch.no_grad()
+    def walk(self, riders: Sequence[Rider]) -> None:
+        """One pass over the weights: each block in `self.blocks` read once and handed to every rider in turn
+        (rider(index, module)), then released before the next block is read."""
+        for index in self.blocks:
+            checkpoint()  # a cancelled request stops here, between blocks and micro-batches
+            block = build_block(self.teacher, index, self.device, self.dtype)
+            for ride in riders:
+                ride(index, block)
+            del block  # released before the next block is read
 
 
 class TeacherCursor:

@@ -11,8 +11,9 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -69,20 +70,39 @@ def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     return tensors
 
 
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One entry: its file, the most bytes it may hold, and how its value is read from and written to bytes. An
+    unnamed teacher's (one without files) is never read or written: its fingerprint names nothing."""
+    fingerprint: str
+    path: Path
+    limit: int
+    load: Callable[[bytes], T]
+    save: Callable[[T], bytes]
+
+    def get(self) -> T | None:
+        """The value, or None where there is no entry or a damaged one (then it is measured again)."""
+        if self.fingerprint.startswith("unnamed-"):
+            return None
+        try:
+            return self.load(read_entry(self.path, self.limit))
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError):
+            return None
+
+    def put(self, value: T) -> T:
+        """`value`, written as the entry (without a cache folder it is still returned)."""
+        if not self.fingerprint.startswith("unnamed-"):
+            with contextlib.suppress(OSError):
+                write_entry(self.path, self.save(value))
+        return value
+
+    def through(self, compute: Callable[[], T]) -> T:
+        """The entry's value, else `compute()` written as the entry."""
+        found = self.get()
+        return found if found is not None else self.put(compute())
+
+
 def cached(fingerprint: str, path: Path, limit: int, load: Callable[[bytes], T], compute: Callable[[], T],
            save: Callable[[T], bytes]) -> T:
-    """`compute()` through the entry at `path` of at most `limit` bytes (an unnamed teacher, one without files, is
-    never cached: its fingerprint names nothing)."""
-    named = not fingerprint.startswith("unnamed-")
-    if named:
-        try:
-            return load(read_entry(path, limit))
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError):
-            pass  # no entry, or a damaged one: measure again
-    found = compute()
-    if named:
-        try:
-            write_entry(path, save(found))
-        except OSError:
-            pass  # no cache folder: the result is still returned
-    return found
+    """`compute()` through the entry at `path` of at most `limit` bytes."""
+    return Entry(fingerprint, path, limit, load, save).through(compute)
