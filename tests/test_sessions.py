@@ -117,45 +117,47 @@ def test_one_teacher_pass_per_set_for_the_function_view_ab_card_and_gallery(demo
         pool.close_all()
 
 
-def test_a_teacher_whose_block_outputs_do_not_fit_is_read_twice_by_the_function_view(demo_dir, tmp_path,
-                                                                                       monkeypatch):
+def test_a_teacher_whose_block_outputs_do_not_fit_is_read_once_or_twice_by_the_function_view(demo_dir, tmp_path,
+                                                                                              monkeypatch):
     """Where the teacher's block outputs on the set pass what a reference keeps (a real teacher), the Function
-    view's Measure on a new set reads each block tensor twice: the statistics, removal effects and velocities in
-    one pass, then the students' per-block walk beside the teacher (the students are projected from those
-    statistics). Its numbers are those of the pass that keeps the block outputs."""
+    view's Measure on a new set reads each block tensor once for a student projected from the weights alone (it
+    walks beside the pass that measures the statistics, removal effects and velocities), twice for one ranked on
+    activations (projected from that pass's statistics, it walks beside the teacher in a second pass). The numbers
+    are those of the pass that keeps the block outputs."""
     import projection.function.fidelity as fidelity_module
     from projection.demo.teacher import DEMO, open_calibration
     from projection.io.checkpoint import Checkpoint
 
-    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "kept"))
-    pool = Sessions(Scratch(tmp_path), Caches())
-    try:
-        s = open_session(pool, "owner", demo_dir)
-        kept = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(16))
-    finally:
-        pool.close_all()
-    monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / "streamed"))
-    monkeypatch.setattr(fidelity_module, "REFERENCE_BLOCK_BYTES", 0)
-    reads: dict[str, int] = {}
-    real_get = Checkpoint.get
-    monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.update({key: reads.get(key, 0) + 1}) or
-                        real_get(self, key))
-    pool = Sessions(Scratch(tmp_path), Caches())
-    try:
-        s = open_session(pool, "owner", demo_dir)
-        s.measure()  # the weights' energies: the projections then read the teacher from the shared tensor cache
-        reads.clear()
-        streamed = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(16))
-        assert max(n for k, n in reads.items() if k.startswith("blocks.")) == 2
-    finally:
-        pool.close_all()
-    for name, row in kept["fidelity"]["students"].items():
-        assert streamed["fidelity"]["students"][name]["relative_error"] == pytest.approx(row["relative_error"],
-                                                                                         rel=1e-6)
-    for name, rows in kept["fidelity"]["blocks"].items():
-        assert [r["relative_error"] for r in streamed["fidelity"]["blocks"][name]] == \
-            pytest.approx([r["relative_error"] for r in rows], rel=1e-6)
-    assert streamed["teacher_blocks"] == kept["teacher_blocks"]
+    def measured(strategy: Strategy, cache: str) -> tuple[dict, int]:
+        monkeypatch.setenv("PROJECTION_CACHE", str(tmp_path / cache))
+        reads: dict[str, int] = {}
+        pool = Sessions(Scratch(tmp_path), Caches())
+        try:
+            s = open_session(pool, "owner", demo_dir)
+            s.set_strategy(strategy)
+            s.measure()  # the weights' energies: projections then read the teacher from the shared tensor cache
+            with monkeypatch.context() as m:
+                real_get = Checkpoint.get
+                m.setattr(Checkpoint, "get", lambda self, key: reads.update({key: reads.get(key, 0) + 1}) or
+                          real_get(self, key))
+                report = s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(16))
+        finally:
+            pool.close_all()
+        return report, max(n for k, n in reads.items() if k.startswith("blocks."))
+
+    for strategy, passes in ((Strategy(), 1), (Strategy(width="activation", layers=[0, 3, 5, 7]), 2)):
+        kept, _ = measured(strategy, f"kept-{passes}")
+        with monkeypatch.context() as m:
+            m.setattr(fidelity_module, "REFERENCE_BLOCK_BYTES", 0)
+            streamed, reads = measured(strategy, f"streamed-{passes}")
+        assert reads == passes, strategy
+        for name, row in kept["fidelity"]["students"].items():
+            assert streamed["fidelity"]["students"][name]["relative_error"] == \
+                pytest.approx(row["relative_error"], rel=1e-6)
+        for name, rows in kept["fidelity"]["blocks"].items():
+            assert [r["relative_error"] for r in streamed["fidelity"]["blocks"][name]] == \
+                pytest.approx([r["relative_error"] for r in rows], rel=1e-6)
+        assert streamed["teacher_blocks"] == kept["teacher_blocks"]
 
 
 def test_sessions_share_one_bounded_teacher_cache(demo_dir, tmp_path):

@@ -31,8 +31,8 @@ from ..function.activations import (cache_key, calibration_digest, ranking_agree
                                     statistics_entry)
 from ..function import budget
 from ..function.calibration import Calibration
-from ..function.fidelity import (Reference, block_fidelity, block_streams, check_request, compare, keeps_blocks,
-                                teacher_reference)
+from ..function.fidelity import (Reference, StudentWalk, block_fidelity, block_streams, check_request, compare,
+                                keeps_blocks, teacher_reference)
 from ..function.forward import StreamedTeacher
 from ..function.noise import noised_set
 from ..function.survey import survey
@@ -98,32 +98,47 @@ def stored_reference(key: ReferenceKey, calibration: Calibration, config: ModelC
     return cached(key.teacher, cache / "reference" / f"{name}.safetensors", limit, load, run, save)
 
 
+def fidelity_students(projector: Projector, strategy: Strategy, student: nn.Module | None = None,
+                      device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """The student (`student`, else the projection under `strategy`) and two references of its shape: randomly
+    initialized and projected with `width: svd-per-matrix` on the same blocks."""
+    config = projector.student_config(strategy)
+    reference_strategy = Strategy(width="svd-per-matrix", layers=projector.mapping(strategy).layers,
+                                  seed=strategy.seed)
+    svd = Projector(projector.teacher, projector.student, reference_strategy, projector.rules, projector.caches)
+    return {"student": (student or projected_student(projector, strategy=strategy)).to(device).float(),
+            "random init": random_student(config, strategy.seed).to(device),
+            "svd-per-matrix": projected_student(svd, device)}
+
+
 def student_fidelity(projector: Projector, calibration: Calibration, student: nn.Module | None = None,
                      draws: int = 4, seed: int = 0, device: str | torch.device = "cpu",
                      blocks: bool = True, strategy: Strategy | None = None,
-                     references: Lru | None = None, cache: Path | None = None) -> dict[str, Any]:
+                     references: Lru | None = None, cache: Path | None = None,
+                     walked: tuple[Reference, StudentWalk] | None = None) -> dict[str, Any]:
     """The fidelity of a student (`student`, else the projector's projection under `strategy`, its default if
-    None) and, for scale, of two reference students of the same shape: randomly initialized and projected with
-    `width: svd-per-matrix`. The teacher streams once (one block in memory; its block outputs kept where they fit,
-    else the students' blocks walk beside it in that pass), or not at all where `references` holds its outputs
-    on this set, or the `cache` folder does from an earlier run (`shared_reference`); each student runs once for
-    its velocity and per-block errors. The noise levels are those its expert serves. The request is checked against
-    the work bounds (`budget`) before anything runs."""
+    None) and, for scale, of two reference students of the same shape (`fidelity_students`). The teacher streams
+    once (one block in memory; its block outputs kept where they fit, else the students' blocks walk beside it in
+    that pass), or not at all where `references` holds its outputs on this set, or the `cache` folder does from an
+    earlier run (`shared_reference`), or `walked` gives a pass that did both (the teacher's outputs, and the
+    students that walked beside it: `function.survey`); each student runs once for its velocity and per-block
+    errors. The noise levels are those its expert serves. The request is checked against the work bounds
+    (`budget`) before anything runs."""
     strategy = strategy or projector.strategy
     config = projector.student_config(strategy)
     check_request(calibration.source, projector.teacher.config, calibration.latents, calibration.context, draws,
                   models=4, streams=block_streams(projector.teacher.config, config, 3) if blocks else 1)
-    reference_strategy = Strategy(width="svd-per-matrix", layers=projector.mapping(strategy).layers,
-                                  seed=strategy.seed)
-    svd = Projector(projector.teacher, projector.student, reference_strategy, projector.rules, projector.caches)
-    students = {"student": (student or projected_student(projector, strategy=strategy)).to(device).float(),
-                "random init": random_student(config, strategy.seed).to(device),
-                "svd-per-matrix": projected_student(svd, device)}
+    students = walked[1].students if walked else fidelity_students(projector, strategy, student, device)
     plan = projector.plan(strategy) if blocks and isinstance(students["student"], WanLite) else None
     key = reference_key(projector, calibration, draws, seed)
     band = key.band
     shape = (len(calibration) * draws, *calibration.latents.shape[1:])
-    if (plan is not None and (references is None or key not in references)
+    if walked is not None:
+        reference, walk = walked
+        velocities = walk.velocities()
+        table = {name: compare(velocities[name], reference.velocity, draws, band) for name in students}
+        per_block = walk.rows() if plan is not None else None
+    elif (plan is not None and (references is None or key not in references)
             and not keeps_blocks(projector.teacher.config, shape)):
         # block outputs too large to keep (a real teacher): one streamed pass gives velocities and block errors
         velocities: dict[str, torch.Tensor] = {}
@@ -177,20 +192,32 @@ def function_report(projector: Projector, calibration: Calibration, draws: int =
     acts, removal = statistics.get(), removed.get()
     key = reference_key(projector, calibration, draws, seed)
     references = references if references is not None else Lru(SHARED_GALLERY, keep_oversize=True)  # its own
+    walked = None
     if acts is None or removal is None:  # a set not measured before: one pass over the teacher's weights for all
+        # Students projected from the weights alone walk beside that pass where the teacher's block outputs are
+        # too large to keep (else they are scored on the kept outputs, reading nothing).
+        shape = (len(calibration) * draws, *calibration.latents.shape[1:])
+        layers = projector.mapping(strategy).layers if not strategy.needs_calibration else []
+        students = None
+        if layers and not keeps_blocks(teacher.config, shape) and all(a < b for a, b in zip(layers, layers[1:])):
+            students = fidelity_students(projector, strategy, device=device)
+            students = students if isinstance(students["student"], WanLite) else None
         found = survey(teacher, calibration, draws, seed, band, device, statistics=acts is None,
                        removal_draws=REMOVAL_DRAWS if removal is None else None, reference=key not in references,
-                       key=cache_key(projector.fingerprint, calibration, draws, seed, band),
+                       key=cache_key(projector.fingerprint, calibration, draws, seed, band), students=students,
+                       layers=layers, kept=projector.plan(strategy).indices("resid", None) if students else None,
                        progress=stage("the teacher on the set"))
         acts = acts if acts is not None else statistics.put(found.activations)
         removal = removal if removal is not None else removed.put(found.removal)
         if found.reference is not None:
             references.put(key, found.reference)
+        if found.students is not None:
+            walked = (found.reference, found.students)
     acts = projector.calibrate(calibration, draws, seed, device=device, measured=acts)
     if progress:
         progress(0, 1, "fidelity: the student, random init and svd-per-matrix against the teacher")
     fidelity = student_fidelity(projector, calibration, draws=draws, seed=seed, device=device, strategy=strategy,
-                                references=references)
+                                references=references, walked=walked)
     layers = projector.mapping(strategy).layers
     blocks = [{"block": b, "influence": acts.influence[b], "removal_error": removal[b],
                "feeds": [i for i, t in enumerate(layers) if t == b]} for b in range(len(acts.influence))]

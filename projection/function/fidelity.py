@@ -232,6 +232,52 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
     return rows
 
 
+class StudentWalk:
+    """Students walking beside a streamed teacher's main stream, as an `on_block` watcher: student block i runs on
+    micro-batch j when teacher block layers[i] has, and its output is compared with that block's on the kept
+    residual channels, as `block_fidelity` does; the teacher's velocities come from the same pass. Needs `layers`
+    strictly increasing (each teacher block feeds one student block at most, in order) and the teacher's
+    micro-batches (`chunks`)."""
+
+    @torch.no_grad()
+    def __init__(self, students: dict[str, nn.Module], layers: list[int], kept: torch.Tensor | None,
+                 x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, chunks: list[slice],
+                 device: str | torch.device = "cpu"):
+        if any(a >= b for a, b in zip(layers, layers[1:])):
+            raise ProjectionError(f"layers {layers}: students walk beside the teacher on increasing blocks only")
+        self.students, self.layers, self.kept = students, layers, kept
+        self.feeds = {b: i for i, b in enumerate(layers)}
+        self.embedded = {name: [m.embed(x[c].to(device), t[c].to(device), ctx[c].to(device)) for c in chunks]
+                         for name, m in students.items()}
+        self.streams = {name: [e.tokens for e in parts] for name, parts in self.embedded.items()}
+        self.errors = {name: [0.0] * len(layers) for name in students}
+        self.totals = [0.0] * len(layers)
+        self.seen: dict[int, int] = {}  # micro-batches of each teacher block seen so far
+
+    @torch.no_grad()
+    def on_block(self, index: int, _: torch.Tensor, out: torch.Tensor) -> None:
+        i = self.feeds.get(index)
+        if i is None:
+            return
+        j = self.seen[index] = self.seen.get(index, -1) + 1
+        target = (out if self.kept is None else out[..., self.kept.to(out.device)]).double()
+        self.totals[i] += target.pow(2).sum().item()
+        for name, model in self.students.items():
+            checkpoint()
+            e = self.embedded[name][j]
+            h = self.streams[name][j] = model.blocks[i](self.streams[name][j], e.e0, e.ctx, e.freqs)
+            self.errors[name][i] += (h.double() - target).pow(2).sum().item()
+
+    def rows(self) -> dict[str, list[dict[str, float]]]:
+        return {name: [{"block": i, "teacher_block": b, "relative_error": _ratio(errors[i], self.totals[i])}
+                       for i, b in enumerate(self.layers)] for name, errors in self.errors.items()}
+
+    @torch.no_grad()
+    def velocities(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat([self.students[name].unpatchify(h, e.e, e.grid).float().cpu()
+                                 for h, e in zip(self.streams[name], self.embedded[name])]) for name in self.students}
+
+
 def block_streams(teacher: ModelConfig, student: ModelConfig | None, students: int) -> float:
     """Residual streams (of the teacher's width) `block_fidelity` holds: the teacher's embedded tokens and running
     stream, its float64 target on the kept channels, and each student's embedded tokens and stream (teacher,

@@ -5,7 +5,9 @@ each block's removal effect (`activations.removal_effects`) and its outputs (`fi
 outputs kept where they fit). Run apart, each reads every block of a real teacher once; here each block is read once
 and handed to all three: the statistics' hooks and the kept outputs watch the main stream, the removal streams ride
 the same block after it (`StreamedTeacher.walk`). Every stream, noise draw and micro-batch is the one its own
-function uses, so each result equals that function's.
+function uses, so each result equals that function's. Students that need nothing this pass measures (projected
+from the weights alone) can walk beside it too (`fidelity.StudentWalk`), so that a teacher whose block outputs
+are too large to keep is still read once for their velocity and per-block errors.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..core.models import ModelView
 from .activations import Activations, Removal, Statistics, describe, removal_set
+from . import budget
 from .budget import check_work
 from .calibration import Calibration
-from .fidelity import BlockOutputs, Reference, check_request, keeps_blocks
+from .fidelity import BlockOutputs, Reference, StudentWalk, block_streams, check_request, keeps_blocks
 from .forward import Rider, StreamedTeacher
 from .noise import noised_set
 
@@ -30,21 +34,27 @@ class Survey:
     activations: Activations | None  # None where not asked for
     removal: list[float] | None
     reference: Reference | None
+    students: StudentWalk | None  # the students that walked beside the teacher: their rows and velocities
 
 
 def survey(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: int = 0,
            band: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu", *, statistics: bool = True,
            removal_draws: int | None = 1, reference: bool = True, key: str = "",
-           progress: Progress | None = None) -> Survey:
+           students: dict[str, nn.Module] | None = None, layers: list[int] | None = None,
+           kept: torch.Tensor | None = None, progress: Progress | None = None) -> Survey:
     """The statistics (`key`: their cache key) and the reference on `draws` noise draws per latent, the removal
-    effects on `removal_draws` (None: not measured), from one pass over the teacher's weights. Every request is
-    checked against the work bounds before the teacher is read."""
+    effects on `removal_draws` (None: not measured), and `students` beside the teacher (their block i against
+    teacher block layers[i] on the residual channels `kept`), from one pass over the teacher's weights. Every request
+    is checked against the work bounds before the teacher is read."""
     config, source = teacher.config, calibration.source
     latents, context = calibration.latents, calibration.context
     if statistics:
         check_work(source, latents.shape, context.shape, config, draws)
+    reference = reference or bool(students)  # the students' errors are against the teacher's velocities
     if reference:
-        check_request(source, config, latents, context, draws, models=2)
+        sizes = budget.module_config(next(iter(students.values()))) if students else None
+        check_request(source, config, latents, context, draws, models=2 + len(students or {}),
+                      streams=block_streams(config, sizes, len(students)) if students else 1)
     removal_inputs = removal_set(teacher, calibration, removal_draws, seed, band) if removal_draws else None
     streamed = StreamedTeacher(teacher, device)
     riders: list[Rider] = []
@@ -57,12 +67,15 @@ def survey(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: i
                                                       "outputs)"))
     stats = Statistics(teacher) if statistics else None
     found: Reference | None = None
+    walk: StudentWalk | None = None
     if stats is None and not reference:
         streamed.walk(riders)
     else:
         x, t, ctx = noised_set(latents, context, draws, seed, band)
         outputs = BlockOutputs() if reference and keeps_blocks(config, x.shape) else None
-        watchers = [w.on_block for w in (stats, outputs) if w is not None]
+        if students:
+            walk = StudentWalk(students, layers or [], kept, x, t, ctx, streamed.chunks(x, ctx), streamed.device)
+        watchers = [w.on_block for w in (stats, outputs, walk) if w is not None]
 
         def on_block(index: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
             for watch in watchers:
@@ -74,4 +87,4 @@ def survey(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: i
             blocks = outputs.blocks(int(config.num_layers)) if outputs is not None else None
             found = Reference(x, t, ctx, velocity, draws, band, blocks)
     return Survey(stats.result(describe(calibration, draws, band), key) if stats else None,
-                  removal.effects() if removal is not None else None, found)
+                  removal.effects() if removal is not None else None, found, walk)
