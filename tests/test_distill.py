@@ -15,7 +15,6 @@ from projection.demo.training import TrainConfig, train_flow
 from projection.distill import Hints, distill_loss, noise_band, sample_levels
 from projection.errors import ProjectionError
 from projection.function.forward import StreamedTeacher
-from projection.function.noise import expert_band
 
 TEACHER = str(dt.ASSETS / "teacher-wan")
 HALF = {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
@@ -95,7 +94,7 @@ def test_noise_levels_fall_in_the_experts_band(tmp_path):
     for folder in ("high_noise_model", "low_noise_model"):
         shutil.copytree(TEACHER, root / folder)
     high, low = open_teacher(str(root), "high"), open_teacher(str(root), "low")
-    assert noise_band(high) == expert_band("high") == (0.875, 1.0) and noise_band(low) == (0.0, 0.875)
+    assert noise_band(high) == (0.875, 1.0) and noise_band(low) == (0.0, 0.875)
     assert noise_band(StreamedTeacher(high)) == (0.875, 1.0)
     assert noise_band(open_teacher(TEACHER)) == noise_band(dt.load_teacher()) == (0.0, 1.0)
     s = sample_levels(2000, torch.Generator().manual_seed(0), noise_band(high))

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from projection import Projector
+from projection import ProjectionError, Projector
 from projection.arch.anatomy import WAN_SHAPES, WAN_TENSORS, template_of, wan_tensors
 from projection.arch.config import ModelConfig
-from projection.arch.family import Family, Runnable, register, unregister
+from projection.arch.family import FAMILIES, Family, Runnable, register, unregister
 from projection.arch.wan import Block, WanLite, rope_bands
 from projection.core.models import open_teacher, view_checkpoint
 from projection.core.plan import keep_top
@@ -160,3 +160,36 @@ def test_a_family_registered_by_a_test_is_ranked_exported_and_fitted_by_its_tabl
     report = fit_student(p.plan(), module, calibration, draws=1)  # refits the linears its family names, no others
     assert list(report.layers) == [f"blocks.{i}.{n}" for i in range(SMALL["num_layers"]) for n in RUNNABLE.linears]
     assert all(not torch.equal(module.get_parameter(n), v) for n, v in before.items())
+
+
+def test_a_familys_experts_say_which_noise_levels_each_serves(tiny_wan, tmp_path):
+    """The band of noise levels a two-expert model's expert serves is its family's to say: a made-up family with a
+    boundary at 0.5 gets it (the projector's band and the distillation's), Wan keeps Wan 2.2's, and a family that
+    names no experts refuses a two-expert root in one line rather than guessing Wan's."""
+    from dataclasses import replace
+
+    from projection.distill import noise_band
+
+    root = tmp_path / "two-experts"
+    root.mkdir()
+    for folder in ("high_noise_model", "low_noise_model"):
+        write_student(root / folder, tiny_wan.config)
+    halves = replace(FAMILY, experts=lambda config: {"high": (0.5, 1.0), "low": (0.0, 0.5)})
+    register(halves)
+    try:
+        high, low = (open_teacher(str(root), expert) for expert in ("high", "low"))
+        assert (high.band, low.band, noise_band(StreamedTeacher(high))) == ((0.5, 1.0), (0.0, 0.5), (0.5, 1.0))
+        assert open_teacher(str(root / "high_noise_model")).band == (0.0, 1.0)  # one model: every level
+        register(FAMILY)  # the family as first written: no experts
+        with pytest.raises(ProjectionError, match=r"^expert 'high': the test-no-cross family's experts are none$"):
+            open_teacher(str(root), "high").band
+    finally:
+        unregister(FAMILY.name)
+    wan = tmp_path / "wan22"
+    for folder in ("high_noise_model", "low_noise_model"):
+        (wan / folder).mkdir(parents=True)
+        for f in tiny_wan.original_dir.iterdir():
+            (wan / folder / f.name).write_bytes(f.read_bytes())
+    assert open_teacher(str(wan), "high").band == (0.875, 1.0)
+    i2v = ModelConfig(**{**SMALL, "in_dim": 36})
+    assert FAMILIES["wan"].noise_band("low", i2v) == (0.0, 0.9)  # I2V-A14B: 36 input channels, boundary 0.9

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from ..errors import ProjectionError
 from .config import SIZES, ModelConfig, as_config
 from .family import _CHANGED, FAMILIES, Family, register
-from .wan import RUNNABLE, rope_bands
+from .wan import RUNNABLE, expert_bands, rope_bands
 
 Axis = tuple[str, ...]
 SpaceKind = Literal["free", "neurons", "heads", "rope", "dims", "fixed", "temporal"]
@@ -141,9 +141,10 @@ SEED_SHAPES = {
 }
 
 register(Family("wan", "Wan (original WanModel names)", "blocks.{i}.self_attn.q.weight", {}, shapes=WAN_SHAPES,
-                layout="wan", rope_bands=rope_bands, runnable=RUNNABLE))
+                layout="wan", rope_bands=rope_bands, runnable=RUNNABLE, experts=expert_bands))
 register(Family("wan-diffusers", "Wan (diffusers WanTransformer3DModel names)", "blocks.{i}.attn1.to_q.weight",
-                DIFFUSERS_MODULES, shapes=WAN_SHAPES, layout="diffusers", rope_bands=rope_bands, runnable=RUNNABLE))
+                DIFFUSERS_MODULES, shapes=WAN_SHAPES, layout="diffusers", rope_bands=rope_bands, runnable=RUNNABLE,
+                experts=expert_bands))
 register(Family("seed", "the seeds' WanLiteStudent (fused nn.MultiheadAttention in_proj)",
                 "blocks.{i}.attn.in_proj_weight", {}, default_head_dim=64, shapes=SEED_SHAPES, layout="seed",
                 rope_bands=rope_bands))  # its students are planned as Wan's (a Wan teacher's bands)

@@ -5,7 +5,7 @@ in (`anatomy.SPACES`), and says how its own files name them: a rename table onto
 native templates may put blocks under any prefix (`layers.{i}.`, `single_blocks.{i}.`, ...). It says which key
 only it has (detection), where its config numbers show in its tensors, its patch size (the output width is the
 output head's rows over the patch volume), its RoPE bands, and the head dim a width that records no heads is
-split by. A family whose blocks run here (a teacher: the streamed forward, fitting, activation statistics) carries
+split by, and the noise levels each of its experts serves. A family whose blocks run here (a teacher: the streamed forward, fitting, activation statistics) carries
 a `Runnable`: its block class and the tables that name the block's modules, so that code reads them from the
 family and never from module constants.
 
@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
+from ..errors import ProjectionError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 AxisSpec = tuple[str, ...]
 Bands = Callable[[int], list[int]]  # a head dim -> RoPE pairs per band (t, h, w, ...), summing to head_dim / 2
+Experts = Callable[["ModelConfig"], Mapping[str, tuple[float, float]]]  # a config -> expert -> noise levels s it serves
 
 
 def one_band(head_dim: int) -> list[int]:
@@ -61,6 +64,17 @@ class Family:
     layout: str | None = None  # the export layout its files are (layout.LAYOUTS); None: its own (the family's name)
     rope_bands: Bands = one_band  # how a head's RoPE pairs split into bands (kept pairs stay in their band)
     runnable: Runnable | None = None  # its blocks as they run here; None: it is no teacher
+    experts: Experts | None = None  # the band of noise levels each expert of a two-expert model serves
+
+    def noise_band(self, expert: str | None, config: ModelConfig) -> tuple[float, float]:
+        """The noise levels s a model of this family serves: all of [0, 1] for one model, else its expert's band."""
+        if expert is None:
+            return (0.0, 1.0)
+        bands = self.experts(config) if self.experts is not None else {}
+        if expert not in bands:
+            raise ProjectionError(f"expert '{expert}': the {self.name} family's experts are "
+                                  f"{', '.join(bands) or 'none'}")
+        return bands[expert]
 
     def out_dim(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
         """The output width its tensors show: the output head's rows over the patch volume."""

@@ -21,6 +21,13 @@ from .config import ModelConfig
 from .family import Runnable
 
 EPS = 1e-6
+I2V_BOUNDARY, T2V_BOUNDARY = 0.9, 0.875  # Wan2.2 A14B: the high-noise expert serves s >= boundary
+
+
+def expert_bands(config: ModelConfig) -> dict[str, tuple[float, float]]:
+    """The noise levels s each Wan 2.2 A14B expert serves (`../shared/wan-reference.md` 8); I2V reads 36 channels."""
+    boundary = I2V_BOUNDARY if config.in_dim == 36 else T2V_BOUNDARY
+    return {"high": (boundary, 1.0), "low": (0.0, boundary)}
 
 
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -34,6 +34,17 @@ class ModelView:
         return not self.heads_recorded and self.config.num_heads is not None
 
     @property
+    def band(self) -> tuple[float, float]:
+        """The noise levels s it serves: its expert's band as its family says, else (one model) all of [0, 1]."""
+        expert = self.checkpoint.expert if self.checkpoint is not None else None
+        if expert is None:
+            return (0.0, 1.0)
+        if self.family not in FAMILIES:
+            raise ProjectionError(f"{self.source}: expert '{expert}' of a model whose family is unknown: the noise "
+                                  "levels it serves are not known")
+        return FAMILIES[self.family].noise_band(expert, self.config)
+
+    @property
     def num_params(self) -> int:
         return sum(int(torch.Size(s).numel()) for s in self.shapes.values())
 

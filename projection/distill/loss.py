@@ -26,7 +26,7 @@ from ..arch.wan import WanLite
 from ..core.models import ModelView
 from ..errors import ProjectionError
 from ..function.forward import StreamedTeacher
-from ..function.noise import TIMESTEPS, add_noise, expert_band
+from ..function.noise import TIMESTEPS, add_noise
 
 if TYPE_CHECKING:
     from ..core.plan import Plan
@@ -54,13 +54,10 @@ class Hints:
 
 
 def noise_band(teacher: Teacher | ModelView | nn.Module) -> tuple[float, float]:
-    """The noise levels s the teacher serves: a Wan 2.2 expert's band (a streamed teacher or a checkpoint's view
-    knows its expert), else all of [0, 1]."""
+    """The noise levels s the teacher serves: its expert's band (a streamed teacher or a checkpoint's view knows its
+    expert; its family the band), else all of [0, 1]."""
     view = teacher.teacher if isinstance(teacher, StreamedTeacher) else teacher
-    if not isinstance(view, ModelView):
-        return (0.0, 1.0)
-    expert = view.checkpoint.expert if view.checkpoint is not None else None
-    return expert_band(expert, view.config.in_dim)
+    return view.band if isinstance(view, ModelView) else (0.0, 1.0)
 
 
 def sample_levels(n: int, generator: torch.Generator, band: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:

@@ -27,7 +27,6 @@ from ..core.spectra import singular_values
 from ..core.strategy import RECOVERABLE, Strategy
 from ..errors import ProjectionError
 from ..function.activations import Activations, require, teacher_activations
-from ..function.noise import expert_band
 from ..io.checkpoint import PathCheck
 from ..io.digest import file_digest
 from ..io.streaming import WORKERS, in_order, read_ahead
@@ -161,9 +160,8 @@ class Projector:
 
     @property
     def band(self) -> tuple[float, float]:
-        """The noise levels the teacher serves: its Wan 2.2 expert's band, else all of [0, 1]."""
-        expert = self.teacher.checkpoint.expert if self.teacher.checkpoint else None
-        return expert_band(expert, self.teacher.config.in_dim)
+        """The noise levels the teacher serves: its expert's band, else all of [0, 1]."""
+        return self.teacher.band
 
     def calibrate(self, calibration: Any, draws: int = 2, seed: int = 0, progress: Progress | None = None,
                   cache: Any = None, device: torch.device | None = None, measured: Activations | None = None

@@ -3,7 +3,7 @@
     x_s = (1 - s) x0 + s eps,   s in [0, 1],   the model gets timestep 1000 s and predicts v = eps - x0.
 
 Fixed noise (`validation_noise`: the same eps and levels for every model and run), noised sets over a band of
-levels (`noised_set`), and the band of levels each Wan 2.2 expert serves (`expert_band`).
+levels (`noised_set`; the band an expert serves is its family's: `ModelView.band`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 TIMESTEPS = 1000  # Wan's timestep scale: t = 1000 s
-I2V_BOUNDARY, T2V_BOUNDARY = 0.9, 0.875  # Wan2.2 A14B: the high-noise expert serves s >= boundary
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -39,10 +38,3 @@ def noised_set(latents: torch.Tensor, context: torch.Tensor, draws: int, seed: i
     x = torch.cat([add_noise(latents, eps[k], s[k]) for k in range(draws)])
     return x, TIMESTEPS * s.reshape(-1), context.repeat(draws, *[1] * (context.dim() - 1))
 
-
-def expert_band(expert: str | None, in_dim: int | None = None) -> tuple[float, float]:
-    """The noise levels s a Wan 2.2 expert serves (`../shared/wan-reference.md` 8): all of [0, 1] for one model."""
-    if expert is None:
-        return (0.0, 1.0)
-    boundary = I2V_BOUNDARY if in_dim == 36 else T2V_BOUNDARY  # I2V-A14B reads 36 channels
-    return (boundary, 1.0) if expert == "high" else (0.0, boundary)
