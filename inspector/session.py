@@ -530,13 +530,9 @@ class Session:
         def keep(name: str, start: dict[str, torch.Tensor], trained: torch.nn.Module) -> None:
             weights[name] = (start, {k: v.detach().to("cpu", copy=True) for k, v in trained.state_dict().items()})
 
-        before = p.calibration, p.activations
-        try:
-            with self._heavy():
-                result = probe(p, calibration, found, config, device=self.device, progress=progress,
-                               keep=None if not_kept else keep)
-        finally:
-            p.calibration, p.activations = before
+        with self._heavy():  # the probe puts the session's calibration back after ranking on the set's training part
+            result = probe(p, calibration, found, config, device=self.device, progress=progress,
+                           keep=None if not_kept else keep)
         self.probed = Probed(result, student, weights, not_kept)
         return result
 

@@ -440,6 +440,9 @@ LAYOUT_NAMES = ("diffusers", "wan", "wanlite", "seed")  # layout.LAYOUTS, not im
 MAX_SAMPLES = 4096  # calibration.MAX_SAMPLES, not imported: torch would slow every command's start (tested equal)
 
 
+PROBE_STEPS = 10_000  # probe.recovery.MAX_STEPS, written here so that the CLI starts without torch (tested equal)
+
+
 def count(most: int) -> Callable[[str], int]:
     """An argparse type: a whole number 1..most (argparse names the option in its one-line error)."""
     def parse(text: str) -> int:
@@ -532,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="+", metavar="FILE.yaml", help="the candidate strategies, besides random "
                    "init and the default")
     p.add_argument("--rules", help="mapping rules YAML, on top of the student layout's preset")
-    p.add_argument("--steps", type=count(10_000), default=100, metavar="K", help="distillation steps per start "
+    p.add_argument("--steps", type=count(PROBE_STEPS), default=100, metavar="K", help="distillation steps per start "
                    "(default %(default)s)")
     p.add_argument("--batch", type=count(1024), default=16, metavar="B", help="latents per step (default "
                    "%(default)s; Wan-sized latents: 1-4)")
@@ -540,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "best kept; default: three rates 4x apart, scaled to the student's width)")
     p.add_argument("--holdout", type=float, default=0.2, metavar="SHARE", help="share of the set held out for "
                    "measuring (the last latents; default %(default)s)")
-    p.add_argument("--random-ladder", type=count(10_000), nargs="+", metavar="N", help="also train random init for "
+    p.add_argument("--random-ladder", type=count(PROBE_STEPS), nargs="+", metavar="N", help="also train random init for "
                    "these budgets, to say how many random-init steps each start is worth")
     p.add_argument("--seed", type=int, default=0, help="the data order, noise and random init (default %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the teacher and students run")

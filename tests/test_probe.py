@@ -120,8 +120,12 @@ def test_a_probe_trains_every_start_on_the_same_stream_and_ranks_by_the_error_re
     _, held = tg.split(calibration, 0.2)
     reference = teacher_reference(StreamedTeacher(p.teacher), held.latents, held.context, 1)
     assert result.outcomes[1].error_0 == pytest.approx(reference.score(projected_student(p)).relative_error, rel=1e-6)
-    again = probe(projector(demo_dir), calibration, found, config, "cpu", cache=tmp_path)
+    calibrated = projector(demo_dir)
+    calibrated.calibrate(calibration.subset(8))
+    before = calibrated.calibration, calibrated.activations
+    again = probe(calibrated, calibration, found, config, "cpu", cache=tmp_path)
     assert again.teacher_passes == 0  # the targets came from the cache
+    assert calibrated.calibration is before[0] and calibrated.activations is before[1]  # ranked on the training part
     assert [o.curve.error for o in again.outcomes] == [o.curve.error for o in result.outcomes]  # deterministic
 
 
@@ -221,3 +225,17 @@ def test_probe_command_errors_are_one_line(demo_dir, tmp_path, capsys, monkeypat
     code, out, err = cli(capsys, "probe", "--teacher", demo_dir / "teacher-wan", "--student",
                          demo_dir / "student-wanlite.yaml", *extra)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_the_commands_step_bound_is_the_probes(demo_dir, capsys):
+    """The CLI writes the probe's step bound out (it starts without torch): the two agree, and a budget past it is
+    refused while the arguments are read, naming the bound."""
+    from projection import cli as cli_module
+
+    assert cli_module.PROBE_STEPS == recovery.MAX_STEPS
+    for option in ("--steps", "--random-ladder"):
+        with pytest.raises(SystemExit):
+            main(["probe", "--teacher", str(demo_dir / "teacher-wan"), "--student",
+                  str(demo_dir / "student-wanlite.yaml"), option, str(recovery.MAX_STEPS + 1)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"{recovery.MAX_STEPS + 1}' is not a whole number from 1 to {recovery.MAX_STEPS}" in err[-1]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Literal
@@ -179,6 +180,16 @@ class Projector:
                                   "this large overflow the teacher's float32 forward; nothing ranks on them")
         self.calibration, self.activations = calibration, found
         return found
+
+    @contextmanager
+    def calibration_kept(self) -> Iterator[None]:
+        """Whatever the block calibrates on (a probe ranks on a set's training part), the calibration the projector
+        had before (set and statistics, or none) is its calibration again after."""
+        before = self.calibration, self.activations
+        try:
+            yield
+        finally:
+            self.calibration, self.activations = before
 
     @property
     def strategy(self) -> Strategy:

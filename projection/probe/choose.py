@@ -66,13 +66,9 @@ def choose_layers(projector: Projector, calibration: Calibration, strategy: Stra
     rate = default_rates(int(projector.student_config(strategy.model_copy(update={"layers": "uniform"})).dim))[1]
     config = replace(config or CHOOSE, rates=(config or CHOOSE).rates or (rate,))
     train, _ = split(calibration, config.holdout)
-    before = projector.activations, projector.calibration
-    projector.calibrate(train, device=device)
-    try:
+    with projector.calibration_kept():  # the choice ranks on the training part only; the caller's set stays
+        projector.calibrate(train, device=device)
         return _choose(projector, calibration, train, strategy, config, device, progress, cache)
-    finally:  # what the caller calibrated on stays (the choice ranked on the training part only)
-        if before[0] is not None:
-            projector.activations, projector.calibration = before
 
 
 def _choose(projector: Projector, calibration: Calibration, train: Calibration, strategy: Strategy,

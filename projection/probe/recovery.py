@@ -228,13 +228,27 @@ def ranks(values: Sequence[float]) -> list[int]:
 Kept = Callable[[str, dict[str, torch.Tensor], nn.Module], None]  # (candidate, its start, trained at its best rate)
 
 
+def _outcome(projector: Projector, c: Candidate, student: ModelConfig, targets: Targets, rates: Sequence[float],
+             config: ProbeConfig, device: torch.device, done: Callable[[str], None], keep: Kept | None) -> Outcome:
+    """One candidate's start distilled at each rate: its outcome at the best rate (handed to `keep`, if given)."""
+    model = random_student(student, config.seed) if c.strategy is None else \
+        projected_student(projector, strategy=c.strategy)
+    start = model.float().state_dict()
+    rate, curve, by_rate, trained = best_of(start, student, targets, rates, config.steps, config, device,
+                                            lambda r: done(f"{c.name} at rate {r}"), keep is not None)
+    if keep is not None and trained is not None:
+        keep(c.name, start, trained)
+    return Outcome(c.name, c.origin, rate, curve.error[0], curve.final, curve, by_rate)
+
+
 def probe(projector: Projector, calibration: Calibration, found: Sequence[Candidate],
           config: ProbeConfig = ProbeConfig(), device: str | torch.device | None = None,
           progress: Progress | None = None, cache: Any = None, keep: Kept | None = None) -> ProbeResult:
     """Distill each candidate start for `config.steps` steps and rank them by the held-out error they reach.
     Activation choices rank on the training part of the set only (the held-out part only measures). `keep`, if
     given, is handed each candidate's name, its start (float32 state) and its model trained at its best rate, as
-    each candidate finishes (to draw it; nothing else changes)."""
+    each candidate finishes (to draw it; nothing else changes). The projector's calibration is its own again
+    after."""
     config.check()
     device = torch.device(device) if device is not None else pick_device(projector.strategy.device)
     student = projector.student_config()
@@ -253,22 +267,10 @@ def probe(projector: Projector, calibration: Calibration, found: Sequence[Candid
 
     targets = teacher_targets(projector.teacher, projector.fingerprint, calibration, request, device, cache,
                               None if progress is None else lambda i, n, what: progress(0, runs, what))
-    if any(c.strategy is not None and c.strategy.needs_calibration for c in found):
-        projector.calibrate(train, device=device)
-
-    def start_of(c: Candidate) -> nn.Module:
-        if c.strategy is None:
-            return random_student(student, config.seed)
-        return projected_student(projector, strategy=c.strategy)
-
-    outcomes = []
-    for c in found:
-        start = start_of(c).float().state_dict()
-        rate, curve, by_rate, trained = best_of(start, student, targets, rates, config.steps, config, device,
-                                                lambda r, c=c: done(f"{c.name} at rate {r}"), keep is not None)
-        if keep is not None and trained is not None:
-            keep(c.name, start, trained)
-        outcomes.append(Outcome(c.name, c.origin, rate, curve.error[0], curve.final, curve, by_rate))
+    with projector.calibration_kept():
+        if any(c.strategy is not None and c.strategy.needs_calibration for c in found):
+            projector.calibrate(train, device=device)
+        outcomes = [_outcome(projector, c, student, targets, rates, config, device, done, keep) for c in found]
     for o, r, r0 in zip(outcomes, ranks([o.error for o in outcomes]), ranks([o.error_0 for o in outcomes])):
         o.rank, o.rank_0 = r, r0
     ladder = []
