@@ -438,9 +438,7 @@ def _print_probe(result) -> None:
 MAX_DRAWS = 64  # noise draws per latent: the teacher runs once per draw
 LAYOUT_NAMES = ("diffusers", "wan", "wanlite", "seed")  # layout.LAYOUTS, not imported: torch (tested equal)
 MAX_SAMPLES = 4096  # calibration.MAX_SAMPLES, not imported: torch would slow every command's start (tested equal)
-
-
-PROBE_STEPS = 10_000  # probe.recovery.MAX_STEPS, written here so that the CLI starts without torch (tested equal)
+PROBE_STEPS = 10_000  # probe.recovery.MAX_STEPS, likewise (tested equal)
 
 
 def count(most: int) -> Callable[[str], int]:
@@ -543,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "best kept; default: three rates 4x apart, scaled to the student's width)")
     p.add_argument("--holdout", type=float, default=0.2, metavar="SHARE", help="share of the set held out for "
                    "measuring (the last latents; default %(default)s)")
-    p.add_argument("--random-ladder", type=count(PROBE_STEPS), nargs="+", metavar="N", help="also train random init for "
-                   "these budgets, to say how many random-init steps each start is worth")
+    p.add_argument("--random-ladder", type=count(PROBE_STEPS), nargs="+", metavar="N", help="also train random init "
+                   "for these budgets, to say how many random-init steps each start is worth")
     p.add_argument("--seed", type=int, default=0, help="the data order, noise and random init (default %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the teacher and students run")
     calibrated(p)

@@ -4,10 +4,10 @@ A family names its tensors under the canonical (original Wan) names, each with i
 in (`anatomy.SPACES`), and says how its own files name them: a rename table onto the canonical modules, whose
 native templates may put blocks under any prefix (`layers.{i}.`, `single_blocks.{i}.`, ...). It says which key
 only it has (detection), where its config numbers show in its tensors, its patch size (the output width is the
-output head's rows over the patch volume), its RoPE bands, and the head dim a width that records no heads is
-split by, and the noise levels each of its experts serves. A family whose blocks run here (a teacher: the streamed forward, fitting, activation statistics) carries
-a `Runnable`: its block class and the tables that name the block's modules, so that code reads them from the
-family and never from module constants.
+output head's rows over the patch volume), its RoPE bands, the head dim a width that records no heads is split by,
+and the noise levels each of its experts serves. A family whose blocks run here (a teacher: the streamed forward,
+fitting, activation statistics) carries a `Runnable`: its block class and the tables that name the block's modules,
+so that code reads them from the family and never from module constants.
 
 Wan (original names), Wan (diffusers names) and the seeds' layout are registered by `anatomy` (their tables live
 there); another family registers itself with `register`, and nothing else changes.

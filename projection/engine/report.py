@@ -176,10 +176,11 @@ def function_report(projector: Projector, calibration: Calibration, draws: int =
                     references: Lru | None = None) -> dict[str, Any]:
     """Calibrate the projector on `calibration` (activation statistics, cached) and measure everything above, for
     the student projected under `strategy` (the projector's default if None). On a set not measured before, the
-    statistics, the removal effects and the teacher's outputs come from one pass over its weights (`survey`); the
-    students then need no other where the teacher's block outputs are kept, else one (their per-block walk beside
-    the teacher: they are projected from the statistics that pass measured). `references`: the teacher's outputs
-    other views share (None: this report's own)."""
+    statistics, the removal effects and the teacher's outputs come from one pass over its weights (`survey`). The
+    students need no other where the teacher's block outputs are kept; where they are not (a real teacher), students
+    projected from the weights alone walk beside that pass, and students ranked or fitted on the set (projected
+    from the statistics it measures) walk beside the teacher in a second. `references`: the teacher's outputs other
+    views share (None: this report's own)."""
     strategy = strategy or projector.strategy
     device = pick_device(strategy.device)
 

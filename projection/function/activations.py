@@ -16,7 +16,8 @@ read are the ones the teacher's family names (`family.Runnable`); Wan's are give
                  dropped block's mean contribution into the student: `compensate: mean`)
   influence      1 - cos(h_in, h_out) of the block's residual stream, averaged over tokens
 
-`removal_effects` measures, separately, the exact effect of removing each block alone on the teacher's output.
+`removal_effects` measures the exact effect of removing each block alone on the teacher's output (`Removal`;
+`survey` runs it and the statistics in one pass over the teacher's weights).
 
 Statistics are cached on disk (a user cache folder, never the teacher's), keyed by the teacher's content
 fingerprint, the calibration set's contents and the noise request, so the app and the CLI reuse them. An entry is
