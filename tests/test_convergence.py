@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -217,3 +219,21 @@ def test_a_staged_run_projects_the_distilled_intermediate_and_spends_the_rest_of
     with pytest.raises(ValueError, match="12 first-stage steps"):
         cv.train_run(TEACHER, teacher, data, cv.Run(HALF, cv.Arm("staged", {}, stage={"num_layers": 4},
                                                                  stage_steps=12), 0, steps=12), training)
+
+
+def test_the_rotation_benchmark_checks_its_own_code_and_finds_rotation_behind_the_default():
+    """benchmarks/bench_rotation.py runs (seconds): the default plan's channels through its rotation code give the
+    default's step-0 error (the script exits with an error otherwise), and the rotated starts are the README's
+    finding: behind the default at step 0 for both shapes."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rotation.py"
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tables = done.stdout.split("**")[2::2]
+    assert len(tables) == 2
+    for table in tables:
+        rows = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[-1].strip(" |"))
+                for line in table.strip().splitlines()[2:]}
+        default = next(v for k, v in rows.items() if k.startswith("default projection"))
+        rotated = next(v for k, v in rows.items() if k.startswith("rotation, top"))
+        assert rows["check: the default's channels through this code (no refit)"] == default
+        assert rotated > default
