@@ -16,7 +16,8 @@ Groups (`projection/demo/convergence.py` scores them; `projection.distill` is th
   starts       the other strategies (`STARTS`), distilled, at N = 200 and 400: what each choice is worth, and the
                ranking the probe (`benchmarks/bench_probe.py`) is checked against
 Rates: a 3-point grid per arm and budget, chosen on the mean of seeds 0 and 1 (the grids moved up one step after
-the first run chose their top rates; runs at the old rates stay in the results and the rate-grid table). Cuts that keep the grid inside 90
+the first run chose their top rates; runs at the old rates stay in the results and the rate-grid table; cells
+without a grid of their own use the best of the rates they ran at). Cuts that keep the grid inside 90
 minutes: the 1,600-step rung (headline only; elsewhere the ladder ends at 800 and larger equivalents are lower
 bounds) and the denoising ladder's 800-step rung run one seed at the distillation 800-step rung's chosen rate, the
 compression and data-limited ladders one seed at the headline's chosen rates, and prompt accuracy takes 500
@@ -380,11 +381,24 @@ class Report:
             lr = next(iter(by_rate))
         return lr, sorted(by_rate.get(lr, []), key=lambda d: d["run"]["seed"])
 
+    def best(self, cell: Cell) -> tuple[float | None, list[dict[str, Any]]]:
+        """A cell run without a grid of its own (one seed at the headline's chosen rates, or its two seeds at the
+        headline default's): its runs at the rate, of those it ran at, with the lowest mean final loss (the
+        headline's chosen rates moved when its grids did, so such a cell holds runs at both)."""
+        found = self.by_cell.get(cell, {})
+        by_rate = {lr: kept for lr, runs in found.items() if (kept := [d for d in runs if d["run"]["seed"] in (0, 1)])}
+        if not by_rate:
+            return None, []
+        lr = min(by_rate, key=lambda r: mean(d["final_val_loss"] for d in by_rate[r]))
+        return lr, sorted(by_rate[lr], key=lambda d: d["run"]["seed"])
+
     def ladder(self, shape: str, objective: str, data: str = "all") -> tuple[list[int], list[float], list[list[float]]]:
-        """Random init's ladder: budgets, mean final loss at each rung's chosen rate, and the per-seed losses."""
+        """Random init's ladder: budgets, mean final loss at each rung's chosen rate (the headline's; another
+        shape's or data's ladder: the best of the rates it ran at), and the per-seed losses."""
         budgets, means, seeds = [], [], []
         for n in LADDER:
-            _, runs = self.chosen((shape, objective, data, RANDOM, 0.0, n), RANDOM_RATES)
+            cell = (shape, objective, data, RANDOM, 0.0, n)
+            _, runs = self.chosen(cell, RANDOM_RATES) if (shape, data) == (HEADLINE, "all") else self.best(cell)
             if runs:
                 budgets.append(n)
                 seeds.append([d["final_val_loss"] for d in runs])
@@ -461,9 +475,8 @@ class Report:
         for shape in (DEPTH, WIDTH, HEADLINE):
             params = count_params(random_student(cv.open_projector(TEACHER, cv.Run(SHAPES[shape], cv.Arm(
                 RANDOM))).student_config(), 0))
-            lr = self.choices.rate((HEADLINE, "distill", "all", DEFAULT, 0.0, MAP_BUDGET), PROJECTED_RATES)
-            runs = [d for d in self.by_cell.get((shape, "distill", "all", DEFAULT, 0.0, MAP_BUDGET), {}).get(lr, [])
-                    if d["run"]["seed"] in (0, 1)]
+            cell = (shape, "distill", "all", DEFAULT, 0.0, MAP_BUDGET)
+            _, runs = self.chosen(cell, PROJECTED_RATES) if shape == HEADLINE else self.best(cell)
             ladder = self.ladder(shape, "distill")
             if not runs or not ladder[0]:
                 continue
@@ -475,20 +488,22 @@ class Report:
 
     def data_limited(self, floor: tuple[float, float]) -> list[str]:
         ladder = self.ladder(HEADLINE, "distill", LIMITED)
-        out = ["| init | N | final val loss | gap left | random budget (same 20%), same loss | speedup | "
-               "prompt accuracy |", "|---|---|---|---|---|---|---|"]
-        for n, losses in zip(ladder[0], ladder[2]):
-            out.append(f"| {RANDOM} | {n} | {loss_and_gap(losses, floor)} | — | — | — |")
-        for (shape, objective, data, name, w, n), by_rate in self.by_cell.items():
-            if data != LIMITED or name == RANDOM:
+        out = ["| init | N | lr | final val loss | gap left | random budget (same 20%), same loss | speedup | "
+               "prompt accuracy |", "|---|---|---|---|---|---|---|---|"]
+        for n in ladder[0]:
+            lr, runs = self.best((HEADLINE, "distill", LIMITED, RANDOM, 0.0, n))
+            losses = [d["final_val_loss"] for d in runs]
+            out.append(f"| {RANDOM} | {n} | {lr:g} | {loss_and_gap(losses, floor)} | — | — | — |")
+        for cell in self.by_cell:
+            if cell[2] != LIMITED or cell[3] == RANDOM:
                 continue
-            for lr, runs in by_rate.items():
-                losses = [d["final_val_loss"] for d in runs]
-                acc = [d["prompt_accuracy"] for d in runs if d["prompt_accuracy"] is not None]
-                label = name if not w else f"{name} (weight {w:g})"
-                out.append(f"| {label} | {n} | {loss_and_gap(losses, floor)} | "
-                           f"{equivalent_budget(ladder[0], ladder[1], mean(losses)) if ladder[0] else '—'} | "
-                           f"{self.speedup(losses, n, ladder)} | {fmt(acc, pct)} |")
+            lr, runs = self.best(cell)
+            losses = [d["final_val_loss"] for d in runs]
+            acc = [d["prompt_accuracy"] for d in runs if d["prompt_accuracy"] is not None]
+            label = cell[3] if not cell[4] else f"{cell[3]} (weight {cell[4]:g})"
+            out.append(f"| {label} | {cell[5]} | {lr:g} | {loss_and_gap(losses, floor)} | "
+                       f"{equivalent_budget(ladder[0], ladder[1], mean(losses)) if ladder[0] else '—'} | "
+                       f"{self.speedup(losses, cell[5], ladder)} | {fmt(acc, pct)} |")
         return out
 
     def hint_weights(self) -> list[str]:
@@ -545,10 +560,13 @@ def report(path: Path, plot: Path | None) -> str:
            "\n**The same student, denoising objective**\n", *rep.budget_table("denoise", [(DEFAULT, 0.0)], floor),
            "\n**Hint weight** (N = 200, distillation; mean of seeds 0 and 1 at each weight's best rate)\n",
            *rep.hint_weights(),
-           "\n**Compression map** (N = 200, distillation; the default: seeds 0 and 1 at the headline's rate; each "
-           "shape's own\nrandom ladder: seed 0 at the headline's rates)\n",
+           "\n**Compression map** (N = 200, distillation; the default: seeds 0 and 1 at its chosen rate for the "
+           "headline shape,\nat the best of the rates it ran at for the others; each shape's own random ladder: seed "
+           "0, each rung at\nthe best of the rates it ran at, the headline's chosen rates of the first and second "
+           "grids)\n",
            *rep.compression(floor),
-           f"\n**Data-limited** (the student sees a fixed {LIMITED}; N = 200, distillation)\n",
+           f"\n**Data-limited** (the student sees a fixed {LIMITED}; N = 200, distillation; every row at the best of "
+           "the rates\nit ran at, those of the first and second grids)\n",
            *rep.data_limited(floor),
            "\n**Full retraining** (the earlier benchmark: 1,600 steps, warmup 50)\n", *full_retraining(),
            "\n**Rate grids** (final validation loss, mean of seeds 0 and 1; bold: chosen)\n", *rep.rate_grid()]

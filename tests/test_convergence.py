@@ -237,3 +237,30 @@ def test_the_rotation_benchmark_checks_its_own_code_and_finds_rotation_behind_th
         rotated = next(v for k, v in rows.items() if k.startswith("rotation, top"))
         assert rows["check: the default's channels through this code (no refit)"] == default
         assert rotated > default
+
+
+def test_cells_without_a_grid_of_their_own_are_scored_at_the_best_rate_they_ran_at():
+    """The compression and data-limited cells ran one seed (their projected arms two) at the headline's chosen rates,
+    which moved with its grids: the report scores each at the best of the rates it holds, not at none (a shape's
+    ladder then lost every rung run at two rates and printed '> 100'), while the headline ladder keeps its grids."""
+    bench = load_bench()
+
+    def result(shape: str, name: str, lr: float, steps: int, seed: int, loss: float) -> dict:
+        return {"run": {"shape": shape, "objective": "distill", "data": "all", "steps": steps, "seed": seed,
+                        "arm": {"name": name, "hint_weight": 0.0, "lr": lr}}, "final_val_loss": loss}
+
+    rungs = {50: (0.9, 0.95), 100: (0.6, 0.7), 200: (0.4, 0.68), 400: (0.33, 0.36), 800: (0.30, 0.40)}
+    results = [result(bench.DEPTH, bench.RANDOM, lr, n, 0, loss) for n, pair in rungs.items()
+               for lr, loss in zip((1.6e-2, 3.2e-2), pair)]
+    results += [result(bench.DEPTH, bench.DEFAULT, lr, 200, seed, loss)
+                for lr, losses in ((8e-3, (0.336, 0.337)), (1.6e-2, (0.340, 0.342))) for seed, loss in enumerate(losses)]
+    results += [result(bench.HEADLINE, bench.RANDOM, lr, 200, 0, 0.5) for lr in (1.6e-2, 3.2e-2)]  # a grid not done
+    report = bench.Report(results)
+    assert report.best((bench.DEPTH, "distill", "all", bench.RANDOM, 0.0, 200))[0] == 1.6e-2
+    budgets, means, _ = report.ladder(bench.DEPTH, "distill")
+    assert budgets == [50, 100, 200, 400, 800] and means == [0.9, 0.6, 0.4, 0.33, 0.30]
+    lr, runs = report.best((bench.DEPTH, "distill", "all", bench.DEFAULT, 0.0, 200))
+    assert lr == 8e-3 and [d["final_val_loss"] for d in runs] == [0.336, 0.337]
+    assert report.ladder(bench.HEADLINE, "distill")[0] == []
+    row = next(line for line in report.compression((0.28, 1.99)) if line.startswith(f"| {bench.DEPTH}"))
+    assert "0.3365 (0.3360–0.3370)" in row and "> " not in row
