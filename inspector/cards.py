@@ -10,7 +10,7 @@ from .palette import STATUS_COLORS, STUDENT, TEACHER
 from .units import human_bytes, human_count, percent
 
 if TYPE_CHECKING:
-    from .session import Step0
+    from .state import Step0
 
 LAYOUTS = {
     "diffusers": "Wan, diffusers' WanTransformer3DModel",

@@ -18,7 +18,9 @@ from projection.demo.gallery import PREVIEW_COLUMNS, GalleryRow, strip
 from . import cards
 from .bridge import stoppable
 from .function import MAX_PROBE_FILES, PROBE_PICKS, placeholder
-from .session import GALLERY_SAMPLER, RANDOM, TEACHER, Session
+from .answers.function import RANDOM
+from .answers.gallery import GALLERY_SAMPLER, TEACHER
+from .session import Session
 from .strategy import measured_on
 from .units import percent
 

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+import torch
 
 from projection import ProjectionError
 
 from . import cards, charts, table
 from .bridge import Components, plot
-from .session import Session, histogram
+from .session import Session
 from .units import percent
 
 
@@ -146,3 +147,28 @@ def keys_mapped(s: Session, prefix: str) -> str:
     if keys["transferred"] == 0:
         return cards.inline_error(f"{text}: nothing transfers until rules map them (Rules tab).")
     return cards.inline_ok(f"{text}.")
+
+
+def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = 60,
+              share: float = 0.998) -> tuple[list[float], list[float], list[float] | None]:
+    """Bin centres and densities of two value sets on one range: the central `share` of both (display only;
+    trained-like weights have long tails that would squeeze everything else into one bin)."""
+    def bounds(t: torch.Tensor) -> tuple[float, float]:
+        sample = t.flatten()[::max(1, t.numel() // 1_000_000)].double()  # quantile needs a bounded input
+        lo, hi = torch.quantile(sample, torch.tensor([(1 - share) / 2, (1 + share) / 2], dtype=torch.float64))
+        return lo.item(), hi.item()
+
+    lo, hi = bounds(a)
+    if b is not None and b.numel():
+        blo, bhi = bounds(b)
+        lo, hi = min(lo, blo), max(hi, bhi)
+    if hi <= lo:
+        hi = lo + 1e-6
+    width = (hi - lo) / bins
+    centres = [lo + (i + 0.5) * width for i in range(bins)]
+
+    def density(t: torch.Tensor) -> list[float]:
+        counts = torch.histc(t.double(), bins=bins, min=lo, max=hi)
+        return (counts / max(t.numel() * width, 1e-30)).tolist()
+
+    return centres, density(a), density(b) if b is not None and b.numel() else None

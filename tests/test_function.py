@@ -127,6 +127,16 @@ def test_student_fidelity_reads_the_teacher_once_whether_or_not_its_block_output
             [r["relative_error"] for r in rows["student"]], rel=1e-6)
         assert found["students"]["random init"]["relative_error"] == pytest.approx(
             kept["students"]["random init"]["relative_error"], rel=1e-6)
+    # a student whose blocks stop before the teacher's last: the teacher's remaining blocks run for its velocity
+    first = Projector.open(str(tiny_wan.original_dir), {"layout": "wanlite", "dim": 32, "num_heads": 1,
+                                                        "num_layers": 2}, strategy=Strategy(layers="first"))
+    streamed = student_fidelity(first, calibration, draws=2)
+    monkeypatch.setattr(fidelity, "REFERENCE_BLOCK_BYTES", 256 << 20)
+    kept = student_fidelity(first, calibration, draws=2)
+    for name, row in kept["students"].items():
+        assert streamed["students"][name]["relative_error"] == pytest.approx(row["relative_error"], rel=1e-6)
+        assert [r["relative_error"] for r in streamed["blocks"][name]] == pytest.approx(
+            [r["relative_error"] for r in kept["blocks"][name]], rel=1e-6)
 
 
 def test_a_second_measurement_on_the_same_set_reads_the_teachers_outputs_from_the_cache(tiny_wan, tmp_path,

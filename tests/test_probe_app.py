@@ -148,10 +148,10 @@ def test_strategy_files_outside_the_root_are_refused_in_one_line(tmp_path):
 
 
 def test_weights_past_the_bound_are_not_kept_and_the_gallery_says_why(probed, monkeypatch):
-    import inspector.session as session_module
+    import inspector.answers.function as function_answers
 
     s, calibration, *_ = probed
-    monkeypatch.setattr(session_module, "PROBE_WEIGHTS_BYTES", 1000)
+    monkeypatch.setattr(function_answers, "PROBE_WEIGHTS_BYTES", 1000)
     result = s.probe(calibration, {}, {}, CONFIG)
     assert [o.name for o in result.outcomes] == [recovery.RANDOM, recovery.DEFAULT] and result.teacher_passes == 0
     assert s.probed.result is result and s.probed.weights == {}

@@ -35,7 +35,7 @@ def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tm
     """The teacher's velocities on the gallery's set are computed once and score every student row (A, B, random
     init), with the numbers each row had when it ran the teacher itself; a second session drawing the same rows
     reuses them, a session with another student draws its own."""
-    import inspector.session as session_module
+    import inspector.answers.function as function_answers
     from projection.demo.teacher import demo_calibration
     from projection.function.fidelity import velocity_fidelity
 
@@ -48,16 +48,16 @@ def test_the_gallery_runs_the_teacher_on_its_set_once_for_every_row(demo_dir, tm
     try:
         s = open_session(pool, "owner", demo_dir)
         a, b = Strategy(), Strategy(width="first")
-        rows = [s.gallery_row(a), s.gallery_row(b), s.gallery_row(session_module.RANDOM)]
+        rows = [s.gallery_row(a), s.gallery_row(b), s.gallery_row(function_answers.RANDOM)]
         assert len(runs) == 1
-        held_out = demo_calibration().subset(session_module.QUICK_LATENTS)
+        held_out = demo_calibration().subset(function_answers.QUICK_LATENTS)
         alone = velocity_fidelity(projected_student(s.projector, strategy=b), s.teacher_module(), held_out.latents,
-                                  held_out.context, draws=session_module.REFERENCE_DRAWS)
+                                  held_out.context, draws=function_answers.REFERENCE_DRAWS)
         assert rows[1].velocity_error == pytest.approx(alone.relative_error, rel=1e-6)
         again = open_session(pool, "another owner", demo_dir)
         assert again.gallery_row(Strategy(width="first")) is rows[1] and len(runs) == 1
         other = open_session(pool, "a third owner", demo_dir, "student-seed.yaml")
-        assert other.gallery_row(session_module.RANDOM) is not rows[2] and len(runs) == 1
+        assert other.gallery_row(function_answers.RANDOM) is not rows[2] and len(runs) == 1
     finally:
         pool.close_all()
 
@@ -68,7 +68,8 @@ def test_one_teacher_pass_per_set_for_the_function_view_ab_card_and_gallery(demo
     together), then A/B, then the card, then the Gallery, passes over the teacher once, and each block tensor is read
     once; the Gallery loads the teacher once to draw its own samples. They all give the same numbers and name the
     same set."""
-    import inspector.session as session_module
+    import inspector.answers.function as function_answers
+    import inspector.answers.gallery as gallery_module
     from projection.demo.teacher import DEMO, open_calibration
     from projection.function.forward import StreamedTeacher
     from projection.io.checkpoint import Checkpoint
@@ -100,7 +101,7 @@ def test_one_teacher_pass_per_set_for_the_function_view_ab_card_and_gallery(demo
         assert most() == 0 and len(passes) == 1  # the Function view's reference, nothing read
         card = s.step0_error()
         assert most() == 0 and len(passes) == 1
-        rows = [s.gallery_row(w) for w in (session_module.TEACHER, a, session_module.RANDOM)]
+        rows = [s.gallery_row(w) for w in (gallery_module.TEACHER, a, function_answers.RANDOM)]
         assert most() <= 1 and len(passes) == 1  # the teacher loaded once to draw its own samples
         s.measure_function(open_calibration(DEMO, s.projector.teacher.config).subset(64))
         assert most() == 0 and len(passes) == 1  # measured again: from the caches
@@ -145,11 +146,13 @@ def test_a_teacher_whose_block_outputs_do_not_fit_is_read_once_or_twice_by_the_f
             pool.close_all()
         return report, max(n for k, n in reads.items() if k.startswith("blocks."))
 
-    for strategy, passes in ((Strategy(), 1), (Strategy(width="activation", layers=[0, 3, 5, 7]), 2)):
-        kept, _ = measured(strategy, f"kept-{passes}")
+    cases = ((Strategy(), 1), (Strategy(width="activation", layers=[0, 3, 5, 7]), 2),
+             (Strategy(width="activation", layers="first"), 2))  # the last: the teacher's last blocks feed none
+    for case, (strategy, passes) in enumerate(cases):
+        kept, _ = measured(strategy, f"kept-{case}")
         with monkeypatch.context() as m:
             m.setattr(fidelity_module, "REFERENCE_BLOCK_BYTES", 0)
-            streamed, reads = measured(strategy, f"streamed-{passes}")
+            streamed, reads = measured(strategy, f"streamed-{case}")
         assert reads == passes, strategy
         for name, row in kept["fidelity"]["students"].items():
             assert streamed["fidelity"]["students"][name]["relative_error"] == \

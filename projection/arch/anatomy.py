@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import ProjectionError
 from .config import SIZES, ModelConfig, as_config
 from .family import _CHANGED, FAMILIES, Family, register
 from .wan import RUNNABLE, expert_bands, rope_bands

@@ -27,7 +27,7 @@ from ..arch.wan import WanLite
 from ..cancel import checkpoint
 from ..errors import ProjectionError
 from . import budget
-from .forward import StreamedTeacher, TeacherCursor, predict
+from .forward import StreamedTeacher, TeacherCursor, predict, step
 from .noise import noised_set
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
     if velocities is not None:
         for b in range(cursor.at, int(teacher.config.num_layers)):
             block = cursor.block(b)
-            cursor.hidden = [_step(block, h, p) for h, p in zip(cursor.hidden, cursor.parts)]
+            cursor.hidden = [step(block, h, p) for h, p in zip(cursor.hidden, cursor.parts)]
             cursor.done(b)
             del block
         shell = cursor.teacher.shell

@@ -162,7 +162,7 @@ class TeacherCursor:
         for skipped in range(self.at, b):
             checkpoint()
             module = build_block(self.teacher.teacher, skipped, self.teacher.device, self.teacher.dtype)
-            self.hidden = [_step(module, h, p) for h, p in zip(self.hidden, self.parts)]
+            self.hidden = [step(module, h, p) for h, p in zip(self.hidden, self.parts)]
         self.at = b
         checkpoint()
         return build_block(self.teacher.teacher, b, self.teacher.device, self.teacher.dtype)
@@ -171,7 +171,7 @@ class TeacherCursor:
         self.at = b + 1
 
 
-def _step(block: nn.Module, hidden: torch.Tensor, p) -> torch.Tensor:
+def step(block: nn.Module, hidden: torch.Tensor, p) -> torch.Tensor:
     """One block on one micro-batch, after a stop check."""
     checkpoint()
     return block(hidden, p.e0, p.ctx, p.freqs)
