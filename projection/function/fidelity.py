@@ -200,23 +200,15 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
                   streams=block_streams(teacher.config, student, len(students)))
     x, t, ctx = noised_set(latents, context, draws, seed, band)
     cursor = TeacherCursor(StreamedTeacher(teacher, device), x, t, ctx)
-    kept = plan.indices("resid", None)
-    embedded = {name: [m.embed(x[c].to(cursor.teacher.device), t[c].to(cursor.teacher.device),
-                               ctx[c].to(cursor.teacher.device)) for c in cursor.chunks] for name, m in students.items()}
-    streams = {name: [e.tokens for e in parts] for name, parts in embedded.items()}
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name in students}
+    walk = StudentWalk(students, plan.mapping.layers, plan.indices("resid", None), x, t, ctx, cursor.chunks,
+                       cursor.teacher.device)
     for i, b in enumerate(plan.mapping.layers):
         block = cursor.block(b)
         cursor.hidden = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(cursor.hidden, cursor.parts)]
         cursor.done(b)
         del block
-        target = [(h if kept is None else h[..., kept.to(h.device)]).double() for h in cursor.hidden]
-        total = sum(y.pow(2).sum().item() for y in target)
-        for name, model in students.items():
-            checkpoint()
-            streams[name] = [model.blocks[i](h, e.e0, e.ctx, e.freqs) for h, e in zip(streams[name], embedded[name])]
-            error = sum((h.double() - y).pow(2).sum().item() for h, y in zip(streams[name], target))
-            rows[name].append({"block": i, "teacher_block": b, "relative_error": _ratio(error, total)})
+        for j, out in enumerate(cursor.hidden):
+            walk.compare(i, j, out)
     if velocities is not None:
         for b in range(cursor.at, int(teacher.config.num_layers)):
             block = cursor.block(b)
@@ -226,40 +218,41 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
         shell = cursor.teacher.shell
         velocities["teacher"] = torch.cat([shell.unpatchify(h, p.e, p.grid).float().cpu()
                                            for h, p in zip(cursor.hidden, cursor.parts)])
-        for name, model in students.items():
-            velocities[name] = torch.cat([model.unpatchify(h, e.e, e.grid).float().cpu()
-                                          for h, e in zip(streams[name], embedded[name])])
-    return rows
+        velocities.update(walk.velocities())
+    return walk.rows()
 
 
 class StudentWalk:
-    """Students walking beside a streamed teacher's main stream, as an `on_block` watcher: student block i runs on
-    micro-batch j when teacher block layers[i] has, and its output is compared with that block's on the kept
-    residual channels, as `block_fidelity` does; the teacher's velocities come from the same pass. Needs `layers`
-    strictly increasing (each teacher block feeds one student block at most, in order) and the teacher's
-    micro-batches (`chunks`)."""
+    """Students walking beside the teacher, each on its own residual stream over the teacher's micro-batches
+    (`chunks`): `compare(i, j, out)` runs student block i on micro-batch j and adds its error against `out`, the
+    output of teacher block layers[i] there, on the kept residual channels (`block_fidelity` drives it block by
+    block). As an `on_block` watcher of a streamed forward it does the same in that pass, where `layers` is strictly
+    increasing (each teacher block feeds one student block at most, in order)."""
 
     @torch.no_grad()
     def __init__(self, students: dict[str, nn.Module], layers: list[int], kept: torch.Tensor | None,
                  x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, chunks: list[slice],
                  device: str | torch.device = "cpu"):
-        if any(a >= b for a, b in zip(layers, layers[1:])):
-            raise ProjectionError(f"layers {layers}: students walk beside the teacher on increasing blocks only")
         self.students, self.layers, self.kept = students, layers, kept
-        self.feeds = {b: i for i, b in enumerate(layers)}
+        increasing = all(a < b for a, b in zip(layers, layers[1:]))
+        self.feeds = {b: i for i, b in enumerate(layers)} if increasing else None
         self.embedded = {name: [m.embed(x[c].to(device), t[c].to(device), ctx[c].to(device)) for c in chunks]
                          for name, m in students.items()}
         self.streams = {name: [e.tokens for e in parts] for name, parts in self.embedded.items()}
         self.errors = {name: [0.0] * len(layers) for name in students}
         self.totals = [0.0] * len(layers)
-        self.seen: dict[int, int] = {}  # micro-batches of each teacher block seen so far
+        self.seen: dict[int, int] = {}  # micro-batches of each teacher block seen so far (as a watcher)
+
+    def on_block(self, index: int, _: torch.Tensor, out: torch.Tensor) -> None:
+        if self.feeds is None:
+            raise ProjectionError(f"layers {self.layers}: students walk beside one pass on increasing blocks only")
+        i = self.feeds.get(index)
+        if i is not None:
+            j = self.seen[index] = self.seen.get(index, -1) + 1
+            self.compare(i, j, out)
 
     @torch.no_grad()
-    def on_block(self, index: int, _: torch.Tensor, out: torch.Tensor) -> None:
-        i = self.feeds.get(index)
-        if i is None:
-            return
-        j = self.seen[index] = self.seen.get(index, -1) + 1
+    def compare(self, i: int, j: int, out: torch.Tensor) -> None:
         target = (out if self.kept is None else out[..., self.kept.to(out.device)]).double()
         self.totals[i] += target.pow(2).sum().item()
         for name, model in self.students.items():
