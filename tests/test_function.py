@@ -297,3 +297,27 @@ def test_one_survey_pass_gives_what_the_three_measurements_give_apart(tiny_wan, 
     with pytest.raises(ProjectionError, match="removing each of 3 blocks in turn"):
         survey(teacher, calib)
     assert not reads
+
+
+def test_a_sets_contents_are_hashed_once_for_all_the_keys_of_a_function_report(tiny_wan, monkeypatch):
+    """The statistics', removal effects' and teacher outputs' cache keys all name the set by its digest: the set's
+    tensors (for a real set, hundreds of MB of text context) are hashed once per set, not once per key."""
+    import hashlib
+
+    import projection.function.calibration as calibration_module
+    from projection.engine.report import function_report
+
+    hashed = []
+
+    class Counting:
+        @staticmethod
+        def sha256():
+            hashed.append(1)
+            return hashlib.sha256()
+
+    monkeypatch.setattr(calibration_module, "hashlib", Counting)
+    p = Projector.open(str(tiny_wan.original_dir), WIDE)
+    calibration = calibration_for(tiny_wan.config)
+    function_report(p, calibration)
+    assert len(hashed) == 1
+    assert calibration.digest == calibration_for(tiny_wan.config).digest and len(hashed) == 2  # a new object: again

@@ -27,8 +27,7 @@ from ..arch.wan import WanLite
 from ..cache import SHARED_GALLERY, Lru
 from ..core.project import pick_device
 from ..core.strategy import Strategy
-from ..function.activations import (cache_key, calibration_digest, ranking_agreement, removal_entry,
-                                    statistics_entry)
+from ..function.activations import (cache_key, ranking_agreement, removal_entry, statistics_entry)
 from ..function import budget
 from ..function.calibration import Calibration
 from ..function.fidelity import (Reference, StudentWalk, block_fidelity, block_streams, check_request, compare,
@@ -49,7 +48,7 @@ REFERENCE_VERSION = 1  # of the on-disk teacher outputs (`stored_reference`): a 
 def reference_key(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0) -> ReferenceKey:
     """What decides the teacher's outputs on `calibration`: the teacher, the set's digest, the noise draws and seed,
     and the band of levels its expert serves."""
-    return ReferenceKey(projector.fingerprint, calibration_digest(calibration), draws, seed, projector.band)
+    return ReferenceKey(projector.fingerprint, calibration.digest, draws, seed, projector.band)
 
 
 def shared_reference(projector: Projector, calibration: Calibration, draws: int = 2, seed: int = 0,

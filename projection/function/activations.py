@@ -82,16 +82,8 @@ class Activations:
         return cls(scores, tensors["influence"].tolist(), about, key)
 
 
-def calibration_digest(calibration: Calibration) -> str:
-    h = hashlib.sha256()
-    for t in (calibration.latents, calibration.context):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
 def cache_key(fingerprint: str, calibration: Calibration, draws: int, seed: int, band: tuple[float, float]) -> str:
-    request = json.dumps([CACHE_VERSION, fingerprint, calibration_digest(calibration), draws, seed, list(band)])
+    request = json.dumps([CACHE_VERSION, fingerprint, calibration.digest, draws, seed, list(band)])
     return hashlib.sha256(request.encode()).hexdigest()[:32]
 
 

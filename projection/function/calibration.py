@@ -17,9 +17,11 @@ from the demo (`demo.teacher.demo_calibration`; the core knows nothing of them).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,15 @@ class Calibration:
 
     def __len__(self) -> int:
         return len(self.latents)
+
+    @cached_property
+    def digest(self) -> str:
+        """Its contents' digest (latents and context), for cache keys: hashed once per set, not per key."""
+        h = hashlib.sha256()
+        for t in (self.latents, self.context):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:24]
 
     @property
     def label(self) -> str:

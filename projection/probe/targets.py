@@ -23,7 +23,6 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from ..cancel import checkpoint
 from ..core.models import ModelView
 from ..errors import ProjectionError
-from ..function.activations import calibration_digest
 from ..function.budget import check_work
 from ..function.calibration import Calibration
 from ..function.fidelity import Reference, teacher_reference
@@ -159,7 +158,7 @@ def compute(teacher: ModelView, stream: Stream, train: Calibration, heldout: Cal
 
 
 def cache_key(fingerprint: str, calibration: Calibration, request: Request) -> str:
-    about = [CACHE_VERSION, fingerprint, calibration_digest(calibration), request.steps, request.batch,
+    about = [CACHE_VERSION, fingerprint, calibration.digest, request.steps, request.batch,
              request.holdout, request.draws, request.seed, list(request.band)]
     return hashlib.sha256(json.dumps(about).encode()).hexdigest()[:32]
 
