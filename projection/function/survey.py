@@ -20,7 +20,6 @@ from torch import nn
 from ..core.models import ModelView
 from .activations import Activations, Removal, Statistics, describe, removal_set
 from . import budget
-from .budget import check_work
 from .calibration import Calibration
 from .fidelity import BlockOutputs, Reference, StudentWalk, block_streams, check_request, keeps_blocks
 from .forward import Rider, StreamedTeacher
@@ -49,7 +48,7 @@ def survey(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: i
     config, source = teacher.config, calibration.source
     latents, context = calibration.latents, calibration.context
     if statistics:
-        check_work(source, latents.shape, context.shape, config, draws)
+        budget.check_work(source, latents.shape, context.shape, config, draws)
     reference = reference or bool(students)  # the students' errors are against the teacher's velocities
     if reference:
         sizes = budget.module_config(next(iter(students.values()))) if students else None
