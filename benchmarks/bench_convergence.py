@@ -65,6 +65,7 @@ LADDER = (50, 100, 200, 400, 800, 1600)
 GRIDDED = LADDER[:-1]  # rungs with a rate grid (denoising: to 400); the rest: one seed at the distillation 800 rung's
 RANDOM_RATES = (8e-3, 1.6e-2, 3.2e-2)  # moved up one step once the first grids chose their top rates
 PROJECTED_RATES = (4e-3, 8e-3, 1.6e-2)
+EXTEND = 2  # a grid whose best rate is its top grows by doubling that rate, at most this many times
 HINT_WEIGHTS = (0.1, 1.0)  # beside 0 (the default arm), at HINT_BUDGET
 HINT_BUDGET = MAP_BUDGET = 200
 DATA_SHARE, DATA_SEED = 0.2, 1234  # the data-limited student's fixed share of the training digits
@@ -73,14 +74,16 @@ DEPTH, WIDTH = "depth only (128 x 4 blocks)", "width only (64 x 8 blocks)"
 SHAPES = {HEADLINE: {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}, DEPTH: {"num_layers": 4},
           WIDTH: {"dim": 64, "num_heads": 2, "ffn_dim": 256}}
 RANDOM, DEFAULT, HINTS = "random init", "default", "default + hints"
-STARTS = {  # the strategies `projection` offers, each one change from the default (the last: every calibrated one)
-    "width: activation": {"width": "activation"}, "layers: influence": {"layers": "influence"},
-    "ffn: wanda": {"ffn": "wanda"}, "compensate: mean": {"compensate": "mean"}, "layers: first": {"layers": "first"},
+UNIFORM = {"layers": "uniform"}  # the default until these starts chose `layers: first`; they ran one change from it
+STARTS = {  # the strategies `projection` offers, each one change from `layers: uniform` (the last: every calibrated)
+    "layers: uniform": UNIFORM, "width: activation": {**UNIFORM, "width": "activation"},
+    "layers: influence": {"layers": "influence"}, "ffn: wanda": {**UNIFORM, "ffn": "wanda"},
+    "compensate: mean": {**UNIFORM, "compensate": "mean"},
     "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"},
     "layers: recoverable": {"layers": "recoverable"}}
 STARTS_BUDGETS = (200, 400)
-STAGED = {  # staged projection: depth first (128 x 4, 53% of the parameters), distilled, then width (64 x 4)
-    f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}
+STAGED = {  # staged projection (`layers: uniform`): depth first (128 x 4, 53% of the parameters), distilled, then
+    f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}  # width (64 x 4)
 STAGED_BUDGET = 200
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256
@@ -92,7 +95,7 @@ ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # 
 def arm(name: str, lr: float, weight: float = 0.0) -> cv.Arm:
     if name in STAGED:
         stage, steps = STAGED[name]
-        return cv.Arm(name, {}, lr, weight, stage, steps)
+        return cv.Arm(name, UNIFORM, lr, weight, stage, steps)
     return cv.Arm(name, None if name == RANDOM else STARTS.get(name, {}), lr, weight)
 
 
@@ -131,29 +134,42 @@ class Choices:
         by_rate = self.found.get(cell, {})
         return {lr: [by_rate.get(lr, {})[s] for s in (0, 1) if s in by_rate.get(lr, {})] for lr in rates}
 
-    def rate(self, cell: Cell, rates: tuple[float, ...]) -> float | None:
-        return cv.choose_rate(self.losses(cell, rates))
+    def rates(self, cell: Cell, base: tuple[float, ...]) -> tuple[float, ...]:
+        """The cell's grid: `base`, doubled at the top while the best rate is the top one (a best rate at the
+        grid's edge says a higher one might be better), at most EXTEND times."""
+        rates = base
+        for _ in range(EXTEND):
+            if cv.choose_rate(self.losses(cell, rates)) != rates[-1]:
+                break
+            rates = (*rates, 2 * rates[-1])
+        return rates
+
+    def rate(self, cell: Cell, base: tuple[float, ...]) -> float | None:
+        """The cell's chosen rate; None until every rate of its grid has run on seeds 0 and 1."""
+        return cv.choose_rate(self.losses(cell, self.rates(cell, base)))
+
+    def best_loss(self, cell: Cell, base: tuple[float, ...]) -> float | None:
+        """The mean loss of seeds 0 and 1 at the cell's chosen rate; None before it is chosen."""
+        lr = self.rate(cell, base)
+        return None if lr is None else mean(self.losses(cell, (lr,))[lr])
 
     def weight(self) -> float | None:
         """The hint weight whose best rate gives the lowest mean loss at HINT_BUDGET (0: the default arm)."""
         best: dict[float, float] = {}
         for w in (0.0, *HINT_WEIGHTS):
             cell = (HEADLINE, "distill", "all", DEFAULT if w == 0 else HINTS, w, HINT_BUDGET)
-            lr = self.rate(cell, PROJECTED_RATES)
-            if lr is None:
+            loss = self.best_loss(cell, PROJECTED_RATES)
+            if loss is None:
                 return None
-            best[w] = mean(self.losses(cell, PROJECTED_RATES)[lr])
+            best[w] = loss
         return min(best, key=best.get)
 
     def hinted(self) -> float | None:
         """The weight the hints arm runs at: the best positive one (the report says when 0 beat it)."""
         if self.weight() is None:
             return None
-
-        def best(w: float) -> float:
-            cell = (HEADLINE, "distill", "all", HINTS, w, HINT_BUDGET)
-            return mean(self.losses(cell, PROJECTED_RATES)[self.rate(cell, PROJECTED_RATES)])
-        return min(HINT_WEIGHTS, key=best)
+        return min(HINT_WEIGHTS, key=lambda w: self.best_loss((HEADLINE, "distill", "all", HINTS, w, HINT_BUDGET),
+                                                               PROJECTED_RATES))
 
 
 class Assumed(Choices):
@@ -162,8 +178,8 @@ class Assumed(Choices):
     def __init__(self) -> None:
         super().__init__([])
 
-    def rate(self, cell: Cell, rates: tuple[float, ...]) -> float | None:
-        return rates[0]
+    def rate(self, cell: Cell, base: tuple[float, ...]) -> float | None:
+        return base[0]
 
     def weight(self) -> float | None:
         return HINT_WEIGHTS[0]
@@ -172,20 +188,22 @@ class Assumed(Choices):
         return HINT_WEIGHTS[0]
 
 
-def grid(shape: str, objective: str, name: str, budgets: tuple[int, ...], rates: tuple[float, ...],
-         weight: float = 0.0) -> list[cv.Run]:
-    return [run(shape, name, lr, n, seed, objective, weight=weight) for n in budgets for lr in rates
-            for seed in (0, 1)]
+def grid(choices: Choices, shape: str, objective: str, name: str, budgets: tuple[int, ...],
+         base: tuple[float, ...], weight: float = 0.0) -> list[cv.Run]:
+    """Seeds 0 and 1 at each rate of each budget's grid (extended where its best rate is at the top)."""
+    return [run(shape, name, lr, n, seed, objective, weight=weight) for n in budgets
+            for lr in choices.rates((shape, objective, "all", name, weight, n), base) for seed in (0, 1)]
 
 
 def jobs(choices: Choices) -> list[cv.Run]:
     """Every run whose rate is known now: the grids, then what their choices decide."""
     out = []
     for objective in ("distill", "denoise"):
-        out += grid(HEADLINE, objective, RANDOM, GRIDDED if objective == "distill" else GRIDDED[:-1], RANDOM_RATES)
-        out += grid(HEADLINE, objective, DEFAULT, BUDGETS, PROJECTED_RATES)
+        out += grid(choices, HEADLINE, objective, RANDOM, GRIDDED if objective == "distill" else GRIDDED[:-1],
+                    RANDOM_RATES)
+        out += grid(choices, HEADLINE, objective, DEFAULT, BUDGETS, PROJECTED_RATES)
     for w in HINT_WEIGHTS:
-        out += grid(HEADLINE, "distill", HINTS, (HINT_BUDGET,), PROJECTED_RATES, w)
+        out += grid(choices, HEADLINE, "distill", HINTS, (HINT_BUDGET,), PROJECTED_RATES, w)
     rate = lambda name, n, w=0.0, rates=PROJECTED_RATES: choices.rate(  # noqa: E731
         (HEADLINE, "distill", "all", name, w, n), rates)
     for n in GRIDDED:
@@ -204,15 +222,16 @@ def jobs(choices: Choices) -> list[cv.Run]:
                 out += [run(s, DEFAULT, lr, n, seed, data=d) for s, d in ((DEPTH, "all"), (WIDTH, "all"),
                                                                           (HEADLINE, LIMITED)) for seed in (0, 1)]
     for name in STARTS:
-        out += grid(HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
+        out += grid(choices, HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
         out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS if (lr := rate(name, n)) is not None]
     for name in STAGED:
-        out += grid(HEADLINE, "distill", name, (STAGED_BUDGET,), PROJECTED_RATES)
+        out += grid(choices, HEADLINE, "distill", name, (STAGED_BUDGET,), PROJECTED_RATES)
         lr = rate(name, STAGED_BUDGET)
         out += [run(HEADLINE, name, lr, STAGED_BUDGET, 2)] if lr is not None else []
     w = choices.hinted()
     if w is not None:
-        out += grid(HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET), PROJECTED_RATES, w)
+        out += grid(choices, HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET),
+                    PROJECTED_RATES, w)
         for n in BUDGETS:
             lr = rate(HINTS, n, w)
             if lr is not None:
@@ -376,7 +395,8 @@ class Report:
     def chosen(self, cell: Cell, rates: tuple[float, ...]) -> tuple[float | None, list[dict[str, Any]]]:
         """The cell's runs at its chosen rate (or its only rate, for cells run at one), by seed."""
         by_rate = self.by_cell.get(cell, {})
-        lr = self.choices.rate(cell, rates) if all(lr in by_rate for lr in rates) else None
+        grid_ = self.choices.rates(cell, rates)
+        lr = self.choices.rate(cell, rates) if all(lr in by_rate for lr in grid_) else None
         if lr is None and len(by_rate) == 1:
             lr = next(iter(by_rate))
         return lr, sorted(by_rate.get(lr, []), key=lambda d: d["run"]["seed"])
@@ -450,15 +470,16 @@ class Report:
                 f"{self.speedup(losses, n, other) if other else '—'} | {fmt(acc, pct)} |")
 
     def rate_grid(self) -> list[str]:
-        rates = sorted({*RANDOM_RATES, *PROJECTED_RATES})
+        rates = sorted({lr for (shape, _, data, *_), by_rate in self.by_cell.items()
+                        if (shape, data) == (HEADLINE, "all") for lr in by_rate})
         out = ["| objective | init | N | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
                "|---|---|---|" + "---|" * len(rates)]
-        for (shape, objective, data, name, w, n), by_rate in sorted(self.by_cell.items(), key=lambda c: (
-                c[0][1], c[0][3], c[0][4], c[0][5])):
-            grid_ = RANDOM_RATES if name == RANDOM else PROJECTED_RATES
-            if shape != HEADLINE or data != "all" or not all(lr in by_rate for lr in grid_):
+        for cell, by_rate in sorted(self.by_cell.items(), key=lambda c: (c[0][1], c[0][3], c[0][4], c[0][5])):
+            shape, objective, data, name, w, n = cell
+            base = RANDOM_RATES if name == RANDOM else PROJECTED_RATES
+            if shape != HEADLINE or data != "all" or not all(lr in by_rate for lr in self.choices.rates(cell, base)):
                 continue
-            lr = self.choices.rate((shape, objective, data, name, w, n), grid_)
+            lr = self.choices.rate(cell, base)
             cells = []
             for r in rates:
                 seeds = [d["final_val_loss"] for d in by_rate.get(r, []) if d["run"]["seed"] in (0, 1)]
@@ -512,7 +533,7 @@ class Report:
             cell = (HEADLINE, "distill", "all", DEFAULT if w == 0 else HINTS, w, HINT_BUDGET)
             lr = self.choices.rate(cell, PROJECTED_RATES)
             if lr is not None:
-                losses = self.choices.losses(cell, PROJECTED_RATES)[lr]
+                losses = self.choices.losses(cell, (lr,))[lr]
                 out.append(f"| {w:g} | {lr:g} | {fmt(losses, lambda v: f'{v:.4f}')} |")
         chosen = self.choices.weight()
         if chosen is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from projection.core.strategy import LAYER_METHODS
+from projection.core.strategy import DEFAULT_LAYERS, LAYER_METHODS
 
 from . import charts
 from .bridge import Components, Refresh, plot, toast
@@ -56,10 +56,10 @@ class LayersView:
     def __init__(self, state: gr.State, session: Callable[[Session | None], Session], refresh: Refresh):
         self.state, self.session, self.refresh = state, session, refresh
         with gr.Row(elem_id="sliders"):  # the method, then a slider per student block: drag, arrow keys or type
-            self.method = gr.Radio([*LAYER_METHODS, "custom"], value="uniform", elem_id="layer-method",
+            self.method = gr.Radio([*LAYER_METHODS, "custom"], value=DEFAULT_LAYERS, elem_id="layer-method",
                                    label="Teacher block per student block", scale=0, min_width=560,
-                                   info="uniform: round(i·(T−1)/(S−1)), first and last kept; influence: the "
-                                        "most influential")
+                                   info="first: the first S (the default); uniform: round(i·(T−1)/(S−1)), first "
+                                        "and last kept; influence: the most influential")
             self.sliders = [gr.Slider(0, 1, value=0, step=1, label=f"S{i} ← T", visible=False,
                                       min_width=120, buttons=[], elem_classes=SLIDER_CLASSES)
                             for i in range(MAX_BLOCKS)]

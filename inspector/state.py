@@ -28,6 +28,7 @@ from projection.cancel import CancelToken
 from projection.core.mapping import Mapping, Rule, build_mapping, preset_rules, rules_to_yaml
 from projection.core.plan import needs_stats
 from projection.core.project import Projected, pick_device
+from projection.core.strategy import DEFAULT_LAYERS
 from projection.core.suggest import suggest_rules, with_suggestions
 from projection.demo.gallery import GalleryRow, demo_space
 from projection.demo.teacher import demo_calibration
@@ -135,9 +136,9 @@ class SessionState:
         except ProjectionError as exc:
             if not isinstance(strategy.layers, list) or "layers:" not in str(exc):
                 raise
-            # A layer list chosen for another student: fall back to the uniform stride.
+            # A layer list chosen for another student: fall back to the default rule.
             p = _mapped(Projector.open(teacher, student, expert=expert, rules=rules, caches=caches,
-                                       strategy=strategy.model_copy(update={"layers": "uniform"}),
+                                       strategy=strategy.model_copy(update={"layers": DEFAULT_LAYERS}),
                                        num_heads=num_heads, check=check))
         shared = {"gallery": gallery} if gallery is not None else {}
         return cls(p, teacher, student, folder, num_heads, p.strategy, **shared)

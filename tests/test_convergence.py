@@ -206,13 +206,19 @@ def test_a_staged_run_projects_the_distilled_intermediate_and_spends_the_rest_of
     stage's steps, written as a Wan checkpoint that opens as a teacher, and the student is projected from it and
     trained for the budget's remaining steps."""
     training = TrainConfig(steps=12, batch=16, lr=1e-3, warmup=2, eval_every=4, val_draws=1)
-    arm = cv.Arm("staged", {}, 2e-3, stage={"num_layers": 4}, stage_steps=4)
-    opened: list[str] = []
+    arm = cv.Arm("staged", {"layers": "last"}, 2e-3, stage={"num_layers": 4}, stage_steps=4)
+    opened: list[tuple[str, object]] = []
     real_open = cv.open_projector
-    monkeypatch.setattr(cv, "open_projector", lambda path, run: opened.append(path) or real_open(path, run))
+
+    def spy(path, run):
+        projector = real_open(path, run)
+        opened.append((path, projector.mapping(projector.strategy).layers))
+        return projector
+    monkeypatch.setattr(cv, "open_projector", spy)
     result = cv.train_run(TEACHER, teacher, data, cv.Run(HALF, arm, 0, "distill", "half", steps=12), training)
     assert result.history["steps"][-1] == 8  # 4 of the 12 steps went to the intermediate
-    assert opened[0] == TEACHER and opened[-1] != TEACHER  # the student came from the intermediate checkpoint
+    assert opened[0][0] == TEACHER and opened[-1][0] != TEACHER  # the student came from the intermediate checkpoint
+    assert opened[0][1] == [4, 5, 6, 7]  # the intermediate's blocks by the arm's own strategy
     direct = cv.train_run(TEACHER, teacher, data, cv.Run(HALF, cv.Arm("default", {}, 2e-3), 0, "distill", "half",
                                                           steps=12), training)
     assert result.val_loss_0 != direct.val_loss_0  # a different start: the trained intermediate's projection
@@ -264,3 +270,34 @@ def test_cells_without_a_grid_of_their_own_are_scored_at_the_best_rate_they_ran_
     assert report.ladder(bench.HEADLINE, "distill")[0] == []
     row = next(line for line in report.compression((0.28, 1.99)) if line.startswith(f"| {bench.DEPTH}"))
     assert "0.3365 (0.3360–0.3370)" in row and "> " not in row
+
+
+def test_a_grid_whose_best_rate_is_its_top_grows_by_doubling_it():
+    """A best rate at the grid's edge says a higher one might be better: the cell's grid gains the doubled rate
+    (seeds 0 and 1) before it chooses, again while the new top wins, at most EXTEND times."""
+    bench = load_bench()
+    cell = (bench.HEADLINE, "distill", "all", bench.DEFAULT, 0.0, 200)
+
+    def results(losses: dict[float, float]) -> list[dict]:
+        return [{"run": asdict(bench.run(bench.HEADLINE, bench.DEFAULT, lr, 200, seed)),
+                 "history": {"steps": [0, 200]}, "final_val_loss": loss + seed / 100}
+                for lr, loss in losses.items() for seed in (0, 1)]
+
+    def unlocked(losses: dict[float, float]) -> set[tuple[float, int]]:
+        return {(r.arm.lr, r.seed) for r in bench.jobs(bench.Choices(results(losses)))
+                if (r.shape, r.objective, r.data, r.arm.name, r.arm.hint_weight, r.steps) == cell}
+
+    base = dict(zip(bench.PROJECTED_RATES, (0.5, 0.45, 0.42)))  # best at the top, 1.6e-2
+    choices = bench.Choices(results(base))
+    assert choices.rates(cell, bench.PROJECTED_RATES) == (*bench.PROJECTED_RATES, 3.2e-2)
+    assert choices.rate(cell, bench.PROJECTED_RATES) is None  # not chosen before the doubled rate ran
+    assert {(3.2e-2, 0), (3.2e-2, 1)} <= unlocked(base) and not {s for _, s in unlocked(base)} - {0, 1}
+    worse = {**base, 3.2e-2: 0.43}
+    assert bench.Choices(results(worse)).rate(cell, bench.PROJECTED_RATES) == 1.6e-2
+    assert (1.6e-2, 2) in unlocked(worse) and 6.4e-2 not in {lr for lr, _ in unlocked(worse)}
+    better = {**base, 3.2e-2: 0.41, 6.4e-2: 0.40}  # the top wins twice: the grid stops at EXTEND doublings
+    assert bench.EXTEND == 2 and bench.Choices(results(better)).rate(cell, bench.PROJECTED_RATES) == 6.4e-2
+    assert 1.28e-1 not in {lr for lr, _ in unlocked(better)} and (6.4e-2, 2) in unlocked(better)
+    report = bench.Report(results(worse))
+    assert report.chosen(cell, bench.PROJECTED_RATES)[0] == 1.6e-2
+    assert any("**0.4250**" in line and "0.4350" in line for line in report.rate_grid())  # the grown column shown

@@ -149,7 +149,7 @@ def test_force_replaces_only_a_previous_export_and_only_once_the_new_one_is_comp
 
     monkeypatch.setattr("projection.engine.export.exchange", lambda a, b: False)  # no renameat2: two renames instead
     export_student(Projector.open(teacher, STUDENT), out, force=True)
-    assert yaml.safe_load((out / "strategy.yaml").read_text())["layers"] == "uniform"
+    assert yaml.safe_load((out / "strategy.yaml").read_text())["layers"] == "first"  # the default again
     assert [f.name for f in tmp_path.iterdir()] == ["student"]
 
 

@@ -240,7 +240,7 @@ def test_slider_moves_a_block_and_reuses_cached_tensors(client, app, root):
         next(r.energy for r in results if r.entry.student_key == "blocks.1.ffn.0.weight"), abs=1e-12)
     assert out["layer-method"] == "custom"
     # moving back reads nothing from the teacher: its tensors are cached
-    back = call(client, app, "set_layers", *TABLE, None, *sliders([0, 2, 5, 7]))
+    back = call(client, app, "set_layers", *TABLE, None, *sliders([0, 1, 2, 3]))  # the default (first) again
     assert "read 0 B from the teacher" in back["refresh-info"]
 
 
@@ -248,10 +248,10 @@ def test_a_slider_value_that_is_no_teacher_block_is_answered_beside_it(client, a
     load(client, app)
     for bad, words in ((12, "no teacher block 12 (0–7)"), (-1, "no teacher block -1 (0–7)"),
                        (2.5, "2.5 is not a whole block number")):
-        result = client.predict(*TABLE, None, *sliders([0, bad, 5, 7]), api_name="/set_layers")
+        result = client.predict(*TABLE, None, *sliders([0, bad, 2, 3]), api_name="/set_layers")
         names = output_names(app, "set_layers")
         slider = result[names.index("S1 ← T")]
-        assert slider["value"] == 2 and words in slider["info"] and "invalid" in slider["elem_classes"]
+        assert slider["value"] == 1 and words in slider["info"] and "invalid" in slider["elem_classes"]
         changed = [n for n, v in zip(names, result) if n != "S1 ← T" and v is not None
                    and not (isinstance(v, dict) and "value" not in v and "value" not in v.get("props", {}))]
         assert not changed  # nothing else is touched: no error on every output
@@ -259,7 +259,7 @@ def test_a_slider_value_that_is_no_teacher_block_is_answered_beside_it(client, a
     view = client.predict(*TABLE, None, api_name="/measure")
     names = output_names(app, "measure")
     energy = json.loads(view[names.index("layer-energy")]["plot"])["data"][0]["x"]
-    assert energy[1:] == ["S0 ← T0", "S1 ← T2", "S2 ← T5", "S3 ← T7"]
+    assert energy[1:] == ["S0 ← T0", "S1 ← T1", "S2 ← T2", "S3 ← T3"]
     cleared = view[names.index("S1 ← T")]
     assert cleared["info"] == "" and "invalid" not in cleared["elem_classes"]
     good = call(client, app, "set_layers", *TABLE, None, *sliders([0, 3, 5, 7]))
@@ -278,8 +278,8 @@ def test_strategy_option_changes_numbers_as_the_core_does(client, app, root):
     load(client, app)
     out = call(client, app, "set_strategy", "uniform", "uniform", "first", "first", "uniform", "center",
                "variance", 3, *TABLE, None)
-    p, results = core(root, width="uniform", heads="first", head_dim="first", ffn="uniform", conv="center",
-                      rescale="variance", seed=3)
+    p, results = core(root, layers="uniform", width="uniform", heads="first", head_dim="first", ffn="uniform",
+                      conv="center", rescale="variance", seed=3)
     table = rows(out)
     for r in results:
         assert table[r.entry.student_key]["retained weight energy"] == pytest.approx(r.energy, abs=1e-12)
@@ -331,19 +331,19 @@ def test_details_spectra_and_index_choices_come_from_the_core(client, app, root)
     load(client, app)
     key = "blocks.1.self_attn.q.weight"
     out = call(client, app, "details", key)
-    assert "blocks.2.self_attn.q.weight" in out["details"] and "teacher block 2" in out["details"]
+    assert "blocks.1.self_attn.q.weight" in out["details"] and "teacher block 1" in out["details"]  # layers: first
     p, _ = core(root)
     index = figure(out, "index-plot")
     kept = [t["x"] for t in index["data"] if t.get("mode") == "markers"]
     plan = p.plan()
-    assert plan.indices("sa_heads", 2).tolist() in kept
+    assert plan.indices("sa_heads", 1).tolist() in kept  # heads are chosen per teacher block
     assert plan.indices("resid", None).tolist() in kept
     hist = figure(out, "hist-plot")
     assert [t["name"] for t in hist["data"]] == ["teacher", "student"]
 
     spec = call(client, app, "spectrum", f"{key}#0")
     sv = figure(spec, "sv-plot")["data"]
-    teacher_sv = p.spectrum("blocks.2.self_attn.q.weight", "teacher")
+    teacher_sv = p.spectrum("blocks.1.self_attn.q.weight", "teacher")
     assert sv[0]["y"] == pytest.approx(teacher_sv.tolist(), rel=1e-9)
     assert len(sv[1]["y"]) == 64  # the student's q: 64 x 64 of the teacher's 128 x 128
     curve = figure(spec, "cum-plot")
@@ -529,10 +529,10 @@ def test_gallery_previews_other_teachers_on_the_function_tabs_calibration_set(cl
     cards = call(client, app, "measure", *TABLE, None)["cards"]
     assert (f'<div class="metric">{students["student"]["relative_error"]:.2f}</div><div class="card-line">vs the '
             f'teacher, step 0; random init {students["random init"]["relative_error"]:.2f} · on SYNTHETIC') in cards
-    other = call(client, app, "set_strategy", "uniform", "first", "magnitude", "frequency", "magnitude", "sum",
+    other = call(client, app, "set_strategy", "first", "first", "magnitude", "frequency", "magnitude", "sum",
                  "none", 0, *TABLE, None)
     assert "Velocity error" not in other["cards"]  # a different projection: not what was measured
-    back = call(client, app, "set_strategy", "uniform", "magnitude", "magnitude", "frequency", "magnitude", "sum",
+    back = call(client, app, "set_strategy", "first", "magnitude", "magnitude", "frequency", "magnitude", "sum",
                 "none", 0, *TABLE, None)
     assert f'{students["student"]["relative_error"]:.2f}</div>' in back["cards"]  # the measured projection again
     out = call(client, app, "gallery", Strategy().to_yaml(), Strategy(width="svd-per-matrix").to_yaml())

@@ -12,10 +12,12 @@ from projection import ProjectionError, Projector, Strategy, open_teacher
 from projection.core.mapping import find_rule, parse_rules, select_layers
 from projection.demo.folder import WAN14B
 
+UNIFORM = Strategy(layers="uniform")  # student blocks from teacher blocks of other indices: mapping across them
+
 
 def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
     p = Projector.open(str(wan14b_headers), {"layout": "seed", "dim": 1024, "num_layers": 16, "num_heads": 16,
-                                             "ffn_dim": 4096})
+                                             "ffn_dim": 4096}, strategy=UNIFORM)
     assert len(p.teacher.shapes) == 1095
     m = p.mapping()
     assert len(m.entries) == 202
@@ -45,7 +47,7 @@ def test_wan14b_maps_from_headers_alone_into_the_seeds_layout(wan14b_headers):
 
 def test_wan14b_to_reference_student_covers_everything(wan14b_headers):
     p = Projector.open(str(wan14b_headers), {"layout": "wanlite", "dim": 1024, "num_layers": 16, "num_heads": 8,
-                                             "ffn_dim": 4096})
+                                             "ffn_dim": 4096}, strategy=UNIFORM)
     m = p.mapping()
     assert m.counts()["skipped"] == 0
     q = m.entry("blocks.1.self_attn.q.weight")
@@ -133,7 +135,7 @@ def test_custom_student_transfers_nothing_until_rules_map_it(tiny_wan, tmp_path)
     folder = tmp_path / "custom"
     folder.mkdir()
     save_file(state, str(folder / "model.safetensors"))
-    p = Projector.open(str(tiny_wan.original_dir), str(folder))
+    p = Projector.open(str(tiny_wan.original_dir), str(folder), strategy=UNIFORM)
     assert p.student.layout == "custom"
     assert p.mapping().coverage()["keys"]["transferred"] == 0
     assert any("Nothing transfers" in w for w in p.summary()["warnings"])
@@ -326,7 +328,7 @@ def test_suggested_rules_bring_a_custom_student_to_full_coverage(demo_dir, tmp_p
     from projection.core.suggest import suggest_rules
 
     student = custom_student(demo_dir, tmp_path / "custom", CUSTOM_NAMES)
-    p = Projector.open(str(demo_dir / "teacher-wan"), student)
+    p = Projector.open(str(demo_dir / "teacher-wan"), student, strategy=UNIFORM)
     assert p.mapping().coverage()["keys"]["transferred"] == 0
     suggested = suggest_rules(p.mapping())
     assert p.teacher.checkpoint.bytes_read == 0  # from names and shapes alone
@@ -369,7 +371,7 @@ def test_suggestions_leave_rules_and_deliberate_skips_alone(demo_dir, tmp_path):
     text = ("# my rules\nlayers.{i}.wq: blocks.{i}.self_attn.k  # deliberately odd, but it transfers\n"
             "final.linear: {skip: \"trained from scratch\"}\n")
     rules = parse_rules(text)
-    p = Projector.open(str(demo_dir / "teacher-wan"), student, rules=rules)
+    p = Projector.open(str(demo_dir / "teacher-wan"), student, rules=rules, strategy=UNIFORM)
     suggested = suggest_rules(p.mapping())
     assert "layers.{i}.wq" not in suggested and "final.linear" not in suggested
     assert suggested["layers.{i}.wk"] == "blocks.{i}.self_attn.q"  # one student module per teacher module

@@ -93,8 +93,8 @@ def test_each_option_changes_the_projection(demo_dir, field, values):
 
 def test_width_first_keeps_the_first_channels(tiny_wan):
     p = projector(tiny_wan, width="first", heads="first", head_dim="first", ffn="first")
-    assert p.mapping().layers == [0, 2]
-    t = p.teacher.read("blocks.2.ffn.0.weight")
+    assert p.mapping().layers == [0, 1]  # the default layers: first
+    t = p.teacher.read("blocks.1.ffn.0.weight")
     assert torch.equal(p.student_tensor("blocks.1.ffn.0.weight"), t[:24, :32])
 
 

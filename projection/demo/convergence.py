@@ -153,12 +153,12 @@ def train_run(teacher_path: str, teacher: nn.Module, data: Data, run: Run, train
 
 def stage(teacher_path: str, teacher: nn.Module, data: Data, run: Run, training: TrainConfig, folder: Path) -> str:
     """A staged projection's first stage (Minitron prunes past ~50% in stages): the intermediate student projected
-    from the teacher with the default strategy, distilled `stage_steps` steps (its own schedule), written to
+    from the teacher with the arm's strategy, distilled `stage_steps` steps (its own schedule), written to
     `folder` as a Wan checkpoint for the second projection. Returns that checkpoint's path."""
     if not 0 < run.arm.stage_steps < (run.steps or training.steps):
         raise ValueError(f"arm {run.arm.name}: {run.arm.stage_steps} first-stage steps; expected fewer than the "
                          f"run's {run.steps or training.steps} and at least 1")
-    first = Run(run.arm.stage, Arm("stage", {}), run.seed)
+    first = Run(run.arm.stage, Arm("stage", run.arm.strategy or {}), run.seed)
     projector = open_projector(teacher_path, first)
     model = initial_student(teacher_path, first, projector=projector).float()
     config = budget_config(TrainConfig(**{**training.to_dict(), "lr": run.arm.stage_lr, "seed": run.seed}),
