@@ -73,10 +73,11 @@ HEADLINE = "half width, half depth (64 x 4 blocks)"
 DEPTH, WIDTH = "depth only (128 x 4 blocks)", "width only (64 x 8 blocks)"
 SHAPES = {HEADLINE: {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}, DEPTH: {"num_layers": 4},
           WIDTH: {"dim": 64, "num_heads": 2, "ffn_dim": 256}}
-RANDOM, DEFAULT, HINTS = "random init", "default", "default + hints"
+RANDOM, DEFAULT, HINTS, UNIFORM_START = "random init", "default", "default + hints", "layers: uniform"
+MAP_ARMS = ((DEPTH, DEFAULT), (DEPTH, UNIFORM_START), (WIDTH, DEFAULT), (HEADLINE, DEFAULT), (HEADLINE, UNIFORM_START))
 UNIFORM = {"layers": "uniform"}  # the default until these starts chose `layers: first`; they ran one change from it
 STARTS = {  # the strategies `projection` offers, each one change from `layers: uniform` (the last: every calibrated)
-    "layers: uniform": UNIFORM, "width: activation": {**UNIFORM, "width": "activation"},
+    UNIFORM_START: UNIFORM, "width: activation": {**UNIFORM, "width": "activation"},
     "layers: influence": {"layers": "influence"}, "ffn: wanda": {**UNIFORM, "ffn": "wanda"},
     "compensate: mean": {**UNIFORM, "compensate": "mean"},
     "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"},
@@ -85,6 +86,8 @@ STARTS_BUDGETS = (200, 400)
 STAGED = {  # staged projection (`layers: uniform`): depth first (128 x 4, 53% of the parameters), distilled, then
     f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}  # width (64 x 4)
 STAGED_BUDGET = 200
+ARMS = {RANDOM, DEFAULT, HINTS, *STARTS, *STAGED}  # the results also hold runs of arms since retired (the
+# default + hints when the default was layers: uniform): the tables leave them out
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256
 ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # headline group: 500 samples
@@ -219,8 +222,12 @@ def jobs(choices: Choices) -> list[cv.Run]:
         if lr is not None:
             out.append(run(HEADLINE, DEFAULT, lr, n, 2))
             if n == MAP_BUDGET:
-                out += [run(s, DEFAULT, lr, n, seed, data=d) for s, d in ((DEPTH, "all"), (WIDTH, "all"),
-                                                                          (HEADLINE, LIMITED)) for seed in (0, 1)]
+                out += [run(s, DEFAULT, lr, n, seed, data=d) for s, d in ((WIDTH, "all"), (HEADLINE, LIMITED))
+                        for seed in (0, 1)]
+    for name in (DEFAULT, UNIFORM_START):  # depth only: the layer choice matters, so both get a grid
+        out += grid(choices, DEPTH, "distill", name, (MAP_BUDGET,), PROJECTED_RATES)
+        lr = choices.rate((DEPTH, "distill", "all", name, 0.0, MAP_BUDGET), PROJECTED_RATES)
+        out += [run(DEPTH, name, lr, MAP_BUDGET, 2)] if lr is not None else []
     for name in STARTS:
         out += grid(choices, HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
         out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS if (lr := rate(name, n)) is not None]
@@ -393,13 +400,16 @@ class Report:
             self.by_cell.setdefault(cell_of(d), {}).setdefault(d["run"]["arm"]["lr"], []).append(d)
 
     def chosen(self, cell: Cell, rates: tuple[float, ...]) -> tuple[float | None, list[dict[str, Any]]]:
-        """The cell's runs at its chosen rate (or its only rate, for cells run at one), by seed."""
-        by_rate = self.by_cell.get(cell, {})
-        grid_ = self.choices.rates(cell, rates)
-        lr = self.choices.rate(cell, rates) if all(lr in by_rate for lr in grid_) else None
-        if lr is None and len(by_rate) == 1:
-            lr = next(iter(by_rate))
-        return lr, sorted(by_rate.get(lr, []), key=lambda d: d["run"]["seed"])
+        """The cell's runs at its chosen rate, by seed (none before its grid is done)."""
+        lr = self.choices.rate(cell, rates)
+        return lr, sorted(self.by_cell[cell][lr], key=lambda d: d["run"]["seed"]) if lr is not None else []
+
+    def rung(self, shape: str, objective: str, data: str, n: int) -> tuple[float | None, list[dict[str, Any]]]:
+        """Random init's runs at one rung of a ladder: at its chosen rate where the rung has a grid (the headline's
+        rungs to 800 steps, to 400 denoising), else at the best of the rates it ran at."""
+        cell = (shape, objective, data, RANDOM, 0.0, n)
+        gridded = (shape, data) == (HEADLINE, "all") and n in (GRIDDED if objective == "distill" else GRIDDED[:-1])
+        return self.chosen(cell, RANDOM_RATES) if gridded else self.best(cell)
 
     def best(self, cell: Cell) -> tuple[float | None, list[dict[str, Any]]]:
         """A cell run without a grid of its own (one seed at the headline's chosen rates, or its two seeds at the
@@ -417,8 +427,7 @@ class Report:
         shape's or data's ladder: the best of the rates it ran at), and the per-seed losses."""
         budgets, means, seeds = [], [], []
         for n in LADDER:
-            cell = (shape, objective, data, RANDOM, 0.0, n)
-            _, runs = self.chosen(cell, RANDOM_RATES) if (shape, data) == (HEADLINE, "all") else self.best(cell)
+            _, runs = self.rung(shape, objective, data, n)
             if runs:
                 budgets.append(n)
                 seeds.append([d["final_val_loss"] for d in runs])
@@ -444,7 +453,7 @@ class Report:
                "|---|---|---|---|---|---|---|---|---|---|"]
         teacher, zero = floor
         for n in LADDER:
-            _, runs = self.chosen((HEADLINE, objective, "all", RANDOM, 0.0, n), RANDOM_RATES)
+            _, runs = self.rung(HEADLINE, objective, "all", n)
             if runs:
                 out.append(self.row(RANDOM, n, runs, floor, None, None))
         for name, w in arms:
@@ -477,7 +486,8 @@ class Report:
         for cell, by_rate in sorted(self.by_cell.items(), key=lambda c: (c[0][1], c[0][3], c[0][4], c[0][5])):
             shape, objective, data, name, w, n = cell
             base = RANDOM_RATES if name == RANDOM else PROJECTED_RATES
-            if shape != HEADLINE or data != "all" or not all(lr in by_rate for lr in self.choices.rates(cell, base)):
+            if (shape != HEADLINE or data != "all" or name not in ARMS
+                    or not all(lr in by_rate for lr in self.choices.rates(cell, base))):
                 continue
             lr = self.choices.rate(cell, base)
             cells = []
@@ -491,19 +501,20 @@ class Report:
 
     def compression(self, floor: tuple[float, float]) -> list[str]:
         teacher_params = count_params(dt.load_teacher())
-        out = ["| student | parameters kept | N | default: final val loss | gap left | random budget, same loss | "
-               "speedup |", "|---|---|---|---|---|---|---|"]
-        for shape in (DEPTH, WIDTH, HEADLINE):
+        out = ["| student | parameters kept | start | N | final val loss | gap left | random budget, same loss | "
+               "speedup |", "|---|---|---|---|---|---|---|---|"]
+        for shape, name in MAP_ARMS:
             params = count_params(random_student(cv.open_projector(TEACHER, cv.Run(SHAPES[shape], cv.Arm(
                 RANDOM))).student_config(), 0))
-            cell = (shape, "distill", "all", DEFAULT, 0.0, MAP_BUDGET)
-            _, runs = self.chosen(cell, PROJECTED_RATES) if shape == HEADLINE else self.best(cell)
+            cell = (shape, "distill", "all", name, 0.0, MAP_BUDGET)
+            _, runs = self.chosen(cell, PROJECTED_RATES)
+            runs = runs or self.best(cell)[1]  # the width-only cell has no grid: at the headline's chosen rates
             ladder = self.ladder(shape, "distill")
             if not runs or not ladder[0]:
                 continue
             losses = [d["final_val_loss"] for d in runs]
-            out.append(f"| {shape} | {params / teacher_params:.0%} | {MAP_BUDGET} | {loss_and_gap(losses, floor)} | "
-                       f"{equivalent_budget(ladder[0], ladder[1], mean(losses))} | "
+            out.append(f"| {shape} | {params / teacher_params:.0%} | {name} | {MAP_BUDGET} | "
+                       f"{loss_and_gap(losses, floor)} | {equivalent_budget(ladder[0], ladder[1], mean(losses))} | "
                        f"{self.speedup(losses, MAP_BUDGET, ladder)} |")
         return out
 
@@ -516,7 +527,7 @@ class Report:
             losses = [d["final_val_loss"] for d in runs]
             out.append(f"| {RANDOM} | {n} | {lr:g} | {loss_and_gap(losses, floor)} | — | — | — |")
         for cell in self.by_cell:
-            if cell[2] != LIMITED or cell[3] == RANDOM:
+            if cell[2] != LIMITED or cell[3] not in (DEFAULT, HINTS, UNIFORM_START):
                 continue
             lr, runs = self.best(cell)
             losses = [d["final_val_loss"] for d in runs]
@@ -581,13 +592,13 @@ def report(path: Path, plot: Path | None) -> str:
            "\n**The same student, denoising objective**\n", *rep.budget_table("denoise", [(DEFAULT, 0.0)], floor),
            "\n**Hint weight** (N = 200, distillation; mean of seeds 0 and 1 at each weight's best rate)\n",
            *rep.hint_weights(),
-           "\n**Compression map** (N = 200, distillation; the default: seeds 0 and 1 at its chosen rate for the "
-           "headline shape,\nat the best of the rates it ran at for the others; each shape's own random ladder: seed "
-           "0, each rung at\nthe best of the rates it ran at, the headline's chosen rates of the first and second "
-           "grids)\n",
+           "\n**Compression map** (N = 200, distillation; depth only and half width and depth: each start's 3 seeds "
+           "at its chosen rate;\nwidth only (all 8 blocks: the layer choice does not apply): seeds 0 and 1 at the "
+           "headline default's chosen rate;\neach shape's own random ladder: seed 0, each rung at the best of the "
+           "rates it ran at)\n",
            *rep.compression(floor),
            f"\n**Data-limited** (the student sees a fixed {LIMITED}; N = 200, distillation; every row at the best of "
-           "the rates\nit ran at, those of the first and second grids)\n",
+           "the rates\nit ran at: the headline's chosen rates as its grids moved; seeds 0 and 1, random init seed 0)\n",
            *rep.data_limited(floor),
            "\n**Full retraining** (the earlier benchmark: 1,600 steps, warmup 50)\n", *full_retraining(),
            "\n**Rate grids** (final validation loss, mean of seeds 0 and 1; bold: chosen)\n", *rep.rate_grid()]

@@ -18,7 +18,6 @@ from projection.demo.gallery import draw_row, strip
 from projection.function.fidelity import teacher_reference
 from projection.demo.training import TrainConfig, learning_rate, train_flow
 from projection.engine.build import random_student
-from projection.function.calibration import Calibration
 from projection.function.fidelity import velocity_fidelity
 from projection.probe.ladder import Equivalent, equivalent_budget
 
@@ -144,7 +143,8 @@ def test_a_benchmark_cell_runs_through_the_benchmarks_code_path():
     grids = bench.jobs(bench.Choices([]))
     starts = 2 * len(bench.STARTS_BUDGETS) * len(bench.PROJECTED_RATES) * len(bench.STARTS)
     staged = 2 * len(bench.PROJECTED_RATES) * len(bench.STAGED)
-    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 + starts + staged
+    depth = 2 * len(bench.PROJECTED_RATES) * 2  # depth only: the default and layers: uniform
+    assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 + starts + staged + depth
     assert {r.seed for r in grids} == {0, 1}
     best = {bench.RANDOM: 1.6e-2, bench.DEFAULT: 4e-3, bench.HINTS: 8e-3}
     fake = [{"run": asdict(r), "history": {"steps": [0, r.steps]}, "final_val_loss": 1 + abs(r.arm.lr - best.get(
@@ -153,7 +153,7 @@ def test_a_benchmark_cell_runs_through_the_benchmarks_code_path():
     assert choices.weight() == 0.0 and choices.hinted() == 0.1  # no hints won; the hints arm runs the best positive
     later = {bench.run_key(r) for r in bench.jobs(choices)} - {bench.run_key(r) for r in grids}
     assert bench.run_key(bench.run(bench.HEADLINE, bench.RANDOM, 1.6e-2, 1600, 0)) in later
-    assert bench.run_key(bench.run(bench.DEPTH, bench.DEFAULT, 4e-3, 200, 1)) in later
+    assert bench.run_key(bench.run(bench.DEPTH, bench.DEFAULT, 4e-3, 200, 2)) in later  # depth only: seed 2
     assert bench.run_key(bench.run(bench.HEADLINE, bench.HINTS, 8e-3, 50, 1, weight=0.1)) in later
     assert bench.run_key(bench.run(bench.HEADLINE, bench.DEFAULT, 4e-3, 200, 0, data=bench.LIMITED)) in later
     start = next(iter(bench.STARTS))
@@ -248,7 +248,8 @@ def test_the_rotation_benchmark_checks_its_own_code_and_finds_rotation_behind_th
 def test_cells_without_a_grid_of_their_own_are_scored_at_the_best_rate_they_ran_at():
     """The compression and data-limited cells ran one seed (their projected arms two) at the headline's chosen rates,
     which moved with its grids: the report scores each at the best of the rates it holds, not at none (a shape's
-    ladder then lost every rung run at two rates and printed '> 100'), while the headline ladder keeps its grids."""
+    ladder then lost every rung run at two rates and printed '> 100', and the headline ladder its 1,600-step rung),
+    while the headline's gridded rungs wait for their grids."""
     bench = load_bench()
 
     def result(shape: str, name: str, lr: float, steps: int, seed: int, loss: float) -> dict:
@@ -261,13 +262,15 @@ def test_cells_without_a_grid_of_their_own_are_scored_at_the_best_rate_they_ran_
     results += [result(bench.DEPTH, bench.DEFAULT, lr, 200, seed, loss)
                 for lr, losses in ((8e-3, (0.336, 0.337)), (1.6e-2, (0.340, 0.342))) for seed, loss in enumerate(losses)]
     results += [result(bench.HEADLINE, bench.RANDOM, lr, 200, 0, 0.5) for lr in (1.6e-2, 3.2e-2)]  # a grid not done
+    # the headline's 1,600-step rung has no grid: one seed at each rate the 800-step rung chose as its grids moved
+    results += [result(bench.HEADLINE, bench.RANDOM, lr, 1600, 0, loss) for lr, loss in ((1.6e-2, 0.31), (3.2e-2, 0.3))]
     report = bench.Report(results)
     assert report.best((bench.DEPTH, "distill", "all", bench.RANDOM, 0.0, 200))[0] == 1.6e-2
     budgets, means, _ = report.ladder(bench.DEPTH, "distill")
     assert budgets == [50, 100, 200, 400, 800] and means == [0.9, 0.6, 0.4, 0.33, 0.30]
     lr, runs = report.best((bench.DEPTH, "distill", "all", bench.DEFAULT, 0.0, 200))
     assert lr == 8e-3 and [d["final_val_loss"] for d in runs] == [0.336, 0.337]
-    assert report.ladder(bench.HEADLINE, "distill")[0] == []
+    assert report.ladder(bench.HEADLINE, "distill")[:2] == ([1600], [0.3])  # not the unfinished 200-step grid
     row = next(line for line in report.compression((0.28, 1.99)) if line.startswith(f"| {bench.DEPTH}"))
     assert "0.3365 (0.3360–0.3370)" in row and "> " not in row
 
