@@ -2,8 +2,9 @@
 {50, 100, 200, 400} steps of batch 64 (1.25-10% of the samples the teacher saw), each with its own schedule
 (10% warmup, cosine to N), against random init's ladder of budgets up to 1,600 steps.
 
-    python benchmarks/bench_convergence.py --estimate   # the grid's runs and its time from a few timed steps
-    python benchmarks/bench_convergence.py              # the grid (2 workers of 1 thread; resumable)
+    python benchmarks/bench_convergence.py --estimate   # each group's runs and time from a few timed steps
+    python benchmarks/bench_convergence.py              # the core groups (2 workers of 1 thread; resumable)
+    python benchmarks/bench_convergence.py --groups starts   # the starts group (after, or beside, the core)
     python benchmarks/bench_convergence.py --report     # markdown tables and assets/convergence_budgets.png
 
 Groups (`projection/demo/convergence.py` scores them; `projection.distill` is the distillation loss):
@@ -198,8 +199,29 @@ def grid(choices: Choices, shape: str, objective: str, name: str, budgets: tuple
             for lr in choices.rates((shape, objective, "all", name, weight, n), base) for seed in (0, 1)]
 
 
-def jobs(choices: Choices) -> list[cv.Run]:
-    """Every run whose rate is known now: the grids, then what their choices decide."""
+GROUPS = {"core": "the headline, denoising, hint weight, compression and data-limited groups (issue 23's part 1)",
+          "starts": "the other strategies and staged projection (part 3)"}
+
+
+def jobs(choices: Choices, groups: tuple[str, ...] = tuple(GROUPS)) -> list[cv.Run]:
+    """Every run of `groups` whose rate is known now: the grids, then what their choices decide."""
+    return (core_jobs(choices) if "core" in groups else []) + (start_jobs(choices) if "starts" in groups else [])
+
+
+def start_jobs(choices: Choices) -> list[cv.Run]:
+    out = []
+    for name in STARTS:
+        out += grid(choices, HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
+        out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS
+                if (lr := choices.rate((HEADLINE, "distill", "all", name, 0.0, n), PROJECTED_RATES)) is not None]
+    for name in STAGED:
+        out += grid(choices, HEADLINE, "distill", name, (STAGED_BUDGET,), PROJECTED_RATES)
+        lr = choices.rate((HEADLINE, "distill", "all", name, 0.0, STAGED_BUDGET), PROJECTED_RATES)
+        out += [run(HEADLINE, name, lr, STAGED_BUDGET, 2)] if lr is not None else []
+    return out
+
+
+def core_jobs(choices: Choices) -> list[cv.Run]:
     out = []
     for objective in ("distill", "denoise"):
         out += grid(choices, HEADLINE, objective, RANDOM, GRIDDED if objective == "distill" else GRIDDED[:-1],
@@ -228,13 +250,6 @@ def jobs(choices: Choices) -> list[cv.Run]:
         out += grid(choices, DEPTH, "distill", name, (MAP_BUDGET,), PROJECTED_RATES)
         lr = choices.rate((DEPTH, "distill", "all", name, 0.0, MAP_BUDGET), PROJECTED_RATES)
         out += [run(DEPTH, name, lr, MAP_BUDGET, 2)] if lr is not None else []
-    for name in STARTS:
-        out += grid(choices, HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
-        out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS if (lr := rate(name, n)) is not None]
-    for name in STAGED:
-        out += grid(choices, HEADLINE, "distill", name, (STAGED_BUDGET,), PROJECTED_RATES)
-        lr = rate(name, STAGED_BUDGET)
-        out += [run(HEADLINE, name, lr, STAGED_BUDGET, 2)] if lr is not None else []
     w = choices.hinted()
     if w is not None:
         out += grid(choices, HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET),
@@ -316,14 +331,14 @@ def cost(r: cv.Run) -> float:
     return step * (r.steps + 10) + (37 if headline_group(r) else 15)
 
 
-def run_all(path: Path, workers: int, scale: int = 1) -> None:
+def run_all(path: Path, workers: int, scale: int = 1, groups: tuple[str, ...] = tuple(GROUPS)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init) as pool:
         for phase in range(1, 10):  # the grids, then the runs their choices unlock, until none is left
             results = load_results(path)
             done = {d["key"] for d in results}
-            todo = sorted({run_key(r): r for r in jobs(Choices(results)) if run_key(r) not in done}.values(),
+            todo = sorted({run_key(r): r for r in jobs(Choices(results), groups) if run_key(r) not in done}.values(),
                           key=cost, reverse=True)
             if not todo:
                 return
@@ -339,19 +354,23 @@ def run_all(path: Path, workers: int, scale: int = 1) -> None:
 
 
 def estimate(workers: int, steps: int = 30) -> float:
-    """Seconds the whole grid takes: the headline student's distillation step timed here (one thread), scaled
-    by each run's cost, spread over `workers`."""
+    """Seconds the whole grid takes, and each group: the headline student's distillation step timed here (one
+    thread), scaled by each run's cost, spread over `workers` (runs that grown grids add are not counted)."""
     torch.set_num_threads(1)
     _worker_init()
     probe = run(HEADLINE, DEFAULT, PROJECTED_RATES[0], steps, 0)
     started = time.perf_counter()
     work(probe)
     per_step = (time.perf_counter() - started) / cost(probe)
-    todo = jobs(Assumed())
-    total = sum(cost(r) for r in todo) * per_step
-    print(f"{len(todo)} runs, {sum(r.steps for r in todo)} steps; {per_step * 1000:.0f} ms per headline step "
-          f"(with its share of scoring); about {total / workers / 60:.0f} min on {workers} workers", flush=True)
-    return total / workers
+    print(f"{per_step * 1000:.0f} ms per headline step (with its share of scoring)", flush=True)
+    total = 0.0
+    for group in GROUPS:
+        todo = jobs(Assumed(), (group,))
+        seconds = sum(cost(r) for r in todo) * per_step / workers
+        total += seconds
+        print(f"--groups {group}: {len(todo)} runs, {sum(r.steps for r in todo)} steps, about {seconds / 60:.0f} min "
+              f"on {workers} workers", flush=True)
+    return total
 
 
 # ---------------------------------------------------------------- the report
@@ -658,6 +677,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables and write the PNG only")
     parser.add_argument("--estimate", action="store_true", help="time a few steps and print the grid's time")
     parser.add_argument("--scale", type=int, default=1, help="a smoke run: every budget N trains N // scale steps")
+    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=["core"],
+                        help="; ".join(f"{k}: {v}" for k, v in GROUPS.items()) + " (default: core)")
     parser.add_argument("--plot", type=Path, default=PLOT, help=f"the plot's path (default {PLOT.relative_to(ROOT)})")
     args = parser.parse_args()
     if args.estimate:
@@ -667,7 +688,7 @@ def main() -> None:
         started = time.time()
         print(f"machine: {platform.machine()} {dt._cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"load {os.getloadavg()}; the teacher saw {teacher_samples():,} samples", flush=True)
-        run_all(args.results, args.workers, args.scale)
+        run_all(args.results, args.workers, args.scale, tuple(args.groups))
         print(f"all runs in {time.time() - started:.0f} s, load {os.getloadavg()}", flush=True)
     print(report(args.results, args.plot))
 

@@ -145,6 +145,9 @@ def test_a_benchmark_cell_runs_through_the_benchmarks_code_path():
     staged = 2 * len(bench.PROJECTED_RATES) * len(bench.STAGED)
     depth = 2 * len(bench.PROJECTED_RATES) * 2  # depth only: the default and layers: uniform
     assert len(grids) == len({bench.run_key(r) for r in grids}) == 114 + starts + staged + depth
+    core = bench.jobs(bench.Choices([]), ("core",))  # the default command: the starts group apart
+    assert len(core) == 114 + depth and not {r.arm.name for r in core} & {*bench.STAGED, *bench.STARTS} - {
+        bench.UNIFORM_START}  # layers: uniform's depth-only grid is the compression map's
     assert {r.seed for r in grids} == {0, 1}
     best = {bench.RANDOM: 1.6e-2, bench.DEFAULT: 4e-3, bench.HINTS: 8e-3}
     fake = [{"run": asdict(r), "history": {"steps": [0, r.steps]}, "final_val_loss": 1 + abs(r.arm.lr - best.get(
