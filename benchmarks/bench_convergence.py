@@ -84,11 +84,11 @@ STARTS = {  # the strategies `projection` offers, each one change from `layers: 
     "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"},
     "layers: recoverable": {"layers": "recoverable"}}
 STARTS_BUDGETS = (200, 400)
-STAGED = {  # staged projection (`layers: uniform`): depth first (128 x 4, 53% of the parameters), distilled, then
-    f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}  # width (64 x 4)
+# staged projection (`layers: uniform`): depth first (128 x 4, 53% of the parameters), distilled, then width (64 x 4)
+STAGED = {f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}
 STAGED_BUDGET = 200
-ARMS = {RANDOM, DEFAULT, HINTS, *STARTS, *STAGED}  # the results also hold runs of arms since retired (the
-# default + hints when the default was layers: uniform): the tables leave them out
+# the arms the tables show (the results also hold a retired one: the hints on layers: uniform, the default then)
+ARMS = {RANDOM, DEFAULT, HINTS, *STARTS, *STAGED}
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256
 ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # headline group: 500 samples
@@ -527,7 +527,7 @@ class Report:
                 RANDOM))).student_config(), 0))
             cell = (shape, "distill", "all", name, 0.0, MAP_BUDGET)
             _, runs = self.chosen(cell, PROJECTED_RATES)
-            runs = runs or self.best(cell)[1]  # the width-only cell has no grid: at the headline's chosen rates
+            runs = runs or self.best(cell)[1]  # the width-only cell has no grid of its own
             ladder = self.ladder(shape, "distill")
             if not runs or not ladder[0]:
                 continue
@@ -613,8 +613,8 @@ def report(path: Path, plot: Path | None) -> str:
            *rep.hint_weights(),
            "\n**Compression map** (N = 200, distillation; depth only and half width and depth: each start's 3 seeds "
            "at its chosen rate;\nwidth only (all 8 blocks: the layer choice does not apply): seeds 0 and 1 at the "
-           "headline default's chosen rate;\neach shape's own random ladder: seed 0, each rung at the best of the "
-           "rates it ran at)\n",
+           "best of the headline\ndefault's chosen rates; each shape's own random ladder: seed 0, each rung at the "
+           "best of the rates it ran at)\n",
            *rep.compression(floor),
            f"\n**Data-limited** (the student sees a fixed {LIMITED}; N = 200, distillation; every row at the best of "
            "the rates\nit ran at: the headline's chosen rates as its grids moved; seeds 0 and 1, random init seed 0)\n",
@@ -675,7 +675,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="print the tables and write the PNG only")
-    parser.add_argument("--estimate", action="store_true", help="time a few steps and print the grid's time")
+    parser.add_argument("--estimate", action="store_true", help="time a few steps and print each group's time")
     parser.add_argument("--scale", type=int, default=1, help="a smoke run: every budget N trains N // scale steps")
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=["core"],
                         help="; ".join(f"{k}: {v}" for k, v in GROUPS.items()) + " (default: core)")

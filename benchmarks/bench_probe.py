@@ -7,13 +7,13 @@
 teacher computes its targets), then again (the targets come from the cache). Target: under 60 s on the 2-core
 machine.
 
---rank probes every start of the convergence benchmark's headline student (half width, half depth; random init,
-the default and `bench_convergence.STARTS` but `layers: recoverable`, itself chosen by probes) with K = 100 on the
-demo's calibration set (its held-out digits, the set a user would give), and compares three rankings of the starts with the benchmark's (mean final validation loss of 3
-seeds at each start's best rate, distilled for N = 200 and N = 400 steps): the probe's (held-out velocity error after
-K steps), the step-0 error's (the same error before training) and, for reference, the benchmark's own step-0
-validation loss. Spearman's rank correlation (1: the same order). Needs the benchmark's results
-(benchmarks/results/convergence_budgets.jsonl); writes benchmarks/results/probe.json.
+--rank probes every start of the convergence benchmark's headline student (half width, half depth; random init, the
+default and `bench_convergence.STARTS` but `layers: recoverable`, itself chosen by probes) with K = 100 on the
+demo's calibration set (its held-out digits, the set a user would give), and compares three rankings of the starts
+with the benchmark's (mean final validation loss of 3 seeds at each start's best rate, distilled for N = 200 and
+N = 400 steps): the probe's (held-out velocity error after K steps), the step-0 error's (the same error before
+training) and, for reference, the benchmark's own step-0 validation loss. Spearman's rank correlation (1: the same order).
+Needs the benchmark's results (benchmarks/results/convergence_budgets.jsonl); writes benchmarks/results/probe.json.
 """
 from __future__ import annotations
 
