@@ -902,3 +902,15 @@ def test_the_velocity_card_runs_the_teacher_once_per_session(root, tmp_path, mon
     second = s.step0_error()
     assert len(calls) == ran  # a new projection is scored against the same teacher velocities
     assert second.error != first.error and second.random == first.random
+
+
+def test_a_layer_list_made_for_another_student_falls_back_to_the_default_rule(root, tmp_path):
+    """Loading a student the current block list does not fit (8 teacher blocks, a 2-block student, a list of 4)
+    opens it under the default layer rule rather than refusing it."""
+    from inspector.session import Session
+    from projection.core.strategy import DEFAULT_LAYERS
+
+    (tmp_path / "s").mkdir()
+    two = {"layout": "wanlite", "dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 2}
+    s = Session.open(str(root / TEACHER), two, None, Strategy(layers=[0, 3, 5, 7]), folder=tmp_path / "s")
+    assert s.strategy.layers == DEFAULT_LAYERS == "first" and s.projector.mapping(s.strategy).layers == [0, 1]
