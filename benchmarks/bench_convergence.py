@@ -203,6 +203,12 @@ GROUPS = {"core": "the headline, denoising, hint weight, compression and data-li
           "starts": "the other strategies and staged projection (part 3)"}
 
 
+def headline_rate(choices: Choices, name: str, n: int, w: float = 0.0,
+                  rates: tuple[float, ...] = PROJECTED_RATES) -> float | None:
+    """The chosen rate of an arm of the headline student, distilled on all the digits, at budget n."""
+    return choices.rate((HEADLINE, "distill", "all", name, w, n), rates)
+
+
 def jobs(choices: Choices, groups: tuple[str, ...] = tuple(GROUPS)) -> list[cv.Run]:
     """Every run of `groups` whose rate is known now: the grids, then what their choices decide."""
     return (core_jobs(choices) if "core" in groups else []) + (start_jobs(choices) if "starts" in groups else [])
@@ -213,10 +219,10 @@ def start_jobs(choices: Choices) -> list[cv.Run]:
     for name in STARTS:
         out += grid(choices, HEADLINE, "distill", name, STARTS_BUDGETS, PROJECTED_RATES)
         out += [run(HEADLINE, name, lr, n, 2) for n in STARTS_BUDGETS
-                if (lr := choices.rate((HEADLINE, "distill", "all", name, 0.0, n), PROJECTED_RATES)) is not None]
+                if (lr := headline_rate(choices, name, n)) is not None]
     for name in STAGED:
         out += grid(choices, HEADLINE, "distill", name, (STAGED_BUDGET,), PROJECTED_RATES)
-        lr = choices.rate((HEADLINE, "distill", "all", name, 0.0, STAGED_BUDGET), PROJECTED_RATES)
+        lr = headline_rate(choices, name, STAGED_BUDGET)
         out += [run(HEADLINE, name, lr, STAGED_BUDGET, 2)] if lr is not None else []
     return out
 
@@ -229,10 +235,8 @@ def core_jobs(choices: Choices) -> list[cv.Run]:
         out += grid(choices, HEADLINE, objective, DEFAULT, BUDGETS, PROJECTED_RATES)
     for w in HINT_WEIGHTS:
         out += grid(choices, HEADLINE, "distill", HINTS, (HINT_BUDGET,), PROJECTED_RATES, w)
-    rate = lambda name, n, w=0.0, rates=PROJECTED_RATES: choices.rate(  # noqa: E731
-        (HEADLINE, "distill", "all", name, w, n), rates)
     for n in GRIDDED:
-        lr = rate(RANDOM, n, rates=RANDOM_RATES)
+        lr = headline_rate(choices, RANDOM, n, rates=RANDOM_RATES)
         if lr is not None:
             out.append(run(HEADLINE, RANDOM, lr, n, 2))
             out += [run(s, RANDOM, lr, n, 0) for s in (DEPTH, WIDTH)]
@@ -240,7 +244,7 @@ def core_jobs(choices: Choices) -> list[cv.Run]:
             if n == GRIDDED[-1]:  # the rungs without a grid of their own
                 out += [run(HEADLINE, RANDOM, lr, LADDER[-1], 0), run(HEADLINE, RANDOM, lr, n, 0, "denoise")]
     for n in BUDGETS:
-        lr = rate(DEFAULT, n)
+        lr = headline_rate(choices, DEFAULT, n)
         if lr is not None:
             out.append(run(HEADLINE, DEFAULT, lr, n, 2))
             if n == MAP_BUDGET:
@@ -255,7 +259,7 @@ def core_jobs(choices: Choices) -> list[cv.Run]:
         out += grid(choices, HEADLINE, "distill", HINTS, tuple(n for n in BUDGETS if n != HINT_BUDGET),
                     PROJECTED_RATES, w)
         for n in BUDGETS:
-            lr = rate(HINTS, n, w)
+            lr = headline_rate(choices, HINTS, n, w)
             if lr is not None:
                 out.append(run(HEADLINE, HINTS, lr, n, 2, weight=w))
                 if n == HINT_BUDGET:

@@ -12,8 +12,9 @@ default and `bench_convergence.STARTS` but `layers: recoverable`, itself chosen 
 demo's calibration set (its held-out digits, the set a user would give), and compares three rankings of the starts
 with the benchmark's (mean final validation loss of 3 seeds at each start's best rate, distilled for N = 200 and
 N = 400 steps): the probe's (held-out velocity error after K steps), the step-0 error's (the same error before
-training) and, for reference, the benchmark's own step-0 validation loss. Spearman's rank correlation (1: the same order).
-Needs the benchmark's results (benchmarks/results/convergence_budgets.jsonl); writes benchmarks/results/probe.json.
+training) and, for reference, the benchmark's own step-0 validation loss. Spearman's rank correlation (1: the same
+order). Needs the benchmark's results (benchmarks/results/convergence_budgets.jsonl); writes
+benchmarks/results/probe.json.
 """
 from __future__ import annotations
 
@@ -114,12 +115,12 @@ def rank(threads: int) -> dict:
     from projection.probe import ProbeConfig, candidates, probe
 
     torch.set_num_threads(threads)  # a program's choice
-    trained = benchmark_ranking()
-    missing = [n for n in (bc.RANDOM, bc.DEFAULT, *probed_starts()) if len(trained.get(n, {})) < 3]
+    trained, starts = benchmark_ranking(), probed_starts()
+    missing = [n for n in (bc.RANDOM, bc.DEFAULT, *starts) if len(trained.get(n, {})) < 3]
     if missing:
         raise SystemExit(f"the convergence benchmark has not finished these starts: {', '.join(missing)}")
     projector = Projector.open(str(ASSETS / "teacher-wan"), {"layout": "wanlite", **bc.SHAPES[bc.HEADLINE]})
-    found = candidates({name: Strategy(**fields) for name, fields in probed_starts().items()})
+    found = candidates({name: Strategy(**fields) for name, fields in starts.items()})
     started = time.perf_counter()
     result = probe(projector, demo_calibration(), found, ProbeConfig(steps=PROBE_STEPS), "cpu",
                    cache=Path(tempfile.mkdtemp(prefix="bench-probe-cache-")),

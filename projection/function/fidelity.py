@@ -204,7 +204,7 @@ def block_fidelity(plan: Plan, students: dict[str, nn.Module], latents: torch.Te
                        cursor.teacher.device)
     for i, b in enumerate(plan.mapping.layers):
         block = cursor.block(b)
-        cursor.hidden = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(cursor.hidden, cursor.parts)]
+        cursor.hidden = [step(block, h, p) for h, p in zip(cursor.hidden, cursor.parts)]
         cursor.done(b)
         del block
         for j, out in enumerate(cursor.hidden):
