@@ -28,7 +28,8 @@ def _config_line(config: dict[str, Any]) -> str:
     if cfg.dim is not None:
         parts.append(f"width {cfg.dim}")
     if cfg.num_layers is not None:
-        parts.append(f"{cfg.num_layers} blocks")
+        stacks = f" ({' + '.join(map(str, cfg.stack_layers))} in stacks)" if cfg.stack_layers else ""
+        parts.append(f"{cfg.num_layers} blocks{stacks}")
     if cfg.num_heads is not None:
         head = f" × {cfg.head_dim}" if cfg.head_dim else ""
         parts.append(f"{cfg.num_heads} heads{head}")

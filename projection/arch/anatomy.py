@@ -7,13 +7,14 @@ onto these canonical names, matched key by key as whole templates (never by chai
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .config import SIZES, ModelConfig, as_config
-from .family import _CHANGED, FAMILIES, Family, register
+from .family import _CHANGED, FAMILIES, Family, Stack, register, stack_at
 from .wan import RUNNABLE, expert_bands, rope_bands
 
 Axis = tuple[str, ...]
@@ -174,10 +175,28 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
 
 
+def _own_tensors(family: Family) -> dict[str, tuple[Axis, ...]]:
+    """The canonical templates of a family's first stack of blocks and of what is outside its blocks."""
+    return WAN_TENSORS if family.tensors is None else {t: WAN_TENSORS.get(t, a) for t, a in family.tensors.items()}
+
+
+def _stack_tensors(stack: Stack) -> dict[str, tuple[Axis, ...]]:
+    """A further stack's canonical block templates ('blocks.{i}.<name in the block>')."""
+    return {f"blocks.{{i}}.{name}": WAN_TENSORS.get(f"blocks.{{i}}.{name}", axes)
+            for name, axes in stack.tensors.items()}
+
+
 def tensors_of(family: str | None) -> dict[str, tuple[Axis, ...]]:
-    """The canonical templates a family has, with their axes (Wan's all for Wan and for unknown names)."""
-    tensors = family_of(family).tensors
-    return WAN_TENSORS if tensors is None else {t: WAN_TENSORS.get(t, a) for t, a in tensors.items()}
+    """The canonical templates a family has, with their axes (Wan's all for Wan and for unknown names); a block
+    template two stacks share keeps the first stack's axes."""
+    fam = family_of(family)
+    if not fam.stacks:
+        return _own_tensors(fam)
+    out = dict(_own_tensors(fam))
+    for stack in fam.stacks:
+        for template, axes in _stack_tensors(stack).items():
+            out.setdefault(template, axes)
+    return out
 
 
 def _native_template(template: str, renames: dict[str, str] | Any) -> str:
@@ -190,45 +209,89 @@ def _native_template(template: str, renames: dict[str, str] | Any) -> str:
     return template
 
 
-def native_name(canonical: str, family: str) -> str:
-    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight')."""
+def _stack_native(stack: Stack, template: str) -> str:
+    """A canonical block template in a further stack's naming ('blocks.{i}.self_attn.q.weight' ->
+    'single_blocks.{i}.attn.to_q.weight')."""
+    return f"{stack.prefix}.{{i}}.{_native_template(template.removeprefix('blocks.{i}.'), stack.renames)}"
+
+
+def native_name(canonical: str, family: str, stack_layers: tuple[int, ...] = ()) -> str:
+    """A canonical key in a family's own naming ('blocks.3.self_attn.q.weight' -> 'blocks.3.attn1.to_q.weight');
+    `stack_layers`: the model's blocks per stack, for a family of several."""
+    fam = FAMILIES[family]
     template, block = template_of(canonical)
-    native = _native_template(template, FAMILIES[family].renames)
-    return native.replace("{i}", str(block)) if block is not None else native
+    if block is None:
+        return _native_template(template, fam.renames)
+    stack, start = stack_at(block, stack_layers)
+    native = (_native_template(template, fam.renames) if stack == 0 else
+              _stack_native(fam.stacks[stack - 1], template))
+    return native.replace("{i}", str(block - start))
 
 
-def _rename_table(family: Family) -> list[tuple[re.Pattern[str], str]]:
-    """(pattern for this family's key, canonical template) for every canonical tensor."""
-    return [(_template_regex(_native_template(canonical, family.renames)), canonical)
-            for canonical in tensors_of(family.name)]
+Table = list[tuple[re.Pattern[str], str, int]]  # (pattern of a family's key, canonical template, its stack)
 
 
-_RENAMES: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+def _rename_table(family: Family) -> Table:
+    """(pattern for this family's key, canonical template, stack) for every canonical tensor."""
+    table = [(_template_regex(_native_template(canonical, family.renames)), canonical, 0)
+             for canonical in _own_tensors(family)]
+    return table + [(_template_regex(_stack_native(stack, canonical)), canonical, s)
+                    for s, stack in enumerate(family.stacks, 1) for canonical in _stack_tensors(stack)]
 
 
-def _renames(family: str) -> list[tuple[re.Pattern[str], str]] | None:
+_RENAMES: dict[str, Table] = {}
+
+
+def _renames(family: str) -> Table | None:
     while _CHANGED:  # a family (re)registered since the tables were built
         _RENAMES.pop(_CHANGED.pop(), None)
     fam = FAMILIES.get(family)
-    if fam is None or not fam.renames:
+    if fam is None or not (fam.renames or fam.stacks):
         return None
     if family not in _RENAMES:
         _RENAMES[family] = _rename_table(fam)
     return _RENAMES[family]
 
 
-def to_canonical(keys: list[str], family: str) -> dict[str, str]:
-    """canonical name -> native key for every key; keys the family does not know keep their name."""
-    table = _renames(family)
-    out: dict[str, str] = {}
+def _matched(keys: list[str], family: str) -> list[tuple[str, str, int, str | None]]:
+    """(key, canonical template or the key itself, stack, block index within its stack) for every key."""
+    out = []
     for key in keys:
-        name = key
-        for pattern, canonical in table or ():
+        found = (key, key, 0, None)
+        for pattern, canonical, stack in _renames(family) or ():
             m = pattern.match(key)
             if m:
-                name = canonical.replace("{i}", m["i"]) if "{i}" in canonical else canonical
+                found = (key, canonical, stack, m["i"] if "{i}" in canonical else None)
                 break
-        out[name] = key
+        out.append(found)
+    return out
+
+
+def _stack_counts(found: list[tuple[str, str, int, str | None]], stacks: int) -> tuple[int, ...]:
+    counts = [0] * stacks
+    for _, _, stack, j in found:
+        if j is not None:
+            counts[stack] = max(counts[stack], int(j) + 1)
+    return tuple(counts)
+
+
+def stack_counts(keys: list[str], family: str) -> tuple[int, ...]:
+    """Blocks per stack of a checkpoint of a family of several stacks (empty for a family of one)."""
+    stacks = len(FAMILIES[family].stacks) if family in FAMILIES else 0
+    return _stack_counts(_matched(keys, family), 1 + stacks) if stacks else ()
+
+
+def to_canonical(keys: list[str], family: str) -> dict[str, str]:
+    """canonical name -> native key for every key; keys the family does not know keep their name. A further
+    stack's blocks continue the canonical sequence after the stacks before it."""
+    found = _matched(keys, family)
+    stacks = 1 + len(FAMILIES[family].stacks) if family in FAMILIES else 1
+    starts = [0, *itertools.accumulate(_stack_counts(found, stacks))]
+    out: dict[str, str] = {}
+    for key, canonical, stack, j in found:
+        if j is not None:  # a block: the first stack's index as written, a further stack's counted on
+            canonical = canonical.replace("{i}", j if stack == 0 else str(starts[stack] + int(j)))
+        out[canonical] = key
     return out
 
 
@@ -244,10 +307,11 @@ def axes_of(canonical_key: str, family: str | None = None) -> tuple[Axis, ...] |
     return tensors_of(family).get(template_of(canonical_key)[0])
 
 
-def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> ModelConfig:
+def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any],
+                 stack_layers: tuple[int, ...] = ()) -> ModelConfig:
     """Architecture numbers from config.json (`config`, the checkpoint's own dict) where present, else from
-    canonical shapes. Heads only where the config records them: a state dict cannot tell them (see
-    `infer_heads`)."""
+    canonical shapes (and `stack_layers`, its blocks per stack: `stack_counts`). Heads only where the config records
+    them: a state dict cannot tell them (see `infer_heads`)."""
     cfg: dict[str, Any] = {}
     fam = FAMILIES.get(family or "")
     for field, (key, axis) in (fam.shapes or {}).items() if fam else ():
@@ -257,6 +321,8 @@ def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config:
     if out_dim is not None:
         cfg["out_dim"] = out_dim
     cfg["num_layers"] = num_blocks(list(shapes))
+    if stack_layers:
+        cfg["stack_layers"] = stack_layers
     for field in (f for f in SIZES if f != "num_heads"):  # deserialization: the checkpoint's config.json
         if field in config and field not in cfg:
             cfg[field] = config[field]

@@ -18,7 +18,7 @@ SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text
 FIELDS = ("layout", *SIZES)
 PROJECTED = ("dim", "ffn_dim")  # selected from the teacher's: at most the teacher's
 MAX_IO_DIM = 1 << 14  # in/out/text/freq widths may differ from the teacher's (those tensors start fresh)
-SERIALIZED = (*FIELDS, "head_dim")  # the fields a config dict (config.json, reports, the app) may hold
+SERIALIZED = (*FIELDS, "head_dim", "stack_layers")  # the fields a config dict (config.json, reports, the app) may hold
 STUDENT_FIELDS = (*FIELDS, "preset")  # a student config's: `preset` names a stock shape (presets.py)
 
 
@@ -47,6 +47,7 @@ class ModelConfig:
     text_dim: int | None = None
     freq_dim: int | None = None
     head_dim: int | None = None  # derived: dim // num_heads
+    stack_layers: tuple[int, ...] = ()  # blocks per stack, in the order they run, for a family of several stacks
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     qk_norm: bool = True
@@ -62,6 +63,13 @@ class ModelConfig:
             if self.dim % self.num_heads:
                 raise heads_error(self.dim, self.num_heads)
             object.__setattr__(self, "head_dim", self.dim // self.num_heads)  # derived, here only
+        stacks = self.stack_layers
+        if not isinstance(stacks, (list, tuple)) or any(type(n) is not int or n < 0 for n in stacks):
+            raise ProjectionError(f"config: 'stack_layers' must be a list of block counts, got {stacks!r:.60}")
+        object.__setattr__(self, "stack_layers", tuple(stacks))  # a JSON list, kept hashable
+        if stacks and self.num_layers is not None and sum(stacks) != self.num_layers:
+            raise ProjectionError(f"config: 'stack_layers' {list(stacks)} adds up to {sum(stacks)} blocks, not "
+                                  f"num_layers {self.num_layers}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -74,7 +82,7 @@ class ModelConfig:
         return cls(**dict(data), keys_=tuple(data))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.keys_}
+        return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in self.keys_}
 
     def updated(self, **changes: Any) -> ModelConfig:
         """The config with these fields set, as a dict update would (new keys last); a changed width or head

@@ -9,13 +9,19 @@ and the noise levels each of its experts serves. A family whose blocks run here 
 fitting, activation statistics) carries a `Runnable`: its block class and the tables that name the block's modules,
 so that code reads them from the family and never from module constants.
 
+A family may run more than one stack of blocks, one after another (as Flux runs its single-stream blocks after its
+double-stream ones): each further `Stack` has its own block tensors, names and runnable block. Canonically the
+stacks are one sequence, `blocks.{i}` with i counting on across them, so mapping, plans and the streamed forward walk
+one block index; the config's `stack_layers` says where each stack starts, and a student block takes a teacher block
+of its own stack.
+
 Wan (original names), Wan (diffusers names) and the seeds' layout are registered by `anatomy` (their tables live
 there); another family registers itself with `register`, and nothing else changes.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
@@ -50,6 +56,26 @@ class Runnable:
     ungated: str | None = None  # a linear whose output joins the residual stream ungated (`compensate: mean`)
 
 
+def stack_at(block: int, stack_layers: Sequence[int]) -> tuple[int, int]:
+    """(stack, the stack's first block) of a canonical block, given the blocks per stack (none given: one stack)."""
+    start = 0
+    for s, count in enumerate(stack_layers):
+        if block < start + count:
+            return s, start
+        start += count
+    return 0, 0
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A further stack of a family's blocks, run after the stacks before it. Its blocks are `<prefix>.{j}.` in the
+    family's files (j from 0 within the stack) and canonically continue the sequence `blocks.{i}`."""
+    prefix: str  # its blocks' prefix in the files ('single_blocks')
+    tensors: Mapping[str, tuple[AxisSpec, ...]]  # its block's tensors, named within the block ('ffn.0.weight'): axes
+    renames: Mapping[str, str] = field(default_factory=dict)  # canonical module in a block ('self_attn.q') -> its own
+    runnable: Runnable | None = None  # how its blocks run here; None: they do not
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -65,6 +91,16 @@ class Family:
     rope_bands: Bands = one_band  # how a head's RoPE pairs split into bands (kept pairs stay in their band)
     runnable: Runnable | None = None  # its blocks as they run here; None: it is no teacher
     experts: Experts | None = None  # the band of noise levels each expert of a two-expert model serves
+    stacks: tuple[Stack, ...] = ()  # further stacks of blocks after the first (whose blocks `renames` names)
+
+    def stack_of(self, block: int, config: ModelConfig) -> int:
+        """Which stack a canonical block is in (0: the first), by the config's blocks per stack."""
+        return stack_at(block, config.stack_layers)[0]
+
+    def runnable_at(self, block: int, config: ModelConfig) -> Runnable | None:
+        """How a canonical block runs: its stack's runnable block and tables."""
+        s = self.stack_of(block, config)
+        return self.runnable if s == 0 else self.stacks[s - 1].runnable
 
     def noise_band(self, expert: str | None, config: ModelConfig) -> tuple[float, float]:
         """The noise levels s a model of this family serves: all of [0, 1] for one model, else its expert's band."""

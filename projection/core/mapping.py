@@ -8,8 +8,10 @@ the student block index on the student side and the teacher block chosen for it 
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Union
@@ -17,6 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..arch.anatomy import SPACES, Axis, axes_of, infer_heads, space_sizes, template_of
+from ..arch.config import ModelConfig
 from ..errors import ProjectionError
 from ..io.inputs import load_yaml
 from .models import ModelView
@@ -96,6 +99,45 @@ def select_layers(choice: str | list[int], teacher_layers: int, student_layers: 
     if choice == "last":
         return list(range(teacher_layers - student_layers, teacher_layers))
     return uniform_layers(teacher_layers, student_layers)
+
+
+def blocks_per_stack(config: ModelConfig, depth: int | None = None) -> tuple[int, ...]:
+    """A model's blocks per stack (`depth`: its block count where its config does not tell it)."""
+    return config.stack_layers or (config.num_layers or 0 if depth is None else depth,)
+
+
+def stack_ranges(teacher: Sequence[int], student: Sequence[int]) -> list[tuple[range, range]]:
+    """(teacher blocks, student blocks) of each stack, given the blocks per stack of each (one entry: one stack). A
+    student of one stack reads the teacher's stacks as one sequence."""
+    if len(student) == 1:
+        teacher = (sum(teacher),)
+    if len(teacher) != len(student):
+        raise ProjectionError(f"the student has {len(student)} stacks of blocks {list(student)} and the teacher "
+                              f"{len(teacher)} {list(teacher)}: a student block takes a teacher block of its own stack")
+    starts = [[0, *itertools.accumulate(counts)] for counts in (teacher, student)]
+    return [(range(t0, t1), range(s0, s1)) for (t0, t1), (s0, s1) in zip(*(itertools.pairwise(s) for s in starts))]
+
+
+def stacked_layers(choice: str | list[int], teacher: Sequence[int], student: Sequence[int]) -> list[int]:
+    """Teacher block for each student block, each stack's from its own (`select_layers` within every stack)."""
+    pairs = stack_ranges(teacher, student)
+    if not isinstance(choice, list) or len(pairs) == 1:
+        return [t.start + b for t, s in pairs for b in select_layers(choice, len(t), len(s))]
+    if len(choice) != sum(student):
+        raise ProjectionError(f"layers: {len(choice)} indices given for {sum(student)} student blocks")
+    for n, (t, s) in enumerate(pairs):
+        stray = [k for k in s if choice[k] not in t]
+        if stray:
+            raise ProjectionError(f"layers: student block {stray[0]} is in stack {n}, whose teacher blocks are "
+                                  f"{t.start}..{t.stop - 1}, but takes teacher block {choice[stray[0]]}")
+    return list(choice)
+
+
+def top_blocks(score: Sequence[float], teacher: Sequence[int], student: Sequence[int]) -> list[int]:
+    """In each stack, as many of its highest-scoring teacher blocks as the student's stack has, in teacher order
+    (ties: the earlier block)."""
+    return [b for t, s in stack_ranges(teacher, student)
+            for b in sorted(sorted(t, key=lambda b: (-score[b], b))[:len(s)])]
 
 
 def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -276,7 +318,8 @@ def build_mapping(teacher: ModelView, student: ModelView, strategy: Strategy | N
     if student.layout == "custom":  # its blocks are whatever the rules' `{i}` match
         n_student = 1 + max((f[2] for k in student.shapes if (f := find_rule(rules, k)) and f[2] is not None),
                             default=n_student - 1)
-    layers = select_layers(strategy.layers, teacher.config.num_layers or 0, n_student)
+    layers = stacked_layers(strategy.layers, blocks_per_stack(teacher.config),
+                            blocks_per_stack(student.config, n_student))
     if student.layout == "custom":  # unknown names: learn the student's widths from what the rules map
         s_sizes = _infer_sizes(student, teacher, layers, rules, t_sizes)
     else:

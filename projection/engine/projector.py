@@ -19,7 +19,7 @@ import torch
 from ..arch.anatomy import SPACES
 from ..arch.config import ModelConfig
 from ..cache import PROJECTED_TENSORS, PROJECTIONS, SPECTRA, TEACHER_TENSORS, Bound, Lru
-from ..core.mapping import Entry, Mapping, Rule, build_mapping
+from ..core.mapping import Entry, Mapping, Rule, blocks_per_stack, build_mapping, top_blocks
 from ..core.measure import retained_weight_energy
 from ..core.models import ModelView, open_student, open_teacher
 from ..core.plan import Plan, TeacherStats, make_plan, needs_stats
@@ -206,8 +206,9 @@ class Projector:
         depth = self.student.config.num_layers if self.student.layout != "custom" else None
         if depth is None:
             raise ProjectionError(f"{self.student.source}: layers: influence needs the student's block count")
-        return strategy.model_copy(update={"layers": require(self.activations, "layers: influence")
-                                           .influential(int(depth))})
+        influence = require(self.activations, "layers: influence").influence  # the most influential in each stack
+        layers = top_blocks(influence, blocks_per_stack(self.teacher.config), blocks_per_stack(self.student.config))
+        return strategy.model_copy(update={"layers": layers})
 
     @property
     def device(self) -> torch.device:

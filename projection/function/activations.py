@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
-from ..cancel import checkpoint
+from ..core.mapping import top_blocks
 from ..core.models import ModelView
 from ..core.plan import overlap
 from ..errors import ProjectionError
@@ -44,7 +44,7 @@ from ..io.diskcache import Entry, cache_dir, checked_tensors
 from ..io.inputs import load_json
 from .budget import MICRO_BATCH, check_work
 from .calibration import Calibration
-from .forward import StreamedTeacher, runnable
+from .forward import StreamedTeacher, runnable, step
 from .noise import noised_set
 
 SCORED = ("resid", "sa_heads", "sa_vo", "ca_heads", "ca_vo", "ffn")  # the spaces activations rank
@@ -64,8 +64,7 @@ class Activations:
 
     def influential(self, k: int) -> list[int]:
         """The k most influential blocks, in teacher order (ties: the earlier block)."""
-        order = sorted(range(len(self.influence)), key=lambda b: (-self.influence[b], b))
-        return sorted(order[:k])
+        return top_blocks(self.influence, (len(self.influence),), (k,))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"{space}/{'global' if b is None else b}": v.contiguous() for (space, b), v in self.scores.items()}
@@ -101,8 +100,8 @@ class Statistics:
     streamed forward of the teacher over a noised set; `result` gives the statistics above."""
 
     def __init__(self, teacher: ModelView, progress: Callable[[int, int, str], None] | None = None):
-        self.config, self.family, self.progress = teacher.config, runnable(teacher), progress
-        self.hooked = (*self.family.readers, *self.family.outputs, self.family.neurons)
+        self.config, self.progress = teacher.config, progress
+        self.families = [runnable(teacher, b) for b in range(int(teacher.config.num_layers))]  # each block's stack's
         self.sums: dict[tuple[str, int | None], torch.Tensor] = {}
         self.cos_sum: dict[int, float] = {}
         self.count: dict[int, int] = {}
@@ -112,8 +111,13 @@ class Statistics:
     def _add(self, k: tuple[str, int | None], v: torch.Tensor) -> None:
         self.sums[k] = self.sums[k] + v if k in self.sums else v
 
+    def hooked(self, block: int) -> tuple[str, ...]:
+        """The modules whose inputs a block's statistics read."""
+        family = self.families[block]
+        return (*family.readers, *family.outputs, family.neurons)
+
     def on_input(self, block: int, name: str, x: torch.Tensor) -> None:
-        family, heads = self.family, int(self.config.num_heads)
+        family, heads = self.families[block], int(self.config.num_heads)
         energy = x.double().pow(2).flatten(0, -2).sum(0).cpu()  # per input feature
         if name in family.readers:
             self.readers[(block, name)] = self.readers.get((block, name), 0) + energy
@@ -133,7 +137,7 @@ class Statistics:
             self.progress(block, int(self.config.num_layers), f"teacher block {block}")
 
     def on_weights(self, block: int, module: torch.nn.Module) -> None:
-        self.columns[block] = module.get_submodule(self.family.neurons).weight.double().pow(2).sum(0).cpu()
+        self.columns[block] = module.get_submodule(self.families[block].neurons).weight.double().pow(2).sum(0).cpu()
 
     def result(self, about: str, key: str) -> Activations:
         sums = dict(self.sums)
@@ -163,11 +167,11 @@ def collect(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: 
 def expected_shapes(teacher: ModelView) -> dict[str, tuple[int, ...]]:
     """Every tensor of an activations entry (`Activations.to_tensors`) and its shape, from the teacher's config and
     its family's attention outputs (their spaces' prefixes; Wan's: sa, ca)."""
-    config, outputs = teacher.config, runnable(teacher).outputs.values()
+    config = teacher.config
     dim, heads, ffn, depth = (int(v) for v in (config.dim, config.num_heads, config.ffn_dim, config.num_layers))
     shapes: dict[str, tuple[int, ...]] = {"resid/global": (dim,), "influence": (depth,)}
     for b in range(depth):
-        for prefix in outputs:
+        for prefix in runnable(teacher, b).outputs.values():
             shapes.update({f"{prefix}_heads/{b}": (heads,), f"{prefix}_vo/{b}": (dim // heads,)})
         shapes.update({f"ffn/{b}": (ffn,), f"ffn_wanda/{b}": (ffn,), f"update/{b}": (dim,)})
     return shapes
@@ -250,11 +254,9 @@ class Removal:
     @torch.no_grad()
     def __call__(self, b: int, block: torch.nn.Module) -> None:
         for k, hidden in self.without.items():
-            checkpoint()
-            self.without[k] = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(hidden, self.parts)]
+            self.without[k] = [step(block, h, p) for h, p in zip(hidden, self.parts)]
         self.without[b] = self.main  # the teacher without block b: block b's input goes on
-        checkpoint()
-        self.main = [block(h, p.e0, p.ctx, p.freqs) for h, p in zip(self.main, self.parts)]
+        self.main = [step(block, h, p) for h, p in zip(self.main, self.parts)]
         if self.progress:
             self.progress(b, self.depth, f"teacher block {b} (each block removed in turn)")
 

@@ -21,6 +21,7 @@ the constant arrives as it is, at every timestep.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,9 +96,9 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     docstring. The request is checked against the work bounds (`budget`) before anything runs."""
     device = torch.device(device)
     teacher = plan.mapping.teacher
-    family = runnable(teacher)
-    linears = family.linears
-    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch, family)
+    families = {b: runnable(teacher, b) for b in plan.mapping.layers}  # each kept block's stack's tables
+    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch,
+           {id(f): f for f in families.values()}.values())
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
     cursor = TeacherCursor(StreamedTeacher(teacher, device, micro_batch=micro_batch), x, t, ctx)
     t_in = cursor.parts
@@ -106,7 +107,7 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     report = FitReport()
     for i, b in enumerate(plan.mapping.layers):
         t_block = cursor.block(b)
-        s_block = student.blocks[i]
+        s_block, linears = student.blocks[i], families[b].linears
         kept = {name: _kept_rows(plan, f"blocks.{i}.{name}.weight") for name in linears}
         moments = {name: Moments() for name in linears}
         before = {name: [0.0, 0.0] for name in linears}
@@ -148,12 +149,13 @@ def linear_sizes(family: Runnable, config: ModelConfig) -> list[tuple[int, int]]
 
 
 def _check(teacher: ModelConfig, student: ModelConfig | None, calibration: Calibration, draws: int,
-           micro_batch: int, family: Runnable) -> None:
+           micro_batch: int, families: Iterable[Runnable]) -> None:
     """`budget.check_work` for a fit: the teacher's two residual streams, the student's two (at its width), and
-    the float64 moments of every student layer's least-squares problem (teacher, student: their configs;
-    family: the teacher's runnable block, whose linears are fitted)."""
+    the float64 moments of every layer's least-squares problem in a student block (teacher, student: their configs;
+    families: the teacher's runnable blocks that are kept, whose linears are fitted; the largest counts)."""
     dim = int((student.dim if student else None) or teacher.dim)
-    moments = 8 * sum(i * (i + o + 2) + o for i, o in linear_sizes(family, student or teacher))
+    moments = max((8 * sum(i * (i + o + 2) + o for i, o in linear_sizes(f, student or teacher)) for f in families),
+                  default=0)
     latents, context = tuple(calibration.latents.shape), tuple(calibration.context.shape)
     batch = budget.micro_batch(teacher, budget.tokens_per_latent(*latents[-2:]), context[1], micro_batch)
     budget.check_work(calibration.source, latents, context, teacher, draws, streams=2 + 2 * dim / teacher.dim,
@@ -176,18 +178,19 @@ def fold_targets(layers: list[int], depth: int) -> dict[int, list[int]]:
 def compensate_dropped(plan: Plan, activations: Activations | None, student: nn.Module) -> dict[int, list[int]]:
     """Fold dropped blocks' mean updates (the teacher's `activations` on a calibration set) into `student`, projected
     under `plan` (in place); returns which blocks went where."""
-    ungated = runnable(plan.mapping.teacher).ungated
-    if ungated is None:
+    layers = plan.mapping.layers
+    ungated = [runnable(plan.mapping.teacher, b).ungated for b in layers]  # each student block's teacher block's
+    if None in ungated:
         raise ProjectionError("compensate: mean adds a dropped block's mean update to an ungated output; the "
-                              f"teacher's family ({plan.mapping.teacher.family}) names none")
+                              f"teacher's family ({plan.mapping.teacher.family}) names none for a kept block")
     if not plan.mapping.strategy.basis_consistent:
         raise ProjectionError("compensate: mean adds teacher residual vectors to the student's: it needs a "
                               "basis-consistent width (not svd-per-matrix)")
     updates = require(activations, "compensate: mean")
     kept = plan.indices("resid", None)
-    folds = fold_targets(plan.mapping.layers, int(plan.mapping.teacher.config.num_layers))
+    folds = fold_targets(layers, int(plan.mapping.teacher.config.num_layers))
     for i, dropped in folds.items():
-        bias = student.blocks[i].get_submodule(ungated).bias
+        bias = student.blocks[i].get_submodule(ungated[i]).bias
         for d in dropped:
             update = updates.score("update", d)
             bias += (update if kept is None else update[kept]).to(bias)

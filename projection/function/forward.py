@@ -36,19 +36,22 @@ def top_keys(model: WanLite) -> list[str]:
     return [k for k in model.state_dict() if not k.startswith("blocks.")]
 
 
-def runnable(teacher: ModelView) -> Runnable:
-    """How the teacher's blocks run: its family's runnable block and tables."""
+def runnable(teacher: ModelView, block: int = 0) -> Runnable:
+    """How a teacher block runs: its stack's runnable block and tables (the first stack's by default)."""
     family = FAMILIES.get(teacher.family or "")
-    if family is None or family.runnable is None:
+    found = family.runnable_at(block, teacher.config) if family is not None else None
+    if found is None:
+        stack = family.stack_of(block, teacher.config) if family is not None else 0
+        where = f" for block {block} (stack {stack})" if stack else ""
         raise ProjectionError(f"{teacher.source}: its family ({teacher.family or 'unknown names'}) has no runnable "
-                              "block here")
-    return family.runnable
+                              f"block here{where}")
+    return found
 
 
 def build_block(teacher: ModelView, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Teacher block `index` as its family's module on `device` (its tensors read now, nothing else)."""
+    """Teacher block `index` as its stack's module on `device` (its tensors read now, nothing else)."""
     with torch.device("meta"):
-        block = runnable(teacher).block(teacher.config)
+        block = runnable(teacher, index).block(teacher.config)
     prefix = f"blocks.{index}."
     block.load_state_dict({k: teacher.read(prefix + k) for k in block.state_dict()}, assign=True, strict=True)
     return block.to(device, dtype).eval()
@@ -65,7 +68,9 @@ class StreamedTeacher:
         others, as a depth-only student computes). micro_batch: latents per micro-batch at most (None: MICRO_BATCH, or
         as many as make MICRO_BATCH_TOKENS tokens: small latents in batches of 8 are too many tiny operations);
         fewer where their working set inside a block would pass budget.MICRO_BATCH_BYTES (`chunks`)."""
-        runnable(teacher)  # refused here, before anything is read, if its family's blocks cannot run
+        depth = int(teacher.config.num_layers)
+        for b in range(depth):  # refused here, before anything is read, if its family's blocks cannot run
+            runnable(teacher, b)
         patch = teacher.shapes.get("patch_embedding.weight")
         if patch is None or len(patch) != 5 or patch[2] != 1:
             raise ProjectionError(f"{teacher.source}: the streamed forward runs teachers whose patch embedding is "
@@ -73,11 +78,10 @@ class StreamedTeacher:
         self.teacher, self.device, self.dtype = teacher, torch.device(device), dtype
         self.fixed = micro_batch is not None
         self.micro_batch = max(1, micro_batch) if micro_batch is not None else budget.MICRO_BATCH
-        depth = int(teacher.config.num_layers)
         self.blocks = list(range(depth)) if blocks is None else list(blocks)
         if any(not 0 <= b < depth for b in self.blocks):
             raise ProjectionError(f"blocks {self.blocks}: the teacher has blocks 0..{depth - 1}")
-        shell = build_student(replace(teacher.config, layout="wanlite", num_layers=0), "meta")
+        shell = build_student(replace(teacher.config, layout="wanlite", num_layers=0, stack_layers=()), "meta")
         state = {k: teacher.read(k) for k in top_keys(shell)}
         state["patch_embedding.weight"] = state["patch_embedding.weight"].squeeze(2)
         shell.load_state_dict(state, assign=True, strict=True)
@@ -95,9 +99,9 @@ class StreamedTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  on_block: BlockHook | None = None, on_input: InputHook | None = None,
-                 inputs_of: tuple[str, ...] = (), on_weights: Rider | None = None,
+                 inputs_of: Callable[[int], Sequence[str]] = lambda block: (), on_weights: Rider | None = None,
                  riders: Sequence[Rider] = ()) -> torch.Tensor:
-        """on_input(block, module name, input) sees the input of each module named in `inputs_of` (e.g.
+        """on_input(block, module name, input) sees the input of each module `inputs_of(block)` names (e.g.
         'ffn.2': the GELU output) in every block, per micro-batch; on_weights(block, module) each block's weights
         while they are in memory; `riders` (`walk`) each block after this stream, the hooks above removed, so that
         other measurements share this pass over the weights."""
@@ -113,10 +117,9 @@ class StreamedTeacher:
                 on_weights(index, block)
             hooks = [block.get_submodule(name).register_forward_pre_hook(
                 lambda m, args, name=name: on_input(index, name, args[0].float()))
-                for name in (inputs_of if on_input is not None else ())]
+                for name in (inputs_of(index) if on_input is not None else ())]
             for j, p in enumerate(parts):
-                checkpoint()
-                out = block(hidden[j], p.e0, p.ctx, p.freqs)
+                out = step(block, hidden[j], p)
                 if on_block is not None:
                     on_block(index, hidden[j].float(), out.float())
                 hidden[j] = out

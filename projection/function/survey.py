@@ -80,7 +80,8 @@ def survey(teacher: ModelView, calibration: Calibration, draws: int = 2, seed: i
             for watch in watchers:
                 watch(index, x_in, x_out)
 
-        velocity = streamed(x, t, ctx, on_block, stats.on_input if stats else None, stats.hooked if stats else (),
+        velocity = streamed(x, t, ctx, on_block, stats.on_input if stats else None,
+                            stats.hooked if stats else lambda block: (),
                             stats.on_weights if stats else None, riders)
         if reference:
             blocks = outputs.blocks(int(config.num_layers)) if outputs is not None else None

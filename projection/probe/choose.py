@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core.mapping import select_layers
+from ..core.mapping import blocks_per_stack, stacked_layers, top_blocks
 from ..core.strategy import RECOVERABLE, Strategy
 from ..distill.loss import noise_band
 from ..engine.projector import Projector
@@ -30,12 +30,12 @@ CHOOSE = ProbeConfig(steps=50, evals=1)  # per candidate subset; one rate (the m
 def candidate_layers(projector: Projector, train: Calibration, device: torch.device,
                      cache: Any = None) -> dict[str, list[int]]:
     """The rule-made subsets, by name, without repeats (the activation statistics must be on `train`)."""
-    teacher, student = int(projector.teacher.config.num_layers), int(projector.student.config.num_layers)
-    found = {m: select_layers(m, teacher, student) for m in ("uniform", "first", "last")}
-    found["influence"] = projector.activations.influential(student)
+    teacher, student = blocks_per_stack(projector.teacher.config), blocks_per_stack(projector.student.config)
+    found = {m: stacked_layers(m, teacher, student) for m in ("uniform", "first", "last")}
+    found["influence"] = top_blocks(projector.activations.influence, teacher, student)
     removal = teacher_removal(projector.teacher, projector.fingerprint, train, band=noise_band(projector.teacher),
                               device=device, cache=cache)
-    found["removal effect"] = sorted(sorted(range(teacher), key=lambda b: (-removal[b], b))[:student])
+    found["removal effect"] = top_blocks(removal, teacher, student)
     unique: dict[str, list[int]] = {}
     for name, layers in found.items():
         if layers not in unique.values():
