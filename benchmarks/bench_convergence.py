@@ -76,18 +76,19 @@ SHAPES = {HEADLINE: {"dim": 64, "num_heads": 2, "ffn_dim": 256, "num_layers": 4}
           WIDTH: {"dim": 64, "num_heads": 2, "ffn_dim": 256}}
 RANDOM, DEFAULT, HINTS, UNIFORM_START = "random init", "default", "default + hints", "layers: uniform"
 MAP_ARMS = ((DEPTH, DEFAULT), (DEPTH, UNIFORM_START), (WIDTH, DEFAULT), (HEADLINE, DEFAULT), (HEADLINE, UNIFORM_START))
-UNIFORM = {"layers": "uniform"}  # the default until these starts chose `layers: first`; they ran one change from it
-STARTS = {  # the strategies `projection` offers, each one change from `layers: uniform` (the last: every calibrated)
-    UNIFORM_START: UNIFORM, "width: activation": {**UNIFORM, "width": "activation"},
-    "layers: influence": {"layers": "influence"}, "ffn: wanda": {**UNIFORM, "ffn": "wanda"},
-    "compensate: mean": {**UNIFORM, "compensate": "mean"},
+UNIFORM = {"layers": "uniform"}  # the default until these starts chose `layers: first`
+STARTS = {  # the strategies `projection` offers, each one change from the default (the last: every calibrated)
+    UNIFORM_START: UNIFORM, "width: activation": {"width": "activation"},
+    "layers: influence": {"layers": "influence"}, "ffn: wanda": {"ffn": "wanda"},
+    "compensate: mean": {"compensate": "mean"},
     "activation + influence + least-squares": {"width": "activation", "layers": "influence", "fit": "least-squares"},
     "layers: recoverable": {"layers": "recoverable"}}
 STARTS_BUDGETS = (200, 400)
-# staged projection (`layers: uniform`): depth first (128 x 4, 53% of the parameters), distilled, then width (64 x 4)
+# staged projection (the default strategy): depth first (128 x 4, 53% of the parameters), distilled, then width (64 x 4)
 STAGED = {f"staged: 128 x 4 for {k} steps, then 64 x 4": ({"num_layers": 4}, k) for k in (50, 100)}
 STAGED_BUDGET = 200
-# the arms the tables show (the results also hold a retired one: the hints on layers: uniform, the default then)
+# the arms the tables show (the results also hold retired ones, run when `layers: uniform` was the default: its hints
+# arm, and `layers: uniform + <change>` and `staged: ... (layers: uniform)`, the starts and staged arms as they ran then)
 ARMS = {RANDOM, DEFAULT, HINTS, *STARTS, *STAGED}
 LIMITED = f"{DATA_SHARE:.0%} of the digits"
 CALIBRATION = 256
@@ -99,7 +100,7 @@ ACCURACY = {True: dt.Sampler(per_class=50), False: dt.Sampler(per_class=20)}  # 
 def arm(name: str, lr: float, weight: float = 0.0) -> cv.Arm:
     if name in STAGED:
         stage, steps = STAGED[name]
-        return cv.Arm(name, UNIFORM, lr, weight, stage, steps)
+        return cv.Arm(name, {}, lr, weight, stage, steps)
     return cv.Arm(name, None if name == RANDOM else STARTS.get(name, {}), lr, weight)
 
 
