@@ -97,8 +97,7 @@ def fit_student(plan: Plan, student: nn.Module, calibration: Calibration, draws:
     device = torch.device(device)
     teacher = plan.mapping.teacher
     families = {b: runnable(teacher, b) for b in plan.mapping.layers}  # each kept block's stack's tables
-    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch,
-           {id(f): f for f in families.values()}.values())
+    _check(teacher.config, budget.module_config(student), calibration, draws, micro_batch, families.values())
     x, t, ctx = noised_set(calibration.latents, calibration.context, draws, seed)
     cursor = TeacherCursor(StreamedTeacher(teacher, device, micro_batch=micro_batch), x, t, ctx)
     t_in = cursor.parts
