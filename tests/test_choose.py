@@ -40,7 +40,7 @@ def test_the_candidates_are_the_rules_subsets_without_repeats(demo_dir, calibrat
     p.calibrate(calibration)
     found = choose.candidate_layers(p, calibration, torch.device("cpu"))
     assert found["uniform"] == select_layers("uniform", 8, 4) and found["first"] == [0, 1, 2, 3]
-    assert found["last"] == [4, 5, 6, 7] and found["influence"] == p.activations.influential(4)
+    assert found["last"] == [4, 5, 6, 7] and found["influence"] == p.mapping(Strategy(layers="influence")).layers
     assert "removal effect" in found or found["influence"] in found.values()
     assert all(len(v) == 4 and v == sorted(set(v)) for v in found.values())
     assert len({tuple(v) for v in found.values()}) == len(found)  # a subset two rules agree on is probed once

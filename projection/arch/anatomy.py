@@ -267,32 +267,27 @@ def _matched(keys: list[str], family: str) -> list[tuple[str, str, int, str | No
     return out
 
 
-def _stack_counts(found: list[tuple[str, str, int, str | None]], stacks: int) -> tuple[int, ...]:
-    counts = [0] * stacks
+def canonical_names(keys: list[str], family: str) -> tuple[dict[str, str], tuple[int, ...]]:
+    """canonical name -> native key for every key (keys the family does not know keep their name), and the blocks
+    per stack for a family of several stacks (empty for one), from one pass over the keys. A further stack's blocks
+    continue the canonical sequence after the stacks before it."""
+    found = _matched(keys, family)
+    counts = [0] * (1 + (len(FAMILIES[family].stacks) if family in FAMILIES else 0))
     for _, _, stack, j in found:
         if j is not None:
             counts[stack] = max(counts[stack], int(j) + 1)
-    return tuple(counts)
-
-
-def stack_counts(keys: list[str], family: str) -> tuple[int, ...]:
-    """Blocks per stack of a checkpoint of a family of several stacks (empty for a family of one)."""
-    stacks = len(FAMILIES[family].stacks) if family in FAMILIES else 0
-    return _stack_counts(_matched(keys, family), 1 + stacks) if stacks else ()
-
-
-def to_canonical(keys: list[str], family: str) -> dict[str, str]:
-    """canonical name -> native key for every key; keys the family does not know keep their name. A further
-    stack's blocks continue the canonical sequence after the stacks before it."""
-    found = _matched(keys, family)
-    stacks = 1 + len(FAMILIES[family].stacks) if family in FAMILIES else 1
-    starts = [0, *itertools.accumulate(_stack_counts(found, stacks))]
+    starts = [0, *itertools.accumulate(counts)]
     out: dict[str, str] = {}
     for key, canonical, stack, j in found:
         if j is not None:  # a block: the first stack's index as written, a further stack's counted on
             canonical = canonical.replace("{i}", j if stack == 0 else str(starts[stack] + int(j)))
         out[canonical] = key
-    return out
+    return out, tuple(counts) if len(counts) > 1 else ()
+
+
+def to_canonical(keys: list[str], family: str) -> dict[str, str]:
+    """canonical name -> native key for every key (`canonical_names`' first half)."""
+    return canonical_names(keys, family)[0]
 
 
 def detect_family(keys: list[str]) -> str | None:
@@ -310,7 +305,7 @@ def axes_of(canonical_key: str, family: str | None = None) -> tuple[Axis, ...] |
 def infer_config(family: str | None, shapes: dict[str, tuple[int, ...]], config: dict[str, Any],
                  stack_layers: tuple[int, ...] = ()) -> ModelConfig:
     """Architecture numbers from config.json (`config`, the checkpoint's own dict) where present, else from
-    canonical shapes (and `stack_layers`, its blocks per stack: `stack_counts`). Heads only where the config records
+    canonical shapes (and `stack_layers`, its blocks per stack: `canonical_names`). Heads only where the config records
     them: a state dict cannot tell them (see `infer_heads`)."""
     cfg: dict[str, Any] = {}
     fam = FAMILIES.get(family or "")

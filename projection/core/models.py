@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..arch.anatomy import (FAMILIES, detect_family, family_of, infer_config, infer_heads, native_name, stack_counts,
-                             to_canonical, with_heads)
+from ..arch.anatomy import (FAMILIES, canonical_names, detect_family, family_of, infer_config, infer_heads,
+                             native_name, with_heads)
 from ..arch.config import DEFAULT_LAYOUT, ModelConfig, student_config
 from ..arch.layout import PATCH, build_student, layout_of, stored_shape
 from ..errors import ProjectionError
@@ -79,9 +79,9 @@ def default_head_dim(family: str | None) -> int:
 
 def view_checkpoint(ckpt: Checkpoint) -> ModelView:
     family = detect_family(ckpt.keys())
-    native = to_canonical(ckpt.keys(), family or "")
+    native, stacks = canonical_names(ckpt.keys(), family or "")
     shapes = {c: ckpt.tensors[n].shape for c, n in native.items()}
-    config = infer_config(family, shapes, ckpt.config, stack_counts(ckpt.keys(), family or ""))
+    config = infer_config(family, shapes, ckpt.config, stacks)
     recorded = config.num_heads is not None
     if not recorded and config.dim:  # a guess, flagged as one (heads_inferred)
         config = with_heads(config, infer_heads(config.dim, None, default_head_dim(family)))

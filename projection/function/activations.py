@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
-from ..core.mapping import top_blocks
 from ..core.models import ModelView
 from ..core.plan import overlap
 from ..errors import ProjectionError
@@ -61,10 +60,6 @@ class Activations:
 
     def score(self, space: str, block: int | None) -> torch.Tensor | None:
         return self.scores.get((space, block))
-
-    def influential(self, k: int) -> list[int]:
-        """The k most influential blocks, in teacher order (ties: the earlier block)."""
-        return top_blocks(self.influence, (len(self.influence),), (k,))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"{space}/{'global' if b is None else b}": v.contiguous() for (space, b), v in self.scores.items()}
